@@ -1,0 +1,87 @@
+"""The ``raydistill`` command line: thin; parse, validate, call the driver.
+
+Bad input exits with status 2 and one line naming the problem and the fix (``--debug`` shows the
+traceback). Nothing is written before the config, data and models have been validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def _overrides(items: list[str] | None) -> dict:
+    from raydistill.config import parse_override
+
+    return dict(parse_override(i) for i in items or [])
+
+
+def _default_out(config_path: str | None) -> Path:
+    # Deterministic run names (no timestamps): rerunning the same command resumes.
+    return Path("runs") / (Path(config_path).stem if config_path else "default")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from raydistill import config
+    from raydistill.pipeline import run
+
+    cfg = config.load(args.config, _overrides(args.set))
+    out = Path(args.out) if args.out else _default_out(args.config)
+    run(cfg, out, address=args.address, quiet=args.quiet)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from raydistill import config
+
+    if args.doc:
+        print(config.doc_table())
+    else:
+        print(config.load(args.config, _overrides(args.set)).to_yaml(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raydistill", description="Knowledge distillation orchestrated with Ray.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="teacher -> baseline -> KD student -> pruned student, with a report")
+    run.add_argument("config", nargs="?", help="YAML config (default: the embedded digits config)")
+    run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    run.add_argument("--out", help="run folder (default: runs/<config name>)")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    run.add_argument("--quiet", action="store_true", help="only errors and the final line")
+    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    run.set_defaults(func=cmd_run)
+
+    cfg = sub.add_parser("config", help="print the resolved config, or the key reference with --doc")
+    cfg.add_argument("config", nargs="?")
+    cfg.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    cfg.add_argument("--doc", action="store_true", help="print every key with its default as a Markdown table")
+    cfg.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    cfg.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("raydistill: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if args.debug:
+            traceback.print_exc()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"raydistill: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Run configuration: flat, typed dataclasses, validated once at the edge.
+
+A config is a handful of sections (``data``, ``teacher``, ``student``, ``distill``, ``prune``,
+``scale``), each a flat dataclass. The same dotted names (``distill.alpha``, ``prune.ratio``) are
+the YAML keys, the ``--set`` overrides and the Ray Tune search keys. YAML is read with
+``yaml.safe_load``, so a config never executes code. Every key, with its default, is documented
+in docs/config.md (generated from the field comments below by ``raydistill config --doc``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits | cifar10 | imagefolder | parquet
+    root: str | None = None  # folder for cifar10 / imagefolder
+    path: str | None = None  # parquet file, folder, glob or pyarrow URI (s3://, gs://, ...)
+    label_column: str = "label"  # parquet: integer class column (0..K-1)
+    feature_column: str = "features"  # parquet: flat float-list column (needs data.shape)
+    image_column: str | None = None  # parquet: encoded image bytes column instead of features
+    id_column: str = "id"  # parquet: stable sample id column (row order when absent)
+    shape: list[int] | None = None  # parquet: C,H,W of the flat feature column
+    image_size: int | None = None  # resize decoded images to this square size (default 32)
+    val_fraction: float = 0.1  # share of the training pool held out for validation
+    test_fraction: float = 0.2  # share held out for test (cifar10 uses its official test set)
+    seed: int = 0  # split seed: same seed, same ids in each split
+    limit: int | None = None  # keep at most this many samples per split (smoke runs)
+    shard: str = "random"  # how training data is split across workers: random | classwise
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "cnn"  # built-in name, torchvision name, or package.module:function
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"widths": [64, 128], "hidden": 256})
+    checkpoint: str | None = None  # a teacher.pt to load instead of training one
+    epochs: int = 12  # training epochs when no checkpoint is given
+    lr: float = 0.003  # AdamW learning rate for the teacher
+    batch_size: int = 64  # per-worker batch size for the teacher
+    weight_decay: float = 0.0005
+
+
+@dataclass
+class StudentConfig:
+    model: str = "cnn"  # built-in name, torchvision name, or package.module:function
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"widths": [16, 32], "hidden": 64})
+    init_from_teacher: bool = False  # copy teacher tensors whose names and shapes match
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = 0.5  # weight of the soft KD loss; (1 - alpha) weighs label cross-entropy
+    beta: float = 0.0  # weight of the hard-label (teacher argmax, DeiT) loss
+    temperature: float = 4.0  # softmax temperature T of the soft loss (> 0)
+    lr: float = 0.003  # AdamW learning rate for the student (baseline and KD alike)
+    epochs: int = 12  # student epochs: the baseline gets the same budget
+    batch_size: int = 64  # per-worker batch size
+    weight_decay: float = 0.0005
+    teacher_mode: str = "live"  # live (shared actor) | inprocess (teacher copy per worker)
+    hint_student_layer: str | None = None  # student module name for FitNets hint loss
+    hint_teacher_layer: str | None = None  # teacher module name for the hint loss
+    hint_weight: float = 0.0  # weight of the hint (feature) loss
+    grad_clip: float | None = None  # clip gradient norm to this value (None: off)
+
+
+@dataclass
+class PruneConfig:
+    ratio: float = 0.5  # fraction of channels removed per prunable layer group, in [0, 1); 0 = off
+    importance: str = "l1"  # l1 | bn_scale | taylor
+    schedule: str = "cubic"  # oneshot | linear | cubic (Zhu & Gupta 2017)
+    epochs: int = 6  # KD epochs over which the schedule raises sparsity from 0 to ratio
+    lr: float = 0.001  # learning rate while pruning
+    finetune_epochs: int = 4  # KD fine-tuning epochs after physical channel removal
+
+
+@dataclass
+class ScaleConfig:
+    num_workers: int = 2  # Ray Train data-parallel workers
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 0.5  # fractional CPUs leave room for the teacher actor
+    teacher_cpus: float = 0.5  # CPUs reserved for the shared teacher actor
+    teacher_gpus: float = 0.0  # GPU (or fraction) for the shared teacher actor
+    teacher_batch_window_ms: float = 2.0  # how long the actor waits to merge requests
+    teacher_max_batch: int = 4096  # largest merged teacher batch
+    torch_threads: int = 1  # intra-op threads per worker (CPU); 0 = torch default
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    seed: int = 0  # seed for model init and data order
+
+    # ---- conversions -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def section_hash(self, *names: str) -> str:
+        """sha256 of the named sections (or top-level keys); keys the stage caches."""
+        d = self.to_dict()
+        blob = json.dumps({n: d[n] for n in names}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: tp for name, tp in hints.items() if dataclasses.is_dataclass(tp)}
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. ``distill.alpha``."""
+    keys = []
+    for sec, cls in _sections().items():
+        keys += [f"{sec}.{f.name}" for f in dataclasses.fields(cls)]
+    keys += [f.name for f in dataclasses.fields(Config) if f.name not in _sections()]
+    return keys
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys are listed in docs/config.md"
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotated type ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}; write it as [a, b, ...]")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(key, v, inner) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}; write it as {{name: value}}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise AssertionError(f"unhandled config type {tp} for {key}")
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(value, options, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{key} must be one of {', '.join(options)}, got '{value}'{hint}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range and choice checks that types alone cannot express. Raises ConfigError."""
+    d, p, s = cfg.distill, cfg.prune, cfg.scale
+    _choice("data.source", cfg.data.source, ("digits", "cifar10", "imagefolder", "parquet"))
+    _choice("data.shard", cfg.data.shard, ("random", "classwise"))
+    _choice("distill.teacher_mode", d.teacher_mode, ("live", "inprocess"))
+    _choice("prune.importance", p.importance, ("l1", "bn_scale", "taylor"))
+    _choice("prune.schedule", p.schedule, ("oneshot", "linear", "cubic"))
+    checks = [
+        (0.0 <= d.alpha <= 1.0, "distill.alpha must be in [0, 1]", d.alpha),
+        (d.beta >= 0.0, "distill.beta must be >= 0", d.beta),
+        (d.temperature > 0.0, "distill.temperature must be > 0", d.temperature),
+        (d.lr > 0.0, "distill.lr must be > 0", d.lr),
+        (d.epochs >= 1, "distill.epochs must be >= 1", d.epochs),
+        (d.batch_size >= 1, "distill.batch_size must be >= 1", d.batch_size),
+        (d.hint_weight >= 0.0, "distill.hint_weight must be >= 0", d.hint_weight),
+        (d.grad_clip is None or d.grad_clip > 0, "distill.grad_clip must be > 0 or null", d.grad_clip),
+        (0.0 <= p.ratio < 1.0, "prune.ratio must be in [0, 1)", p.ratio),
+        (p.epochs >= 1, "prune.epochs must be >= 1", p.epochs),
+        (p.lr > 0, "prune.lr must be > 0", p.lr),
+        (p.finetune_epochs >= 0, "prune.finetune_epochs must be >= 0", p.finetune_epochs),
+        (cfg.teacher.epochs >= 1, "teacher.epochs must be >= 1", cfg.teacher.epochs),
+        (cfg.teacher.lr > 0, "teacher.lr must be > 0", cfg.teacher.lr),
+        (cfg.teacher.batch_size >= 1, "teacher.batch_size must be >= 1", cfg.teacher.batch_size),
+        (s.num_workers >= 1, "scale.num_workers must be >= 1", s.num_workers),
+        (s.cpus_per_worker > 0, "scale.cpus_per_worker must be > 0", s.cpus_per_worker),
+        (s.teacher_cpus >= 0, "scale.teacher_cpus must be >= 0", s.teacher_cpus),
+        (s.teacher_gpus >= 0, "scale.teacher_gpus must be >= 0", s.teacher_gpus),
+        (s.teacher_batch_window_ms >= 0, "scale.teacher_batch_window_ms must be >= 0", s.teacher_batch_window_ms),
+        (s.teacher_max_batch >= 1, "scale.teacher_max_batch must be >= 1", s.teacher_max_batch),
+        (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1)", cfg.data.val_fraction),
+        (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)", cfg.data.test_fraction),
+        (cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be >= 1 or null", cfg.data.limit),
+    ]
+    for ok, msg, value in checks:
+        if not ok:
+            raise ConfigError(f"{msg}, got {value!r}; fix it in the config or with --set")
+    if (d.hint_student_layer is None) != (d.hint_teacher_layer is None):
+        raise ConfigError(
+            "distill.hint_student_layer and distill.hint_teacher_layer must be set together; set both or neither"
+        )
+    if d.hint_student_layer is not None and d.teacher_mode != "inprocess":
+        raise ConfigError(
+            "the hint (feature) loss needs the teacher's inner features: set distill.teacher_mode=inprocess"
+        )
+    if d.hint_weight > 0 and d.hint_student_layer is None:
+        raise ConfigError("distill.hint_weight > 0 needs distill.hint_student_layer and distill.hint_teacher_layer")
+    if cfg.data.source == "parquet" and not cfg.data.path:
+        raise ConfigError("data.source is parquet but data.path is not set; set data.path to the parquet file or folder")
+    if cfg.data.source in ("cifar10", "imagefolder") and not cfg.data.root:
+        raise ConfigError(f"data.source is {cfg.data.source} but data.root is not set; set data.root to its folder")
+    return cfg
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts, rejecting unknown keys with a suggestion."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    sections = _sections()
+    hints = typing.get_type_hints(Config)
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in hints:
+            raise ConfigError(f"unknown config key '{name}'{_suggest(name)}")
+        if name in sections:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"section '{name}' must be a mapping of keys, got {value!r}")
+            cls = sections[name]
+            fhints = typing.get_type_hints(cls)
+            sec_kwargs = {}
+            for key, v in value.items():
+                dotted = f"{name}.{key}"
+                if key not in fhints:
+                    raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted)}")
+                sec_kwargs[key] = _coerce(dotted, v, fhints[key])
+            kwargs[name] = cls(**sec_kwargs)
+        else:
+            kwargs[name] = _coerce(name, value, hints[name])
+    return validate(Config(**kwargs))
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``section.key=value`` → (dotted key, YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects section.key=value, got '{item}'")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Merge dotted-key overrides into a nested raw dict (before validation)."""
+    raw = json.loads(json.dumps(raw or {}))  # deep copy of plain data
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if len(parts) == 1:
+            raw[key] = value
+        elif len(parts) == 2:
+            sec = raw.setdefault(parts[0], {})
+            if not isinstance(sec, dict):
+                raise ConfigError(f"section '{parts[0]}' must be a mapping")
+            sec[parts[1]] = value
+        else:
+            raise ConfigError(f"config keys have the form section.key, got '{key}'{_suggest(key)}")
+    return raw
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or the embedded default when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file or none for the default")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" at line {line + 1}" if line is not None else ""
+            raise ConfigError(f"config file {p} is not valid YAML{where}; fix the syntax") from None
+    return from_dict(apply_overrides(raw, overrides or {}))
+
+
+def doc_table() -> str:
+    """Markdown table of every key, its type and default (docs/config.md)."""
+    import inspect
+
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for sec, cls in _sections().items():
+        src = inspect.getsource(cls).splitlines()
+        comments = {}
+        for line in src:
+            line = line.strip()
+            if ":" in line and "#" in line and not line.startswith("#"):
+                comments[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            tp = str(typing.get_type_hints(cls)[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            default = json.dumps(getattr(inst, f.name))
+            meaning = comments.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| `{sec}.{f.name}` | {tp.replace('|', 'or')} | `{default}` | {meaning} |")
+    rows.append("| `seed` | int | `0` | seed for model init and data order |")
+    return "\n".join(rows)

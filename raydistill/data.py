@@ -1,0 +1,615 @@
+"""Datasets held in memory as numpy arrays, deterministic splits, and worker shards.
+
+Every source ends up as ``Splits`` of three ``Arrays`` (train/val/test) whose ``x`` is
+(N, C, H, W) float32 and already normalized, so training code never needs transforms:
+
+* ``digits`` (default): scikit-learn's bundled 8x8 digits, works offline anywhere;
+* ``cifar10``: an already-extracted CIFAR-10 under ``root`` (never downloaded);
+* ``imagefolder``: ``root/<class>/<image>`` decoded with PIL;
+* ``parquet``: local or remote parquet with a label column and either flat float
+  features plus a ``shape`` or encoded image bytes.
+
+Image sources (digits, cifar10, imagefolder, parquet images) are scaled to [0, 1] and
+standardized per channel with statistics of the train split only, so no information
+from val/test leaks into training. Flat parquet features are taken as-is (they are
+model-ready numbers; ``write_parquet`` stores already-normalized arrays).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import io
+import math
+import os
+import posixpath
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "Arrays",
+    "Splits",
+    "SOURCES",
+    "fingerprint",
+    "load_splits",
+    "shard_indices",
+    "write_parquet",
+]
+
+SOURCES = ("digits", "cifar10", "imagefolder", "parquet")
+SHARD_MODES = ("random", "classwise")
+
+_CIFAR_HINT = (
+    "download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
+    "and extract it there (raydistill never downloads)"
+)
+# Schema metadata written by write_parquet, so a prepared file needs no --shape.
+_META_SHAPE = b"raydistill.shape"
+_META_NUM_CLASSES = b"raydistill.num_classes"
+
+
+@dataclass
+class Arrays:
+    """One split in memory.
+
+    x: (N, C, H, W) float32, normalized; y: (N,) int64 labels in [0, num_classes);
+    ids: (N,) int64, stable and unique per sample (survive splitting and sharding).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+    num_classes: int
+    shape: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        if self.x.shape[1:] != self.shape or not (len(self.x) == len(self.y) == len(self.ids)):
+            raise ValueError(
+                f"inconsistent arrays: x {self.x.shape}, y {self.y.shape}, ids {self.ids.shape}, "
+                f"shape {self.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, index: np.ndarray) -> Arrays:
+        """The rows at ``index`` (an int array or a slice) as a new ``Arrays``."""
+        return Arrays(self.x[index], self.y[index], self.ids[index], self.num_classes, self.shape)
+
+
+@dataclass
+class Splits:
+    """Train/val/test ``Arrays`` of one data source; ``shape`` is (C, H, W)."""
+
+    train: Arrays
+    val: Arrays
+    test: Arrays
+    num_classes: int
+    shape: tuple[int, int, int]
+    name: str
+
+
+# ---------------------------------------------------------------------------------
+# Small helpers
+
+
+def _labels(values: np.ndarray, where: str) -> np.ndarray:
+    """``values`` as int64 class indices, or a ValueError naming ``where``."""
+    values = np.asarray(values)
+    if values.dtype == object or not (
+        np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+    ):
+        raise ValueError(
+            f"labels in {where} must be integers 0..K-1, got dtype {values.dtype}; "
+            "map class names to integer ids first"
+        )
+    if np.issubdtype(values.dtype, np.floating) and (
+        not np.all(np.isfinite(values)) or np.any(values != np.round(values))
+    ):
+        raise ValueError(
+            f"labels in {where} must be integers 0..K-1, found non-integral values; "
+            "map classes to integer ids first"
+        )
+    labels = values.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise ValueError(
+            f"labels in {where} must be integers 0..K-1, found {labels.min()}; "
+            "shift labels to start at 0"
+        )
+    return labels
+
+
+def _shape3(shape: Sequence[int]) -> tuple[int, int, int]:
+    try:
+        dims = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise ValueError(f"shape must be three positive integers [C, H, W], got {shape!r}")
+    return dims
+
+
+def _decode_image(data: bytes | str, size: int, what: str) -> np.ndarray:
+    """Decode an encoded image (bytes or a file path) to (3, size, size) float32 in [0, 1]."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.float32)
+    except Exception as error:  # PIL raises many types for corrupt or truncated files
+        raise ValueError(
+            f"cannot decode image {what} ({type(error).__name__}: {error}); "
+            "remove or replace that file"
+        ) from error
+    return pixels.transpose(2, 0, 1) / 255.0
+
+
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear (antialiased) resize of (N, C, H, W) to (N, C, size, size)."""
+    import torch
+    import torch.nn.functional as F
+
+    if x.shape[2:] == (size, size):
+        return x
+    resized = F.interpolate(
+        torch.from_numpy(x), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized.numpy()
+
+
+def _standardize(train: np.ndarray, others: list[np.ndarray]) -> list[np.ndarray]:
+    """Per-channel (x - mean) / std with statistics of ``train`` only, applied to all."""
+    mean = train.mean(axis=(0, 2, 3), dtype=np.float64).reshape(1, -1, 1, 1)
+    std = train.std(axis=(0, 2, 3), dtype=np.float64).reshape(1, -1, 1, 1)
+    std[std == 0] = 1.0  # a constant channel stays constant instead of becoming NaN
+    mean, std = mean.astype(np.float32), std.astype(np.float32)
+    return [((a - mean) / std).astype(np.float32) for a in [train, *others]]
+
+
+def _split_off(index: np.ndarray, y: np.ndarray, n_out: int, seed: int):
+    """Split ``index`` into (rest, out) with ``len(out) == n_out``, both in shuffled order.
+
+    Stratified by ``y`` when every class present has >= 2 samples and both parts can
+    hold every class; otherwise a plain seeded permutation.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if n_out == 0:
+        return np.random.default_rng(seed).permutation(index), index[:0]
+    labels = y[index]
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    stratify = (
+        labels
+        if counts.min() >= 2 and n_out >= len(counts) and len(index) - n_out >= len(counts)
+        else None
+    )
+    rest, out = train_test_split(
+        index, test_size=n_out, random_state=seed, shuffle=True, stratify=stratify
+    )
+    return np.asarray(rest), np.asarray(out)
+
+
+# ---------------------------------------------------------------------------------
+# Sources. Each returns (x, y, ids, normalize, num_classes_hint) for the pool to split,
+# or, for cifar10, also a fixed test part.
+
+
+def _load_digits(image_size: int | None):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    if image_size is not None:
+        x = _resize(x, image_size)
+    y = bunch.target.astype(np.int64)
+    return x, y, np.arange(len(y), dtype=np.int64)
+
+
+def _load_cifar10(root, image_size: int | None):
+    from torchvision.datasets import CIFAR10
+
+    if root is None:
+        raise ValueError(f"cifar10 needs root=DIR: {_CIFAR_HINT}")
+    parts = []
+    for train in (True, False):
+        try:
+            dataset = CIFAR10(os.fspath(root), train=train, download=False)
+        except (RuntimeError, OSError) as error:
+            raise ValueError(f"CIFAR-10 not found under {root}: {_CIFAR_HINT}") from error
+        x = dataset.data.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        if image_size is not None:
+            x = _resize(x, image_size)
+        y = np.asarray(dataset.targets, dtype=np.int64)
+        offset = 0 if train else 50000  # ids stay unique across the official splits
+        parts.append((x, y, np.arange(len(y), dtype=np.int64) + offset))
+    return parts
+
+
+def _load_imagefolder(root, image_size: int):
+    from torchvision.datasets import ImageFolder
+
+    if root is None or not os.path.isdir(root):
+        raise ValueError(
+            f"image folder {root!r} not found; pass root=DIR laid out as DIR/<class>/<image>"
+        )
+    try:
+        dataset = ImageFolder(os.fspath(root))
+    except (FileNotFoundError, OSError) as error:
+        raise ValueError(
+            f"no images found under {root} ({error}); lay images out as DIR/<class>/<image>"
+        ) from error
+    x = np.stack([_decode_image(path, image_size, repr(path)) for path, _ in dataset.samples])
+    y = np.asarray([label for _, label in dataset.samples], dtype=np.int64)
+    return x.astype(np.float32), y, np.arange(len(y), dtype=np.int64), len(dataset.classes)
+
+
+def _parquet_dataset(path):
+    """A ``pyarrow.dataset`` over a file, folder, glob, or filesystem URI."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    if path is None:
+        raise ValueError("parquet source needs path=FILE|DIR|GLOB|URI; pass the data location")
+    path = os.fspath(path)
+    source, filesystem = path, None
+    if any(ch in path for ch in "*?["):
+        if "://" in path:
+            # Remote glob: list from the deepest literal folder, then match names.
+            scheme, rest = path.split("://", 1)
+            parts = rest.split("/")
+            first_glob = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))
+            filesystem, base = pafs.FileSystem.from_uri(f"{scheme}://{'/'.join(parts[:first_glob])}")
+            pattern = posixpath.join(base, *parts[first_glob:])
+            recursive = len(parts) - first_glob > 1 or "**" in pattern
+            infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=recursive))
+            source = sorted(
+                i.path
+                for i in infos
+                if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern)
+            )
+        else:
+            source = sorted(glob.glob(path, recursive=True))
+        if not source:
+            raise ValueError(f"no parquet files match {path!r}; check the glob pattern")
+    try:
+        return ds.dataset(source, filesystem=filesystem, format="parquet")
+    except FileNotFoundError as error:
+        raise ValueError(
+            f"parquet data not found at {path!r}; pass an existing file, folder, glob or URI"
+        ) from error
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ValueError(f"cannot read parquet at {path!r} ({error}); check the path") from error
+
+
+def _require_columns(names: list[str], wanted: list[str], path) -> None:
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise ValueError(
+            f"column(s) {', '.join(map(repr, missing))} not in parquet {path}; "
+            f"available columns: {', '.join(names)}"
+        )
+
+
+def _flat_features(column, shape: tuple[int, int, int], feature_column: str) -> np.ndarray:
+    """(N,) list column of floats -> (N, *shape) float32, checking every row's length."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks()
+    if not (
+        pa.types.is_list(column.type)
+        or pa.types.is_large_list(column.type)
+        or pa.types.is_fixed_size_list(column.type)
+    ):
+        raise ValueError(
+            f"feature column {feature_column!r} has type {column.type}, not a list of floats; "
+            "store one flat float list per row (or use image_column for encoded images)"
+        )
+    if column.null_count:
+        raise ValueError(
+            f"feature column {feature_column!r} has {column.null_count} empty rows; drop them"
+        )
+    lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+    need = math.prod(shape)
+    if len(lengths) != 1 or lengths[0] != need:
+        found = ", ".join(str(n) for n in lengths[:5])
+        raise ValueError(
+            f"feature column {feature_column!r} has length {found} per row but shape "
+            f"{list(shape)} needs {need}; fix shape or the data"
+        )
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return values.reshape(len(column), *shape)
+
+
+def _load_parquet(
+    path, label_column, feature_column, image_column, id_column, shape, image_size
+):
+    dataset = _parquet_dataset(path)
+    names = dataset.schema.names
+    data_column = image_column if image_column is not None else feature_column
+    _require_columns(names, [label_column, data_column], path)
+    columns = [label_column, data_column] + ([id_column] if id_column in names else [])
+    table = dataset.to_table(columns=columns)
+    if table.num_rows == 0:
+        raise ValueError(f"parquet data at {path} has no rows; point path at non-empty data")
+
+    metadata = dataset.schema.metadata or {}
+    label_values = table[label_column]
+    if label_values.null_count:
+        raise ValueError(f"label column {label_column!r} has missing values; drop those rows")
+    y = _labels(label_values.to_numpy(), f"column {label_column!r}")
+    ids = (
+        table[id_column].to_numpy().astype(np.int64)
+        if id_column in names
+        else np.arange(table.num_rows, dtype=np.int64)
+    )
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(
+            f"id column {id_column!r} has duplicate ids; make ids unique or drop the column"
+        )
+
+    if image_column is not None:
+        encoded = table[image_column].to_pylist()
+        x = np.stack(
+            [
+                _decode_image(
+                    item["bytes"] if isinstance(item, dict) else item,  # HF-style struct too
+                    image_size,
+                    f"in row {row} (id {ids[row]}) of column {image_column!r}",
+                )
+                for row, item in enumerate(encoded)
+            ]
+        ).astype(np.float32)
+        normalize = True
+    else:
+        if shape is None and _META_SHAPE in metadata:
+            shape = metadata[_META_SHAPE].decode().split(",")
+        if shape is None:
+            raise ValueError(
+                f"flat feature column {feature_column!r} needs shape=[C, H, W] (e.g. [1, 8, 8]); "
+                "pass shape, or image_column for encoded images"
+            )
+        x = _flat_features(table[feature_column], _shape3(shape), feature_column)
+        normalize = False
+    hint = int(metadata[_META_NUM_CLASSES]) if _META_NUM_CLASSES in metadata else 0
+    return x, y, ids, normalize, hint
+
+
+# ---------------------------------------------------------------------------------
+# Public API
+
+
+def load_splits(
+    source: str = "digits",
+    *,
+    root=None,
+    path=None,
+    label_column: str = "label",
+    feature_column: str = "features",
+    image_column: str | None = None,
+    id_column: str = "id",
+    shape: Sequence[int] | None = None,
+    image_size: int | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    limit: int | None = None,
+) -> Splits:
+    """Load ``source`` into memory and split it deterministically into train/val/test.
+
+    Which arguments each source uses:
+    ``digits``: ``image_size`` (resize; default native 8);
+    ``cifar10``: ``root``, ``image_size`` (default native 32); test is the official
+    test set, val is carved from the official train set and ``test_fraction`` is unused;
+    ``imagefolder``: ``root``, ``image_size`` (default 32), images decoded to RGB;
+    ``parquet``: ``path``, ``label_column``, ``id_column`` (used when present, else row
+    order), and either ``feature_column`` + ``shape`` or ``image_column`` + ``image_size``.
+
+    Same ``seed`` -> identical ids in every split. Splits are stratified by class when
+    every class has >= 2 samples. ``limit`` keeps the first ``limit`` samples of each
+    split after splitting and normalizing (for smoke tests). Class count = max label + 1.
+    """
+    source = str(source).strip().lower()
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}; use one of: {', '.join(SOURCES)}")
+    for label, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{label} must be in [0, 1), got {value!r}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+
+    fixed_test = None
+    hint = 0
+    if source == "digits":
+        x, y, ids = _load_digits(image_size)
+        normalize = True
+    elif source == "cifar10":
+        (x, y, ids), fixed_test = _load_cifar10(root, image_size)
+        normalize = True
+    elif source == "imagefolder":
+        x, y, ids, hint = _load_imagefolder(root, image_size or 32)
+        normalize = True
+    else:
+        x, y, ids, normalize, hint = _load_parquet(
+            path, label_column, feature_column, image_column, id_column, shape, image_size or 32
+        )
+
+    n = len(y)
+    n_test = 0 if fixed_test is not None else int(round(test_fraction * n))
+    n_val = int(round(val_fraction * n))
+    if n - n_test - n_val < 1:
+        raise ValueError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training "
+            f"samples out of {n}; lower the fractions or add data"
+        )
+    index = np.arange(n)
+    rest, test_index = _split_off(index, y, n_test, seed)
+    train_index, val_index = _split_off(rest, y, n_val, seed + 1)
+
+    parts = [(x[i], y[i], ids[i]) for i in (train_index, val_index)]
+    parts.append(
+        fixed_test if fixed_test is not None else (x[test_index], y[test_index], ids[test_index])
+    )
+    all_labels = np.concatenate([p[1] for p in parts])
+    num_classes = max(int(all_labels.max()) + 1, hint)
+    xs = [p[0] for p in parts]
+    if normalize:
+        xs = _standardize(xs[0], xs[1:])
+    sample_shape = tuple(int(s) for s in xs[0].shape[1:])
+    arrays = [
+        Arrays(
+            np.ascontiguousarray(xi[:limit], dtype=np.float32),
+            np.ascontiguousarray(yi[:limit], dtype=np.int64),
+            np.ascontiguousarray(ii[:limit], dtype=np.int64),
+            num_classes,
+            sample_shape,
+        )
+        for xi, (_, yi, ii) in zip(xs, parts)
+    ]
+    return Splits(*arrays, num_classes=num_classes, shape=sample_shape, name=source)
+
+
+def shard_indices(
+    y: np.ndarray, num_shards: int, rank: int, mode: str = "random", seed: int = 0
+) -> np.ndarray:
+    """Sorted indices into ``y`` (N,) of worker ``rank``'s shard out of ``num_shards``.
+
+    Every shard has the same size, because DDP needs equal step counts per worker:
+    ``random``: a seeded permutation cut into equal shards; the N % num_shards left-over
+    samples are dropped. ``classwise`` (non-IID): class c goes to shard
+    c * num_shards // K, so each shard sees a contiguous block of classes; every shard is
+    then truncated (a seeded random subset) to the smallest shard's size, so samples of
+    larger shards are dropped. Shards are disjoint for a fixed seed.
+    """
+    y = np.asarray(y)
+    if mode not in SHARD_MODES:
+        raise ValueError(f"unknown shard mode {mode!r}; use one of: {', '.join(SHARD_MODES)}")
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+    if not isinstance(rank, int) or not 0 <= rank < num_shards:
+        raise ValueError(f"rank must be in [0, {num_shards}), got {rank!r}")
+    labels = _labels(y, "shard_indices") if y.ndim == 1 else None
+    if labels is None:
+        raise ValueError(f"y must be a 1-D label array, got shape {y.shape}")
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    if mode == "random":
+        per_shard = n // num_shards
+        if per_shard == 0:
+            raise ValueError(
+                f"cannot split {n} samples into {num_shards} non-empty shards; "
+                "use fewer workers or more data"
+            )
+        permutation = rng.permutation(n)
+        return np.sort(permutation[rank * per_shard : (rank + 1) * per_shard])
+
+    num_classes = int(labels.max()) + 1 if n else 0
+    shard_of_sample = labels * num_shards // max(num_classes, 1)
+    sizes = np.bincount(shard_of_sample, minlength=num_shards)
+    if num_classes < num_shards or sizes.min() == 0:
+        raise ValueError(
+            f"classwise sharding of {num_classes} classes over {num_shards} shards leaves a "
+            "shard empty; use mode='random' or fewer workers"
+        )
+    # One permutation per shard, drawn in shard order, so the result doesn't depend on
+    # which rank asks.
+    per_shard = int(sizes.min())
+    keep = None
+    for shard in range(num_shards):
+        members = np.flatnonzero(shard_of_sample == shard)
+        chosen = rng.permutation(members)[:per_shard]
+        if shard == rank:
+            keep = chosen
+    return np.sort(keep)
+
+
+def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None) -> list[str]:
+    """Write ``arrays`` as parquet with columns ``id`` (int64), ``label`` (int64) and
+    ``features`` (list<float32>, x flattened per row); returns the files written.
+
+    ``rows_per_file=None`` writes the single file ``path``; otherwise ``path`` is a
+    folder of ``part-NNNNN.parquet`` files (it must not exist or be empty). The shape
+    and class count go into the schema metadata, so ``load_splits("parquet", path=...)``
+    needs no ``shape``. Atomic: everything is written under a temporary name in the same
+    folder (hidden, so readers skip it) and moved into place with ``os.replace``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if rows_per_file is not None and (not isinstance(rows_per_file, int) or rows_per_file < 1):
+        raise ValueError(f"rows_per_file must be a positive integer or None, got {rows_per_file!r}")
+    n = len(arrays)
+    flat = np.ascontiguousarray(arrays.x.reshape(n, -1), dtype=np.float32)
+    width = flat.shape[1] if flat.ndim == 2 else math.prod(arrays.shape)
+    offsets = np.arange(n + 1, dtype=np.int64) * width
+    values = pa.array(flat.reshape(-1))
+    if offsets[-1] < 2**31:
+        features = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+    else:  # more than 2**31 floats need 64-bit offsets
+        features = pa.LargeListArray.from_arrays(pa.array(offsets), values)
+    table = pa.table(
+        {
+            "id": pa.array(np.asarray(arrays.ids, dtype=np.int64)),
+            "label": pa.array(np.asarray(arrays.y, dtype=np.int64)),
+            "features": features,
+        }
+    ).replace_schema_metadata(
+        {
+            _META_SHAPE: ",".join(str(s) for s in arrays.shape).encode(),
+            _META_NUM_CLASSES: str(int(arrays.num_classes)).encode(),
+        }
+    )
+
+    path = os.path.abspath(os.fspath(path))
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
+    if rows_per_file is None:
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return [path]
+
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise ValueError(f"refusing to overwrite {path}; pass a new or empty folder")
+    names = []
+    try:
+        os.makedirs(tmp)
+        for part, start in enumerate(range(0, max(n, 1), rows_per_file)):
+            name = f"part-{part:05d}.parquet"
+            pq.write_table(table.slice(start, rows_per_file), os.path.join(tmp, name))
+            names.append(name)
+        os.replace(tmp, path)  # POSIX: a directory may replace an empty directory
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return [os.path.join(path, name) for name in names]
+
+
+def fingerprint(splits: Splits) -> str:
+    """sha256 hex digest over x, y and ids of train, val and test (dtype, shape and bytes),
+    plus the class count; equal data gives equal keys, so it can key caches."""
+    digest = hashlib.sha256()
+    digest.update(f"num_classes={splits.num_classes}".encode())
+    for part in (splits.train, splits.val, splits.test):
+        for array in (part.x, part.y, part.ids):
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,351 @@
+"""Model registry: built-in small nets, torchvision classifiers, and user factories.
+
+``build_model(name, num_classes, in_channels, image_size, **kwargs)`` resolves ``name``
+in this order:
+
+1. a built-in from ``BUILTIN_MODELS`` (plain functions, callable directly);
+2. a torchvision classifier (``resnet18``, ``mobilenet_v2``, ...), always with
+   ``weights=None`` so nothing is ever downloaded;
+3. a user factory ``"package.module:function"``.
+
+Every failure a user can cause is a ``ValueError`` with a one-line message that names
+the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Sequence
+
+import torchvision
+from torch import nn
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "TEACHER_CNN",
+    "STUDENT_CNN",
+    "build_model",
+    "cnn",
+    "list_models",
+    "mlp",
+]
+
+# The two presets used for the default digits data (1x8x8, 10 classes). The teacher
+# costs ~15x the student's MACs, enough for distillation to have something to close.
+TEACHER_CNN = {"widths": (64, 128), "hidden": 256}
+STUDENT_CNN = {"widths": (16, 32), "hidden": 64}
+
+
+def _check_dims(num_classes: int, in_channels: int, image_size: int) -> None:
+    for label, value in (
+        ("num_classes", num_classes),
+        ("in_channels", in_channels),
+        ("image_size", image_size),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+
+
+def _positive_ints(label: str, values: int | Sequence[int]) -> tuple[int, ...]:
+    """Normalize ``values`` (an int or a sequence of ints) to a tuple of positive ints."""
+    values = (values,) if isinstance(values, int) else tuple(values)
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+        raise ValueError(f"{label} must be positive integers, got {values!r}")
+    return values
+
+
+def _check_dropout(dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def cnn(
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    widths: Sequence[int] = (32, 64),
+    hidden: int = 128,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Small VGG-style CNN: input (B, in_channels, S, S) -> logits (B, num_classes).
+
+    One block per entry of ``widths``: Conv3x3(pad 1)-BN-ReLU, followed by MaxPool2d(2)
+    while the spatial size is >= 2 (8x8 input: 8 -> 4 -> 2). Then flatten (keeps the
+    spatial detail that tiny images need; the MACs of the first Linear are counted),
+    Linear(hidden)-ReLU-Dropout-Linear(num_classes).
+
+    Presets for the default digits data (1x8x8, 10 classes):
+    teacher ``cnn(10, 1, 8, widths=(64, 128), hidden=256)`` (``TEACHER_CNN``) and
+    student ``cnn(10, 1, 8, widths=(16, 32), hidden=64)`` (``STUDENT_CNN``); the teacher
+    costs about 15x the student's MACs.
+    """
+    _check_dims(num_classes, in_channels, image_size)
+    widths = _positive_ints("widths", widths)
+    if not widths:
+        raise ValueError("widths must name at least one block width, e.g. widths=(32, 64)")
+    (hidden,) = _positive_ints("hidden", hidden)
+    _check_dropout(dropout)
+    layers: list[nn.Module] = []
+    channels, size = in_channels, image_size
+    for width in widths:
+        layers += [
+            nn.Conv2d(channels, width, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]
+        if size >= 2:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        channels = width
+    layers += [
+        nn.Flatten(),
+        nn.Linear(channels * size * size, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+def mlp(
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    hidden: int | Sequence[int] = (256,),
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Multi-layer perceptron: input (B, in_channels, S, S) -> logits (B, num_classes).
+
+    Flatten, then Linear-ReLU-Dropout per entry of ``hidden`` (an int means one hidden
+    layer; ``()`` gives a linear classifier), then Linear(num_classes).
+    """
+    _check_dims(num_classes, in_channels, image_size)
+    hidden = _positive_ints("hidden", hidden)
+    _check_dropout(dropout)
+    layers: list[nn.Module] = [nn.Flatten()]
+    features = in_channels * image_size * image_size
+    for width in hidden:
+        layers += [nn.Linear(features, width), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        features = width
+    layers.append(nn.Linear(features, num_classes))
+    return nn.Sequential(*layers)
+
+
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"cnn": cnn, "mlp": mlp}
+
+
+def _torchvision_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def list_models() -> list[str]:
+    """Names accepted by ``build_model`` (built-ins, then torchvision classifiers).
+
+    User factories ``"package.module:function"`` are accepted too but cannot be listed.
+    """
+    return list(BUILTIN_MODELS) + _torchvision_names()
+
+
+def _unexpected_kwarg(error: TypeError) -> str | None:
+    """The keyword a ``TypeError`` complains about, if its message names one."""
+    match = re.search(r"unexpected keyword argument '([^']+)'", str(error))
+    return match.group(1) if match else None
+
+
+def _call(fn: Callable[..., nn.Module], what: str, kwargs: dict) -> nn.Module:
+    """Call ``fn(**kwargs)``, turning bad options into a one-line ``ValueError``.
+
+    Options that ``fn``'s signature visibly rejects are reported before calling, with
+    the accepted ones listed; a ``TypeError`` raised by the call itself (e.g. deep in a
+    torchvision constructor that takes ``**kwargs``) is reported with its message.
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins / C callables without a signature
+        params = None
+    if params is not None and not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    ):
+        unknown = sorted(k for k in kwargs if k not in params)
+        if unknown:
+            accepted = ", ".join(
+                n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL
+            )
+            raise ValueError(
+                f"model {what} does not accept option(s) {', '.join(unknown)}; "
+                f"use only: {accepted}"
+            )
+    try:
+        return fn(**kwargs)
+    except TypeError as error:
+        bad = _unexpected_kwarg(error)
+        if bad is not None:
+            raise ValueError(
+                f"model {what} does not accept option {bad!r}; remove it from the model options"
+            ) from error
+        raise ValueError(
+            f"model {what} rejected its options ({error}); fix the model options"
+        ) from error
+
+
+def _set_submodule(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name, module
+    return None
+
+
+def _conv_like(conv: nn.Conv2d, *, in_channels: int | None = None, **overrides) -> nn.Conv2d:
+    """A fresh Conv2d with ``conv``'s configuration, except for the given overrides."""
+    config = {
+        "in_channels": conv.in_channels if in_channels is None else in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
+    config.update(overrides)
+    return nn.Conv2d(**config)
+
+
+def _adapt_torchvision(model: nn.Module, name: str, in_channels: int, cifar_stem: bool) -> None:
+    """Small-image stem and input-channel surgery on a freshly built torchvision model.
+
+    ``cifar_stem``: ResNet-style models (``conv1`` + ``maxpool``) get a 3x3 stride-1
+    pad-1 ``conv1`` and no max-pool, the usual CIFAR variant; other models get stride 1
+    in their first convolution (e.g. MobileNet), so 32x32 inputs are not reduced to
+    1x1 before the classifier. ``in_channels != 3`` rebuilds the first convolution with
+    the same configuration but ``in_channels`` inputs.
+    """
+    first = _first_conv(model)
+    if first is None:
+        if in_channels != 3 or cifar_stem:
+            raise ValueError(
+                f"torchvision model {name!r} has no Conv2d stem to adapt; "
+                "use in_channels=3 without cifar_stem, or another model"
+            )
+        return
+    conv_name, conv = first
+    if conv.in_channels != 3:
+        raise ValueError(
+            f"torchvision model {name!r} has an unexpected stem ({conv.in_channels} input channels); "
+            "use another model or a user factory"
+        )
+    resnet_like = isinstance(getattr(model, "conv1", None), nn.Conv2d) and isinstance(
+        getattr(model, "maxpool", None), nn.MaxPool2d
+    )
+    if cifar_stem and resnet_like:
+        model.conv1 = _conv_like(
+            model.conv1, in_channels=in_channels, kernel_size=3, stride=1, padding=1
+        )
+        model.maxpool = nn.Identity()
+    elif cifar_stem:
+        _set_submodule(model, conv_name, _conv_like(conv, in_channels=in_channels, stride=1))
+    elif in_channels != 3:
+        _set_submodule(model, conv_name, _conv_like(conv, in_channels=in_channels))
+
+
+def _build_torchvision(
+    name: str, num_classes: int, in_channels: int, image_size: int, kwargs: dict
+) -> nn.Module:
+    kwargs = dict(kwargs)
+    cifar_stem = bool(kwargs.pop("cifar_stem", False))
+    if kwargs.get("weights") is not None:
+        raise ValueError(
+            f"pretrained weights are not supported for {name!r} (raydistill never downloads); "
+            "drop the weights option and load a checkpoint instead"
+        )
+    kwargs["weights"] = None
+    if name.startswith("vit_") and "image_size" not in kwargs:
+        kwargs["image_size"] = image_size  # ViT's position embedding is sized to the input
+    builder = torchvision.models.get_model_builder(name)
+    model = _call(builder, repr(name), {"num_classes": num_classes, **kwargs})
+    _adapt_torchvision(model, name, in_channels, cifar_stem)
+    return model
+
+
+def _build_factory(
+    spec: str, num_classes: int, in_channels: int, image_size: int, kwargs: dict
+) -> nn.Module:
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(
+            f"model {spec!r} is not of the form 'package.module:function'; fix the model name"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"cannot import module {module_name!r} for model {spec!r} ({error}); "
+            "install it or add its folder to PYTHONPATH"
+        ) from error
+    except Exception as error:  # a module that fails while importing (syntax error, ...)
+        raise ValueError(
+            f"importing module {module_name!r} for model {spec!r} failed "
+            f"({type(error).__name__}: {error}); fix that module"
+        ) from error
+    factory = getattr(module, function_name, None)
+    if factory is None or not callable(factory):
+        raise ValueError(
+            f"module {module_name!r} has no function {function_name!r}; "
+            "check the name after ':' in the model name"
+        )
+    # Pass the data dimensions only to factories that ask for them (by name or **kwargs).
+    dims = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    try:
+        params = inspect.signature(factory).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        dims = {k: v for k, v in dims.items() if takes_any or k in params}
+    except (TypeError, ValueError):
+        dims = {"num_classes": num_classes}
+    model = _call(factory, repr(spec), {**dims, **kwargs})
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module; "
+            "make it return the model"
+        )
+    return model
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int, image_size: int, **kwargs
+) -> nn.Module:
+    """Build a classifier for (B, in_channels, image_size, image_size) inputs -> (B, num_classes).
+
+    ``name`` is a built-in (``cnn``, ``mlp``), a torchvision classifier (``resnet18``,
+    ``mobilenet_v3_small``, ...; random init, extra option ``cifar_stem=True`` for small
+    images), or ``"package.module:function"``. ``kwargs`` are the model's own options,
+    e.g. ``build_model("cnn", 10, 1, 8, widths=(16, 32), hidden=64)``.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    name = name.strip()
+    _check_dims(num_classes, in_channels, image_size)
+    if name in BUILTIN_MODELS:
+        dims = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+        return _call(BUILTIN_MODELS[name], repr(name), {**dims, **kwargs})
+    if ":" in name:
+        return _build_factory(name, num_classes, in_channels, image_size, kwargs)
+    torchvision_names = _torchvision_names()
+    if name in torchvision_names:
+        return _build_torchvision(name, num_classes, in_channels, image_size, kwargs)
+    close = difflib.get_close_matches(name, list(BUILTIN_MODELS) + torchvision_names, n=3)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else (
+        "run `list_models()` to see the choices"
+    )
+    raise ValueError(
+        f"unknown model {name!r}: {hint} (or pass 'package.module:function' for your own)"
+    )

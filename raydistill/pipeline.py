@@ -1,0 +1,323 @@
+"""``raydistill run``: the distillation pipeline on Ray, stage by stage.
+
+    teacher ─┬─> student_baseline (labels only, same budget)
+             └─> TeacherServer actor ─> student_kd (Ray Train, KD) ─> prune-while-distill
+                                         ─> physical channel removal ─> KD fine-tune ─> student_pruned
+    then every model is evaluated on the held-out test split and report.{json,md,png} is written.
+
+Each stage is keyed by a hash of everything it depends on (config sections, the data
+fingerprint, the upstream checkpoint's sha256); a stage whose checkpoint exists with the same
+key is skipped, so rerunning the same command resumes. Ray Train runs are named
+deterministically, so an interrupted stage resumes from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from raydistill import config as config_mod
+from raydistill.checkpoints import (CheckpointError, atomic_write_text, load_model, load_payload, model_spec,
+                                    save_model)
+from raydistill.config import Config
+from raydistill.core.metrics import model_summary
+from raydistill.data import Splits, fingerprint, load_splits
+
+
+class RunFolderError(ValueError):
+    """The output folder belongs to a different config."""
+
+
+def log(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(f"[raydistill] {msg}", flush=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_data(cfg: Config) -> Splits:
+    d = cfg.data
+    return load_splits(d.source, root=d.root, path=d.path, label_column=d.label_column,
+                       feature_column=d.feature_column, image_column=d.image_column, id_column=d.id_column,
+                       shape=d.shape, image_size=d.image_size, val_fraction=d.val_fraction,
+                       test_fraction=d.test_fraction, seed=d.seed, limit=d.limit)
+
+
+def init_ray(address: str | None, quiet: bool) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": not quiet,
+                              "logging_level": "WARNING" if quiet else "INFO"}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # On a 2-core laptop, overcommit logical CPUs: Train workers take fractions and the teacher
+        # actor and Train's controller must still fit (measured: otherwise runs wait forever).
+        kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
+    # Local packages must reach the workers: ship this package's source when connecting remotely.
+    ray.init(address=address, **kwargs)
+
+
+# ---- stage cache --------------------------------------------------------------------------------------------
+class StageCache:
+    """``stages.json`` records, per stage, the key its output was made from and its wall time."""
+
+    def __init__(self, out: Path):
+        self.path = out / "stages.json"
+        self.records: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def done(self, stage: str, key: str, artifact: Path) -> bool:
+        rec = self.records.get(stage)
+        return bool(rec and rec["key"] == key and artifact.exists() and rec.get("sha256") == sha256_file(artifact))
+
+    def record(self, stage: str, key: str, artifact: Path | None, seconds: float, extra: dict | None = None) -> None:
+        self.records[stage] = {"key": key, "seconds": seconds, **(extra or {}),
+                               "sha256": sha256_file(artifact) if artifact else None}
+        atomic_write_text(self.path, json.dumps(self.records, indent=2))
+
+
+# ---- Ray Train ----------------------------------------------------------------------------------------------
+def fit(stage: str, key: str, job: dict, cfg: Config, out: Path):
+    """Run ``worker.train_fn_per_worker`` on a TorchTrainer; returns (final train state, result)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydistill.worker import load_train_state, train_fn_per_worker
+
+    s = cfg.scale
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={**job, "stage": stage},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{stage}-{key[:12]}",  # deterministic: a rerun resumes from the last epoch checkpoint
+            storage_path=str((out / "ray_train").resolve()),
+            failure_config=FailureConfig(max_failures=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return load_train_state(result.checkpoint), result
+
+
+def phase(name: str, epochs: int, lr: float, batch_size: int, weight_decay: float, alpha: float = 0.0,
+          beta: float = 0.0, prune: dict | None = None, remove_after: bool = False) -> dict:
+    return {"name": name, "epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
+            "alpha": alpha, "beta": beta, "prune": prune, "remove_after": remove_after}
+
+
+# ---- the pipeline -------------------------------------------------------------------------------------------
+def check_run_folder(out: Path, cfg: Config) -> None:
+    """Refuse to mix results: an existing run folder must hold the same resolved config."""
+    existing = out / "config.yaml"
+    if existing.exists():
+        old = config_mod.from_dict(__import__("yaml").safe_load(existing.read_text()))
+        if old.to_dict() != cfg.to_dict():
+            diff = [k for k in config_mod.all_keys() if _get(old, k) != _get(cfg, k)]
+            raise RunFolderError(f"run folder {out} holds results of another config (differs in {', '.join(diff[:4])}); "
+                                 "pass a new --out folder or delete the old one")
+
+
+def _get(cfg: Config, dotted: str):
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = False) -> dict:
+    import ray
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    check_run_folder(out, cfg)
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    timings: dict[str, dict] = {}
+    t_start = time.perf_counter()
+
+    t0 = time.perf_counter()
+    splits = load_data(cfg)
+    data_fp = fingerprint(splits)
+    C, H, W = splits.shape
+    K = splits.num_classes
+    timings["data"] = {"seconds": time.perf_counter() - t0}
+    log(f"data {splits.name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
+        f"{K} classes, shape {splits.shape}", quiet)
+
+    init_ray(address, quiet)
+    data_ref = ray.put(splits)  # workers read it zero-copy from the object store, once each
+    cache = StageCache(out)
+    common = digest(cfg.section_hash("data", "seed"), data_fp, cfg.scale.num_workers)
+    d, p = cfg.distill, cfg.prune
+
+    # 1. teacher -------------------------------------------------------------------------------------------
+    t_spec = model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, C, H)
+    teacher_path = out / "teacher.pt"
+    t0 = time.perf_counter()
+    if cfg.teacher.checkpoint:
+        teacher, t_spec, _ = load_model(cfg.teacher.checkpoint)
+        if t_spec["num_classes"] != K:
+            raise CheckpointError(f"teacher checkpoint {cfg.teacher.checkpoint} predicts {t_spec['num_classes']} "
+                                  f"classes but the data has {K}; use a teacher trained on this data")
+        timings["teacher"] = {"seconds": time.perf_counter() - t0, "skipped": True}
+        teacher_sha = sha256_file(Path(cfg.teacher.checkpoint))
+    else:
+        key = digest(common, cfg.section_hash("teacher"))
+        if not cache.done("teacher", key, teacher_path):
+            job = {"cfg": cfg.to_dict(), "spec": t_spec, "data": data_ref, "teacher": None, "init_state": None,
+                   "phases": [phase("train", cfg.teacher.epochs, cfg.teacher.lr, cfg.teacher.batch_size,
+                                    cfg.teacher.weight_decay)]}
+            log(f"stage teacher: training {cfg.teacher.model} on {cfg.scale.num_workers} Ray Train workers", quiet)
+            state, _ = fit("teacher", key, job, cfg, out)
+            model = _model(t_spec, state)
+            save_model(teacher_path, model, t_spec, {"stage": "teacher", "key": key})
+            cache.record("teacher", key, teacher_path, time.perf_counter() - t0)
+            timings["teacher"] = {"seconds": time.perf_counter() - t0}
+        else:
+            timings["teacher"] = {"seconds": cache.records["teacher"]["seconds"], "skipped": True}
+        teacher, t_spec, _ = load_model(teacher_path)
+        teacher_sha = sha256_file(teacher_path)
+
+    # 2. student baseline: labels only, same budget as the KD student ------------------------------------------
+    s_spec = model_spec(cfg.student.model, cfg.student.kwargs, K, C, H)
+    init_state = None
+    if cfg.student.init_from_teacher:
+        from raydistill.checkpoints import build_from_spec
+        from raydistill.core.surgery import init_from_teacher_
+
+        student0 = build_from_spec(s_spec)
+        torch.manual_seed(cfg.seed)
+        copied = init_from_teacher_(student0, teacher)
+        log(f"init from teacher: copied {len(copied['copied'])} tensors", quiet)
+        init_state = ray.put({k: v.clone() for k, v in student0.state_dict().items()})
+    student_common = digest(common, cfg.section_hash("student"), teacher_sha if cfg.student.init_from_teacher else "")
+    student_phase = dict(epochs=d.epochs, lr=d.lr, batch_size=d.batch_size, weight_decay=d.weight_decay)
+
+    def student_stage(stage: str, path: Path, key: str, job_fn: Callable[[], dict]) -> None:
+        t0 = time.perf_counter()
+        if cache.done(stage, key, path):
+            timings[stage] = {"seconds": cache.records[stage]["seconds"], "skipped": True}
+            log(f"stage {stage}: up to date, skipped", quiet)
+            return
+        log(f"stage {stage}: {cfg.scale.num_workers} Ray Train workers", quiet)
+        state, result = fit(stage, key, job_fn(), cfg, out)
+        spec = {**s_spec, "plan": state["plan"]}
+        save_model(path, _model(spec, state), spec, {"stage": stage, "key": key})
+        history = (result.return_value or {}).get("history", [])
+        sps = [h["samples_per_s_global"] for h in history]
+        cache.record(stage, key, path, time.perf_counter() - t0,
+                     {"samples_per_s_median": sorted(sps)[len(sps) // 2] if sps else None})
+        timings[stage] = {"seconds": time.perf_counter() - t0}
+
+    baseline_path = out / "student_baseline.pt"
+    student_stage("student_baseline", baseline_path, digest(student_common, "baseline", student_phase),
+                  lambda: {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": None,
+                           "init_state": init_state, "phases": [phase("train", **student_phase)]})
+
+    # 3. the shared teacher actor, then KD -------------------------------------------------------------------
+    kd_key = digest(student_common, teacher_sha, cfg.section_hash("distill"))
+    kd_path = out / "student_kd.pt"
+    prune_path = out / "student_pruned.pt"
+    prune_key = digest(kd_key, cfg.section_hash("prune"))
+    need_kd = not cache.done("student_kd", kd_key, kd_path)
+    need_prune = p.ratio > 0 and not cache.done("student_pruned", prune_key, prune_path)
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    server, server_name = None, f"teacher-{teacher_sha[:12]}"
+    if d.teacher_mode == "live" and (need_kd or need_prune):
+        from raydistill.teacher import start_teacher_server
+
+        t0 = time.perf_counter()
+        server = start_teacher_server(server_name, t_spec, teacher_state, num_cpus=cfg.scale.teacher_cpus,
+                                      num_gpus=cfg.scale.teacher_gpus,
+                                      batch_window_ms=cfg.scale.teacher_batch_window_ms,
+                                      max_batch=cfg.scale.teacher_max_batch, num_threads=cfg.scale.torch_threads)
+        timings["teacher_server_start"] = {"seconds": time.perf_counter() - t0}
+        log(f"teacher actor '{server_name}' is serving logits", quiet)
+    teacher_job = ({"mode": "live", "actor_name": server_name} if d.teacher_mode == "live"
+                   else {"mode": "inprocess", "spec": t_spec, "state": ray.put(teacher_state)})
+
+    kd_weights = dict(alpha=d.alpha, beta=d.beta)
+    student_stage("student_kd", kd_path, kd_key,
+                  lambda: {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": teacher_job,
+                           "init_state": init_state, "phases": [phase("distill", **student_phase, **kd_weights)]})
+
+    # 4. prune while distilling, remove channels, fine-tune with KD ----------------------------------------------
+    if p.ratio > 0:
+        kd_payload = load_payload(kd_path)
+        prune_cfg = {"ratio": p.ratio, "importance": p.importance, "schedule": p.schedule}
+        phases = [phase("prune", p.epochs, p.lr, d.batch_size, d.weight_decay, **kd_weights, prune=prune_cfg,
+                        remove_after=True)]
+        if p.finetune_epochs > 0:
+            phases.append(phase("finetune", p.finetune_epochs, p.lr, d.batch_size, d.weight_decay, **kd_weights))
+        student_stage("student_pruned", prune_path, prune_key,
+                      lambda: {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": teacher_job,
+                               "init_state": ray.put(kd_payload["state_dict"]), "phases": phases})
+
+    server_stats = None
+    if server is not None:
+        server_stats = ray.get(server.get_stats.remote())
+        ray.kill(server)
+
+    # 5. evaluate every model on the held-out test split ---------------------------------------------------------
+    t0 = time.perf_counter()
+    x_test, y_test = torch.from_numpy(splits.test.x), torch.from_numpy(splits.test.y)
+    example = x_test[:1]
+    torch.set_num_threads(1)  # latency measured single-threaded: comparable across machines and runs
+    models: dict[str, dict] = {}
+    for name, path in (("teacher", None), ("student_baseline", baseline_path), ("student_kd", kd_path),
+                       ("student_pruned", prune_path if p.ratio > 0 else None)):
+        if name == "teacher":
+            m = teacher
+        elif path is None:
+            continue
+        else:
+            m, _, _ = load_model(path)
+        models[name] = model_summary(m.eval(), example, x_test, y_test)
+    timings["evaluate"] = {"seconds": time.perf_counter() - t0}
+    timings["total"] = {"seconds": time.perf_counter() - t_start}
+
+    kd, base = models["student_kd"], models["student_baseline"]
+    gains: dict[str, Any] = {"kd_accuracy_gain_vs_baseline": kd["accuracy"] - base["accuracy"],
+                             "student_macs_vs_teacher": kd["macs"] / models["teacher"]["macs"]}
+    if "student_pruned" in models:
+        pr = models["student_pruned"]
+        gains.update({"pruned_macs_vs_kd": pr["macs"] / kd["macs"], "pruned_params_vs_kd": pr["params"] / kd["params"],
+                      "pruned_accuracy_change_vs_kd": pr["accuracy"] - kd["accuracy"],
+                      "pruned_latency_b64_vs_kd": pr["latency_ms_b64"] / kd["latency_ms_b64"]})
+    report = {"models": models, "timings": timings, "gains": gains, "data": {"name": splits.name,
+              "fingerprint": data_fp, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+              "throughput": {k: v.get("samples_per_s_median") for k, v in cache.records.items()},
+              "teacher_server": server_stats, "latency_threads": 1, "config": cfg.to_dict()}
+    from raydistill.report import write_report
+
+    write_report(out, report)
+    log(f"done in {timings['total']['seconds']:.0f} s; report in {out / 'report.md'}", quiet)
+    return report
+
+
+def _model(spec: dict, state: dict) -> torch.nn.Module:
+    from raydistill.checkpoints import build_from_spec
+
+    return build_from_spec({**spec, "plan": state["plan"]}, state["model"])

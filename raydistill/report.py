@@ -1,0 +1,74 @@
+"""Run reports: report.json, report.md (a table) and report.png (accuracy vs MACs and latency)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from raydistill.checkpoints import atomic_write_bytes, atomic_write_text
+
+MODEL_ORDER = ["teacher", "student_baseline", "student_kd", "student_pruned", "student_int8"]
+
+
+def markdown_table(models: dict[str, dict[str, Any]]) -> str:
+    rows = ["| model | accuracy | params | MACs | latency b1 (ms) | latency b64 (ms) | size (KiB) | sparsity |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in [n for n in MODEL_ORDER if n in models] + [n for n in models if n not in MODEL_ORDER]:
+        m = models[name]
+        rows.append(f"| {name} | {m['accuracy']:.4f} | {m['params']:,} | {m['macs']:,} | {m['latency_ms_b1']:.3f} | "
+                    f"{m['latency_ms_b64']:.3f} | {m['size_bytes'] / 1024:.1f} | {m['sparsity']:.3f} |")
+    return "\n".join(rows)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    models, t = report["models"], report["timings"]
+    lines = [f"# raydistill run report", "", markdown_table(models), ""]
+    if "gains" in report:
+        g = report["gains"]
+        lines += ["## What distillation and pruning gained and cost", ""]
+        lines += [f"- {k.replace('_', ' ')}: {v:+.4f}" if isinstance(v, float) else f"- {k.replace('_', ' ')}: {v}"
+                  for k, v in g.items()]
+        lines.append("")
+    lines += ["## Stage wall times (s)", "", "| stage | seconds | skipped |", "| --- | ---: | --- |"]
+    for stage, info in t.items():
+        lines.append(f"| {stage} | {info['seconds']:.1f} | {'yes' if info.get('skipped') else 'no'} |")
+    if report.get("teacher_server"):
+        s = report["teacher_server"]
+        lines += ["", "## Shared teacher actor", "",
+                  f"{s['requests']} requests merged into {s['forward_passes']} forward passes "
+                  f"({s['samples']} samples) from ranks {sorted(s.get('requests_by_rank', {}))}."]
+    lines += ["", f"Latency: median of repeated CPU forwards with {report.get('latency_threads', 1)} thread(s); "
+              "accuracy on the held-out test split.", ""]
+    return "\n".join(lines)
+
+
+def plot(models: dict[str, dict[str, Any]], path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "macs", "MACs (batch 1)"), (axes[1], "latency_ms_b1", "latency at batch 1 (ms)")):
+        for name, m in models.items():
+            ax.scatter(m[key], m["accuracy"], s=40)
+            ax.annotate(name, (m[key], m["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("raydistill: accuracy vs cost")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str))
+    atomic_write_text(out / "report.md", render_markdown(report))
+    plot(report["models"], out / "report.png")

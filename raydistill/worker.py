@@ -1,0 +1,265 @@
+"""The loop every Ray Train worker runs: one straight function, ``train_fn_per_worker(job)``.
+
+The driver (raydistill/pipeline.py) describes a stage as a ``job`` dict of plain data:
+
+    {"cfg": Config.to_dict(), "spec": model spec, "init_state": ObjectRef | None,
+     "data": ObjectRef of data.Splits, "teacher": None | {"mode": "live"|"inprocess", ...},
+     "phases": [{"name", "epochs", "lr", "alpha", "beta", "prune": None | {...}, "remove_after"}]}
+
+Teacher, teacher mode, pruning schedule and loss weights are picked by the small functions
+below; the mixing of the losses is written out in ``train_step`` where it happens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+
+from raydistill.checkpoints import build_from_spec
+from raydistill.core.losses import FeatureHooks, HintAdapter, hard_kd_loss, soft_kd_loss
+from raydistill.core.metrics import accuracy
+from raydistill.core.pruning import ChannelPruner, sparsity_schedule
+from raydistill.data import shard_indices
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/inf; the message names the step and the probable cause."""
+
+
+# ---- teacher sources: same interface, request(x) now → result(handle) one step later --------------
+class LiveTeacher:
+    """Logits from the run's shared TeacherServer actor, looked up by name (loaded once there)."""
+
+    def __init__(self, actor_name: str, device: torch.device, rank: int):
+        from raydistill.teacher import get_teacher_server
+
+        self.actor, self.device, self.rank = get_teacher_server(actor_name), device, rank
+
+    def request(self, xb: torch.Tensor):
+        return self.actor.logits.remote(xb.numpy(), self.rank)  # a future: the student step runs meanwhile
+
+    def result(self, ref) -> tuple[torch.Tensor, None]:
+        # The request went out one step earlier, so this get normally finds the answer waiting.
+        return torch.from_numpy(ray.get(ref)).to(self.device), None
+
+
+class InprocessTeacher:
+    """A teacher copy inside this worker (the baseline the shared actor is measured against)."""
+
+    def __init__(self, spec: dict, state: dict, device: torch.device, hint_layer: str | None = None):
+        self.model = build_from_spec(spec, state).to(device).eval()
+        self.device = device
+        self.hooks = FeatureHooks(self.model, [hint_layer]) if hint_layer else None
+        self.hint_layer = hint_layer
+
+    def request(self, xb: torch.Tensor):
+        with torch.inference_mode():
+            logits = self.model(xb.to(self.device))  # (B, K)
+        feat = self.hooks.features[self.hint_layer].clone() if self.hooks else None
+        return logits.clone(), feat
+
+    def result(self, handle):
+        return handle
+
+
+def make_teacher(job: dict, device: torch.device, rank: int):
+    t = job.get("teacher")
+    if t is None:
+        return None
+    if t["mode"] == "live":
+        return LiveTeacher(t["actor_name"], device, rank)
+    cfg = job["cfg"]["distill"]
+    return InprocessTeacher(t["spec"], ray.get(t["state"]), device, cfg["hint_teacher_layer"])
+
+
+class HintStudent(torch.nn.Module):
+    """Student plus its FitNets adapter in one module, so DDP also averages the adapter's grads."""
+
+    def __init__(self, student: torch.nn.Module, layer: str, adapter: HintAdapter):
+        super().__init__()
+        self.student, self.adapter = student, adapter
+        self.hooks = FeatureHooks(student, [layer])
+        self.layer = layer
+
+    def forward(self, x):
+        logits = self.student(x)
+        return logits, self.adapter(self.hooks.features[self.layer])
+
+
+# ---- the step and the epoch ---------------------------------------------------------------------------
+def train_step(model, opt, xb, yb, teacher_out, phase: dict, cfg: dict, step: int) -> tuple[float, int]:
+    """One optimizer step on the mixed objective; returns (loss, correct predictions)."""
+    d = cfg["distill"]
+    alpha, beta = phase["alpha"], phase["beta"]
+    out = model(xb)
+    s_logits, s_feat = out if isinstance(out, tuple) else (out, None)  # (B, K), adapted student feature
+    t_logits, t_feat = teacher_out if teacher_out is not None else (None, None)
+
+    loss = (1 - alpha) * F.cross_entropy(s_logits, yb)
+    if alpha > 0:
+        loss = loss + alpha * soft_kd_loss(s_logits, t_logits, d["temperature"])
+    if beta > 0:
+        loss = loss + beta * hard_kd_loss(s_logits, t_logits)
+    if s_feat is not None and d["hint_weight"] > 0:
+        loss = loss + d["hint_weight"] * F.mse_loss(s_feat, t_feat)
+
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss became {loss.item()} at step {step} (phase {phase['name']}); probable cause: learning rate "
+            f"{phase['lr']} too high or bad input values; lower the lr or check the data for NaN/inf")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if d["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), d["grad_clip"])
+    opt.step()
+    return loss.item(), int((s_logits.argmax(1) == yb).sum())
+
+
+def run_epoch(model, opt, sched, teacher, x, y, phase, cfg, epoch, pruner, device) -> dict:
+    bs = phase["batch_size"]
+    g = torch.Generator().manual_seed(cfg["seed"] * 100_003 + epoch)
+    perm = torch.randperm(len(x), generator=g)
+    batches = [perm[i:i + bs] for i in range(0, len(perm), bs)]  # same count on every rank (equal shards)
+    uses_teacher = teacher is not None and (phase["alpha"] > 0 or phase["beta"] > 0 or cfg["distill"]["hint_weight"] > 0)
+    pending = teacher.request(x[batches[0]]) if uses_teacher else None
+    t0, total_loss, correct = time.perf_counter(), 0.0, 0
+    for i, idx in enumerate(batches):
+        t_out = teacher.result(pending) if uses_teacher else None
+        if uses_teacher and i + 1 < len(batches):
+            pending = teacher.request(x[batches[i + 1]])  # prefetch batch i+1 before stepping on batch i
+        loss, c = train_step(model, opt, x[idx].to(device), y[idx].to(device), t_out, phase, cfg, step=i)
+        sched.step()
+        if pruner is not None:
+            pruner.reapply_masks_()  # masked channels stay exactly zero through every optimizer step
+        total_loss, correct = total_loss + loss * len(idx), correct + c
+    seconds = time.perf_counter() - t0
+    return {"loss": total_loss / len(x), "train_acc": correct / len(x), "epoch_s": seconds,
+            "samples_per_s": len(x) / seconds}
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+def save_train_state(state: dict) -> ray.train.Checkpoint:
+    tmp = tempfile.mkdtemp(prefix="raydistill-ckpt-")
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    return ray.train.Checkpoint.from_directory(tmp)
+
+
+def load_train_state(ckpt: ray.train.Checkpoint | None) -> dict | None:
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = model.module if hasattr(model, "module") else model
+    return model.student if isinstance(model, HintStudent) else model
+
+
+def check_same_masks(pruner: ChannelPruner, world: int) -> None:
+    """Every rank must pick the same channels (weights are DDP-synchronized); verify it cheaply."""
+    if world == 1:
+        return
+    digest = hashlib.sha256(repr(sorted((k, sorted(v)) for k, v in pruner.masked_idxs().items())).encode())
+    mine = torch.tensor(list(digest.digest()[:8]), dtype=torch.int64)
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(gathered, mine)
+    assert all(torch.equal(g, mine) for g in gathered), "ranks chose different channels to prune"
+
+
+# ---- the worker loop ----------------------------------------------------------------------------------
+def train_fn_per_worker(job: dict) -> dict:
+    cfg = job["cfg"]
+    if cfg["scale"]["torch_threads"] > 0:
+        torch.set_num_threads(cfg["scale"]["torch_threads"])
+    torch.manual_seed(cfg["seed"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    splits = ray.get(job["data"])
+    shard = shard_indices(splits.train.y, world, rank, cfg["data"]["shard"], cfg["seed"])
+    x, y = torch.from_numpy(splits.train.x[shard]), torch.from_numpy(splits.train.y[shard])  # (N, C, H, W), (N,)
+    x_val, y_val = torch.from_numpy(np.array(splits.val.x)), torch.from_numpy(np.array(splits.val.y))
+    teacher = make_teacher(job, device, rank)
+
+    spec = dict(job["spec"])
+    resumed = load_train_state(ray.train.get_checkpoint())
+    if resumed is not None:
+        spec["plan"] = resumed["plan"]
+        model = build_from_spec(spec, resumed["model"])
+    else:
+        model = build_from_spec(spec, ray.get(job["init_state"]) if job.get("init_state") else None)
+    model.to(device)
+    start_epoch = resumed["epoch"] + 1 if resumed else 0
+    example = x[:2].to(device)
+
+    history, e0 = [], 0
+    for phase_idx, phase in enumerate(job["phases"]):
+        e1 = e0 + phase["epochs"]
+        if start_epoch >= e1:  # finished before a restart
+            e0 = e1
+            continue
+        prune = phase.get("prune")
+        pruner = ChannelPruner(model, example, importance=prune["importance"]) if prune else None
+        net = model
+        hint_layer = cfg["distill"]["hint_student_layer"]
+        if hint_layer and isinstance(teacher, InprocessTeacher):
+            adapter = HintAdapter.for_models(model, teacher.model, hint_layer,
+                                             cfg["distill"]["hint_teacher_layer"], example)
+            net = HintStudent(model, hint_layer, adapter.to(device))
+        ddp = ray.train.torch.prepare_model(net)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=phase["lr"], weight_decay=phase["weight_decay"])
+        steps = phase["epochs"] * math.ceil(len(x) / phase["batch_size"])
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+        if resumed is not None and resumed["phase"] == phase_idx and resumed["opt"] is not None:
+            opt.load_state_dict(resumed["opt"])
+            sched.load_state_dict(resumed["sched"])
+
+        for epoch in range(max(start_epoch, e0), e1):
+            ratio = 0.0
+            if pruner is not None:
+                ratio = sparsity_schedule(epoch - e0 + 1, phase["epochs"], prune["ratio"], prune["schedule"])
+                if prune["importance"] == "taylor":  # Taylor needs fresh gradients |w * dL/dw|
+                    ddp.zero_grad()
+                    out = ddp(x[: phase["batch_size"]].to(device))
+                    F.cross_entropy(out[0] if isinstance(out, tuple) else out, y[: phase["batch_size"]].to(device)).backward()
+                pruner.mask_(ratio)
+                check_same_masks(pruner, world)
+            stats = run_epoch(ddp, opt, sched, teacher, x, y, phase, cfg, epoch, pruner, device)
+            plan = spec.get("plan") or []
+            removed = False
+            if pruner is not None and phase.get("remove_after") and epoch == e1 - 1:
+                plan = plan + pruner.remove_()  # physically smaller model from here on
+                spec["plan"], removed = plan, True
+            metrics = {"stage": job["stage"], "phase": phase["name"], "epoch": epoch, "ratio": ratio,
+                       "samples_per_s_global": stats["samples_per_s"] * world, **stats}
+            if rank == 0:
+                metrics["val_acc"] = accuracy(unwrap(ddp), x_val.to(device), y_val.to(device))
+                print(f"[{job['stage']}] epoch {epoch + 1}/{sum(p['epochs'] for p in job['phases'])} "
+                      f"{phase['name']}: loss {stats['loss']:.4f} train_acc {stats['train_acc']:.3f} "
+                      f"val_acc {metrics['val_acc']:.3f} {metrics['samples_per_s_global']:.0f} samples/s"
+                      + (f" sparsity {ratio:.2f}" if pruner is not None else ""), flush=True)
+                state = {"model": {k: v.detach().cpu() for k, v in unwrap(ddp).state_dict().items()},
+                         "plan": plan, "epoch": epoch, "phase": phase_idx if not removed else phase_idx + 1,
+                         "opt": None if removed else opt.state_dict(),
+                         "sched": None if removed else sched.state_dict()}
+                ray.train.report(metrics, checkpoint=save_train_state(state))
+            else:
+                ray.train.report(metrics, checkpoint=None)
+            history.append(metrics)
+        model = unwrap(ddp)  # Torch-Pruning removes channels in place: same object, fewer channels
+        e0 = e1
+
+    return {"history": history, "plan": spec.get("plan") or []}

@@ -1,0 +1,213 @@
+"""Tests for raydistill.data: sources, splits, parquet round trips, sharding."""
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raydistill import data
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_splits("digits", seed=0)
+
+
+def _png_bytes(color, size=(10, 12)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_digits_shapes_sizes_and_train_normalization(digits):
+    assert digits.shape == (1, 8, 8) and digits.num_classes == 10 and digits.name == "digits"
+    n = len(digits.train) + len(digits.val) + len(digits.test)
+    assert n == 1797
+    assert len(digits.test) == round(0.2 * n) and len(digits.val) == round(0.1 * n)
+    assert digits.train.x.dtype == np.float32 and digits.train.x.shape[1:] == (1, 8, 8)
+    assert digits.train.y.dtype == np.int64 and digits.train.ids.dtype == np.int64
+    assert abs(float(digits.train.x.mean())) < 1e-4
+    assert float(digits.train.x.std()) == pytest.approx(1.0, abs=1e-3)
+    # val/test are standardized with the train split's statistics, not their own
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images.astype(np.float32) / 16.0
+    mean, std = raw[digits.train.ids].mean(), raw[digits.train.ids].std()
+    expected = (raw[digits.test.ids] - mean) / std
+    np.testing.assert_allclose(digits.test.x[:, 0], expected, atol=1e-5)
+
+
+def test_digits_splits_are_disjoint_stratified_and_deterministic(digits):
+    ids = [digits.train.ids, digits.val.ids, digits.test.ids]
+    all_ids = np.concatenate(ids)
+    assert len(np.unique(all_ids)) == len(all_ids) == 1797
+    assert np.bincount(digits.test.y, minlength=10).min() >= 35  # stratified: ~36 per class
+
+    again = data.load_splits("digits", seed=0)
+    other = data.load_splits("digits", seed=1)
+    for a, b in zip(ids, [again.train.ids, again.val.ids, again.test.ids]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(digits.test.ids, other.test.ids)
+    assert data.fingerprint(digits) == data.fingerprint(again) != data.fingerprint(other)
+
+
+def test_limit_and_image_size(digits):
+    small = data.load_splits("digits", limit=5, image_size=16)
+    np.testing.assert_array_equal(small.train.ids, digits.train.ids[:5])  # same split, cut
+    assert [len(s) for s in (small.train, small.val, small.test)] == [5, 5, 5]
+    assert small.train.x.shape == (5, 1, 16, 16) and small.shape == (1, 16, 16)
+
+
+def test_bad_fractions_and_source():
+    with pytest.raises(ValueError, match="unknown data source 'mnist'"):
+        data.load_splits("mnist")
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        data.load_splits("digits", test_fraction=1.5)
+
+
+def test_parquet_round_trip_flat_features(digits, tmp_path):
+    path = tmp_path / "train.parquet"
+    data.write_parquet(digits.train, path)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # tmp file moved away
+
+    loaded = data.load_splits("parquet", path=str(path), shape=[1, 8, 8], val_fraction=0.1)
+    assert loaded.shape == (1, 8, 8) and loaded.num_classes == 10
+    by_id = {int(i): k for k, i in enumerate(digits.train.ids)}
+    for split in (loaded.train, loaded.val, loaded.test):
+        rows = [by_id[int(i)] for i in split.ids]
+        np.testing.assert_array_equal(split.x, digits.train.x[rows])  # features taken as-is
+        np.testing.assert_array_equal(split.y, digits.train.y[rows])
+    assert len(loaded.train) + len(loaded.val) + len(loaded.test) == len(digits.train)
+
+
+def test_parquet_folder_and_glob_use_stored_shape(digits, tmp_path):
+    files = data.write_parquet(digits.test, tmp_path / "parts", rows_per_file=100)
+    assert len(files) == 4
+    from_dir = data.load_splits("parquet", path=tmp_path / "parts")
+    from_glob = data.load_splits("parquet", path=str(tmp_path / "parts" / "part-*.parquet"))
+    assert from_dir.shape == (1, 8, 8)  # from schema metadata, no shape given
+    np.testing.assert_array_equal(from_dir.test.ids, from_glob.test.ids)
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        data.write_parquet(digits.test, tmp_path / "parts", rows_per_file=100)
+
+
+def test_parquet_with_encoded_png_images(tmp_path):
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    labels = [i % 3 for i in range(12)]
+    table = pa.table(
+        {
+            "img": [_png_bytes(colors[c]) for c in labels],
+            "target": labels,
+            "id": list(range(100, 112)),
+        }
+    )
+    pq.write_table(table, tmp_path / "imgs.parquet")
+    splits = data.load_splits(
+        "parquet",
+        path=tmp_path / "imgs.parquet",
+        image_column="img",
+        label_column="target",
+        image_size=6,
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
+    assert splits.shape == (3, 6, 6) and splits.num_classes == 3
+    assert sorted(np.concatenate([splits.train.ids, splits.val.ids, splits.test.ids])) == list(
+        range(100, 112)
+    )
+    # a red image has its highest (standardized) value in channel 0
+    red = splits.train.x[splits.train.y == 0]
+    assert np.all(red[:, 0].mean(axis=(1, 2)) > red[:, 1].mean(axis=(1, 2)))
+
+
+def test_parquet_missing_label_column_lists_columns(digits, tmp_path):
+    path = tmp_path / "d.parquet"
+    data.write_parquet(digits.val, path)
+    with pytest.raises(ValueError, match="'class'.*available columns: id, label, features"):
+        data.load_splits("parquet", path=path, label_column="class")
+
+
+def test_parquet_wrong_feature_length_names_both_numbers(digits, tmp_path):
+    path = tmp_path / "d.parquet"
+    data.write_parquet(digits.val, path)
+    with pytest.raises(ValueError, match=r"length 64 per row but shape \[3, 8, 8\] needs 192"):
+        data.load_splits("parquet", path=path, shape=[3, 8, 8])
+
+
+def test_parquet_empty_and_missing(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    columns = {
+        "label": pa.array([], pa.int64()),
+        "features": pa.array([], pa.list_(pa.float32())),
+    }
+    pq.write_table(pa.table(columns), empty)
+    with pytest.raises(ValueError, match="no rows"):
+        data.load_splits("parquet", path=empty, shape=[1, 1, 1])
+    with pytest.raises(ValueError, match="not found"):
+        data.load_splits("parquet", path=tmp_path / "absent.parquet", shape=[1, 1, 1])
+
+
+def _write_imagefolder(root, per_class=4):
+    for label, color in (("cat", (200, 10, 10)), ("dog", (10, 10, 200))):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (9, 7), color).save(root / label / f"{i}.png")
+
+
+def test_imagefolder_loads_classes_as_rgb(tmp_path):
+    _write_imagefolder(tmp_path)
+    splits = data.load_splits(
+        "imagefolder", root=tmp_path, image_size=5, val_fraction=0.25, test_fraction=0.25
+    )
+    assert splits.shape == (3, 5, 5) and splits.num_classes == 2
+    assert [len(s) for s in (splits.train, splits.val, splits.test)] == [4, 2, 2]
+    assert set(splits.test.y) == {0, 1}  # stratified
+
+
+def test_imagefolder_corrupt_file_is_named(tmp_path):
+    _write_imagefolder(tmp_path)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="broken.png"):
+        data.load_splits("imagefolder", root=tmp_path)
+
+
+def test_imagefolder_missing_root(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        data.load_splits("imagefolder", root=tmp_path / "nothing")
+
+
+def test_cifar10_missing_root_explains_download(tmp_path):
+    with pytest.raises(ValueError, match="CIFAR-10 not found under .*raydistill never downloads"):
+        data.load_splits("cifar10", root=tmp_path)
+
+
+def test_labels_must_be_non_negative_integers(tmp_path):
+    path = tmp_path / "neg.parquet"
+    pq.write_table(pa.table({"label": [0, -1], "features": [[0.0], [1.0]]}), path)
+    with pytest.raises(ValueError, match="shift labels to start at 0"):
+        data.load_splits("parquet", path=path, shape=[1, 1, 1])
+
+
+def test_random_shards_are_disjoint_and_equal_sized():
+    y = np.arange(103) % 10
+    shards = [data.shard_indices(y, 4, rank, mode="random", seed=3) for rank in range(4)]
+    assert [len(s) for s in shards] == [25] * 4  # 3 left-over samples dropped
+    joined = np.concatenate(shards)
+    assert len(np.unique(joined)) == 100
+    np.testing.assert_array_equal(shards[1], data.shard_indices(y, 4, 1, seed=3))
+
+
+def test_classwise_shards_hold_only_their_classes_and_equal_sizes():
+    y = np.repeat(np.arange(4), [30, 20, 25, 40])  # shard 0: classes 0-1 (50), 1: 2-3 (65)
+    shards = [data.shard_indices(y, 2, rank, mode="classwise") for rank in range(2)]
+    assert set(y[shards[0]]) <= {0, 1} and set(y[shards[1]]) <= {2, 3}
+    assert len(shards[0]) == len(shards[1]) == 50
+    assert not set(shards[0]) & set(shards[1])
+    with pytest.raises(ValueError, match="leaves a shard empty"):
+        data.shard_indices(y, 5, 0, mode="classwise")
+    with pytest.raises(ValueError, match="unknown shard mode"):
+        data.shard_indices(y, 2, 0, mode="iid")
