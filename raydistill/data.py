@@ -267,7 +267,8 @@ def _parquet_dataset(path):
             scheme, rest = path.split("://", 1)
             parts = rest.split("/")
             first_glob = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))
-            filesystem, base = pafs.FileSystem.from_uri(f"{scheme}://{'/'.join(parts[:first_glob])}")
+            literal = "/".join(parts[:first_glob])
+            filesystem, base = pafs.FileSystem.from_uri(f"{scheme}://{literal}")
             pattern = posixpath.join(base, *parts[first_glob:])
             recursive = len(parts) - first_glob > 1 or "**" in pattern
             infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=recursive))

@@ -241,8 +241,8 @@ def _adapt_torchvision(model: nn.Module, name: str, in_channels: int, cifar_stem
     conv_name, conv = first
     if conv.in_channels != 3:
         raise ValueError(
-            f"torchvision model {name!r} has an unexpected stem ({conv.in_channels} input channels); "
-            "use another model or a user factory"
+            f"torchvision model {name!r} has an unexpected stem "
+            f"({conv.in_channels} input channels); use another model or a user factory"
         )
     resnet_like = isinstance(getattr(model, "conv1", None), nn.Conv2d) and isinstance(
         getattr(model, "maxpool", None), nn.MaxPool2d

@@ -171,7 +171,7 @@ def check_same_masks(pruner: ChannelPruner, world: int) -> None:
     """Every rank must pick the same channels (weights are DDP-synchronized); verify it cheaply."""
     if world == 1:
         return
-    digest = hashlib.sha256(repr(sorted((k, sorted(v)) for k, v in pruner.masked_idxs().items())).encode())
+    digest = hashlib.sha256(repr(sorted((k, sorted(v)) for k, v in pruner.masked.items())).encode())
     mine = torch.tensor(list(digest.digest()[:8]), dtype=torch.int64)
     gathered = [torch.zeros_like(mine) for _ in range(world)]
     torch.distributed.all_gather(gathered, mine)

@@ -369,7 +369,8 @@ class HintAdapter(nn.Module):
         """(B, *student_shape) -> (B, *teacher_shape)."""
         if tuple(student_feature.shape[1:]) != self.student_shape:
             raise ValueError(
-                f"student_feature has shape {tuple(student_feature.shape)}, expected (B, *{self.student_shape})"
+                f"student_feature has shape {tuple(student_feature.shape)}, "
+                f"expected (B, *{self.student_shape})"
             )
         out = self.proj(student_feature)  # (B, Ct, H, W) or (B, [L,] Dt)
         if self.out_hw is not None:

@@ -63,7 +63,8 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
     y = torch.as_tensor(y)
     if x.shape[0] != y.shape[0]:
         raise ValueError(
-            f"accuracy got {x.shape[0]} inputs but {y.shape[0]} labels; pass x and y of equal length"
+            f"accuracy got {x.shape[0]} inputs but {y.shape[0]} labels; "
+            "pass x and y of equal length"
         )
     if x.shape[0] == 0:
         raise ValueError("accuracy got an empty evaluation set; pass at least one sample")
@@ -114,7 +115,7 @@ def latency_ms(
     warmup: int = 5,
     num_threads: int | None = None,
 ) -> float:
-    """Median wall-clock milliseconds of one CPU forward pass on a random (batch_size, *input_shape).
+    """Median wall-clock ms of one CPU forward pass on a random (batch_size, *input_shape) input.
 
     Uses eval mode and ``torch.inference_mode``; timing is ``time.perf_counter`` around
     each call. A model living on another device is timed on a CPU copy, so the caller's

@@ -72,6 +72,19 @@ def test_soft_kd_neg_inf_teacher_class_contributes_nothing():
     assert soft_kd_loss(student, teacher, 2.0).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_soft_kd_classes_masked_in_both_models_are_ignored():
+    # Vocabulary masking: a class at -inf for teacher and student is outside the support.
+    student = _logits(3, 5, seed=3).float().requires_grad_()
+    teacher = _logits(3, 5, seed=4).float()
+    mask = torch.tensor([False, False, True, False, True])
+    neg_inf = -float("inf")
+    masked = soft_kd_loss(student.masked_fill(mask, neg_inf), teacher.masked_fill(mask, neg_inf), 2.0)
+    (grad,) = torch.autograd.grad(masked, student)
+    expected = soft_kd_loss(student[:, ~mask], teacher[:, ~mask], 2.0)
+    torch.testing.assert_close(masked, expected)
+    assert torch.isfinite(grad).all() and (grad[:, mask] == 0).all()
+
+
 def test_soft_kd_gradient_reaches_teacher_when_not_detached():
     student = _logits(2, 4, seed=5).float().requires_grad_()
     teacher = _logits(2, 4, seed=6).float().requires_grad_()
@@ -125,6 +138,18 @@ def test_topk_with_all_classes_equals_soft_kd(temperature):
     got = topk_soft_kd_loss(student, probs, indices, temperature)
     expected = soft_kd_loss(student, teacher, temperature)
     assert abs(got.item() - expected.item()) < 1e-5
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_topk_is_exact_when_the_teacher_tail_is_uniform(temperature):
+    # Top-3 distinct, the other 7 classes equal: the uniform residual rebuilds it exactly.
+    student = _logits(4, 10, seed=17).float()
+    teacher = torch.zeros(4, 10)
+    teacher[:, :3] = torch.tensor([5.0, 3.0, 2.0])
+    teacher = teacher[:, torch.randperm(10, generator=torch.Generator().manual_seed(0))]
+    probs, indices = teacher_topk(teacher, 3)
+    got = topk_soft_kd_loss(student, probs, indices, temperature)
+    torch.testing.assert_close(got, soft_kd_loss(student, teacher, temperature))
 
 
 def test_topk_with_fewer_classes_is_finite_and_close():
@@ -259,14 +284,17 @@ def test_hint_adapter_conv_and_linear_shapes():
 
 
 def test_hint_adapter_for_models_probes_shapes_without_side_effects():
-    student, teacher = _tiny_cnn(), nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    student = _tiny_cnn()
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Dropout(0.5))
     teacher.train()
-    teacher[1].eval()  # a per-module mode that must survive the probe
+    teacher[2].eval()  # a per-module mode that must survive the probe
     adapter = HintAdapter.for_models(student, teacher, "2.0", "1", torch.randn(2, 3, 8, 8))
     assert adapter.student_shape == (6, 4, 4) and adapter.teacher_shape == (8, 8, 8)
     assert adapter(torch.randn(2, 6, 4, 4)).shape == (2, 8, 8, 8)
-    assert teacher.training and not teacher[1].training and student.training
-    assert teacher[1].num_batches_tracked.item() == 0  # probe ran in eval mode
+    assert student.training and teacher.training and teacher[1].training and not teacher[2].training
+    # The probe ran in eval mode: BatchNorm statistics are untouched.
+    assert teacher[1].num_batches_tracked.item() == 0
+    assert torch.equal(teacher[1].running_mean, torch.zeros(8))
 
     class WithUnusedLayer(nn.Module):
         def __init__(self):

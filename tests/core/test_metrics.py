@@ -55,7 +55,8 @@ def test_count_macs_linear_and_conv_batch_of_one():
 
 def test_latency_is_positive_and_restores_thread_count():
     threads = torch.get_num_threads()
-    ms = metrics.latency_ms(nn.Linear(16, 4), (16,), batch_size=2, repeats=3, warmup=1, num_threads=1)
+    model = nn.Linear(16, 4)
+    ms = metrics.latency_ms(model, (16,), batch_size=2, repeats=3, warmup=1, num_threads=1)
     assert ms > 0
     assert torch.get_num_threads() == threads
 
