@@ -96,7 +96,7 @@ class StageCache:
 # ---- Ray Train ----------------------------------------------------------------------------------------------
 def fit(stage: str, key: str, job: dict, cfg: Config, out: Path):
     """Run ``worker.train_fn_per_worker`` on a TorchTrainer; returns (final train state, result)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raydistill.worker import load_train_state, train_fn_per_worker
@@ -114,6 +114,7 @@ def fit(stage: str, key: str, job: dict, cfg: Config, out: Path):
             storage_path=str((out / "ray_train").resolve()),
             failure_config=FailureConfig(max_failures=2),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch line is the progress
         ),
     )
     result = trainer.fit()

@@ -27,7 +27,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if "gains" in report:
         g = report["gains"]
         lines += ["## What distillation and pruning gained and cost", ""]
-        lines += [f"- {k.replace('_', ' ')}: {v:+.4f}" if isinstance(v, float) else f"- {k.replace('_', ' ')}: {v}"
+        lines += [f"- {k.replace('_', ' ')}: " + (f"{v:+.4f}" if "change" in k or "gain" in k else f"{v:.3f}×")
                   for k, v in g.items()]
         lines.append("")
     lines += ["## Stage wall times (s)", "", "| stage | seconds | skipped |", "| --- | ---: | --- |"]

@@ -41,7 +41,8 @@ class TeacherServer:
         self.window_s = batch_window_ms / 1000.0
         self.max_batch = max_batch
         self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
-        self._flush_task: asyncio.Task | None = None
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task] = set()
         # One thread runs forwards so that torch never races itself and the loop stays free.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.stats = {"requests": 0, "samples": 0, "forward_passes": 0, "forward_s": 0.0,
@@ -58,17 +59,24 @@ class TeacherServer:
         pending_samples = sum(len(a) for a, _ in self._pending)
         if pending_samples >= self.max_batch:
             self._start_flush(delay=0.0)
-        elif self._flush_task is None or self._flush_task.done():
+        elif not self._flush_scheduled:
             self._start_flush(delay=self.window_s)
         return await fut
 
     def _start_flush(self, delay: float) -> None:
-        self._flush_task = asyncio.get_running_loop().create_task(self._flush(delay))
+        # "scheduled" means: a flush will still pick up what is pending now. It is cleared the
+        # moment a flush takes the batch, so requests arriving during a forward pass schedule the
+        # next flush instead of waiting on one that has already taken its batch.
+        self._flush_scheduled = True
+        task = asyncio.get_running_loop().create_task(self._flush(delay))
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
 
     async def _flush(self, delay: float) -> None:
         if delay > 0:
             await asyncio.sleep(delay)
         batch, self._pending = self._pending, []
+        self._flush_scheduled = False
         if not batch:
             return
         arrays = [a for a, _ in batch]

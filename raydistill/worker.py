@@ -51,7 +51,7 @@ class LiveTeacher:
 
     def result(self, ref) -> tuple[torch.Tensor, None]:
         # The request went out one step earlier, so this get normally finds the answer waiting.
-        return torch.from_numpy(ray.get(ref)).to(self.device), None
+        return torch.tensor(ray.get(ref), device=self.device), None  # copy: object-store arrays are read-only
 
 
 class InprocessTeacher:

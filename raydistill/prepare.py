@@ -1,0 +1,201 @@
+"""``raydistill data prepare``: convert a data source to Parquet shards with stable ids.
+
+    raydistill data prepare digits|cifar10|imagefolder [--root DIR] --out DIR_OR_URI
+                            [--rows-per-file N] [--image-size N] [--seed S]
+                            [--val-fraction F] [--test-fraction F]
+
+Layout: OUT is one folder of ``part-NNNNN.parquet`` files holding every sample of the source
+(train, val and test together) sorted by id, with columns ``id`` (int64, the source's own
+sample id), ``label`` (int64) and ``features`` (flat float32 list); the shape (C, H, W) and
+the class count are in the Parquet schema metadata. Point a run at it with
+
+    --set data.source=parquet --set data.path=OUT
+
+The parquet loader splits the rows itself. Because the rows keep the source's order and ids,
+the same ``data.seed`` / ``data.val_fraction`` / ``data.test_fraction`` as given to
+``prepare`` reproduce exactly the split (and the arrays) that the source itself gives for
+digits and imagefolder. The features are stored already standardized, with the statistics of
+that train split only (flat parquet features are model-ready and not re-normalized on load).
+CIFAR-10 is the exception: its official test set is part of OUT, and the loader carves the
+test split at random from all 60,000 rows (``data.test_fraction``), not the official one.
+
+OUT may be a local folder or any pyarrow filesystem URI (``s3://``, ``gs://``, ``hdfs://``,
+``file://``); it must not exist or be empty. Shards are written locally first (atomically,
+by ``raydistill.data.write_parquet``) and then copied to a URI. Every worker on every node can
+read them through Ray Data with ``read_parquet_ray``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from raydistill.data import Arrays, Splits, load_splits, write_parquet
+
+PREPARE_SOURCES = ("digits", "cifar10", "imagefolder")
+DEFAULT_ROWS_PER_FILE = 4096
+
+
+def _is_uri(path: str) -> bool:
+    """True for ``scheme://...`` locations (handled by a pyarrow filesystem)."""
+    return "://" in path
+
+
+def _check_args(source: str, root, out, rows_per_file, image_size, val_fraction, test_fraction) -> None:
+    """Raise a one-line ValueError for any argument a user can get wrong."""
+    if source not in PREPARE_SOURCES:
+        raise ValueError(f"unknown data source {source!r} for prepare; use one of: {', '.join(PREPARE_SOURCES)}")
+    if source in ("cifar10", "imagefolder") and not root:
+        raise ValueError(f"{source} needs --root DIR (the folder holding the data); pass --root")
+    if not out:
+        raise ValueError("--out is empty; pass a new folder or a URI such as s3://bucket/prefix")
+    if not isinstance(rows_per_file, int) or isinstance(rows_per_file, bool) or rows_per_file < 1:
+        raise ValueError(f"--rows-per-file must be a positive integer, got {rows_per_file!r}; pass e.g. 4096")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"--image-size must be a positive integer, got {image_size!r}; pass e.g. 32")
+    for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {value!r}; use the same value as the run's data config")
+
+
+def pool_of(splits: Splits) -> Arrays:
+    """All samples of ``splits`` (train, val, test) in one ``Arrays``, sorted by id."""
+    parts = (splits.train, splits.val, splits.test)
+    ids = np.concatenate([p.ids for p in parts])
+    order = np.argsort(ids, kind="stable")
+    x = np.concatenate([p.x for p in parts])[order]
+    y = np.concatenate([p.y for p in parts])[order]
+    return Arrays(x, y, ids[order], splits.num_classes, splits.shape)
+
+
+def _check_empty_local(out: str) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"output {out} already exists and is not an empty folder; pass a new --out or delete it")
+
+
+def _remote_target(out: str):
+    """(filesystem, path) of a URI that must not hold data yet; ValueError otherwise."""
+    import pyarrow.fs as pafs
+
+    try:
+        filesystem, base = pafs.FileSystem.from_uri(out)
+    except Exception as error:  # pyarrow raises ArrowInvalid/OSError/... for bad or unsupported URIs
+        raise ValueError(f"cannot open output URI {out!r} ({error}); pass a local folder or a valid URI") from None
+    info = filesystem.get_file_info(base)
+    if info.type == pafs.FileType.File or (
+        info.type == pafs.FileType.Directory
+        and filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
+    ):
+        raise ValueError(f"output {out} already exists and is not empty; pass a new --out or delete it")
+    return filesystem, base
+
+
+def write_shards(pool: Arrays, out: str, rows_per_file: int) -> list[str]:
+    """Write ``pool`` as ``part-NNNNN.parquet`` shards under ``out`` (folder or URI); returns
+    the files written (as URIs when ``out`` is one)."""
+    out = os.fspath(out)
+    if not _is_uri(out):
+        _check_empty_local(out)
+        return write_parquet(pool, out, rows_per_file=rows_per_file)
+
+    import pyarrow.fs as pafs
+
+    filesystem, base = _remote_target(out)
+    staging = tempfile.mkdtemp(prefix="raydistill-prepare-")
+    try:
+        local = os.path.join(staging, "shards")
+        files = write_parquet(pool, local, rows_per_file=rows_per_file)
+        filesystem.create_dir(base, recursive=True)
+        pafs.copy_files(local, base, destination_filesystem=filesystem)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out.rstrip("/") + "/" + os.path.basename(f) for f in files]
+
+
+def prepare(
+    source: str,
+    out: str,
+    *,
+    root: str | None = None,
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+    image_size: int | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+) -> dict:
+    """Convert ``source`` to Parquet shards under ``out``; returns a summary dict with the
+    files, row count, shape, class count and split sizes (see the module docstring)."""
+    source = str(source).strip().lower()
+    _check_args(source, root, out, rows_per_file, image_size, val_fraction, test_fraction)
+    if not _is_uri(os.fspath(out)):
+        _check_empty_local(os.fspath(out))  # fail before the (possibly slow) load
+    splits = load_splits(source, root=root, image_size=image_size, seed=seed,
+                         val_fraction=val_fraction, test_fraction=test_fraction)
+    pool = pool_of(splits)
+    files = write_shards(pool, os.fspath(out), rows_per_file)
+    return {
+        "source": source,
+        "out": os.fspath(out),
+        "files": files,
+        "rows": len(pool),
+        "shape": list(splits.shape),
+        "num_classes": splits.num_classes,
+        "split": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+                  "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction},
+    }
+
+
+def read_parquet_ray(path: str, columns: list[str] | None = None):
+    """A ``ray.data.Dataset`` over prepared shards (a folder, file, glob-free list or any
+    pyarrow filesystem URI), with columns ``id``, ``label``, ``features`` (or ``columns``).
+
+    On a multi-node cluster ``path`` must be readable from every node: shared storage
+    (NFS) or an object store URI (``s3://``, ``gs://``)."""
+    import ray.data
+
+    if not path:
+        raise ValueError("read_parquet_ray needs a path; pass the --out folder or URI of `raydistill data prepare`")
+    try:
+        return ray.data.read_parquet(os.fspath(path), columns=columns)
+    except FileNotFoundError as error:
+        raise ValueError(f"no prepared shards at {path!r} ({error}); run `raydistill data prepare` first") from None
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """``raydistill data prepare``: run ``prepare`` and print one summary line."""
+    summary = prepare(args.source, args.out, root=args.root, rows_per_file=args.rows_per_file,
+                      image_size=args.image_size, seed=args.seed, val_fraction=args.val_fraction,
+                      test_fraction=args.test_fraction)
+    split = summary["split"]
+    print(f"wrote {summary['rows']} rows of {summary['source']} (shape {summary['shape']}, "
+          f"{summary['num_classes']} classes) in {len(summary['files'])} file(s) to {summary['out']}; "
+          f"use --set data.source=parquet --set data.path={summary['out']} "
+          f"(split {split['train']}/{split['val']}/{split['test']} with data.seed={split['seed']}, "
+          f"data.val_fraction={split['val_fraction']}, data.test_fraction={split['test_fraction']})")
+    return 0
+
+
+def add_data_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``data prepare ...`` on the CLI's subparsers; returns the ``data`` parser."""
+    data = subparsers.add_parser("data", help="data tools: convert a source to Parquet shards")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser(
+        "prepare", help="convert digits / cifar10 / imagefolder to Parquet shards with ids",
+        description="Convert a data source to Parquet shards (columns id, label, features) that "
+                    "data.source=parquet and Ray Data read; see raydistill/prepare.py for the layout.")
+    prep.add_argument("source", help="digits | cifar10 | imagefolder")
+    prep.add_argument("--root", help="cifar10: folder holding cifar-10-batches-py; imagefolder: DIR/<class>/<image>")
+    prep.add_argument("--out", required=True, help="new folder or pyarrow URI (s3://, gs://, ...) for the shards")
+    prep.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE, metavar="N",
+                      help=f"rows per Parquet file (default {DEFAULT_ROWS_PER_FILE})")
+    prep.add_argument("--image-size", type=int, metavar="N", help="resize images to N x N (default: native; 32 for imagefolder)")
+    prep.add_argument("--seed", type=int, default=0, help="split seed whose train split gives the normalization (= data.seed)")
+    prep.add_argument("--val-fraction", type=float, default=0.1, help="= data.val_fraction (default 0.1)")
+    prep.add_argument("--test-fraction", type=float, default=0.2, help="= data.test_fraction (default 0.2)")
+    prep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    prep.set_defaults(func=cmd_prepare)
+    return data

@@ -1,0 +1,75 @@
+"""`raydistill run` on a real local Ray with 2 Train workers and a tiny config."""
+
+import json
+
+import pytest
+
+from raydistill import config
+from raydistill.checkpoints import load_model
+from raydistill.pipeline import RunFolderError, run
+
+from conftest import SMOKE
+
+pytestmark = pytest.mark.ray
+
+FIELDS = {"accuracy", "params", "macs", "latency_ms_b1", "latency_ms_b64", "size_bytes", "sparsity"}
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = config.load(None, {**SMOKE, "scale.num_workers": 2, "prune.ratio": 0.5})
+    report = run(cfg, out, quiet=True)
+    return cfg, out, report
+
+
+def test_report_has_every_model_and_stage(first_run):
+    cfg, out, report = first_run
+    on_disk = json.loads((out / "report.json").read_text())
+    assert set(on_disk["models"]) == {"teacher", "student_baseline", "student_kd", "student_pruned"}
+    for name, m in on_disk["models"].items():
+        assert FIELDS <= set(m), name
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["params"] > 0 and m["macs"] > 0 and m["size_bytes"] > 0
+    for stage in ("teacher", "student_baseline", "student_kd", "student_pruned", "evaluate"):
+        assert on_disk["timings"][stage]["seconds"] > 0
+    for f in ("report.md", "report.png", "config.yaml", "teacher.pt", "student_kd.pt", "student_pruned.pt"):
+        assert (out / f).stat().st_size > 0, f
+    assert "| student_pruned |" in (out / "report.md").read_text()
+
+
+def test_pruned_student_is_physically_smaller(first_run):
+    _, out, report = first_run
+    kd, pruned = report["models"]["student_kd"], report["models"]["student_pruned"]
+    # ratio 0.5 on both conv widths and the hidden layer: well under half the MACs and params.
+    assert pruned["macs"] < 0.5 * kd["macs"] and pruned["params"] < 0.5 * kd["params"]
+    model, spec, _ = load_model(out / "student_pruned.pt")  # weights-only load replays the plan
+    assert spec["plan"] and sum(p.numel() for p in model.parameters()) == pruned["params"]
+
+
+def test_one_teacher_actor_served_both_workers(first_run):
+    from ray.util.state import list_actors
+
+    _, _, report = first_run
+    stats = report["teacher_server"]
+    assert set(stats["requests_by_rank"]) == {0, 1}  # both Train workers asked the same actor
+    assert stats["forward_passes"] <= stats["requests"]
+    actors = list_actors(filters=[("class_name", "=", "TeacherServer")], detail=False)
+    assert len(actors) == 1  # created once for the run (KD and prune stages reuse it)
+
+
+def test_rerun_skips_finished_stages(first_run):
+    cfg, out, _ = first_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")}
+    report = run(cfg, out, quiet=True)
+    for stage in ("teacher", "student_baseline", "student_kd", "student_pruned"):
+        assert report["timings"][stage].get("skipped"), stage
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")} == before
+
+
+def test_run_folder_of_another_config_is_refused(first_run):
+    cfg, out, _ = first_run
+    other = config.load(None, {**SMOKE, "distill.alpha": 0.9})
+    before = (out / "report.json").read_bytes()
+    with pytest.raises(RunFolderError, match="another config"):
+        run(other, out, quiet=True)
+    assert (out / "report.json").read_bytes() == before
