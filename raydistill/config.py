@@ -49,7 +49,7 @@ class TeacherConfig:
     model: str = "cnn"  # built-in name, torchvision name, or package.module:function
     kwargs: dict[str, Any] = field(default_factory=lambda: {"widths": [64, 128], "hidden": 256})
     checkpoint: str | None = None  # a teacher.pt to load instead of training one
-    epochs: int = 12  # training epochs when no checkpoint is given
+    epochs: int = 10  # training epochs when no checkpoint is given
     lr: float = 0.003  # AdamW learning rate for the teacher
     batch_size: int = 64  # per-worker batch size for the teacher
     weight_decay: float = 0.0005
@@ -68,7 +68,7 @@ class DistillConfig:
     beta: float = 0.0  # weight of the hard-label (teacher argmax, DeiT) loss
     temperature: float = 4.0  # softmax temperature T of the soft loss (> 0)
     lr: float = 0.003  # AdamW learning rate for the student (baseline and KD alike)
-    epochs: int = 12  # student epochs: the baseline gets the same budget
+    epochs: int = 20  # student epochs: the baseline gets the same budget
     batch_size: int = 64  # per-worker batch size
     weight_decay: float = 0.0005
     teacher_mode: str = "live"  # live (shared actor) | inprocess (teacher copy per worker)
@@ -80,12 +80,12 @@ class DistillConfig:
 
 @dataclass
 class PruneConfig:
-    ratio: float = 0.5  # fraction of channels removed per prunable layer group, in [0, 1); 0 = off
+    ratio: float = 0.4  # fraction of channels removed per prunable layer group, in [0, 1); 0 = off
     importance: str = "l1"  # l1 | bn_scale | taylor
     schedule: str = "cubic"  # oneshot | linear | cubic (Zhu & Gupta 2017)
-    epochs: int = 6  # KD epochs over which the schedule raises sparsity from 0 to ratio
-    lr: float = 0.001  # learning rate while pruning
-    finetune_epochs: int = 4  # KD fine-tuning epochs after physical channel removal
+    epochs: int = 8  # KD epochs over which the schedule raises sparsity from 0 to ratio
+    lr: float = 0.002  # learning rate while pruning and fine-tuning (cosine-decayed per phase)
+    finetune_epochs: int = 10  # KD fine-tuning epochs after physical channel removal
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -82,12 +83,17 @@ class StageCache:
     def __init__(self, out: Path):
         self.path = out / "stages.json"
         self.records: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.lock = threading.Lock()
 
     def done(self, stage: str, key: str, artifact: Path) -> bool:
         rec = self.records.get(stage)
         return bool(rec and rec["key"] == key and artifact.exists() and rec.get("sha256") == sha256_file(artifact))
 
     def record(self, stage: str, key: str, artifact: Path | None, seconds: float, extra: dict | None = None) -> None:
+        with self.lock:  # stages may finish concurrently (teacher and baseline run side by side)
+            self._record(stage, key, artifact, seconds, extra)
+
+    def _record(self, stage: str, key: str, artifact: Path | None, seconds: float, extra: dict | None) -> None:
         self.records[stage] = {"key": key, "seconds": seconds, **(extra or {}),
                                "sha256": sha256_file(artifact) if artifact else None}
         atomic_write_text(self.path, json.dumps(self.records, indent=2))
@@ -173,18 +179,24 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     common = digest(cfg.section_hash("data", "seed"), data_fp, cfg.scale.num_workers)
     d, p = cfg.distill, cfg.prune
 
-    # 1. teacher -------------------------------------------------------------------------------------------
+    # 1. teacher and 2. student baseline (labels only, same budget as KD) -----------------------------------
+    # The baseline does not need the teacher, so the two Ray Train runs go side by side: on a small
+    # machine most of a stage's wall time is Train's fixed start-up, which then overlaps.
     t_spec = model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, C, H)
+    s_spec = model_spec(cfg.student.model, cfg.student.kwargs, K, C, H)
     teacher_path = out / "teacher.pt"
-    t0 = time.perf_counter()
-    if cfg.teacher.checkpoint:
-        teacher, t_spec, _ = load_model(cfg.teacher.checkpoint)
-        if t_spec["num_classes"] != K:
-            raise CheckpointError(f"teacher checkpoint {cfg.teacher.checkpoint} predicts {t_spec['num_classes']} "
-                                  f"classes but the data has {K}; use a teacher trained on this data")
-        timings["teacher"] = {"seconds": time.perf_counter() - t0, "skipped": True}
-        teacher_sha = sha256_file(Path(cfg.teacher.checkpoint))
-    else:
+    baseline_path = out / "student_baseline.pt"
+    student_phase = dict(epochs=d.epochs, lr=d.lr, batch_size=d.batch_size, weight_decay=d.weight_decay)
+
+    def teacher_stage() -> tuple[torch.nn.Module, dict, str]:
+        t0 = time.perf_counter()
+        if cfg.teacher.checkpoint:
+            teacher, spec, _ = load_model(cfg.teacher.checkpoint)
+            if spec["num_classes"] != K:
+                raise CheckpointError(f"teacher checkpoint {cfg.teacher.checkpoint} predicts {spec['num_classes']} "
+                                      f"classes but the data has {K}; use a teacher trained on this data")
+            timings["teacher"] = {"seconds": time.perf_counter() - t0, "skipped": True}
+            return teacher, spec, sha256_file(Path(cfg.teacher.checkpoint))
         key = digest(common, cfg.section_hash("teacher"))
         if not cache.done("teacher", key, teacher_path):
             job = {"cfg": cfg.to_dict(), "spec": t_spec, "data": data_ref, "teacher": None, "init_state": None,
@@ -192,29 +204,14 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
                                     cfg.teacher.weight_decay)]}
             log(f"stage teacher: training {cfg.teacher.model} on {cfg.scale.num_workers} Ray Train workers", quiet)
             state, _ = fit("teacher", key, job, cfg, out)
-            model = _model(t_spec, state)
-            save_model(teacher_path, model, t_spec, {"stage": "teacher", "key": key})
+            save_model(teacher_path, _model(t_spec, state), t_spec, {"stage": "teacher", "key": key})
             cache.record("teacher", key, teacher_path, time.perf_counter() - t0)
             timings["teacher"] = {"seconds": time.perf_counter() - t0}
         else:
             timings["teacher"] = {"seconds": cache.records["teacher"]["seconds"], "skipped": True}
-        teacher, t_spec, _ = load_model(teacher_path)
-        teacher_sha = sha256_file(teacher_path)
-
-    # 2. student baseline: labels only, same budget as the KD student ------------------------------------------
-    s_spec = model_spec(cfg.student.model, cfg.student.kwargs, K, C, H)
-    init_state = None
-    if cfg.student.init_from_teacher:
-        from raydistill.checkpoints import build_from_spec
-        from raydistill.core.surgery import init_from_teacher_
-
-        student0 = build_from_spec(s_spec)
-        torch.manual_seed(cfg.seed)
-        copied = init_from_teacher_(student0, teacher)
-        log(f"init from teacher: copied {len(copied['copied'])} tensors", quiet)
-        init_state = ray.put({k: v.clone() for k, v in student0.state_dict().items()})
-    student_common = digest(common, cfg.section_hash("student"), teacher_sha if cfg.student.init_from_teacher else "")
-    student_phase = dict(epochs=d.epochs, lr=d.lr, batch_size=d.batch_size, weight_decay=d.weight_decay)
+            log("stage teacher: up to date, skipped", quiet)
+        teacher, spec, _ = load_model(teacher_path)
+        return teacher, spec, sha256_file(teacher_path)
 
     def student_stage(stage: str, path: Path, key: str, job_fn: Callable[[], dict]) -> None:
         t0 = time.perf_counter()
@@ -232,10 +229,37 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
                      {"samples_per_s_median": sorted(sps)[len(sps) // 2] if sps else None})
         timings[stage] = {"seconds": time.perf_counter() - t0}
 
-    baseline_path = out / "student_baseline.pt"
-    student_stage("student_baseline", baseline_path, digest(student_common, "baseline", student_phase),
-                  lambda: {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": None,
-                           "init_state": init_state, "phases": [phase("train", **student_phase)]})
+    def init_state_for(teacher: torch.nn.Module | None):
+        if not cfg.student.init_from_teacher:
+            return None
+        from raydistill.checkpoints import build_from_spec
+        from raydistill.core.surgery import init_from_teacher_
+
+        torch.manual_seed(cfg.seed)
+        student0 = build_from_spec(s_spec)
+        copied = init_from_teacher_(student0, teacher)
+        log(f"init from teacher: copied {len(copied['copied'])} tensors", quiet)
+        return ray.put({k: v.clone() for k, v in student0.state_dict().items()})
+
+    def baseline_stage(init_state, teacher_sha: str) -> None:
+        key = digest(common, cfg.section_hash("student"), teacher_sha, "baseline", student_phase)
+        student_stage("student_baseline", baseline_path, key,
+                      lambda: {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": None,
+                               "init_state": init_state, "phases": [phase("train", **student_phase)]})
+
+    if cfg.student.init_from_teacher:  # the baseline starts from the teacher's tensors: wait for it
+        teacher, t_spec, teacher_sha = teacher_stage()
+        init_state = init_state_for(teacher)
+        baseline_stage(init_state, teacher_sha)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        init_state = None
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            baseline_done = pool.submit(baseline_stage, None, "")
+            teacher, t_spec, teacher_sha = teacher_stage()
+            baseline_done.result()
+    student_common = digest(common, cfg.section_hash("student"), teacher_sha if cfg.student.init_from_teacher else "")
 
     # 3. the shared teacher actor, then KD -------------------------------------------------------------------
     kd_key = digest(student_common, teacher_sha, cfg.section_hash("distill"))

@@ -160,9 +160,10 @@ def read_parquet_ray(path: str, columns: list[str] | None = None):
     if not path:
         raise ValueError("read_parquet_ray needs a path; pass the --out folder or URI of `raydistill data prepare`")
     try:
-        return ray.data.read_parquet(os.fspath(path), columns=columns)
+        dataset = ray.data.read_parquet(os.fspath(path))
     except FileNotFoundError as error:
         raise ValueError(f"no prepared shards at {path!r} ({error}); run `raydistill data prepare` first") from None
+    return dataset.select_columns(columns) if columns else dataset
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

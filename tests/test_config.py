@@ -68,3 +68,10 @@ def test_doc_table_lists_every_key():
     table = config.doc_table()
     for key in config.all_keys():
         assert f"`{key}`" in table
+
+
+def test_digits_job_is_the_embedded_default():
+    from pathlib import Path
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "digits.yaml"
+    assert config.load(job).to_dict() == config.load().to_dict()

@@ -1,0 +1,221 @@
+"""Persistent teacher-logit cache: one teacher pass over the training data, stored as Parquet.
+
+FKD (Shen & Xing 2021) and ReLabel showed that precomputed soft labels make a KD epoch as cheap as
+a plain one; torchdistill dropped its cache because reading it was slower than the images. Here
+the cache is small (fp16 logits or top-k probabilities) and is joined to the in-memory training
+shard once per worker by sample id, so a KD step reads its teacher outputs with one gather.
+
+Layout of a cache folder (local path or any pyarrow filesystem URI such as s3://bucket/cache):
+
+    cache.json           # fingerprint, format, k, views, num_classes, rows, teacher/data hashes
+    part-00000.parquet   # columns: id int64, view int16, and either
+                         #   logits list<float16>            (format "full")
+                         #   topk_probs list<float16>, topk_idx list<int16>   (format "topk")
+
+The fingerprint covers the teacher weights (sha256), the data fingerprint, the transform (there
+is no random augmentation yet, so one view per sample) and k. A cache whose fingerprint does not
+match what the run expects is refused with a message saying what differs; it is never used.
+Computing it runs the teacher in a Ray Data actor pool (``map_batches`` with a callable class),
+so several teacher replicas (or GPUs) share the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+TRANSFORM = "none"  # raydistill applies no random augmentation yet: one deterministic view per sample
+VIEWS = 1
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used; the message names the cache and the fix."""
+
+
+@dataclass
+class CacheInfo:
+    fingerprint: str
+    format: str  # "full" | "topk"
+    k: int | None
+    views: int
+    num_classes: int
+    rows: int
+    teacher_sha256: str
+    data_fingerprint: str
+    transform: str
+    build_seconds: float = 0.0
+    teacher_forward_samples: int = 0
+
+
+def cache_fingerprint(teacher_sha256: str, data_fingerprint: str, k: int | None, views: int = VIEWS,
+                      transform: str = TRANSFORM) -> str:
+    blob = json.dumps([teacher_sha256, data_fingerprint, transform, views, k], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError):
+        import os
+
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+# ---- building ---------------------------------------------------------------------------------------------
+class TeacherLogits:
+    """Ray Data callable class: one teacher replica per actor, loaded once in its constructor."""
+
+    def __init__(self, spec: dict, state_ref, data_ref, k: int | None, num_threads: int = 1):
+        import ray
+        import torch
+
+        from raydistill.checkpoints import build_from_spec
+
+        if num_threads > 0:
+            torch.set_num_threads(num_threads)
+        # refs arrive wrapped in a list so Ray does not resolve them into copies per call
+        self.model = build_from_spec(spec, ray.get(state_ref[0])).eval()
+        self.train = ray.get(data_ref[0]).train  # zero-copy numpy from the object store
+        self.k = k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from raydistill.core.losses import teacher_topk
+
+        rows = batch["id"]  # positions in the training split
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(np.ascontiguousarray(self.train.x[rows])))  # (B, K)
+        out = {"id": self.train.ids[rows].astype(np.int64), "view": np.zeros(len(rows), np.int16)}
+        if self.k is None:
+            out["logits"] = logits.numpy().astype(np.float16)
+        else:
+            probs, idx = teacher_topk(logits, self.k)  # (B, k) float32, (B, k) int64
+            out["topk_probs"] = probs.numpy().astype(np.float16)
+            out["topk_idx"] = idx.numpy().astype(np.int16)
+        return out
+
+
+def _to_table(parts: list[dict[str, np.ndarray]]) -> pa.Table:
+    cols: dict[str, Any] = {}
+    for name in parts[0]:
+        arr = np.concatenate([p[name] for p in parts])
+        if arr.ndim == 2:  # (N, D) -> list<...> column of fixed length D
+            flat = pa.array(arr.reshape(-1))
+            cols[name] = pa.FixedSizeListArray.from_arrays(flat, arr.shape[1])
+        else:
+            cols[name] = pa.array(arr)
+    return pa.table(cols)
+
+
+def build_cache(uri: str, *, teacher_spec: dict, teacher_state: dict, teacher_sha256: str, splits,
+                data_fingerprint: str, k: int | None = None, num_actors: int = 1, cpus_per_actor: float = 0.5,
+                num_gpus_per_actor: float = 0.0, batch_size: int = 512, num_threads: int = 1) -> CacheInfo:
+    """Compute teacher outputs for every training sample with a Ray Data actor pool; write the cache."""
+    import time
+
+    import ray
+
+    num_classes = splits.num_classes
+    if k is not None and not 1 <= k <= num_classes:
+        raise CacheError(f"cache top-k must be in [1, {num_classes}], got {k}; set k to at most the class count")
+    t0 = time.perf_counter()
+    n = len(splits.train)
+    state_ref, data_ref = ray.put(teacher_state), ray.put(splits)
+    ds = ray.data.range(n, override_num_blocks=max(1, min(n // batch_size + 1, 4 * num_actors)))
+    out = ds.map_batches(
+        TeacherLogits, fn_constructor_kwargs={"spec": teacher_spec, "state_ref": [state_ref],
+                                              "data_ref": [data_ref], "k": k, "num_threads": num_threads},
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=cpus_per_actor, num_gpus=num_gpus_per_actor)
+    parts = [dict(b) for b in out.iter_batches(batch_size=None, batch_format="numpy")]
+    table = _to_table(parts).sort_by([("id", "ascending"), ("view", "ascending")])
+    info = CacheInfo(fingerprint=cache_fingerprint(teacher_sha256, data_fingerprint, k), format="topk" if k else "full",
+                     k=k, views=VIEWS, num_classes=num_classes, rows=table.num_rows, teacher_sha256=teacher_sha256,
+                     data_fingerprint=data_fingerprint, transform=TRANSFORM,
+                     teacher_forward_samples=table.num_rows)
+    fs, root = _fs(uri)
+    fs.create_dir(root, recursive=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    _write_atomic(fs, f"{root}/part-00000.parquet", sink.getvalue().to_pybytes())
+    info.build_seconds = time.perf_counter() - t0
+    # cache.json last: a folder without it (a crash mid-write) is not a cache
+    _write_atomic(fs, f"{root}/cache.json", json.dumps(info.__dict__, indent=2).encode())
+    return info
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+def read_info(uri: str) -> CacheInfo:
+    fs, root = _fs(uri)
+    try:
+        with fs.open_input_stream(f"{root}/cache.json") as f:
+            return CacheInfo(**json.loads(f.read()))
+    except FileNotFoundError:
+        raise CacheError(f"no logit cache at {uri} (cache.json missing); build it with `raydistill cache-logits`") from None
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CacheError(f"logit cache {uri} has a corrupt cache.json ({e}); rebuild it with `raydistill cache-logits`") from None
+
+
+def check_cache(uri: str, expected_fingerprint: str, *, teacher_sha256: str, data_fingerprint: str,
+                k: int | None) -> CacheInfo:
+    """Refuse a cache built from another teacher, other data or another k — say which."""
+    info = read_info(uri)
+    if info.fingerprint == expected_fingerprint:
+        return info
+    why = []
+    if info.teacher_sha256 != teacher_sha256:
+        why.append("another teacher")
+    if info.data_fingerprint != data_fingerprint:
+        why.append("other data")
+    if info.k != k:
+        why.append(f"k={info.k} (this run wants k={k})")
+    if info.transform != TRANSFORM or info.views != VIEWS:
+        why.append("another transform")
+    raise CacheError(f"logit cache {uri} was built from {' and '.join(why) or 'other inputs'}; "
+                     "rebuild it with `raydistill cache-logits` or point cache.path elsewhere")
+
+
+def load_for_ids(uri: str, ids: np.ndarray, info: CacheInfo) -> dict[str, np.ndarray]:
+    """Teacher outputs for ``ids`` (N,), in that order: {"logits": (N, K)} or {"topk_probs", "topk_idx"}."""
+    fs, root = _fs(uri)
+    path = f"{root}/part-00000.parquet"
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except FileNotFoundError:
+        raise CacheError(f"logit cache shard {path} is missing; rebuild the cache with `raydistill cache-logits`") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CacheError(f"logit cache shard {path} is corrupt ({str(e).splitlines()[0][:100]}); "
+                         "rebuild the cache with `raydistill cache-logits`") from None
+    cached_ids = table.column("id").to_numpy()
+    order = np.argsort(cached_ids)
+    pos = np.searchsorted(cached_ids, ids, sorter=order)
+    pos = np.clip(pos, 0, len(cached_ids) - 1)
+    found = cached_ids[order[pos]] == ids
+    if not found.all():
+        missing = ids[~found][:3].tolist()
+        raise CacheError(f"logit cache {uri} has no entry for sample ids {missing}...; rebuild it for this data")
+    rows = order[pos]
+    out = {}
+    for name in ("logits", "topk_probs", "topk_idx"):
+        if name in table.column_names:
+            col = table.column(name).combine_chunks()
+            width = col.type.list_size
+            flat = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+            out[name] = flat[rows]
+    return out

@@ -1,0 +1,159 @@
+"""Tests for raydistill.prepare: `raydistill data prepare` to Parquet shards and back."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raydistill import data
+from raydistill.prepare import prepare, read_parquet_ray
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _assert_same_splits(a: data.Splits, b: data.Splits) -> None:
+    assert a.shape == b.shape and a.num_classes == b.num_classes
+    for part in ("train", "val", "test"):
+        x, y = getattr(a, part), getattr(b, part)
+        np.testing.assert_array_equal(x.ids, y.ids)
+        np.testing.assert_array_equal(x.y, y.y)
+        np.testing.assert_array_equal(x.x, y.x)
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "digits"
+    summary = prepare("digits", str(out), rows_per_file=500)
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Two classes of small PNGs with distinct colours and sizes."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("cat", "dog")):
+        (root / name).mkdir()
+        for i in range(7):
+            pixels = rng.integers(0, 256, size=(10 + i, 12, 3), dtype=np.uint8)
+            pixels[..., label] = 200  # a class-dependent channel
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_digits_roundtrip_same_arrays_and_ids(digits_shards):
+    out, summary = digits_shards
+    files = sorted(out.glob("*.parquet"))
+    assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(4)]  # 1797 rows / 500
+    assert summary["rows"] == 1797 and summary["shape"] == [1, 8, 8] and summary["num_classes"] == 10
+    table = pq.read_table(out)
+    assert table.column_names == ["id", "label", "features"]
+    np.testing.assert_array_equal(table["id"].to_numpy(), np.arange(1797))  # sorted by id, unique
+    _assert_same_splits(data.load_splits("parquet", path=str(out)), data.load_splits("digits"))
+    # another split seed still loads every row exactly once
+    other = data.load_splits("parquet", path=str(out), seed=3)
+    ids = np.concatenate([other.train.ids, other.val.ids, other.test.ids])
+    assert sorted(ids.tolist()) == list(range(1797))
+
+
+def test_imagefolder_roundtrip(image_folder, tmp_path):
+    out = tmp_path / "imgs"
+    summary = prepare("imagefolder", str(out), root=str(image_folder), image_size=16, rows_per_file=5)
+    assert summary["rows"] == 14 and summary["shape"] == [3, 16, 16] and len(summary["files"]) == 3
+    loaded = data.load_splits("parquet", path=str(out))
+    _assert_same_splits(loaded, data.load_splits("imagefolder", root=str(image_folder), image_size=16))
+    assert loaded.num_classes == 2
+
+
+def test_uri_output_roundtrip(tmp_path):
+    uri = (tmp_path / "remote").as_uri()  # file:///... goes through the pyarrow filesystem path
+    summary = prepare("digits", uri, rows_per_file=1000, image_size=4)
+    assert summary["files"] == [f"{uri}/part-00000.parquet", f"{uri}/part-00001.parquet"]
+    assert not list(tmp_path.glob("**/.*"))  # no staging leftovers
+    _assert_same_splits(data.load_splits("parquet", path=uri), data.load_splits("digits", image_size=4))
+    with pytest.raises(ValueError, match="not empty"):
+        prepare("digits", uri)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"source": "mnist"}, "unknown data source 'mnist'"),
+        ({"source": "imagefolder"}, "needs --root"),
+        ({"source": "digits", "rows_per_file": 0}, "--rows-per-file must be a positive integer"),
+        ({"source": "digits", "image_size": 0}, "--image-size must be a positive integer"),
+        ({"source": "digits", "test_fraction": 1.5}, "--test-fraction must be in"),
+        ({"source": "imagefolder", "root": "/nonexistent/imgs"}, "image folder"),
+    ],
+)
+def test_bad_input_is_a_one_line_value_error(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        prepare(out=str(tmp_path / "o"), **kwargs)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_refuses_non_empty_output(digits_shards):
+    out, _ = digits_shards
+    with pytest.raises(ValueError, match="already exists"):
+        prepare("digits", str(out))
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "raydistill.cli", "data", "prepare", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_cli_prepare_and_errors(image_folder, tmp_path):
+    out = tmp_path / "cli"
+    done = _cli("imagefolder", "--root", str(image_folder), "--out", str(out), "--rows-per-file", "4", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"data.path={out}" in done.stdout and "14 rows" in done.stdout
+    assert len(list(out.glob("part-*.parquet"))) == 4
+    assert len(data.load_splits("parquet", path=str(out)).test) == round(0.2 * 14)
+
+    again = _cli("imagefolder", "--root", str(image_folder), "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.strip().startswith("raydistill: error: output") and len(again.stderr.strip().splitlines()) == 1
+    bad = _cli("cifar10", "--out", str(tmp_path / "c"), cwd=tmp_path)
+    assert bad.returncode == 2 and "cifar10 needs --root" in bad.stderr
+    usage = _cli("digits", "--rows-per-file", "many", "--out", str(tmp_path / "d"), cwd=tmp_path)
+    assert usage.returncode == 2 and "invalid int value" in usage.stderr
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A small local Ray of our own (address='local' never joins another cluster)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_read_parquet_ray_reads_prepared_shards(local_ray, digits_shards, tmp_path):
+    out, _ = digits_shards
+    dataset = read_parquet_ray(str(out))
+    assert dataset.count() == 1797
+    assert set(dataset.schema().names) == {"id", "label", "features"}
+    rows = dataset.to_pandas().sort_values("id")
+    np.testing.assert_array_equal(rows["id"].to_numpy(), np.arange(1797))
+    expected = data.load_splits("digits")
+    labels, features = np.empty(1797, dtype=np.int64), np.empty((1797, 64), dtype=np.float32)
+    for part in (expected.train, expected.val, expected.test):
+        labels[part.ids], features[part.ids] = part.y, part.x.reshape(len(part), -1)
+    np.testing.assert_array_equal(rows["label"].to_numpy(), labels)
+    np.testing.assert_array_equal(np.stack(rows["features"].to_numpy()), features)
+
+    uri_out = (tmp_path / "uri").as_uri()
+    prepare("digits", uri_out, rows_per_file=600)
+    assert read_parquet_ray(uri_out, columns=["id"]).count() == 1797
+    with pytest.raises(ValueError, match="run `raydistill data prepare` first"):
+        read_parquet_ray(str(tmp_path / "missing"))
