@@ -35,6 +35,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_logits(args: argparse.Namespace) -> int:
+    from raydistill import config
+    from raydistill.pipeline import run
+
+    cfg = config.load(args.config, _overrides(args.set))
+    out = Path(args.out) if args.out else _default_out(args.config)
+    result = run(cfg, out, address=args.address, quiet=args.quiet, stop_after="cache")
+    c = result["cache"]
+    print(f"logit cache {c['uri']}: {c['rows']} rows, format {c['format']}"
+          + (f" (k={c['k']})" if c["k"] else "") + f", teacher forward samples {c['teacher_forward_samples']}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from raydistill import config
 
@@ -58,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="only errors and the final line")
     run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
+
+    cache = sub.add_parser("cache-logits", help="train/load the teacher and write its logits to a Parquet cache")
+    cache.add_argument("config", nargs="?", help="YAML config (default: the embedded digits config)")
+    cache.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    cache.add_argument("--out", help="run folder (default: runs/<config name>); the cache goes to cache.path "
+                                     "or RUN/logit_cache")
+    cache.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    cache.add_argument("--quiet", action="store_true")
+    cache.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    cache.set_defaults(func=cmd_cache_logits)
 
     cfg = sub.add_parser("config", help="print the resolved config, or the key reference with --doc")
     cfg.add_argument("config", nargs="?")

@@ -71,7 +71,7 @@ class DistillConfig:
     epochs: int = 20  # student epochs: the baseline gets the same budget
     batch_size: int = 64  # per-worker batch size
     weight_decay: float = 0.0005
-    teacher_mode: str = "live"  # live (shared actor) | inprocess (teacher copy per worker)
+    teacher_mode: str = "live"  # live (shared actor) | inprocess (teacher copy per worker) | cache (Parquet logits)
     hint_student_layer: str | None = None  # student module name for FitNets hint loss
     hint_teacher_layer: str | None = None  # teacher module name for the hint loss
     hint_weight: float = 0.0  # weight of the hint (feature) loss
@@ -86,6 +86,14 @@ class PruneConfig:
     epochs: int = 8  # KD epochs over which the schedule raises sparsity from 0 to ratio
     lr: float = 0.002  # learning rate while pruning and fine-tuning (cosine-decayed per phase)
     finetune_epochs: int = 10  # KD fine-tuning epochs after physical channel removal
+
+
+@dataclass
+class CacheConfig:
+    path: str | None = None  # logit cache folder or pyarrow URI (default: RUN/logit_cache)
+    k: int | None = None  # store top-k probabilities instead of full fp16 logits (None: full)
+    num_actors: int = 1  # teacher replicas in the Ray Data actor pool that builds the cache
+    batch_size: int = 512  # teacher batch size while building the cache
 
 
 @dataclass
@@ -107,6 +115,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     seed: int = 0  # seed for model init and data order
 
@@ -201,7 +210,7 @@ def validate(cfg: Config) -> Config:
     d, p, s = cfg.distill, cfg.prune, cfg.scale
     _choice("data.source", cfg.data.source, ("digits", "cifar10", "imagefolder", "parquet"))
     _choice("data.shard", cfg.data.shard, ("random", "classwise"))
-    _choice("distill.teacher_mode", d.teacher_mode, ("live", "inprocess"))
+    _choice("distill.teacher_mode", d.teacher_mode, ("live", "inprocess", "cache"))
     _choice("prune.importance", p.importance, ("l1", "bn_scale", "taylor"))
     _choice("prune.schedule", p.schedule, ("oneshot", "linear", "cubic"))
     checks = [
@@ -220,6 +229,9 @@ def validate(cfg: Config) -> Config:
         (cfg.teacher.epochs >= 1, "teacher.epochs must be >= 1", cfg.teacher.epochs),
         (cfg.teacher.lr > 0, "teacher.lr must be > 0", cfg.teacher.lr),
         (cfg.teacher.batch_size >= 1, "teacher.batch_size must be >= 1", cfg.teacher.batch_size),
+        (cfg.cache.k is None or cfg.cache.k >= 1, "cache.k must be >= 1 or null", cfg.cache.k),
+        (cfg.cache.num_actors >= 1, "cache.num_actors must be >= 1", cfg.cache.num_actors),
+        (cfg.cache.batch_size >= 1, "cache.batch_size must be >= 1", cfg.cache.batch_size),
         (s.num_workers >= 1, "scale.num_workers must be >= 1", s.num_workers),
         (s.cpus_per_worker > 0, "scale.cpus_per_worker must be > 0", s.cpus_per_worker),
         (s.teacher_cpus >= 0, "scale.teacher_cpus must be >= 0", s.teacher_cpus),

@@ -154,7 +154,44 @@ def _get(cfg: Config, dotted: str):
     return obj
 
 
-def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = False) -> dict:
+def ensure_cache(cfg: Config, out: Path, t_spec: dict, teacher_state: dict, teacher_sha: str, splits: Splits,
+                 data_fp: str, timings: dict, quiet: bool):
+    """Use the logit cache if it matches this teacher, data and k; build it when absent."""
+    from raydistill.cache import CacheError, build_cache, cache_fingerprint, check_cache
+
+    uri = cfg.cache.path or str(out / "logit_cache")
+    expected = cache_fingerprint(teacher_sha, data_fp, cfg.cache.k)
+    t0 = time.perf_counter()
+    try:
+        info = check_cache(uri, expected, teacher_sha256=teacher_sha, data_fingerprint=data_fp, k=cfg.cache.k)
+        timings["logit_cache"] = {"seconds": time.perf_counter() - t0, "skipped": True}
+        log(f"logit cache {uri}: up to date ({info.rows} rows), reused", quiet)
+        return info, uri
+    except CacheError:
+        if cfg.cache.path and _cache_exists(uri):
+            raise  # a user-given cache that does not match is refused, never overwritten
+    log(f"logit cache: one teacher pass over {len(splits.train)} samples with {cfg.cache.num_actors} actor(s)", quiet)
+    info = build_cache(uri, teacher_spec=t_spec, teacher_state=teacher_state, teacher_sha256=teacher_sha,
+                       splits=splits, data_fingerprint=data_fp, k=cfg.cache.k, num_actors=cfg.cache.num_actors,
+                       cpus_per_actor=cfg.scale.teacher_cpus or 0.5, num_gpus_per_actor=cfg.scale.teacher_gpus,
+                       batch_size=cfg.cache.batch_size, num_threads=cfg.scale.torch_threads)
+    timings["logit_cache"] = {"seconds": time.perf_counter() - t0}
+    return info, uri
+
+
+def _cache_exists(uri: str) -> bool:
+    from raydistill.cache import CacheError, read_info
+
+    try:
+        read_info(uri)
+        return True
+    except CacheError:
+        return False
+
+
+def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = False,
+        stop_after: str | None = None) -> dict:
+    """The whole pipeline; ``stop_after="cache"`` stops once the teacher and the logit cache exist."""
     import ray
 
     out = Path(out).resolve()
@@ -162,6 +199,7 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     check_run_folder(out, cfg)
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     timings: dict[str, dict] = {}
+    report_extra: dict[str, Any] = {}
     t_start = time.perf_counter()
 
     t0 = time.perf_counter()
@@ -251,6 +289,8 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
         teacher, t_spec, teacher_sha = teacher_stage()
         init_state = init_state_for(teacher)
         baseline_stage(init_state, teacher_sha)
+    elif stop_after == "cache":  # cache-logits needs only the teacher
+        teacher, t_spec, teacher_sha = teacher_stage()
     else:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -262,14 +302,21 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     student_common = digest(common, cfg.section_hash("student"), teacher_sha if cfg.student.init_from_teacher else "")
 
     # 3. the shared teacher actor, then KD -------------------------------------------------------------------
-    kd_key = digest(student_common, teacher_sha, cfg.section_hash("distill"))
+    kd_key = digest(student_common, teacher_sha, cfg.section_hash("distill"),
+                    cfg.cache.k if d.teacher_mode == "cache" else None)
     kd_path = out / "student_kd.pt"
     prune_path = out / "student_pruned.pt"
     prune_key = digest(kd_key, cfg.section_hash("prune"))
     need_kd = not cache.done("student_kd", kd_key, kd_path)
     need_prune = p.ratio > 0 and not cache.done("student_pruned", prune_key, prune_path)
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    server, server_name = None, f"teacher-{teacher_sha[:12]}"
+    server, server_name, teacher_job = None, f"teacher-{teacher_sha[:12]}", None
+    if d.teacher_mode == "cache" or stop_after == "cache":
+        cache_info, uri = ensure_cache(cfg, out, t_spec, teacher_state, teacher_sha, splits, data_fp, timings, quiet)
+        teacher_job = {"mode": "cache", "uri": uri, "info": cache_info.__dict__}
+        report_extra["logit_cache"] = {**cache_info.__dict__, "uri": uri}
+        if stop_after == "cache":
+            return {"cache": report_extra["logit_cache"], "timings": timings}
     if d.teacher_mode == "live" and (need_kd or need_prune):
         from raydistill.teacher import start_teacher_server
 
@@ -280,8 +327,9 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
                                       max_batch=cfg.scale.teacher_max_batch, num_threads=cfg.scale.torch_threads)
         timings["teacher_server_start"] = {"seconds": time.perf_counter() - t0}
         log(f"teacher actor '{server_name}' is serving logits", quiet)
-    teacher_job = ({"mode": "live", "actor_name": server_name} if d.teacher_mode == "live"
-                   else {"mode": "inprocess", "spec": t_spec, "state": ray.put(teacher_state)})
+        teacher_job = {"mode": "live", "actor_name": server_name}
+    elif d.teacher_mode == "inprocess":
+        teacher_job = {"mode": "inprocess", "spec": t_spec, "state": ray.put(teacher_state)}
 
     kd_weights = dict(alpha=d.alpha, beta=d.beta)
     student_stage("student_kd", kd_path, kd_key,
@@ -334,7 +382,7 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     report = {"models": models, "timings": timings, "gains": gains, "data": {"name": splits.name,
               "fingerprint": data_fp, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
               "throughput": {k: v.get("samples_per_s_median") for k, v in cache.records.items()},
-              "teacher_server": server_stats, "latency_threads": 1, "config": cfg.to_dict()}
+              "teacher_server": server_stats, "latency_threads": 1, **report_extra, "config": cfg.to_dict()}
     from raydistill.report import write_report
 
     write_report(out, report)

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from raydistill.checkpoints import build_from_spec
-from raydistill.core.losses import FeatureHooks, HintAdapter, hard_kd_loss, soft_kd_loss
+from raydistill.core.losses import FeatureHooks, HintAdapter, hard_kd_loss, soft_kd_loss, topk_soft_kd_loss
 from raydistill.core.metrics import accuracy
 from raydistill.core.pruning import ChannelPruner, sparsity_schedule
 from raydistill.data import shard_indices
@@ -37,7 +37,15 @@ class NonFiniteLossError(RuntimeError):
     """Training produced NaN/inf; the message names the step and the probable cause."""
 
 
-# ---- teacher sources: same interface, request(x) now → result(handle) one step later --------------
+# ---- teacher sources: same interface, request(idx, x) now → result(handle) one step later ---------
+# idx are positions in this worker's shard (the cache looks them up), x the batch (B, C, H, W).
+# result() returns a TeacherOut: full logits (B, K), or top-k probabilities and indices (B, k) from a
+# top-k cache, plus the teacher's hint feature when the hint loss is on.
+class TeacherOut(NamedTuple):
+    logits: torch.Tensor | None
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None
+    feature: torch.Tensor | None = None
+
 class LiveTeacher:
     """Logits from the run's shared TeacherServer actor, looked up by name (loaded once there)."""
 
@@ -46,12 +54,12 @@ class LiveTeacher:
 
         self.actor, self.device, self.rank = get_teacher_server(actor_name), device, rank
 
-    def request(self, xb: torch.Tensor):
+    def request(self, idx: torch.Tensor, xb: torch.Tensor):
         return self.actor.logits.remote(xb.numpy(), self.rank)  # a future: the student step runs meanwhile
 
-    def result(self, ref) -> tuple[torch.Tensor, None]:
+    def result(self, ref) -> TeacherOut:
         # The request went out one step earlier, so this get normally finds the answer waiting.
-        return torch.tensor(ray.get(ref), device=self.device), None  # copy: object-store arrays are read-only
+        return TeacherOut(torch.tensor(ray.get(ref), device=self.device))  # copy: object-store arrays are read-only
 
 
 class InprocessTeacher:
@@ -63,22 +71,49 @@ class InprocessTeacher:
         self.hooks = FeatureHooks(self.model, [hint_layer]) if hint_layer else None
         self.hint_layer = hint_layer
 
-    def request(self, xb: torch.Tensor):
+    def request(self, idx: torch.Tensor, xb: torch.Tensor) -> TeacherOut:
         with torch.inference_mode():
             logits = self.model(xb.to(self.device))  # (B, K)
         feat = self.hooks.features[self.hint_layer].clone() if self.hooks else None
-        return logits.clone(), feat
+        return TeacherOut(logits.clone(), None, feat)
 
-    def result(self, handle):
+    def result(self, handle: TeacherOut) -> TeacherOut:
         return handle
 
 
-def make_teacher(job: dict, device: torch.device, rank: int):
+class CachedTeacher:
+    """Teacher outputs read from the Parquet logit cache, joined to this shard by sample id once.
+
+    No teacher is in memory at all; a step costs one gather from a (N, K) fp16 array.
+    """
+
+    def __init__(self, uri: str, info: dict, ids: np.ndarray, device: torch.device):
+        from raydistill.cache import CacheInfo, load_for_ids
+
+        cached = load_for_ids(uri, ids, CacheInfo(**info))  # rows aligned with this shard's samples
+        self.device = device
+        self.logits = torch.from_numpy(cached["logits"]) if "logits" in cached else None  # (N, K) fp16
+        self.topk = ((torch.from_numpy(cached["topk_probs"]), torch.from_numpy(cached["topk_idx"].astype(np.int64)))
+                     if "topk_probs" in cached else None)  # (N, k) fp16, (N, k) int64
+
+    def request(self, idx: torch.Tensor, xb: torch.Tensor) -> TeacherOut:
+        if self.logits is not None:
+            return TeacherOut(self.logits[idx].float().to(self.device))
+        probs, classes = self.topk
+        return TeacherOut(None, (probs[idx].float().to(self.device), classes[idx].to(self.device)))
+
+    def result(self, handle: TeacherOut) -> TeacherOut:
+        return handle
+
+
+def make_teacher(job: dict, device: torch.device, rank: int, shard_ids: np.ndarray):
     t = job.get("teacher")
     if t is None:
         return None
     if t["mode"] == "live":
         return LiveTeacher(t["actor_name"], device, rank)
+    if t["mode"] == "cache":
+        return CachedTeacher(t["uri"], t["info"], shard_ids, device)
     cfg = job["cfg"]["distill"]
     return InprocessTeacher(t["spec"], ray.get(t["state"]), device, cfg["hint_teacher_layer"])
 
@@ -104,15 +139,19 @@ def train_step(model, opt, xb, yb, teacher_out, phase: dict, cfg: dict, step: in
     alpha, beta = phase["alpha"], phase["beta"]
     out = model(xb)
     s_logits, s_feat = out if isinstance(out, tuple) else (out, None)  # (B, K), adapted student feature
-    t_logits, t_feat = teacher_out if teacher_out is not None else (None, None)
+    t = teacher_out
 
     loss = (1 - alpha) * F.cross_entropy(s_logits, yb)
     if alpha > 0:
-        loss = loss + alpha * soft_kd_loss(s_logits, t_logits, d["temperature"])
+        soft = (soft_kd_loss(s_logits, t.logits, d["temperature"]) if t.logits is not None
+                else topk_soft_kd_loss(s_logits, *t.topk, d["temperature"]))
+        loss = loss + alpha * soft
     if beta > 0:
-        loss = loss + beta * hard_kd_loss(s_logits, t_logits)
+        # DeiT hard-label KD; a top-k cache is sorted, so its first index is the teacher's argmax
+        hard = hard_kd_loss(s_logits, t.logits) if t.logits is not None else F.cross_entropy(s_logits, t.topk[1][:, 0])
+        loss = loss + beta * hard
     if s_feat is not None and d["hint_weight"] > 0:
-        loss = loss + d["hint_weight"] * F.mse_loss(s_feat, t_feat)
+        loss = loss + d["hint_weight"] * F.mse_loss(s_feat, t.feature)
 
     if not torch.isfinite(loss):
         raise NonFiniteLossError(
@@ -132,12 +171,12 @@ def run_epoch(model, opt, sched, teacher, x, y, phase, cfg, epoch, pruner, devic
     perm = torch.randperm(len(x), generator=g)
     batches = [perm[i:i + bs] for i in range(0, len(perm), bs)]  # same count on every rank (equal shards)
     uses_teacher = teacher is not None and (phase["alpha"] > 0 or phase["beta"] > 0 or cfg["distill"]["hint_weight"] > 0)
-    pending = teacher.request(x[batches[0]]) if uses_teacher else None
+    pending = teacher.request(batches[0], x[batches[0]]) if uses_teacher else None
     t0, total_loss, correct = time.perf_counter(), 0.0, 0
     for i, idx in enumerate(batches):
         t_out = teacher.result(pending) if uses_teacher else None
         if uses_teacher and i + 1 < len(batches):
-            pending = teacher.request(x[batches[i + 1]])  # prefetch batch i+1 before stepping on batch i
+            pending = teacher.request(batches[i + 1], x[batches[i + 1]])  # prefetch batch i+1 before stepping on batch i
         loss, c = train_step(model, opt, x[idx].to(device), y[idx].to(device), t_out, phase, cfg, step=i)
         sched.step()
         if pruner is not None:
@@ -192,7 +231,7 @@ def train_fn_per_worker(job: dict) -> dict:
     shard = shard_indices(splits.train.y, world, rank, cfg["data"]["shard"], cfg["seed"])
     x, y = torch.from_numpy(splits.train.x[shard]), torch.from_numpy(splits.train.y[shard])  # (N, C, H, W), (N,)
     x_val, y_val = torch.from_numpy(np.array(splits.val.x)), torch.from_numpy(np.array(splits.val.y))
-    teacher = make_teacher(job, device, rank)
+    teacher = make_teacher(job, device, rank, splits.train.ids[shard])
 
     spec = dict(job["spec"])
     resumed = load_train_state(ray.train.get_checkpoint())

@@ -46,14 +46,16 @@ def test_pruned_student_is_physically_smaller(first_run):
     assert spec["plan"] and sum(p.numel() for p in model.parameters()) == pruned["params"]
 
 
-def test_one_teacher_actor_served_both_workers(first_run):
+def test_one_teacher_actor_served_both_workers(first_run, ray_local):
     from ray.util.state import list_actors
 
     _, _, report = first_run
     stats = report["teacher_server"]
     assert set(stats["requests_by_rank"]) == {0, 1}  # both Train workers asked the same actor
     assert stats["forward_passes"] <= stats["requests"]
-    actors = list_actors(filters=[("class_name", "=", "TeacherServer")], detail=False)
+    # address: this test's own cluster, even when other Ray instances run on the machine
+    address = ray_local.get_runtime_context().gcs_address
+    actors = list_actors(address=address, filters=[("class_name", "=", "TeacherServer")], detail=False)
     assert len(actors) == 1  # created once for the run (KD and prune stages reuse it)
 
 

@@ -1,0 +1,233 @@
+"""int8 post-training quantization vs fp32 on the digits data, measured on this CPU.
+
+Run (from the repository root; about 2 minutes, or about 12 with --compile on 2 cores):
+
+    python benchmarks/quantization.py [--repeats 5] [--epochs 30] [--compile] [--out benchmarks/results/quantization.json]
+
+Trains (plain torch, Adam, seeded) the default student CNN (widths 16/32, hidden 64), the
+teacher CNN (64/128, hidden 256) and an MLP (hidden 256) on scikit-learn's digits, then for
+fp32 and every scheme in ``raydistill.core.quantize.SCHEMES`` prints one row: test accuracy,
+``torch.save(state_dict)`` bytes, CPU latency at batch 1 and 64 (one thread; the median of
+``--repeats`` medians of ``raydistill.core.metrics.latency_ms``), and ratios to the fp32 row
+of the same run. ``pt2e_x86+onednn`` is the PT2E model lowered to oneDNN int8 kernels
+(torchao ``lower_pt2e_quantized_to_x86``, static batch size, no compiler); ``--compile`` adds
+rows for ``torch.compile`` (inductor) of fp32 and each scheme. Writes the JSON to ``--out``
+(atomic write).
+
+Measured (2-core AMD EPYC x86_64, AVX2 without VNNI, KVM; torch 2.14.1, torchao 0.18.0;
+1 thread; 5 repeats, ``--compile``), default student CNN, fp32 = 98.1 % / 60,595 B /
+0.31 ms (b1) / 1.9 ms (b64):
+no int8 scheme is faster than fp32 at batch 64 (best: weight_only at 1.0x, eager; compiled
+int8 PT2E is slower than compiled fp32); sizes shrink 1.7x (Linear-only schemes) to 2.9x
+(pt2e_x86); accuracy drop <= 0.3 points. Full tables: docs/deploy.md and
+benchmarks/results/quantization.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raydistill.checkpoints import atomic_write_text
+from raydistill.core.metrics import accuracy, latency_ms, size_bytes
+from raydistill.core.quantize import DEFAULT_SCHEME, SCHEMES, int8_fraction, quantize_int8
+from raydistill.data import load_splits
+from raydistill.models import build_model
+
+# Models measured: (label, build_model name, options).
+MODELS = [
+    ("student_cnn", "cnn", {"widths": [16, 32], "hidden": 64}),
+    ("teacher_cnn", "cnn", {"widths": [64, 128], "hidden": 256}),
+    ("mlp", "mlp", {"hidden": [256]}),
+]
+# The issue's bar for the int8 student.
+BAR = {"min_size_ratio": 3.5, "min_speedup_b64": 1.3, "max_accuracy_drop_points": 0.5}
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
+    """Plain supervised training with Adam (lr 1e-3, batch 64), seeded."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0])
+        for start in range(0, x.shape[0], 64):
+            index = order[start:start + 64]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def median_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int, repeats: int) -> float:
+    """Median over ``repeats`` runs of latency_ms (itself a median of 30 calls), one thread."""
+    return statistics.median(latency_ms(model, input_shape, batch, num_threads=1) for _ in range(repeats))
+
+
+def compiled(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """``torch.compile`` (inductor) of ``model``, warmed up at batch 1 and 64 so timing excludes compilation."""
+    # Every compiled model shares dynamo's wrapper code object and its recompile budget: reset,
+    # or later variants silently fall back to eager after the limit.
+    torch._dynamo.reset()
+    fn = torch.compile(model)
+    # accuracy() runs under no_grad and latency_ms under inference_mode: warm up (compile) both.
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            for batch in (1, 64, 1, 64):
+                fn(torch.randn(batch, *input_shape))
+    return fn
+
+
+def measure(model: nn.Module, x_test, y_test, input_shape, repeats: int, acc: bool = True) -> dict:
+    return {
+        "accuracy": accuracy(model, x_test, y_test) if acc else None,
+        "size_bytes": size_bytes(model),
+        "int8_fraction": round(int8_fraction(model), 4),
+        "latency_ms_b1": median_latency(model, input_shape, 1, repeats),
+        "latency_ms_b64": median_latency(model, input_shape, 64, repeats),
+    }
+
+
+def onednn_rows(quantized: nn.Module, input_shape, repeats: int) -> dict:
+    """PT2E model lowered to oneDNN int8 kernels, one static-shape graph per batch size."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
+
+    row: dict = {"accuracy": None, "size_bytes": None, "int8_fraction": None}
+    for batch in (1, 64):
+        try:
+            with torch.no_grad():
+                lowered = lower_pt2e_quantized_to_x86(copy.deepcopy(quantized), (torch.randn(batch, *input_shape),))
+            allow_exported_model_train_eval(lowered)
+            row[f"latency_ms_b{batch}"] = median_latency(lowered, input_shape, batch, repeats)
+        except Exception as e:  # e.g. a view after a channels-last int8 conv: record, don't hide
+            row[f"latency_ms_b{batch}"] = None
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return row
+
+
+def add_ratios(rows: dict, base: dict) -> None:
+    """Ratios to the fp32 row of the same run (and to fp32+compile for compiled rows)."""
+    for name, row in rows.items():
+        ref = rows.get("fp32+compile", base) if name.endswith("+compile") else base
+        row["size_ratio"] = base["size_bytes"] / row["size_bytes"] if row.get("size_bytes") else None
+        for b in ("b1", "b64"):
+            value = row.get(f"latency_ms_{b}")
+            row[f"speedup_{b}"] = ref[f"latency_ms_{b}"] / value if value else None
+        row["accuracy_drop_points"] = (100 * (base["accuracy"] - row["accuracy"])
+                                       if row.get("accuracy") is not None else None)
+        row["meets_bar"] = bool(row["size_ratio"] and row["speedup_b64"] and row["accuracy_drop_points"] is not None
+                                and row["size_ratio"] >= BAR["min_size_ratio"]
+                                and row["speedup_b64"] >= BAR["min_speedup_b64"]
+                                and row["accuracy_drop_points"] <= BAR["max_accuracy_drop_points"])
+
+
+def fmt(value, spec: str) -> str:
+    """``format(value, spec)``, or a dash padded to the same width for a missing value."""
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
+    return "-".rjust(width) if value is None else format(value, spec)
+
+
+def print_table(label: str, rows: dict) -> None:
+    print(f"\n{label}")
+    print(f"{'variant':24s} {'acc %':>6s} {'size B':>8s} {'int8':>5s} {'b1 ms':>7s} {'b64 ms':>7s} "
+          f"{'size x':>6s} {'b1 x':>5s} {'b64 x':>5s} {'drop pt':>7s} bar")
+    for name, r in rows.items():
+        acc = None if r.get("accuracy") is None else 100 * r["accuracy"]
+        print(f"{name:24s} {fmt(acc, '6.2f')} {fmt(r.get('size_bytes'), '8d')} {fmt(r.get('int8_fraction'), '5.2f')} "
+              f"{fmt(r.get('latency_ms_b1'), '7.3f')} {fmt(r.get('latency_ms_b64'), '7.3f')} "
+              f"{fmt(r.get('size_ratio'), '6.2f')} {fmt(r.get('speedup_b1'), '5.2f')} {fmt(r.get('speedup_b64'), '5.2f')} "
+              f"{fmt(r.get('accuracy_drop_points'), '7.2f')} {'yes' if r.get('meets_bar') else 'no'}"
+              + (f"  ({r['error']})" if r.get("error") else ""))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="latency repeats (median of medians), >= 3")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) variants")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "quantization.json"))
+    args = parser.parse_args(argv)
+    if args.repeats < 3:
+        parser.error("--repeats must be >= 3 (the result is a median)")
+    warnings.filterwarnings("ignore")  # torchao/export deprecation chatter would drown the table
+    torch.set_num_threads(1)  # like the report: single-threaded latency, comparable across runs
+
+    splits = load_splits("digits", seed=args.seed)
+    x_train, y_train = torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y)
+    x_val = torch.from_numpy(splits.val.x)
+    x_test, y_test = torch.from_numpy(splits.test.x), torch.from_numpy(splits.test.y)
+    input_shape = tuple(splits.shape)
+    from torchao.utils import should_reduce_range
+
+    results: dict = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "hardware": {"cpu": cpu_name(), "machine": platform.machine(), "logical_cpus": os.cpu_count(),
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                     "vnni": not should_reduce_range(torch.device("cpu"))},
+        "software": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchao": __import__("torchao").__version__},
+        "threads": 1, "repeats": args.repeats, "epochs": args.epochs, "seed": args.seed,
+        "data": {"name": splits.name, "train": len(splits.train), "test": len(splits.test)},
+        "bar": BAR, "default_scheme": DEFAULT_SCHEME, "models": {},
+    }
+    for label, name, options in MODELS:
+        t0 = time.perf_counter()
+        torch.manual_seed(args.seed)
+        model = build_model(name, num_classes=splits.num_classes, in_channels=input_shape[0],
+                            image_size=input_shape[1], **options)
+        model = train(model, x_train, y_train, args.epochs, args.seed)
+        rows = {"fp32": measure(model, x_test, y_test, input_shape, args.repeats)}
+        quantized = {}
+        for scheme in SCHEMES:
+            start = time.perf_counter()
+            quantized[scheme] = quantize_int8(model, scheme, calibration_data=x_val)
+            rows[scheme] = measure(quantized[scheme], x_test, y_test, input_shape, args.repeats)
+            rows[scheme]["quantize_s"] = time.perf_counter() - start
+        rows["pt2e_x86+onednn"] = onednn_rows(quantized["pt2e_x86"], input_shape, args.repeats)
+        if args.compile:
+            for variant, m in [("fp32", model), *quantized.items()]:
+                try:
+                    fn = compiled(m, input_shape)
+                    rows[f"{variant}+compile"] = {"accuracy": accuracy(fn, x_test, y_test), "size_bytes": None,
+                                                  "int8_fraction": None,
+                                                  "latency_ms_b1": median_latency(fn, input_shape, 1, args.repeats),
+                                                  "latency_ms_b64": median_latency(fn, input_shape, 64, args.repeats)}
+                except Exception as e:
+                    rows[f"{variant}+compile"] = {"accuracy": None, "size_bytes": None,
+                                                  "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        add_ratios(rows, rows["fp32"])
+        results["models"][label] = {"model": name, "options": options, "seconds": time.perf_counter() - t0,
+                                    "rows": rows}
+        print_table(f"{label} ({name} {options}), 1 thread, median of {args.repeats}", rows)
+
+    out = Path(args.out)
+    atomic_write_text(out, json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

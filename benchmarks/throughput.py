@@ -1,0 +1,157 @@
+"""Student training throughput on Ray Train: data-parallel scaling and the cost of each teacher mode.
+
+    python benchmarks/throughput.py                       # all variants, 3 repeats
+    python benchmarks/throughput.py --workers 1 2 --modes none --repeats 3    # scaling only
+
+Variants, all in one run on the same data and student (the default digits student, 91,776 MACs;
+teacher 1,350,144 MACs, 14.7x the student):
+  none       student only, labels only: the physical limit (no teacher cost at all)
+  inprocess  a teacher copy inside every worker
+  live       the shared TeacherServer actor, requests pipelined one batch ahead
+  cache      teacher logits read from the Parquet logit cache (built once, timed separately)
+  cache_k5   the same from a top-5 cache
+
+Each variant is one Ray Train run of ``--epochs`` epochs; its throughput is the median over epochs
+after the first (warm-up) of global samples/s, and the reported figure is the median over
+``--repeats`` runs. Variants are interleaved per repeat so machine noise hits them alike; ratios
+are to ``none`` with the same worker count, measured in the same run. Writes a table to stdout and
+JSON to benchmarks/results/throughput.json. Results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def machine() -> dict:
+    import ray
+    import torch
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--modes", nargs="+", default=["none", "inprocess", "live", "cache", "cache_k5"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput.json"))
+    args = ap.parse_args()
+
+    import ray
+    import torch
+
+    from raydistill import config
+    from raydistill.cache import build_cache
+    from raydistill.checkpoints import atomic_write_text, build_from_spec, model_spec
+    from raydistill.core.metrics import count_macs
+    from raydistill.data import fingerprint
+    from raydistill.pipeline import fit, init_ray, load_data, phase
+    from raydistill.teacher import start_teacher_server
+
+    cfg0 = config.load()
+    splits = load_data(cfg0)
+    C, H, _ = splits.shape
+    K = splits.num_classes
+    t_spec = model_spec(cfg0.teacher.model, cfg0.teacher.kwargs, K, C, H)
+    s_spec = model_spec(cfg0.student.model, cfg0.student.kwargs, K, C, H)
+    torch.manual_seed(0)
+    teacher = build_from_spec(t_spec)  # throughput does not depend on the teacher being trained
+    t_state = teacher.state_dict()
+    example = torch.zeros(1, C, H, H)
+    macs = {"teacher": count_macs(teacher, example), "student": count_macs(build_from_spec(s_spec), example)}
+
+    init_ray(None, quiet=True)
+    work = Path(tempfile.mkdtemp(prefix="rd-bench-"))
+    data_ref = ray.put(splits)
+    cache_info = {}
+    for k in (None, 5):
+        t0 = time.perf_counter()
+        info = build_cache(str(work / f"cache_k{k}"), teacher_spec=t_spec, teacher_state=t_state,
+                           teacher_sha256="bench", splits=splits, data_fingerprint=fingerprint(splits), k=k)
+        size = sum(f.stat().st_size for f in (work / f"cache_k{k}").glob("*.parquet"))
+        cache_info["full" if k is None else f"top{k}"] = {"build_s": time.perf_counter() - t0, "bytes": size,
+                                                          "rows": info.rows, "info": info.__dict__}
+    start_teacher_server("teacher-bench", t_spec, t_state, num_cpus=cfg0.scale.teacher_cpus, num_gpus=0,
+                         batch_window_ms=cfg0.scale.teacher_batch_window_ms, max_batch=4096, num_threads=1)
+
+    def teacher_job(mode):
+        if mode == "none":
+            return None
+        if mode == "inprocess":
+            return {"mode": "inprocess", "spec": t_spec, "state": ray.put(t_state)}
+        if mode == "live":
+            return {"mode": "live", "actor_name": "teacher-bench"}
+        key = "full" if mode == "cache" else "top5"
+        return {"mode": "cache", "uri": str(work / ("cache_kNone" if mode == "cache" else "cache_k5")),
+                "info": cache_info[key]["info"]}
+
+    runs: dict[str, list[float]] = {}
+    for rep in range(args.repeats):
+        for w in args.workers:
+            for mode in args.modes:
+                cfg = config.load(None, {"scale.num_workers": w})
+                alpha = 0.0 if mode == "none" else cfg.distill.alpha
+                job = {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": teacher_job(mode),
+                       "init_state": None, "phases": [phase("distill", args.epochs, cfg.distill.lr, cfg.distill.batch_size,
+                                                            cfg.distill.weight_decay, alpha=alpha)]}
+                _, result = fit(f"bench-{mode}-w{w}", f"r{rep}-{time.time_ns()}", job, cfg, work)
+                hist = result.return_value["history"][1:]  # drop the warm-up epoch
+                sps = statistics.median(h["samples_per_s_global"] for h in hist)
+                runs.setdefault(f"{mode}/w{w}", []).append(sps)
+                print(f"repeat {rep + 1}: {mode:9s} workers={w}: {sps:8.0f} samples/s", flush=True)
+
+    rows = []
+    for w in args.workers:
+        base = statistics.median(runs[f"none/w{w}"]) if f"none/w{w}" in runs else None
+        for mode in args.modes:
+            med = statistics.median(runs[f"{mode}/w{w}"])
+            rows.append({"mode": mode, "workers": w, "samples_per_s": med, "runs": runs[f"{mode}/w{w}"],
+                         "ratio_to_student_only": med / base if base else None})
+    by = {(r["mode"], r["workers"]): r["samples_per_s"] for r in rows}
+    derived = {}
+    for w in args.workers:
+        if ("live", w) in by and ("inprocess", w) in by:
+            derived[f"live_vs_inprocess_w{w}"] = by[("live", w)] / by[("inprocess", w)]
+    for mode in args.modes:
+        if (mode, 1) in by and (mode, 2) in by:
+            derived[f"scaling_2_vs_1_{mode}"] = by[(mode, 2)] / by[(mode, 1)]
+
+    print(f"\n| mode | workers | samples/s (median of {args.repeats}) | vs student-only |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in rows:
+        ratio = f"{r['ratio_to_student_only']:.2f}" if r["ratio_to_student_only"] else "-"
+        print(f"| {r['mode']} | {r['workers']} | {r['samples_per_s']:.0f} | {ratio} |")
+    for k, v in derived.items():
+        print(f"{k}: {v:.2f}")
+    for name, c in cache_info.items():
+        print(f"cache {name}: {c['bytes']} bytes on disk, built in {c['build_s']:.1f} s ({c['rows']} rows)")
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps({"machine": machine(), "macs": macs, "epochs": args.epochs,
+                                            "repeats": args.repeats, "rows": rows, "derived": derived,
+                                            "cache": {k: {kk: vv for kk, vv in v.items() if kk != "info"}
+                                                      for k, v in cache_info.items()}}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Export (torch-only artifacts) and the deploy gate."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from raydistill.core.quantize import quantize_int8
+from raydistill.export import deploy_gate, export_if_gate_passes, export_model
+from raydistill.models import build_model
+
+warnings.filterwarnings("ignore", module="torchao")
+
+# Runs in a fresh interpreter where raydistill, torchao and numpy cannot be imported.
+TORCH_ONLY = """
+import sys
+for name in ("raydistill", "torchao", "numpy"):
+    sys.modules[name] = None  # any import of them now raises ImportError
+import runpy, torch
+folder, = sys.argv[1:]
+x = torch.load(folder + "/x.pt", weights_only=True)
+expected = torch.load(folder + "/expected.pt", weights_only=True)
+for name in ("student.pt2", "student.torchscript.pt"):
+    if name.endswith(".pt2"):
+        import torch.ao.quantization.fx._decomposed  # registers int8 PT2E ops, part of torch
+        model = torch.export.load(folder + "/" + name).module()
+    else:
+        model = torch.jit.load(folder + "/" + name)
+    with torch.no_grad():
+        for rows in (x, x[:1]):
+            assert torch.allclose(model(rows), expected[: len(rows)], atol=1e-4), name
+sys.argv = ["predict.py", folder + "/x.npy"]
+runpy.run_path(folder + "/predict.py", run_name="__main__")
+"""
+
+
+def student():
+    torch.manual_seed(0)
+    return build_model("cnn", num_classes=10, in_channels=1, image_size=8, widths=[4, 8], hidden=16).eval()
+
+
+def run_torch_only(folder, model, x):
+    with torch.no_grad():
+        torch.save(model(x), folder / "expected.pt")
+    torch.save(x, folder / "x.pt")
+    np.save(folder / "x.npy", x.numpy())
+    env = {**os.environ, "PYTHONPATH": ""}
+    return subprocess.run([sys.executable, "-c", TORCH_ONLY, str(folder)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "pt2e_x86"])
+def test_artifact_loads_and_predicts_with_torch_only(tmp_path, int8):
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = student()
+    if int8:
+        model = quantize_int8(model, "pt2e_x86", calibration_data=x)
+    result = export_model(model, x[:2], tmp_path)
+    assert result["format"] == "torch.export" and result["errors"] == {}
+    assert result["artifact"] == str(tmp_path / "student.pt2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact.json", "predict.py", "student.pt2",
+                                                           "student.torchscript.pt"]
+    import hashlib
+
+    assert hashlib.sha256((tmp_path / "student.pt2").read_bytes()).hexdigest() == result["sha256"]
+    meta = json.loads((tmp_path / "artifact.json").read_text())
+    assert meta["input_shape"] == [1, 8, 8] and meta["files"]["student.pt2"] == result["sha256"]
+
+    out = run_torch_only(tmp_path, model, x)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with torch.no_grad():
+        assert out.stdout.split() == [str(int(c)) for c in model(x).argmax(1)]
+
+
+def test_model_needing_torchao_is_refused(tmp_path):
+    model = quantize_int8(student(), "dynamic")  # torchao ops in the graph: not loadable with torch only
+    with pytest.raises(ValueError, match="torchao"):
+        export_model(model, torch.randn(2, 1, 8, 8), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gate_blocks_with_the_shortfall():
+    gate = deploy_gate(0.912, 0.96, min_accuracy=0.95, min_ratio_to_teacher=0.9)
+    assert gate["passed"] is False
+    accuracy_check, ratio_check = gate["checks"]
+    assert accuracy_check == {"bound": "min_accuracy", "required": 0.95, "actual": 0.912, "passed": False,
+                              "short_by": pytest.approx(0.038),
+                              "message": "student accuracy 0.912 is below deploy.min_accuracy 0.950 by 0.038"}
+    assert ratio_check["passed"] is True and ratio_check["short_by"] == 0.0
+    assert ratio_check["actual"] == pytest.approx(0.95)
+    assert gate["message"].startswith("student accuracy 0.912 is below deploy.min_accuracy 0.950 by 0.038")
+
+
+def test_gate_ratio_to_teacher():
+    gate = deploy_gate(0.90, 0.96, min_accuracy=None, min_ratio_to_teacher=0.98)
+    (check,) = gate["checks"]
+    assert not gate["passed"] and check["bound"] == "min_ratio_to_teacher"
+    assert check["short_by"] == pytest.approx(0.98 - 0.90 / 0.96)
+    assert "below deploy.min_ratio_to_teacher 0.980 by 0.042" in gate["message"]
+    assert deploy_gate(0.95, 0.95, min_accuracy=0.95, min_ratio_to_teacher=1.0)["passed"]  # bounds inclusive
+    assert deploy_gate(0.5, 0.9, None, None) == {"passed": True, "checks": [], "message": deploy_gate(
+        0.5, 0.9, None, None)["message"]}
+
+
+@pytest.mark.parametrize("args, match", [
+    ((1.2, 0.9, 0.5, None), "student accuracy"),
+    ((0.9, 0.9, 95, None), "deploy.min_accuracy"),
+    ((0.9, None, None, 0.9), "teacher accuracy"),
+    ((0.9, 0.0, None, 0.9), "teacher accuracy above 0"),
+])
+def test_gate_rejects_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        deploy_gate(*args)
+
+
+def test_blocked_gate_writes_nothing(tmp_path):
+    blocked = deploy_gate(0.5, 0.9, min_accuracy=0.8, min_ratio_to_teacher=None)
+    assert export_if_gate_passes(student(), torch.randn(2, 1, 8, 8), tmp_path / "deploy", blocked) is None
+    assert not (tmp_path / "deploy").exists()
+    passed = deploy_gate(0.85, 0.9, min_accuracy=0.8, min_ratio_to_teacher=None)
+    result = export_if_gate_passes(student(), torch.randn(2, 1, 8, 8), tmp_path / "deploy", passed)
+    assert result is not None and (tmp_path / "deploy" / "student.pt2").is_file()
+    assert not [p for p in (tmp_path / "deploy").iterdir() if p.name.endswith(".tmp")]

@@ -1,0 +1,116 @@
+"""The three teacher modes give the student exactly the teacher's outputs for its own samples."""
+
+import numpy as np
+import pytest
+import torch
+
+from raydistill.cache import CacheError, build_cache, cache_fingerprint, check_cache
+from raydistill.checkpoints import build_from_spec, model_spec
+from raydistill.data import fingerprint, load_splits, shard_indices
+from raydistill.teacher import start_teacher_server
+from raydistill.worker import CachedTeacher, InprocessTeacher, LiveTeacher
+
+pytestmark = pytest.mark.ray
+
+SPEC = model_spec("cnn", {"widths": [8, 16], "hidden": 32}, 10, 1, 8)
+
+
+@pytest.fixture(scope="module")
+def setup(ray_local, tmp_path_factory):
+    torch.manual_seed(0)
+    teacher = build_from_spec(SPEC).eval()
+    state = teacher.state_dict()
+    splits = load_splits("digits", limit=120)
+    data_fp = fingerprint(splits)
+    shard = shard_indices(splits.train.y, 2, 1, "random", seed=0)  # rank 1 of 2: a real subset
+    x = torch.from_numpy(splits.train.x[shard])
+    with torch.inference_mode():
+        expected = teacher(x)  # (N, K): what the teacher says for this shard's samples
+    root = tmp_path_factory.mktemp("cache")
+    caches = {}
+    for k in (None, 5):
+        uri = str(root / f"k{k}")
+        info = build_cache(uri, teacher_spec=SPEC, teacher_state=state, teacher_sha256="t" * 64, splits=splits,
+                           data_fingerprint=data_fp, k=k, num_actors=2, batch_size=32)
+        caches[k] = (uri, info)
+    return {"state": state, "splits": splits, "shard": shard, "x": x, "expected": expected, "caches": caches,
+            "data_fp": data_fp}
+
+
+def _batches(n):
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    return [perm[i:i + 16] for i in range(0, n, 16)]
+
+
+def test_inprocess_teacher_returns_teacher_logits(setup):
+    t = InprocessTeacher(SPEC, setup["state"], torch.device("cpu"))
+    for idx in _batches(len(setup["x"])):
+        out = t.result(t.request(idx, setup["x"][idx]))
+        torch.testing.assert_close(out.logits, setup["expected"][idx])
+
+
+def test_live_teacher_returns_teacher_logits(setup, ray_local):
+    actor = start_teacher_server("teacher-modes-test", SPEC, setup["state"], num_cpus=0.25, num_gpus=0,
+                                 batch_window_ms=1.0, max_batch=4096, num_threads=1)
+    t = LiveTeacher("teacher-modes-test", torch.device("cpu"), rank=1)
+    batches = _batches(len(setup["x"]))
+    pending = t.request(batches[0], setup["x"][batches[0]])
+    for i, idx in enumerate(batches):  # the worker's pipelined pattern: ask for i+1 before using i
+        out = t.result(pending)
+        if i + 1 < len(batches):
+            pending = t.request(batches[i + 1], setup["x"][batches[i + 1]])
+        torch.testing.assert_close(out.logits, setup["expected"][idx], rtol=1e-5, atol=1e-5)
+    ray_local.kill(actor)
+
+
+def test_cached_teacher_full_logits_match_by_sample_id(setup):
+    uri, info = setup["caches"][None]
+    ids = setup["splits"].train.ids[setup["shard"]]
+    t = CachedTeacher(uri, info.__dict__, ids, torch.device("cpu"))
+    assert info.rows == len(setup["splits"].train) and info.teacher_forward_samples == info.rows
+    for idx in _batches(len(ids)):
+        out = t.result(t.request(idx, setup["x"][idx]))
+        torch.testing.assert_close(out.logits, setup["expected"][idx], rtol=2e-3, atol=2e-3)  # fp16 storage
+
+
+def test_cached_teacher_topk_matches_by_sample_id(setup):
+    uri, info = setup["caches"][5]
+    ids = setup["splits"].train.ids[setup["shard"]]
+    t = CachedTeacher(uri, info.__dict__, ids, torch.device("cpu"))
+    probs, classes = torch.softmax(setup["expected"], 1).topk(5, dim=1)
+    for idx in _batches(len(ids)):
+        p, c = t.result(t.request(idx, setup["x"][idx])).topk
+        assert torch.equal(c, classes[idx])
+        torch.testing.assert_close(p, probs[idx], rtol=2e-3, atol=2e-3)
+
+
+def test_cache_from_another_teacher_or_k_is_refused(setup):
+    uri, _ = setup["caches"][None]
+    fp = setup["data_fp"]
+    with pytest.raises(CacheError, match="another teacher"):
+        check_cache(uri, cache_fingerprint("u" * 64, fp, None), teacher_sha256="u" * 64, data_fingerprint=fp, k=None)
+    with pytest.raises(CacheError, match="k=None"):
+        check_cache(uri, cache_fingerprint("t" * 64, fp, 5), teacher_sha256="t" * 64, data_fingerprint=fp, k=5)
+    with pytest.raises(CacheError, match="other data"):
+        check_cache(uri, cache_fingerprint("t" * 64, "d", None), teacher_sha256="t" * 64, data_fingerprint="d", k=None)
+    assert check_cache(uri, cache_fingerprint("t" * 64, fp, None), teacher_sha256="t" * 64,
+                       data_fingerprint=fp, k=None).rows > 0
+
+
+def test_corrupt_or_missing_shard_is_a_clear_error(setup, tmp_path):
+    import shutil
+
+    from raydistill.cache import load_for_ids, read_info
+
+    src, _ = setup["caches"][None]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    shard = bad / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.raises(CacheError, match="corrupt"):
+        load_for_ids(str(bad), setup["splits"].train.ids[:3], read_info(str(bad)))
+    shard.unlink()
+    with pytest.raises(CacheError, match="missing"):
+        load_for_ids(str(bad), setup["splits"].train.ids[:3], read_info(str(bad)))
+    with pytest.raises(CacheError, match="cache.json missing"):
+        read_info(str(tmp_path / "nowhere"))
