@@ -48,6 +48,28 @@ def cmd_cache_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raydistill import config
+    from raydistill.sweep import run_sweep
+
+    overrides = _overrides(args.set)
+    if args.trials is not None:
+        overrides["tune.num_trials"] = args.trials
+    if args.max_macs is not None:
+        overrides["tune.max_macs"] = args.max_macs
+    if args.max_latency_ms is not None:
+        overrides["tune.max_latency_ms"] = args.max_latency_ms
+    cfg = config.load(args.config, overrides)
+    out = Path(args.out) if args.out else _default_out(args.config).with_name(_default_out(args.config).name + "-tune")
+    report = run_sweep(cfg, out, resume=args.resume, address=args.address, quiet=args.quiet)
+    best = report["best"]
+    if best:
+        print(f"best trial: accuracy {best['accuracy']:.4f}, {best['macs']:,} MACs -> {out / 'best_config.yaml'}")
+    else:
+        print("no completed trial met the constraints; see results.csv")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from raydistill import config
 
@@ -81,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--quiet", action="store_true")
     cache.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     cache.set_defaults(func=cmd_cache_logits)
+
+    tn = sub.add_parser("tune", help="Ray Tune search over run keys with one shared teacher; Pareto front")
+    tn.add_argument("config", nargs="?", help="YAML config whose tune section gives the search")
+    tn.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    tn.add_argument("--trials", type=int, help="number of trials (tune.num_trials)")
+    tn.add_argument("--resume", action="store_true", help="continue an interrupted sweep, keeping finished trials")
+    tn.add_argument("--max-macs", type=int, help="best_config.yaml: best accuracy under this many MACs")
+    tn.add_argument("--max-latency-ms", type=float, help="best_config.yaml: ... and under this batch-1 latency")
+    tn.add_argument("--out", help="sweep folder (default: runs/<config name>-tune)")
+    tn.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    tn.add_argument("--quiet", action="store_true")
+    tn.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    tn.set_defaults(func=cmd_tune)
 
     cfg = sub.add_parser("config", help="print the resolved config, or the key reference with --doc")
     cfg.add_argument("config", nargs="?")

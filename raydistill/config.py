@@ -22,6 +22,9 @@ from typing import Any
 import yaml
 
 
+SPACE_KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
+
+
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the key and the fix."""
 
@@ -109,6 +112,27 @@ class ScaleConfig:
 
 
 @dataclass
+class TuneConfig:
+    # search space over any run keys: {key: {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}
+    # | {randint: [lo, hi]} | {grid: [...]}}
+    space: dict[str, Any] = field(default_factory=lambda: {
+        "prune.ratio": {"choice": [0.25, 0.4, 0.5]},
+        "distill.alpha": {"choice": [0.0, 0.3, 0.5, 0.7, 0.9]},
+        "distill.temperature": {"choice": [1.0, 2.0, 4.0, 8.0]},
+        "distill.lr": {"loguniform": [0.001, 0.01]},
+    })
+    search: str = "random"  # random | grid (Tune's basic variant generator) | optuna (Bayesian, TPE)
+    scheduler: str = "asha"  # asha (early stopping on val_acc) | none
+    num_trials: int = 12  # trials to sample (grid: repeats of the whole grid)
+    max_concurrent: int = 2  # trials running at once
+    cpus_per_trial: float = 1.0  # logical CPUs per trial (Ray is started with at least 4 locally)
+    grace_period: int = 8  # ASHA: epochs every trial runs before it can be stopped
+    teacher_mode: str = "cache"  # cache (one teacher pass for the whole sweep) | live (shared actor)
+    max_macs: int | None = None  # best_config.yaml: best accuracy among trials under this many MACs
+    max_latency_ms: float | None = None  # ... and under this batch-1 latency
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -117,6 +141,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     seed: int = 0  # seed for model init and data order
 
     # ---- conversions -------------------------------------------------------------------
@@ -245,6 +270,24 @@ def validate(cfg: Config) -> Config:
     for ok, msg, value in checks:
         if not ok:
             raise ConfigError(f"{msg}, got {value!r}; fix it in the config or with --set")
+    t = cfg.tune
+    _choice("tune.search", t.search, ("random", "grid", "optuna"))
+    _choice("tune.scheduler", t.scheduler, ("asha", "none"))
+    _choice("tune.teacher_mode", t.teacher_mode, ("cache", "live"))
+    for ok, msg, value in [
+        (t.num_trials >= 1, "tune.num_trials must be >= 1", t.num_trials),
+        (t.max_concurrent >= 1, "tune.max_concurrent must be >= 1", t.max_concurrent),
+        (t.cpus_per_trial > 0, "tune.cpus_per_trial must be > 0", t.cpus_per_trial),
+        (t.grace_period >= 1, "tune.grace_period must be >= 1", t.grace_period),
+    ]:
+        if not ok:
+            raise ConfigError(f"{msg}, got {value!r}; fix it in the config or with --set")
+    for key, spec in t.space.items():
+        if key not in all_keys() or key.startswith("tune."):
+            raise ConfigError(f"tune.space key '{key}' is not a run key{_suggest(key)}")
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS):
+            raise ConfigError(f"tune.space['{key}'] must be one of {{{', '.join(k + ': ...' for k in SPACE_KINDS)}}}, "
+                              f"got {spec!r}")
     if (d.hint_student_layer is None) != (d.hint_teacher_layer is None):
         raise ConfigError(
             "distill.hint_student_layer and distill.hint_teacher_layer must be set together; set both or neither"

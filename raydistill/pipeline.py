@@ -141,8 +141,10 @@ def check_run_folder(out: Path, cfg: Config) -> None:
     existing = out / "config.yaml"
     if existing.exists():
         old = config_mod.from_dict(__import__("yaml").safe_load(existing.read_text()))
-        if old.to_dict() != cfg.to_dict():
-            diff = [k for k in config_mod.all_keys() if _get(old, k) != _get(cfg, k)]
+        # the tune section only steers sweeps; it does not change any result of the pipeline
+        keys = [k for k in config_mod.all_keys() if not k.startswith("tune.")]
+        diff = [k for k in keys if _get(old, k) != _get(cfg, k)]
+        if diff:
             raise RunFolderError(f"run folder {out} holds results of another config (differs in {', '.join(diff[:4])}); "
                                  "pass a new --out folder or delete the old one")
 

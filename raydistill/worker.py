@@ -188,13 +188,14 @@ def run_epoch(model, opt, sched, teacher, x, y, phase, cfg, epoch, pruner, devic
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
-def save_train_state(state: dict) -> ray.train.Checkpoint:
+def save_train_state(state: dict) -> str:
+    """Write the state to a fresh temporary folder (Ray moves it into run storage on report)."""
     tmp = tempfile.mkdtemp(prefix="raydistill-ckpt-")
     torch.save(state, os.path.join(tmp, "state.pt"))
-    return ray.train.Checkpoint.from_directory(tmp)
+    return tmp
 
 
-def load_train_state(ckpt: ray.train.Checkpoint | None) -> dict | None:
+def load_train_state(ckpt) -> dict | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
@@ -217,15 +218,60 @@ def check_same_masks(pruner: ChannelPruner, world: int) -> None:
     assert all(torch.equal(g, mine) for g in gathered), "ranks chose different channels to prune"
 
 
+# ---- where the loop runs: a Ray Train worker, or a single-process Ray Tune trial -------------------------
+class TrainSession:
+    """The loop as one of a TorchTrainer's data-parallel workers."""
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def get_checkpoint(self):
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model)  # DDP when world > 1
+
+
+class TuneSession:
+    """The loop inside a Ray Tune function trial: one process, reports feed the scheduler (ASHA)."""
+
+    rank, world = 0, 1
+
+    def __init__(self):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def get_checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+
 # ---- the worker loop ----------------------------------------------------------------------------------
 def train_fn_per_worker(job: dict) -> dict:
+    """Ray Train entry point: returns (on rank 0, to Result.return_value) the epoch history and plan."""
+    summary, _ = run_loop(job, TrainSession())
+    return summary
+
+
+def run_loop(job: dict, session) -> tuple[dict, torch.nn.Module]:
     cfg = job["cfg"]
     if cfg["scale"]["torch_threads"] > 0:
         torch.set_num_threads(cfg["scale"]["torch_threads"])
     torch.manual_seed(cfg["seed"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
 
     splits = ray.get(job["data"])
     shard = shard_indices(splits.train.y, world, rank, cfg["data"]["shard"], cfg["seed"])
@@ -234,7 +280,7 @@ def train_fn_per_worker(job: dict) -> dict:
     teacher = make_teacher(job, device, rank, splits.train.ids[shard])
 
     spec = dict(job["spec"])
-    resumed = load_train_state(ray.train.get_checkpoint())
+    resumed = load_train_state(session.get_checkpoint())
     if resumed is not None:
         spec["plan"] = resumed["plan"]
         model = build_from_spec(spec, resumed["model"])
@@ -258,7 +304,7 @@ def train_fn_per_worker(job: dict) -> dict:
             adapter = HintAdapter.for_models(model, teacher.model, hint_layer,
                                              cfg["distill"]["hint_teacher_layer"], example)
             net = HintStudent(model, hint_layer, adapter.to(device))
-        ddp = ray.train.torch.prepare_model(net)
+        ddp = session.prepare_model(net)
         opt = torch.optim.AdamW(ddp.parameters(), lr=phase["lr"], weight_decay=phase["weight_decay"])
         steps = phase["epochs"] * math.ceil(len(x) / phase["batch_size"])
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
@@ -286,19 +332,20 @@ def train_fn_per_worker(job: dict) -> dict:
                        "samples_per_s_global": stats["samples_per_s"] * world, **stats}
             if rank == 0:
                 metrics["val_acc"] = accuracy(unwrap(ddp), x_val.to(device), y_val.to(device))
-                print(f"[{job['stage']}] epoch {epoch + 1}/{sum(p['epochs'] for p in job['phases'])} "
-                      f"{phase['name']}: loss {stats['loss']:.4f} train_acc {stats['train_acc']:.3f} "
-                      f"val_acc {metrics['val_acc']:.3f} {metrics['samples_per_s_global']:.0f} samples/s"
-                      + (f" sparsity {ratio:.2f}" if pruner is not None else ""), flush=True)
+                if job.get("verbose", True):
+                    print(f"[{job['stage']}] epoch {epoch + 1}/{sum(p['epochs'] for p in job['phases'])} "
+                          f"{phase['name']}: loss {stats['loss']:.4f} train_acc {stats['train_acc']:.3f} "
+                          f"val_acc {metrics['val_acc']:.3f} {metrics['samples_per_s_global']:.0f} samples/s"
+                          + (f" sparsity {ratio:.2f}" if pruner is not None else ""), flush=True)
                 state = {"model": {k: v.detach().cpu() for k, v in unwrap(ddp).state_dict().items()},
                          "plan": plan, "epoch": epoch, "phase": phase_idx if not removed else phase_idx + 1,
                          "opt": None if removed else opt.state_dict(),
                          "sched": None if removed else sched.state_dict()}
-                ray.train.report(metrics, checkpoint=save_train_state(state))
+                session.report(metrics, save_train_state(state))
             else:
-                ray.train.report(metrics, checkpoint=None)
+                session.report(metrics, None)
             history.append(metrics)
         model = unwrap(ddp)  # Torch-Pruning removes channels in place: same object, fewer channels
         e0 = e1
 
-    return {"history": history, "plan": spec.get("plan") or []}
+    return {"history": history, "plan": spec.get("plan") or []}, model

@@ -1,5 +1,6 @@
 """Export (torch-only artifacts) and the deploy gate."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,26 +17,31 @@ from raydistill.models import build_model
 
 warnings.filterwarnings("ignore", module="torchao")
 
-# Runs in a fresh interpreter where raydistill, torchao and numpy cannot be imported.
+# Runs in a fresh interpreter where raydistill, torchao and numpy cannot be imported; checks
+# each artifact folder given on the command line, then runs its predict.py on x.npy.
 TORCH_ONLY = """
 import sys
 for name in ("raydistill", "torchao", "numpy"):
     sys.modules[name] = None  # any import of them now raises ImportError
 import runpy, torch
-folder, = sys.argv[1:]
-x = torch.load(folder + "/x.pt", weights_only=True)
-expected = torch.load(folder + "/expected.pt", weights_only=True)
-for name in ("student.pt2", "student.torchscript.pt"):
-    if name.endswith(".pt2"):
-        import torch.ao.quantization.fx._decomposed  # registers int8 PT2E ops, part of torch
-        model = torch.export.load(folder + "/" + name).module()
-    else:
-        model = torch.jit.load(folder + "/" + name)
-    with torch.no_grad():
-        for rows in (x, x[:1]):
-            assert torch.allclose(model(rows), expected[: len(rows)], atol=1e-4), name
-sys.argv = ["predict.py", folder + "/x.npy"]
-runpy.run_path(folder + "/predict.py", run_name="__main__")
+for folder in sys.argv[1:]:
+    x = torch.load(folder + "/x.pt", weights_only=True)
+    expected = torch.load(folder + "/expected.pt", weights_only=True)
+    for name in ("student.pt2", "student.torchscript.pt"):
+        if name.endswith(".pt2"):
+            import torch.ao.quantization.fx._decomposed  # registers int8 PT2E ops, part of torch
+            model = torch.export.load(folder + "/" + name).module()
+        else:
+            model = torch.jit.load(folder + "/" + name)
+        with torch.no_grad():
+            for rows in (x, x[:1]):
+                assert torch.allclose(model(rows), expected[: len(rows)], atol=1e-4), (folder, name)
+    print("==", folder)
+    sys.argv = ["predict.py", folder + "/x.npy"]
+    try:
+        runpy.run_path(folder + "/predict.py", run_name="__main__")
+    except SystemExit as done:  # predict.py ends with sys.exit(main())
+        assert done.code == 0, done.code
 """
 
 
@@ -44,37 +50,30 @@ def student():
     return build_model("cnn", num_classes=10, in_channels=1, image_size=8, widths=[4, 8], hidden=16).eval()
 
 
-def run_torch_only(folder, model, x):
-    with torch.no_grad():
-        torch.save(model(x), folder / "expected.pt")
-    torch.save(x, folder / "x.pt")
-    np.save(folder / "x.npy", x.numpy())
-    env = {**os.environ, "PYTHONPATH": ""}
-    return subprocess.run([sys.executable, "-c", TORCH_ONLY, str(folder)], capture_output=True, text=True,
-                          env=env, timeout=120)
-
-
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "pt2e_x86"])
-def test_artifact_loads_and_predicts_with_torch_only(tmp_path, int8):
+def test_artifacts_load_and_predict_with_torch_only(tmp_path):
     x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    model = student()
-    if int8:
-        model = quantize_int8(model, "pt2e_x86", calibration_data=x)
-    result = export_model(model, x[:2], tmp_path)
-    assert result["format"] == "torch.export" and result["errors"] == {}
-    assert result["artifact"] == str(tmp_path / "student.pt2")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact.json", "predict.py", "student.pt2",
-                                                           "student.torchscript.pt"]
-    import hashlib
+    models = {"fp32": student(), "int8": quantize_int8(student(), "pt2e_x86", calibration_data=x)}
+    predictions = []
+    for name, model in models.items():
+        folder = tmp_path / name
+        result = export_model(model, x[:2], folder)
+        assert result["format"] == "torch.export" and result["errors"] == {}, name
+        assert result["artifact"] == str(folder / "student.pt2")
+        assert sorted(p.name for p in folder.iterdir()) == ["artifact.json", "predict.py", "student.pt2",
+                                                             "student.torchscript.pt"]
+        assert hashlib.sha256((folder / "student.pt2").read_bytes()).hexdigest() == result["sha256"]
+        meta = json.loads((folder / "artifact.json").read_text())
+        assert meta["input_shape"] == [1, 8, 8] and meta["files"]["student.pt2"] == result["sha256"]
+        with torch.no_grad():
+            torch.save(model(x), folder / "expected.pt")
+            predictions += ["==", str(folder), *[str(int(c)) for c in model(x).argmax(1)]]
+        torch.save(x, folder / "x.pt")
+        np.save(folder / "x.npy", x.numpy())
 
-    assert hashlib.sha256((tmp_path / "student.pt2").read_bytes()).hexdigest() == result["sha256"]
-    meta = json.loads((tmp_path / "artifact.json").read_text())
-    assert meta["input_shape"] == [1, 8, 8] and meta["files"]["student.pt2"] == result["sha256"]
-
-    out = run_torch_only(tmp_path, model, x)
+    out = subprocess.run([sys.executable, "-c", TORCH_ONLY, *(str(tmp_path / n) for n in models)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    with torch.no_grad():
-        assert out.stdout.split() == [str(int(c)) for c in model(x).argmax(1)]
+    assert out.stdout.split() == predictions
 
 
 def test_model_needing_torchao_is_refused(tmp_path):

@@ -1,18 +1,16 @@
 """Post-training int8 quantization of a trained model with torchao (plain torch, no Ray).
 
 ``quantize_int8(model, scheme)`` returns a quantized deep copy; the input model is never
-modified. Schemes (what each stores as int8 on this torch 2.14 / torchao 0.18):
+modified. Schemes, and what each stores as int8 (torch 2.14, torchao 0.18):
 
-=================  ============================================  ===================  ==========
-scheme             torchao API                                   int8 weights in      runs
-=================  ============================================  ===================  ==========
-weight_only        ``quantize_`` + ``Int8WeightOnlyConfig``      Linear only          eager
-weight_only_conv   ``quantize_`` + ``IntxWeightOnlyConfig(int8)``  Linear and Conv2d    eager
-dynamic            ``quantize_`` +                               Linear only          eager
-                   ``Int8DynamicActivationInt8WeightConfig``
-pt2e_x86           ``prepare_pt2e``/``convert_pt2e`` with        Linear and Conv2d    exported
-                   ``X86InductorQuantizer`` (static, calibrated)  (BN folded)         graph
-=================  ============================================  ===================  ==========
+* ``weight_only``: ``quantize_`` + ``Int8WeightOnlyConfig``; Linear weights; runs eagerly.
+* ``weight_only_conv``: ``quantize_`` + ``IntxWeightOnlyConfig(weight_dtype=torch.int8)``;
+  Linear and Conv2d weights; runs eagerly (weights dequantized per call).
+* ``dynamic``: ``quantize_`` + ``Int8DynamicActivationInt8WeightConfig``; Linear weights,
+  activations quantized per token at run time (int8 matmul); runs eagerly.
+* ``pt2e_x86``: ``prepare_pt2e``/``convert_pt2e`` with ``X86InductorQuantizer``; static
+  int8 activations and weights for Conv2d and Linear (BatchNorm folded), calibrated; an
+  exported graph (``torch.fx.GraphModule``).
 
 ``quantize_`` filters to ``nn.Linear`` by default, and ``Int8Tensor`` (behind the first and
 third scheme) has no conv kernel, so for a CNN those schemes leave every Conv2d in fp32.

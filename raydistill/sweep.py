@@ -1,0 +1,296 @@
+"""``raydistill tune``: a Ray Tune search over run keys with one shared teacher and a Pareto front.
+
+    teacher (trained/loaded once) ─> logit cache (one teacher pass) ─┬─> trial 1: distill ─> prune ─> fine-tune ─> evaluate
+                                                                     ├─> trial 2 ...
+                                                                     └─> trial N
+    ─> results.parquet / results.csv, pareto.md / pareto.png, best_config.yaml, sweep_report.json
+
+Trials are plain Tune function trainables running the same loop as a Ray Train worker
+(``worker.run_loop`` with a ``TuneSession``): one process per trial is enough for the student, and
+it avoids a TorchTrainer start-up (~25 s on a 2-core machine) per trial. Every trial reads the same
+teacher outputs, from the cache by default (or the shared TeacherServer actor with
+``tune.teacher_mode: live``), so the teacher's cost does not grow with the number of trials.
+
+The first trial is always the label-only student (α = 0, β = 0) at the base config's other values,
+fed to the search as a point to evaluate, so the sweep is never worse than the plain student.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raydistill import config as config_mod
+from raydistill.checkpoints import atomic_write_bytes, atomic_write_text, load_model, model_spec
+from raydistill.config import Config, ConfigError
+from raydistill.pipeline import digest, init_ray, load_data, log, phase, run as run_pipeline
+
+OBJECTIVES = {"accuracy": "max", "macs": "min", "latency_ms_b1": "min"}
+
+
+# ---- pure helpers -----------------------------------------------------------------------------------------
+def pareto_front(points: list[dict], maximize: str, minimize: str) -> list[int]:
+    """Indices of the non-dominated points: no other point is ≥ on ``maximize`` and ≤ on ``minimize``
+    with at least one strict inequality. O(n²), fine for sweeps of hundreds of trials."""
+    front = []
+    for i, p in enumerate(points):
+        dominated = any(
+            q[maximize] >= p[maximize] and q[minimize] <= p[minimize]
+            and (q[maximize] > p[maximize] or q[minimize] < p[minimize])
+            for j, q in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def search_space(space: dict[str, dict]) -> dict[str, Any]:
+    """YAML space spec → Tune sampling objects ({"choice": [..]} → tune.choice([..]), ...)."""
+    from ray import tune
+
+    makers = {"choice": tune.choice, "grid": tune.grid_search,
+              "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+              "randint": lambda v: tune.randint(*v)}
+    return {key: makers[kind](value) for key, spec in space.items() for kind, value in spec.items()}
+
+
+def trial_phases(cfg: Config) -> list[dict]:
+    """The student stage of the pipeline as one loop: distill, then prune + remove, then fine-tune."""
+    d, p = cfg.distill, cfg.prune
+    w = dict(alpha=d.alpha, beta=d.beta)
+    phases = [phase("distill", d.epochs, d.lr, d.batch_size, d.weight_decay, **w)]
+    if p.ratio > 0:
+        prune = {"ratio": p.ratio, "importance": p.importance, "schedule": p.schedule}
+        phases.append(phase("prune", p.epochs, p.lr, d.batch_size, d.weight_decay, **w, prune=prune, remove_after=True))
+        if p.finetune_epochs:
+            phases.append(phase("finetune", p.finetune_epochs, p.lr, d.batch_size, d.weight_decay, **w))
+    return phases
+
+
+def trial_config(base: dict, params: dict, teacher_mode: str) -> Config:
+    overrides = {**params, "distill.teacher_mode": teacher_mode}
+    return config_mod.from_dict(config_mod.apply_overrides(base, overrides))
+
+
+def evaluate(model: torch.nn.Module, splits) -> dict:
+    from raydistill.core.metrics import model_summary
+
+    x, y = torch.from_numpy(np.array(splits.test.x)), torch.from_numpy(np.array(splits.test.y))
+    return model_summary(model.cpu().eval(), x[:1], x, y)
+
+
+# ---- the trial ---------------------------------------------------------------------------------------------
+def trial(params: dict, *, base: dict, data_ref, s_spec: dict, teacher_job: dict, teacher_mode: str) -> None:
+    """One Tune trial: the student stage with this trial's keys; the last report carries test metrics."""
+    import ray
+    from ray import tune
+
+    from raydistill.worker import TuneSession, run_loop
+
+    cfg = trial_config(base, params, teacher_mode)
+    job = {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": teacher_job, "init_state": None,
+           "phases": trial_phases(cfg), "stage": "trial", "verbose": False}
+    summary, model = run_loop(job, TuneSession())
+    final = evaluate(model, ray.get(data_ref))
+    last = summary["history"][-1] if summary["history"] else {}
+    tune.report({**final, "val_acc": last.get("val_acc", float("nan")), "done": True,
+                 "epochs_total": sum(p["epochs"] for p in job["phases"])})
+
+
+# ---- the sweep ---------------------------------------------------------------------------------------------
+def label_only_point(cfg: Config) -> dict:
+    """The plain student as a search point: α = 0 and every other searched key at its base value."""
+    point = {}
+    for key in cfg.tune.space:
+        point[key] = 0.0 if key in ("distill.alpha", "distill.beta") else _get(cfg, key)
+    return point
+
+
+def _get(cfg: Config, dotted: str):
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: str | None = None,
+              quiet: bool = False) -> dict:
+    import ray
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    out = Path(out).resolve()
+    t = cfg.tune
+    if "distill.alpha" in t.space:
+        spec = t.space["distill.alpha"]
+        kind, values = next(iter(spec.items()))
+        reachable = 0.0 in values if kind in ("choice", "grid") else values[0] <= 0.0
+        if not reachable:
+            raise ConfigError("tune.space['distill.alpha'] must include 0 (labels only) so the sweep can never be "
+                              "worse than the plain student; add 0.0 to it")
+    if t.search == "optuna" and any("grid" in s for s in t.space.values()):
+        raise ConfigError("tune.search=optuna cannot sample a grid; use choice instead of grid in tune.space")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    # Teacher once (trained or loaded) and its logit cache once, through the pipeline's cached stages.
+    prep = run_pipeline(cfg, out, address=address, quiet=quiet, stop_after="cache")
+    timings["teacher_and_cache_s"] = time.perf_counter() - t0
+    cache_info = prep["cache"]
+    splits = load_data(cfg)
+    C, H, _ = splits.shape
+    s_spec = model_spec(cfg.student.model, cfg.student.kwargs, splits.num_classes, C, H)
+    data_ref = ray.put(splits)
+    server = None
+    if t.teacher_mode == "cache":
+        teacher_job = {"mode": "cache", "uri": cache_info["uri"],
+                       "info": {k: v for k, v in cache_info.items() if k != "uri"}}
+    else:
+        from raydistill.teacher import start_teacher_server
+
+        teacher, t_spec, _ = load_model(out / "teacher.pt")
+        name = f"teacher-{cache_info['teacher_sha256'][:12]}"
+        server = start_teacher_server(name, t_spec, teacher.state_dict(), num_cpus=cfg.scale.teacher_cpus,
+                                      num_gpus=cfg.scale.teacher_gpus, batch_window_ms=cfg.scale.teacher_batch_window_ms,
+                                      max_batch=cfg.scale.teacher_max_batch, num_threads=cfg.scale.torch_threads)
+        ray.get(server.reset_stats.remote())
+        teacher_job = {"mode": "live", "actor_name": name}
+
+    base = cfg.to_dict()
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, base=base, data_ref=data_ref, s_spec=s_spec, teacher_job=teacher_job,
+                             teacher_mode=t.teacher_mode),
+        {"cpu": t.cpus_per_trial})
+    name = f"sweep-{digest(base)[:12]}"
+    storage = out / "tune"
+    max_t = sum(p["epochs"] for p in trial_phases(cfg)) + 1  # +1: the final report with test metrics
+    if resume and tune.Tuner.can_restore(str(storage / name)):
+        log(f"resuming sweep {storage / name}", quiet)
+        tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        if resume:
+            log("no interrupted sweep to resume; starting a new one", quiet)
+        point = label_only_point(cfg)
+        if t.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            searcher = OptunaSearch(metric="val_acc", mode="max", points_to_evaluate=[point], seed=cfg.seed)
+            search_alg = tune.search.ConcurrencyLimiter(searcher, max_concurrent=t.max_concurrent)
+        else:
+            search_alg = BasicVariantGenerator(points_to_evaluate=[point], max_concurrent=t.max_concurrent,
+                                               random_state=cfg.seed)
+        scheduler = None
+        if t.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(metric="val_acc", mode="max", time_attr="training_iteration", max_t=max_t,
+                                      grace_period=min(t.grace_period, max_t), reduction_factor=2)
+        tuner = tune.Tuner(
+            trainable, param_space=search_space(t.space),
+            tune_config=tune.TuneConfig(num_samples=t.num_trials, search_alg=search_alg, scheduler=scheduler,
+                                        max_concurrent_trials=t.max_concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0 if quiet else 1,
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    timings["sweep_s"] = time.perf_counter() - t0
+
+    rows = []
+    for res in grid:
+        m = res.metrics or {}
+        row = {"trial_id": m.get("trial_id"), **{k: res.config.get(k) for k in t.space},
+               "completed": bool(m.get("done")), "val_acc": m.get("val_acc"),
+               "epochs_run": m.get("training_iteration"), "error": str(res.error).splitlines()[0] if res.error else None}
+        for k in ("accuracy", "params", "macs", "latency_ms_b1", "latency_ms_b64", "size_bytes", "sparsity"):
+            row[k] = m.get(k) if m.get("done") else None
+        rows.append(row)
+    teacher_passes = cache_info["teacher_forward_samples"] if t.teacher_mode == "cache" else None
+    if server is not None:
+        teacher_passes = ray.get(server.get_stats.remote())["samples"]
+        ray.kill(server)
+    report = write_results(cfg, out, rows, teacher_passes, cache_info, timings, len(splits.train))
+    log(f"sweep done: {len(rows)} trials, best accuracy {report['best']['accuracy'] if report['best'] else 'n/a'}; "
+        f"results in {out}", quiet)
+    return report
+
+
+def write_results(cfg: Config, out: Path, rows: list[dict], teacher_passes, cache_info, timings, n_train) -> dict:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(out / "results.parquet", sink.getvalue().to_pybytes())
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(table, sink)
+    atomic_write_bytes(out / "results.csv", sink.getvalue().to_pybytes())
+
+    done = [r for r in rows if r["completed"]]
+    fronts = {obj: [done[i] for i in pareto_front(done, "accuracy", obj)] for obj in ("macs", "latency_ms_b1")}
+    t = cfg.tune
+    eligible = [r for r in done if (t.max_macs is None or r["macs"] <= t.max_macs)
+                and (t.max_latency_ms is None or r["latency_ms_b1"] <= t.max_latency_ms)]
+    best = max(eligible, key=lambda r: (r["accuracy"], -r["macs"])) if eligible else None
+    if best is not None:
+        best_cfg = trial_config(cfg.to_dict(), {k: best[k] for k in t.space}, cfg.distill.teacher_mode)
+        atomic_write_text(out / "best_config.yaml",
+                          f"# best trial {best['trial_id']}: test accuracy {best['accuracy']:.4f}, "
+                          f"{best['macs']:,} MACs\n# reproduce: raydistill run best_config.yaml\n" + best_cfg.to_yaml())
+    label_only = [r for r in done if r.get("distill.alpha") == 0.0]
+    report = {"trials": len(rows), "completed": len(done), "best": best, "label_only_trials": label_only,
+              "pareto_macs": fronts["macs"], "pareto_latency": fronts["latency_ms_b1"],
+              "teacher_forward_samples": teacher_passes, "train_samples": n_train,
+              "teacher_passes_over_data": (teacher_passes / n_train) if teacher_passes is not None else None,
+              "constraints": {"max_macs": t.max_macs, "max_latency_ms": t.max_latency_ms},
+              "logit_cache": cache_info, "timings": timings}
+    atomic_write_text(out / "sweep_report.json", json.dumps(report, indent=2, default=str))
+    keys = list(t.space)
+    lines = ["# Sweep: Pareto fronts", "", f"{len(done)} of {len(rows)} trials completed (the rest stopped early "
+             f"by ASHA or failed). Teacher forward samples for the whole sweep: {teacher_passes} "
+             f"({report['teacher_passes_over_data']} passes over {n_train} training samples).", ""]
+    for obj, front in fronts.items():
+        lines += [f"## accuracy vs {obj}", "", "| " + " | ".join(keys) + f" | accuracy | {obj} |",
+                  "|" + " --- |" * (len(keys) + 2)]
+        for r in sorted(front, key=lambda r: r[obj]):
+            lines.append("| " + " | ".join(_fmt(r[k]) for k in keys) + f" | {r['accuracy']:.4f} | {_fmt(r[obj])} |")
+        lines.append("")
+    atomic_write_text(out / "pareto.md", "\n".join(lines))
+    plot_pareto(done, fronts, out / "pareto.png")
+    return report
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def plot_pareto(done: list[dict], fronts: dict, path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, obj in zip(axes, ("macs", "latency_ms_b1")):
+        ax.scatter([r[obj] for r in done], [r["accuracy"] for r in done], s=20, alpha=0.5, label="trials")
+        front = sorted(fronts[obj], key=lambda r: r[obj])
+        ax.plot([r[obj] for r in front], [r["accuracy"] for r in front], "r-o", ms=5, label="Pareto front")
+        ax.set_xlabel(obj)
+        ax.set_ylabel("test accuracy")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

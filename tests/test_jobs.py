@@ -1,0 +1,265 @@
+"""The jobs in jobs/, run for real: a Ray head started with `ray start --head`, the digits job submitted with
+the `ray job submit` line exactly as README.md documents it, and the CIFAR-10 job in smoke mode on CPU on a
+synthetic CIFAR-shaped Parquet set. The smoke overrides are read from jobs/README.md, so the docs are what runs.
+
+The head is isolated from any other Ray on the machine: free ports (GCS, dashboard, dashboard agent, client
+server), its own short --temp-dir (so `ray_current_cluster` is written there and a plain `ray.init()` elsewhere
+never joins it) and its own HOME (so the auth token it generates is not the user's). It is stopped by signalling
+its own `ray start --block` process group and killing whatever still names its temp dir -- never `ray stop`.
+"""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODELS = {"teacher", "student_baseline", "student_kd", "student_pruned"}
+
+
+# ---- what the docs say ------------------------------------------------------------------------------------
+def documented_submit(job: str) -> tuple[dict, list[str]]:
+    """(env assignments, argv) of README.md's `ray job submit` line for ``jobs/<job>``."""
+    readme = (REPO / "README.md").read_text()
+    cluster = readme[readme.index("## Cluster"):]
+    lines = [line.strip() for line in cluster.splitlines()
+             if "ray job submit" in line and f"raydistill run jobs/{job}" in line]
+    assert lines, f"README.md's Cluster section has no `ray job submit ... raydistill run jobs/{job}` line"
+    words = shlex.split(lines[0])
+    env = {}
+    while "=" in words[0] and not words[0].startswith("-"):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    return env, words
+
+
+def smoke_overrides(job: str) -> list[str]:
+    """The smoke-mode `--set ...` words documented for ``jobs/<job>`` in jobs/README.md."""
+    text = (REPO / "jobs" / "README.md").read_text()
+    section = text.split(f"## {job}", 1)[1].split("\n## ", 1)[0]
+    smoke = section.split("Smoke mode", 1)[1]
+    block = smoke.split("```", 2)[1]
+    return shlex.split(block.strip())
+
+
+def _replace_value(words: list[str], flag: str, value: str) -> list[str]:
+    """``words`` with the value after the first ``flag`` replaced."""
+    i = words.index(flag)
+    return words[: i + 1] + [value] + words[i + 2:]
+
+
+# ---- a Ray head of our own ----------------------------------------------------------------------------------
+@dataclass
+class Head:
+    gcs: str  # host:port for --address / ray.init
+    dashboard: str  # http://host:port for ray job submit
+    env: dict  # client environment: venv first on PATH, RAY_AUTH_MODE=token, the head's HOME (token)
+    log: Path
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _pids_naming(text: str) -> list[int]:
+    """Processes whose command line contains ``text`` (our unique temp dir), except this one."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"`ray start --head` exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"the Ray dashboard at {url} did not come up in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
+    """SIGTERM our `ray start --block` (it shuts its processes down), then SIGKILL leftovers: its process
+    group and anything else that still names our temp dir (workers started by our raylet)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for _ in range(20):
+        leftovers = _pids_naming(temp_dir)
+        if not leftovers:
+            break
+        for pid in leftovers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real Ray head (`ray start --head --block`) with the dashboard on, token auth, 4 logical CPUs."""
+    temp_dir = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
+    home = Path(temp_dir) / "home"
+    home.mkdir()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": str(home),
+           "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    token = (home / ".ray" / "auth_token").read_text().strip()
+    gcs_port, dashboard_port, agent_port, client_port = _free_ports(4)
+    gcs = f"127.0.0.1:{gcs_port}"
+    # RAY_ADDRESS for the head's processes: Ray's own helpers (Train's PlacementGroupCleaner) look the cluster up
+    # by address=None, which is ambiguous while other Ray clusters run on this machine. No SIGTERM drain wait.
+    head_env = {**env, "RAY_ADDRESS": gcs, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    log = Path(temp_dir) / "head.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+             "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
+             "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(client_port),
+             "--num-cpus", "4", "--temp-dir", temp_dir, "--disable-usage-stats"],
+            env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        _wait_for_dashboard(dashboard, token, proc, log)
+        yield Head(gcs=gcs, dashboard=dashboard, env=env, log=log)
+    finally:
+        _stop_head(proc, temp_dir)
+
+
+def _run(cmd: list[str], env: dict, timeout: int = 540) -> str:
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{shlex.join(cmd)} exited with {done.returncode}:\n{output[-4000:]}"
+    return output
+
+
+def _report(out: Path) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == MODELS
+    assert (out / "report.md").is_file()
+    return report
+
+
+# ---- the tests ---------------------------------------------------------------------------------------------
+@pytest.mark.ray
+def test_ray_job_submit_digits_as_documented(ray_head, tmp_path):
+    doc_env, words = documented_submit("digits.yaml")
+    assert doc_env == {"RAY_AUTH_MODE": "token"}, "the README's submit line must set RAY_AUTH_MODE=token"
+    assert words[:3] == ["ray", "job", "submit"] and "--working-dir" in words
+    assert words[words.index("--address") + 1] == "http://127.0.0.1:8265"
+    out = tmp_path / "digits"
+    cmd = _replace_value(_replace_value(words, "--address", ray_head.dashboard), "--out", str(out))
+    output = _run(cmd + smoke_overrides("digits.yaml"), {**ray_head.env, **doc_env})
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", output), output[-2000:]
+    report = _report(out)
+    assert report["data"]["train"] == 200  # the smoke overrides reached the job
+
+
+def _write_synthetic_cifar(path: Path, n: int = 200) -> None:
+    """A learnable CIFAR-shaped set: 3x32x32 float features, 10 classes, ids, as Parquet shards."""
+    from raydistill.data import Arrays, write_parquet
+
+    rng = np.random.default_rng(0)
+    y = np.arange(n, dtype=np.int64) % 10
+    x = rng.normal(0.0, 0.5, size=(n, 3, 32, 32)).astype(np.float32)
+    x[np.arange(n), y % 3, (y // 3) * 8:(y // 3) * 8 + 8, :] += 1.5  # a class-dependent stripe
+    write_parquet(Arrays(x, y, np.arange(n, dtype=np.int64) + 1000, 10, (3, 32, 32)), path, rows_per_file=64)
+
+
+@pytest.mark.ray
+def test_cifar10_job_smoke_on_cpu(ray_head, tmp_path):
+    data = tmp_path / "cifar-synthetic"
+    _write_synthetic_cifar(data)
+    overrides = [w.replace("DIR", str(data)) if w.startswith("data.path=") else w
+                 for w in smoke_overrides("cifar10_resnet18.yaml")]
+    assert f"data.path={data}" in overrides and "scale.use_gpu=false" in overrides
+    out = tmp_path / "cifar10"
+    _run(["raydistill", "run", "jobs/cifar10_resnet18.yaml", "--out", str(out), "--address", ray_head.gcs,
+          *overrides], ray_head.env)
+    report = _report(out)
+    assert report["data"]["name"] == "parquet" and report["data"]["test"] == 40
+    models = report["models"]
+    assert models["teacher"]["macs"] >= 10 * models["student_kd"]["macs"]
+    assert models["student_pruned"]["macs"] < models["student_kd"]["macs"]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["teacher"]["model"] == "resnet18" and config["student"]["model"] == "mobilenet_v2"
+
+
+def test_job_configs_load_and_cifar_student_is_much_smaller():
+    import torch
+
+    from raydistill import config
+    from raydistill.core.metrics import count_macs
+    from raydistill.models import build_model
+
+    for path in sorted((REPO / "jobs").glob("*.yaml")):
+        config.load(path)  # every job validates
+    cfg = config.load(REPO / "jobs" / "cifar10_resnet18.yaml")
+    assert cfg.data.source == "cifar10" and cfg.data.root.startswith("/shared/") and cfg.scale.use_gpu
+    example = torch.zeros(1, 3, 32, 32)
+    teacher = build_model(cfg.teacher.model, 10, 3, 32, **cfg.teacher.kwargs)
+    student = build_model(cfg.student.model, 10, 3, 32, **cfg.student.kwargs)
+    assert teacher(example).shape == student(example).shape == (1, 10)
+    assert count_macs(teacher, example) >= 10 * count_macs(student, example)
+
+
+def test_every_job_is_documented():
+    text = (REPO / "jobs" / "README.md").read_text()
+    for path in sorted((REPO / "jobs").glob("*.yaml")):
+        assert f"## {path.name}" in text, f"jobs/README.md has no section for {path.name}"
+        section = text.split(f"## {path.name}", 1)[1].split("\n## ", 1)[0]
+        assert f"ray job submit --address http://127.0.0.1:8265 --working-dir . -- raydistill run jobs/{path.name}" \
+            in section
+        words = smoke_overrides(path.name)
+        assert words and all(w == "--set" or "=" in w for w in words)
+    readme = (REPO / "README.md").read_text()
+    cluster = readme[readme.index("## Cluster"):]
+    for needle in ("ray up cluster.yaml", "RAY_AUTH_MODE=token", "ray rsync-down cluster.yaml",
+                   "deploy/kuberay-rayjob.yaml", "raydistill data prepare", "--out /shared/runs/"):
+        assert needle in cluster, f"README.md's Cluster section does not mention {needle!r}"
