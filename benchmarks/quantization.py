@@ -89,32 +89,43 @@ def compiled(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
     return fn
 
 
-def measure(model: nn.Module, x_test, y_test, input_shape, repeats: int, acc: bool = True) -> dict:
-    return {
-        "accuracy": accuracy(model, x_test, y_test) if acc else None,
-        "size_bytes": size_bytes(model),
-        "int8_fraction": round(int8_fraction(model), 4),
-        "latency_ms_b1": median_latency(model, input_shape, 1, repeats),
-        "latency_ms_b64": median_latency(model, input_shape, 64, repeats),
-    }
+def interleaved_latency(variants: dict[str, dict[int, nn.Module]], input_shape, repeats: int) -> dict:
+    """{variant: {batch: ms}}: medians over ``repeats`` rounds, each round timing every variant once.
+
+    Round-robin rather than one variant after another, so load from other processes on a
+    shared machine lands on all variants alike instead of on whichever ran at that moment.
+    """
+    samples = {name: {batch: [] for batch in by_batch} for name, by_batch in variants.items()}
+    for _ in range(repeats):
+        for name, by_batch in variants.items():
+            for batch, model in by_batch.items():
+                samples[name][batch].append(latency_ms(model, input_shape, batch, num_threads=1))
+    return {name: {batch: statistics.median(v) for batch, v in by_batch.items()}
+            for name, by_batch in samples.items()}
 
 
-def onednn_rows(quantized: nn.Module, input_shape, repeats: int) -> dict:
-    """PT2E model lowered to oneDNN int8 kernels, one static-shape graph per batch size."""
+def static_row(model: nn.Module, x_test, y_test) -> dict:
+    """Accuracy and size of one variant (latency is measured for all variants together)."""
+    return {"accuracy": accuracy(model, x_test, y_test), "size_bytes": size_bytes(model),
+            "int8_fraction": round(int8_fraction(model), 4)}
+
+
+def onednn_models(quantized: nn.Module, input_shape) -> tuple[dict[int, nn.Module], str | None]:
+    """The PT2E model lowered to oneDNN int8 kernels, one static-shape graph per batch size."""
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
 
-    row: dict = {"accuracy": None, "size_bytes": None, "int8_fraction": None}
+    models: dict[int, nn.Module] = {}
     for batch in (1, 64):
         try:
             with torch.no_grad():
                 lowered = lower_pt2e_quantized_to_x86(copy.deepcopy(quantized), (torch.randn(batch, *input_shape),))
+                lowered(torch.randn(batch, *input_shape))
             allow_exported_model_train_eval(lowered)
-            row[f"latency_ms_b{batch}"] = median_latency(lowered, input_shape, batch, repeats)
+            models[batch] = lowered
         except Exception as e:  # e.g. a view after a channels-last int8 conv: record, don't hide
-            row[f"latency_ms_b{batch}"] = None
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    return row
+            return {}, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return models, None
 
 
 def add_ratios(rows: dict, base: dict) -> None:
@@ -189,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                      "vnni": not should_reduce_range(torch.device("cpu"))},
         "software": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchao": __import__("torchao").__version__},
-        "threads": 1, "repeats": args.repeats, "epochs": args.epochs, "seed": args.seed,
+        "load_average_at_start": os.getloadavg(), "threads": 1, "repeats": args.repeats, "epochs": args.epochs,
+        "seed": args.seed,
         "data": {"name": splits.name, "train": len(splits.train), "test": len(splits.test)},
         "bar": BAR, "default_scheme": DEFAULT_SCHEME, "models": {},
     }
@@ -199,15 +211,24 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(name, num_classes=splits.num_classes, in_channels=input_shape[0],
                             image_size=input_shape[1], **options)
         model = train(model, x_train, y_train, args.epochs, args.seed)
-        rows = {"fp32": measure(model, x_test, y_test, input_shape, args.repeats)}
+        rows = {"fp32": static_row(model, x_test, y_test)}
         quantized = {}
         for scheme in SCHEMES:
             start = time.perf_counter()
             quantized[scheme] = quantize_int8(model, scheme, calibration_data=x_val)
-            rows[scheme] = measure(quantized[scheme], x_test, y_test, input_shape, args.repeats)
+            rows[scheme] = static_row(quantized[scheme], x_test, y_test)
             rows[scheme]["quantize_s"] = time.perf_counter() - start
-        rows["pt2e_x86+onednn"] = onednn_rows(quantized["pt2e_x86"], input_shape, args.repeats)
+        timed = {name: {1: m, 64: m} for name, m in [("fp32", model), *quantized.items()]}
+        lowered, error = onednn_models(quantized["pt2e_x86"], input_shape)
+        rows["pt2e_x86+onednn"] = {"accuracy": None, "size_bytes": None, "int8_fraction": None}
+        if lowered:
+            timed["pt2e_x86+onednn"] = lowered
+        else:
+            rows["pt2e_x86+onednn"].update({"latency_ms_b1": None, "latency_ms_b64": None, "error": error})
+        for name, by_batch in interleaved_latency(timed, input_shape, args.repeats).items():
+            rows[name].update({"latency_ms_b1": by_batch[1], "latency_ms_b64": by_batch[64]})
         if args.compile:
+            # Compiled variants are timed one after another (each after a dynamo reset), not round-robin.
             for variant, m in [("fp32", model), *quantized.items()]:
                 try:
                     fn = compiled(m, input_shape)
@@ -223,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "rows": rows}
         print_table(f"{label} ({name} {options}), 1 thread, median of {args.repeats}", rows)
 
+    results["load_average_at_end"] = os.getloadavg()  # other processes on the machine skew timings
     out = Path(args.out)
     atomic_write_text(out, json.dumps(results, indent=2))
     print(f"\nwrote {out}")

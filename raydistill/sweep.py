@@ -92,12 +92,14 @@ def trial(params: dict, *, base: dict, data_ref, s_spec: dict, teacher_job: dict
     from raydistill.worker import TuneSession, run_loop
 
     cfg = trial_config(base, params, teacher_mode)
+    data_ref = data_ref[0]  # wrapped in a list so that with_parameters passes the ref, not a copy
     job = {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": teacher_job, "init_state": None,
            "phases": trial_phases(cfg), "stage": "trial", "verbose": False}
     summary, model = run_loop(job, TuneSession())
     final = evaluate(model, ray.get(data_ref))
     last = summary["history"][-1] if summary["history"] else {}
-    tune.report({**final, "val_acc": last.get("val_acc", float("nan")), "done": True,
+    # "evaluated", not "done": Tune sets its own "done" on a trial's last result, early-stopped or not
+    tune.report({**final, "val_acc": last.get("val_acc", float("nan")), "evaluated": True,
                  "epochs_total": sum(p["epochs"] for p in job["phases"])})
 
 
@@ -161,7 +163,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
 
     base = cfg.to_dict()
     trainable = tune.with_resources(
-        tune.with_parameters(trial, base=base, data_ref=data_ref, s_spec=s_spec, teacher_job=teacher_job,
+        tune.with_parameters(trial, base=base, data_ref=[data_ref], s_spec=s_spec, teacher_job=teacher_job,
                              teacher_mode=t.teacher_mode),
         {"cpu": t.cpus_per_trial})
     name = f"sweep-{digest(base)[:12]}"
@@ -204,10 +206,10 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     for res in grid:
         m = res.metrics or {}
         row = {"trial_id": m.get("trial_id"), **{k: res.config.get(k) for k in t.space},
-               "completed": bool(m.get("done")), "val_acc": m.get("val_acc"),
+               "completed": bool(m.get("evaluated")), "val_acc": m.get("val_acc"),
                "epochs_run": m.get("training_iteration"), "error": str(res.error).splitlines()[0] if res.error else None}
         for k in ("accuracy", "params", "macs", "latency_ms_b1", "latency_ms_b64", "size_bytes", "sparsity"):
-            row[k] = m.get(k) if m.get("done") else None
+            row[k] = m.get(k) if m.get("evaluated") else None
         rows.append(row)
     teacher_passes = cache_info["teacher_forward_samples"] if t.teacher_mode == "cache" else None
     if server is not None:

@@ -172,9 +172,11 @@ def ray_head():
         _stop_head(proc, temp_dir)
 
 
-def _run(cmd: list[str], env: dict, timeout: int = 540) -> str:
+def _run(cmd: list[str], env: dict, log: Path, timeout: int = 540) -> str:
+    """Run ``cmd`` in the repository root; its whole output goes to ``log``; returns that output."""
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     output = done.stdout + done.stderr
+    log.write_text(output)
     assert done.returncode == 0, f"{shlex.join(cmd)} exited with {done.returncode}:\n{output[-4000:]}"
     return output
 
@@ -186,21 +188,6 @@ def _report(out: Path) -> dict:
     return report
 
 
-# ---- the tests ---------------------------------------------------------------------------------------------
-@pytest.mark.ray
-def test_ray_job_submit_digits_as_documented(ray_head, tmp_path):
-    doc_env, words = documented_submit("digits.yaml")
-    assert doc_env == {"RAY_AUTH_MODE": "token"}, "the README's submit line must set RAY_AUTH_MODE=token"
-    assert words[:3] == ["ray", "job", "submit"] and "--working-dir" in words
-    assert words[words.index("--address") + 1] == "http://127.0.0.1:8265"
-    out = tmp_path / "digits"
-    cmd = _replace_value(_replace_value(words, "--address", ray_head.dashboard), "--out", str(out))
-    output = _run(cmd + smoke_overrides("digits.yaml"), {**ray_head.env, **doc_env})
-    assert re.search(r"Job 'raysubmit_\w+' succeeded", output), output[-2000:]
-    report = _report(out)
-    assert report["data"]["train"] == 200  # the smoke overrides reached the job
-
-
 def _write_synthetic_cifar(path: Path, n: int = 200) -> None:
     """A learnable CIFAR-shaped set: 3x32x32 float features, 10 classes, ids, as Parquet shards."""
     from raydistill.data import Arrays, write_parquet
@@ -208,20 +195,73 @@ def _write_synthetic_cifar(path: Path, n: int = 200) -> None:
     rng = np.random.default_rng(0)
     y = np.arange(n, dtype=np.int64) % 10
     x = rng.normal(0.0, 0.5, size=(n, 3, 32, 32)).astype(np.float32)
-    x[np.arange(n), y % 3, (y // 3) * 8:(y // 3) * 8 + 8, :] += 1.5  # a class-dependent stripe
+    for i, label in enumerate(y):  # a class-dependent stripe: channel label % 3, rows by label // 3
+        x[i, label % 3, (label // 3) * 8:(label // 3) * 8 + 8, :] += 1.5
     write_parquet(Arrays(x, y, np.arange(n, dtype=np.int64) + 1000, 10, (3, 32, 32)), path, rows_per_file=64)
 
 
-@pytest.mark.ray
-def test_cifar10_job_smoke_on_cpu(ray_head, tmp_path):
-    data = tmp_path / "cifar-synthetic"
+@dataclass
+class BackgroundRun:
+    proc: subprocess.Popen
+    cmd: list[str]
+    out: Path
+    data: Path
+    log: Path
+
+    def wait(self, timeout: float = 540) -> str:
+        """Wait for the run; assert it succeeded; return its output."""
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        output = self.log.read_text()
+        assert self.proc.returncode == 0, f"{shlex.join(self.cmd)} exited with {self.proc.returncode}:\n{output[-4000:]}"
+        return output
+
+
+@pytest.fixture(scope="module")
+def cifar_smoke_run(ray_head, tmp_path_factory):
+    """The CIFAR-10 job in its documented smoke mode, started in the background on the shared head via the
+    real CLI, so its Ray Train start-up overlaps the digits submission; test_cifar10_job_smoke_on_cpu checks it."""
+    base = tmp_path_factory.mktemp("cifar")
+    data = base / "cifar-synthetic"
     _write_synthetic_cifar(data)
     overrides = [w.replace("DIR", str(data)) if w.startswith("data.path=") else w
                  for w in smoke_overrides("cifar10_resnet18.yaml")]
     assert f"data.path={data}" in overrides and "scale.use_gpu=false" in overrides
-    out = tmp_path / "cifar10"
-    _run(["raydistill", "run", "jobs/cifar10_resnet18.yaml", "--out", str(out), "--address", ray_head.gcs,
-          *overrides], ray_head.env)
+    out, log = base / "cifar10", base / "run.log"
+    cmd = ["raydistill", "run", "jobs/cifar10_resnet18.yaml", "--out", str(out), "--address", ray_head.gcs, *overrides]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ray_head.env, stdout=sink, stderr=subprocess.STDOUT)
+    run = BackgroundRun(proc, cmd, out, data, log)
+    yield run
+    if proc.poll() is None:  # the test never waited (deselected or failed early)
+        proc.kill()
+        proc.wait()
+
+
+# ---- the tests ---------------------------------------------------------------------------------------------
+@pytest.mark.ray
+def test_ray_job_submit_digits_as_documented(ray_head, cifar_smoke_run, tmp_path):
+    """Submits exactly README.md's line (address and --out swapped for this head and a temp folder), plus the
+    smoke overrides from jobs/README.md. (cifar_smoke_run only starts the other job alongside.)"""
+    doc_env, words = documented_submit("digits.yaml")
+    assert doc_env == {"RAY_AUTH_MODE": "token"}, "the README's submit line must set RAY_AUTH_MODE=token"
+    assert words[:3] == ["ray", "job", "submit"] and "--working-dir" in words
+    assert words[words.index("--address") + 1] == "http://127.0.0.1:8265"
+    out = tmp_path / "digits"
+    cmd = _replace_value(_replace_value(words, "--address", ray_head.dashboard), "--out", str(out))
+    output = _run(cmd + smoke_overrides("digits.yaml"), {**ray_head.env, **doc_env}, tmp_path / "submit.log")
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", output), output[-2000:]
+    report = _report(out)
+    assert report["data"]["train"] == 200  # the smoke overrides reached the job
+
+
+@pytest.mark.ray
+def test_cifar10_job_smoke_on_cpu(cifar_smoke_run):
+    cifar_smoke_run.wait()
+    out = cifar_smoke_run.out
     report = _report(out)
     assert report["data"]["name"] == "parquet" and report["data"]["test"] == 40
     models = report["models"]
@@ -229,6 +269,7 @@ def test_cifar10_job_smoke_on_cpu(ray_head, tmp_path):
     assert models["student_pruned"]["macs"] < models["student_kd"]["macs"]
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["teacher"]["model"] == "resnet18" and config["student"]["model"] == "mobilenet_v2"
+    assert config["data"]["path"] == str(cifar_smoke_run.data) and config["scale"]["use_gpu"] is False
 
 
 def test_job_configs_load_and_cifar_student_is_much_smaller():

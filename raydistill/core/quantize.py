@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -232,10 +232,12 @@ def quantized_state_bytes(model: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-def load_quantized(source: str | os.PathLike | bytes, model: nn.Module, scheme: str) -> nn.Module:
+def load_quantized(source: str | os.PathLike | bytes | Mapping[str, Tensor], model: nn.Module,
+                   scheme: str) -> nn.Module:
     """Rebuild a quantized model from ``quantized_state_bytes`` output, weights only.
 
-    ``model`` is an fp32 model of the same architecture (its values are irrelevant);
+    ``source`` is a file path, the bytes, or an already loaded state dict (e.g. the
+    ``state_dict`` entry of a checkpoint payload). ``model`` is an fp32 model of the same architecture (its values are irrelevant);
     it is quantized with ``scheme`` to get the structure, then the saved int8 state is
     assigned. Loading uses ``torch.load(weights_only=True)``: importing torchao makes its
     tensor subclasses loadable that way, no ``add_safe_globals`` needed (checked on
@@ -249,14 +251,17 @@ def load_quantized(source: str | os.PathLike | bytes, model: nn.Module, scheme: 
                          "with torch.export.load")
     import torchao  # noqa: F401  registers the tensor subclasses that weights_only must rebuild
 
-    what = "bytes" if isinstance(source, (bytes, bytearray)) else str(source)
-    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    try:
-        state = torch.load(stream, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"quantized state {what} cannot be loaded ({first[:160]}); "
-                         "re-quantize the fp32 checkpoint") from None
+    if isinstance(source, Mapping):
+        what, state = "dict", dict(source)
+    else:
+        what = "bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+        stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        try:
+            state = torch.load(stream, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"quantized state {what} cannot be loaded ({first[:160]}); "
+                             "re-quantize the fp32 checkpoint") from None
     skeleton = quantize_int8(model, scheme)
     try:
         # assign=True keeps the saved torchao tensors instead of copying into the skeleton's.

@@ -121,6 +121,10 @@ def test_state_round_trips_with_weights_only(scheme, tmp_path):
     loaded = load_quantized(path, skeleton, scheme)
     with torch.no_grad():
         assert torch.equal(loaded(x), quantized(x))
+    # The same from a checkpoint payload's already loaded state dict.
+    state = torch.load(path, weights_only=True)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(state, skeleton, scheme)(x), quantized(x))
 
 
 def test_load_quantized_refuses_garbage_and_pt2e():

@@ -1,0 +1,93 @@
+"""`raydistill tune`: a real small sweep on local Ray, its results, Pareto set, teacher passes, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raydistill import config
+from raydistill.sweep import pareto_front, run_sweep
+
+from conftest import SMOKE
+
+SWEEP = {**SMOKE, "data.limit": 240, "distill.epochs": 2, "tune.grace_period": 2, "tune.num_trials": 4,
+         "tune.max_concurrent": 2}
+
+
+def test_pareto_front_matches_brute_force():
+    import random
+
+    rng = random.Random(0)
+    pts = [{"accuracy": rng.choice([0.5, 0.6, 0.7, 0.8]), "macs": rng.choice([10, 20, 30, 40])} for _ in range(40)]
+    front = set(pareto_front(pts, "accuracy", "macs"))
+    for i, p in enumerate(pts):
+        beaten = any(q["accuracy"] >= p["accuracy"] and q["macs"] <= p["macs"] and q != p for q in pts)
+        assert (i in front) == (not beaten)
+
+
+@pytest.mark.ray
+def test_small_sweep_end_to_end(ray_local, tmp_path):
+    cfg = config.load(None, SWEEP)
+    report = run_sweep(cfg, tmp_path, quiet=True)
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "results.parquet").to_pylist()
+    assert len(rows) == 4 and (tmp_path / "results.csv").exists() and (tmp_path / "pareto.png").exists()
+    assert rows[0]["distill.alpha"] == 0.0  # the label-only student is always evaluated
+    done = [r for r in rows if r["completed"]]
+    assert done and all(r["accuracy"] is not None and r["macs"] > 0 for r in done)
+    for front, cost in ((report["pareto_macs"], "macs"), (report["pareto_latency"], "latency_ms_b1")):
+        assert front
+        for p in front:  # nothing on a front is dominated by any completed trial
+            assert not any(q["accuracy"] >= p["accuracy"] and q[cost] <= p[cost]
+                           and (q["accuracy"] > p["accuracy"] or q[cost] < p[cost]) for q in done)
+    # one teacher pass over the training data for the whole sweep, whatever the number of trials
+    assert report["teacher_passes_over_data"] == 1.0
+    best = config.load(tmp_path / "best_config.yaml")
+    assert best.prune.ratio == report["best"]["prune.ratio"]
+    assert best.distill.alpha == report["best"]["distill.alpha"]
+
+
+def _finished_trials(out: Path) -> dict[str, int]:
+    """trial dir -> number of result lines, for trials whose last report carried test metrics."""
+    found = {}
+    for f in out.glob("tune/*/*/result.json"):
+        lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if lines and lines[-1].get("evaluated"):
+            found[f.parent.name] = len(lines)
+    return found
+
+
+@pytest.mark.ray
+def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path):
+    args = [sys.executable, "-m", "raydistill.cli", "tune", "--out", str(tmp_path), "--quiet",
+            "--set", "tune.max_concurrent=1", "--set", "tune.scheduler=none"]
+    for k, v in SWEEP.items():
+        if k != "tune.max_concurrent":
+            args += ["--set", f"{k}={json.dumps(v)}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and not _finished_trials(tmp_path):
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(1)
+    before = _finished_trials(tmp_path)
+    assert before, "no trial finished in time"
+    os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(_finished_trials(tmp_path)) < 4, "the sweep finished before the interrupt"
+
+    out = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    after = _finished_trials(tmp_path)
+    assert len(after) == 4
+    for trial, n_lines in before.items():
+        assert after[trial] == n_lines  # finished trials were kept, not run again
