@@ -218,15 +218,15 @@ def main(argv: list[str] | None = None) -> int:
             quantized[scheme] = quantize_int8(model, scheme, calibration_data=x_val)
             rows[scheme] = static_row(quantized[scheme], x_test, y_test)
             rows[scheme]["quantize_s"] = time.perf_counter() - start
-        timed = {name: {1: m, 64: m} for name, m in [("fp32", model), *quantized.items()]}
+        timed = {variant: {1: m, 64: m} for variant, m in [("fp32", model), *quantized.items()]}
         lowered, error = onednn_models(quantized["pt2e_x86"], input_shape)
         rows["pt2e_x86+onednn"] = {"accuracy": None, "size_bytes": None, "int8_fraction": None}
         if lowered:
             timed["pt2e_x86+onednn"] = lowered
         else:
             rows["pt2e_x86+onednn"].update({"latency_ms_b1": None, "latency_ms_b64": None, "error": error})
-        for name, by_batch in interleaved_latency(timed, input_shape, args.repeats).items():
-            rows[name].update({"latency_ms_b1": by_batch[1], "latency_ms_b64": by_batch[64]})
+        for variant, by_batch in interleaved_latency(timed, input_shape, args.repeats).items():
+            rows[variant].update({"latency_ms_b1": by_batch[1], "latency_ms_b64": by_batch[64]})
         if args.compile:
             # Compiled variants are timed one after another (each after a dynamo reset), not round-robin.
             for variant, m in [("fp32", model), *quantized.items()]:

@@ -1,6 +1,6 @@
 """Student training throughput on Ray Train: data-parallel scaling and the cost of each teacher mode.
 
-    python benchmarks/throughput.py                       # all variants, 3 repeats
+    python benchmarks/throughput.py                       # all variants at 2 workers, student-only at 1 and 2
     python benchmarks/throughput.py --workers 1 2 --modes none --repeats 3    # scaling only
 
 Variants, all in one run on the same data and student (the default digits student, 91,776 MACs;
@@ -51,6 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--modes", nargs="+", default=["none", "inprocess", "live", "cache", "cache_k5"])
+    ap.add_argument("--scale-modes", nargs="+", default=["none"],
+                    help="modes measured at every worker count; the others only at the largest")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput.json"))
@@ -108,6 +110,8 @@ def main() -> None:
     for rep in range(args.repeats):
         for w in args.workers:
             for mode in args.modes:
+                if w != max(args.workers) and mode not in args.scale_modes:
+                    continue
                 cfg = config.load(None, {"scale.num_workers": w})
                 alpha = 0.0 if mode == "none" else cfg.distill.alpha
                 job = {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": teacher_job(mode),
@@ -123,6 +127,8 @@ def main() -> None:
     for w in args.workers:
         base = statistics.median(runs[f"none/w{w}"]) if f"none/w{w}" in runs else None
         for mode in args.modes:
+            if f"{mode}/w{w}" not in runs:
+                continue
             med = statistics.median(runs[f"{mode}/w{w}"])
             rows.append({"mode": mode, "workers": w, "samples_per_s": med, "runs": runs[f"{mode}/w{w}"],
                          "ratio_to_student_only": med / base if base else None})

@@ -7,6 +7,7 @@ traceback). Nothing is written before the config, data and models have been vali
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import traceback
 from pathlib import Path
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default: runs/<config name>)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     run.add_argument("--quiet", action="store_true", help="only errors and the final line")
-    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     cache = sub.add_parser("cache-logits", help="train/load the teacher and write its logits to a Parquet cache")
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or RUN/logit_cache")
     cache.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     cache.add_argument("--quiet", action="store_true")
-    cache.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    cache.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     cache.set_defaults(func=cmd_cache_logits)
 
     tn = sub.add_parser("tune", help="Ray Tune search over run keys with one shared teacher; Pareto front")
@@ -114,14 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--out", help="sweep folder (default: runs/<config name>-tune)")
     tn.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     tn.add_argument("--quiet", action="store_true")
-    tn.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    tn.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     tn.set_defaults(func=cmd_tune)
 
     cfg = sub.add_parser("config", help="print the resolved config, or the key reference with --doc")
     cfg.add_argument("config", nargs="?")
     cfg.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     cfg.add_argument("--doc", action="store_true", help="print every key with its default as a Markdown table")
-    cfg.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    cfg.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     cfg.set_defaults(func=cmd_config)
     from raydistill.prepare import add_data_parser; add_data_parser(sub)  # noqa: E702 - `data prepare ...`
     return parser
@@ -139,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"raydistill: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        where = f" while writing {e.filename}" if e.filename else ""
+        print(f"raydistill: error: no space left on the device{where} ({e.strerror}); free space and rerun the "
+              "same command: finished stages are kept and files are written atomically", file=sys.stderr)
         return 2
 
 

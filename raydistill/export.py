@@ -266,8 +266,7 @@ def export_model(model: nn.Module, example_input: Tensor, out_dir: str | os.Path
     example = _example_batch(example_input)
     with torch.no_grad():
         expected = model(example)
-    # The single-row output is checked too: the artifact must serve batch 1 as well as N.
-    with torch.no_grad():
+        # The single-row output is checked too: the artifact must serve batch 1 as well as N.
         expected_one = model(example[:1])
     if not torch.allclose(expected[:1], expected_one, atol=_CHECK_ATOL, rtol=1e-4):
         raise ValueError("the model's output for a sample depends on the rest of its batch (train-mode "

@@ -72,8 +72,48 @@ def init_ray(address: str | None, quiet: bool) -> None:
         # On a 2-core laptop, overcommit logical CPUs: Train workers take fractions and the teacher
         # actor and Train's controller must still fit (measured: otherwise runs wait forever).
         kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
-    # Local packages must reach the workers: ship this package's source when connecting remotely.
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target and target != "auto":
+        check_reachable(target)
     ray.init(address=address, **kwargs)
+
+
+class ClusterError(ValueError):
+    """The Ray cluster cannot do what the config asks (unreachable, missing resources)."""
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a Ray address."""
+    import socket
+    from urllib.parse import urlparse
+
+    raw = address if "://" in address else f"ray://{address}"
+    parsed = urlparse(raw)
+    host, port = parsed.hostname, parsed.port or (8265 if parsed.scheme in ("http", "https") else 6379)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start it with "
+                           "`ray start --head` or fix --address / RAY_ADDRESS") from None
+
+
+def check_resources(cfg: Config) -> None:
+    """Refuse, before waiting forever, a request the cluster can never satisfy."""
+    import ray
+
+    have = ray.cluster_resources()
+    s = cfg.scale
+    need_cpu = s.num_workers * s.cpus_per_worker
+    if s.use_gpu and have.get("GPU", 0) < s.num_workers:
+        raise ClusterError(f"scale.use_gpu=true with scale.num_workers={s.num_workers} needs {s.num_workers} GPU(s) "
+                           f"but the cluster has {int(have.get('GPU', 0))}; set scale.use_gpu=false or add GPU nodes")
+    if s.teacher_gpus > have.get("GPU", 0):
+        raise ClusterError(f"scale.teacher_gpus={s.teacher_gpus} but the cluster has {int(have.get('GPU', 0))} GPU(s); "
+                           "set scale.teacher_gpus=0 or add a GPU node")
+    if need_cpu > have.get("CPU", 0):
+        raise ClusterError(f"scale.num_workers={s.num_workers} x scale.cpus_per_worker={s.cpus_per_worker} needs "
+                           f"{need_cpu:g} CPUs but the cluster has {have.get('CPU', 0):g}; lower them or add nodes")
 
 
 # ---- stage cache --------------------------------------------------------------------------------------------
@@ -125,8 +165,36 @@ def fit(stage: str, key: str, job: dict, cfg: Config, out: Path):
     )
     result = trainer.fit()
     if result.error is not None:
-        raise result.error
+        raise user_error_from(result.error) or result.error
     return load_train_state(result.checkpoint), result
+
+
+def user_error_from(error: BaseException) -> BaseException | None:
+    """A worker's user-facing error (NaN loss, a ValueError on bad input) out of Ray's wrappers."""
+    from raydistill.worker import NonFiniteLossError
+
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NonFiniteLossError):
+            return TrainingError(str(e))
+        if isinstance(e, ValueError) and type(e).__module__.startswith("raydistill"):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        stack += list(getattr(e, "worker_failures", {}).values()) if isinstance(getattr(e, "worker_failures", None), dict) else []
+        stack += [getattr(e, "_base_exc", None)]
+    text = str(error)
+    if "NonFiniteLossError" in text:  # the exception itself did not survive Ray's serialization
+        line = next((l for l in text.splitlines() if "loss became" in l), "training produced NaN/inf")
+        return TrainingError(line.split("NonFiniteLossError: ")[-1].strip())
+    return None
+
+
+class TrainingError(ValueError):
+    """Training stopped on a problem the user can fix (NaN/inf loss); the message says which."""
 
 
 def phase(name: str, epochs: int, lr: float, batch_size: int, weight_decay: float, alpha: float = 0.0,
@@ -136,6 +204,34 @@ def phase(name: str, epochs: int, lr: float, batch_size: int, weight_decay: floa
 
 
 # ---- the pipeline -------------------------------------------------------------------------------------------
+def validate_models(cfg: Config, num_classes: int, in_channels: int, image_size: int) -> None:
+    """Build the student (and teacher, or load its checkpoint) once on the driver: bad factories,
+    kwargs or checkpoints fail here with one line, before any Ray worker starts."""
+    from raydistill.checkpoints import build_from_spec
+
+    x = torch.zeros(2, in_channels, image_size, image_size)
+    roles = [("student", cfg.student.model, cfg.student.kwargs)]
+    if cfg.teacher.checkpoint:
+        teacher, spec, _ = load_model(cfg.teacher.checkpoint)
+        if spec["num_classes"] != num_classes:
+            raise CheckpointError(f"teacher checkpoint {cfg.teacher.checkpoint} predicts {spec['num_classes']} "
+                                  f"classes but the data has {num_classes}; use a teacher trained on this data")
+    else:
+        roles.append(("teacher", cfg.teacher.model, cfg.teacher.kwargs))
+    for role, name, kwargs in roles:
+        model = build_from_spec(model_spec(name, kwargs, num_classes, in_channels, image_size)).eval()
+        try:
+            with torch.no_grad():
+                out = model(x)
+        except Exception as e:
+            raise ValueError(f"{role} model '{name}' fails on input {tuple(x.shape[1:])}: "
+                             f"{str(e).splitlines()[0][:120]}; check {role}.kwargs and data.image_size") from None
+        if not (isinstance(out, torch.Tensor) and out.shape == (2, num_classes)):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{role} model '{name}' returns {shape} for a batch of 2, expected (2, {num_classes}) "
+                             f"logits; make it output one logit per class")
+
+
 def check_run_folder(out: Path, cfg: Config) -> None:
     """Refuse to mix results: an existing run folder must hold the same resolved config."""
     existing = out / "config.yaml"
@@ -197,13 +293,12 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     import ray
 
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     check_run_folder(out, cfg)
-    atomic_write_text(out / "config.yaml", cfg.to_yaml())
     timings: dict[str, dict] = {}
     report_extra: dict[str, Any] = {}
     t_start = time.perf_counter()
 
+    # Validate everything the user gave (data, models, checkpoint, cluster) before writing anything.
     t0 = time.perf_counter()
     splits = load_data(cfg)
     data_fp = fingerprint(splits)
@@ -212,8 +307,12 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     timings["data"] = {"seconds": time.perf_counter() - t0}
     log(f"data {splits.name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
         f"{K} classes, shape {splits.shape}", quiet)
-
+    validate_models(cfg, K, C, H)
     init_ray(address, quiet)
+    check_resources(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+
     data_ref = ray.put(splits)  # workers read it zero-copy from the object store, once each
     cache = StageCache(out)
     common = digest(cfg.section_hash("data", "seed"), data_fp, cfg.scale.num_workers)

@@ -197,6 +197,6 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0, help="split seed whose train split gives the normalization (= data.seed)")
     prep.add_argument("--val-fraction", type=float, default=0.1, help="= data.val_fraction (default 0.1)")
     prep.add_argument("--test-fraction", type=float, default=0.2, help="= data.test_fraction (default 0.2)")
-    prep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    prep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     prep.set_defaults(func=cmd_prepare)
     return data

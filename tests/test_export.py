@@ -52,7 +52,8 @@ def student():
 
 def test_artifacts_load_and_predict_with_torch_only(tmp_path):
     x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    models = {"fp32": student(), "int8": quantize_int8(student(), "pt2e_x86", calibration_data=x)}
+    models = {"fp32": student(), "pt2e_x86": quantize_int8(student(), "pt2e_x86", calibration_data=x),
+              "weight_only": quantize_int8(student(), "weight_only")}
     predictions = []
     for name, model in models.items():
         folder = tmp_path / name
