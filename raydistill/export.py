@@ -104,7 +104,8 @@ def load_input(path, input_shape):
     if input_shape and list(x.shape) == list(input_shape):
         x = x.unsqueeze(0)  # a single sample
     if input_shape and list(x.shape[1:]) != list(input_shape):
-        raise SystemExit(f"input {path} has shape {tuple(x.shape)}; the model expects (N, {', '.join(map(str, input_shape))})")
+        expected = ", ".join(map(str, input_shape))
+        raise SystemExit(f"input {path} has shape {tuple(x.shape)}; the model expects (N, {expected})")
     return x
 
 

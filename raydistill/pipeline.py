@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from raydistill import config as config_mod
@@ -54,10 +55,17 @@ def digest(*parts: Any) -> str:
 
 def load_data(cfg: Config) -> Splits:
     d = cfg.data
-    return load_splits(d.source, root=d.root, path=d.path, label_column=d.label_column,
+    splits = load_splits(d.source, root=d.root, path=d.path, label_column=d.label_column,
                        feature_column=d.feature_column, image_column=d.image_column, id_column=d.id_column,
                        shape=d.shape, image_size=d.image_size, val_fraction=d.val_fraction,
                        test_fraction=d.test_fraction, seed=d.seed, limit=d.limit)
+    for name in ("train", "val", "test"):
+        part = getattr(splits, name)
+        bad = ~np.isfinite(part.x.reshape(len(part.x), -1)).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} {name} samples contain NaN or inf (ids {part.ids[bad][:3].tolist()}...); "
+                             "clean or drop them in the source data")
+    return splits
 
 
 def init_ray(address: str | None, quiet: bool) -> None:
@@ -163,7 +171,10 @@ def fit(stage: str, key: str, job: dict, cfg: Config, out: Path):
             logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch line is the progress
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Train V2 raises TrainingFailedError from fit()
+        raise (user_error_from(e) or e) from None
     if result.error is not None:
         raise user_error_from(result.error) or result.error
     return load_train_state(result.checkpoint), result
