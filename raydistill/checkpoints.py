@@ -74,9 +74,15 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, spec: dict[str, 
 
 
 def load_payload(path: str | os.PathLike) -> dict[str, Any]:
+    from raydistill.manifest import IntegrityError, verify_file
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path or remove the key to retrain")
+    try:
+        verify_file(path)  # a run folder's manifest must vouch for the file before it is read at all
+    except IntegrityError as e:
+        raise CheckpointError(str(e)) from None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, wrong format, pickled code refused by weights_only

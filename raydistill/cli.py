@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--doc", action="store_true", help="print every key with its default as a Markdown table")
     cfg.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     cfg.set_defaults(func=cmd_config)
+    from raydistill.manifest import add_verify_parser
+
+    add_verify_parser(sub)  # `verify DIR`: check a run folder's manifest
     from raydistill.prepare import add_data_parser; add_data_parser(sub)  # noqa: E702 - `data prepare ...`
     return parser
 

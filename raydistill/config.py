@@ -100,6 +100,18 @@ class CacheConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    scheme: str = "weight_only"  # int8 scheme for student_int8: weight_only | weight_only_conv | dynamic | pt2e_x86 | none
+    calibration_samples: int = 256  # validation samples used to calibrate pt2e_x86
+
+
+@dataclass
+class DeployConfig:
+    min_accuracy: float | None = None  # export the final student only if its test accuracy reaches this
+    min_ratio_to_teacher: float | None = None  # ... and only if student/teacher accuracy reaches this
+
+
+@dataclass
 class ScaleConfig:
     num_workers: int = 2  # Ray Train data-parallel workers
     use_gpu: bool = False  # one GPU per worker
@@ -140,6 +152,8 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     seed: int = 0  # seed for model init and data order
@@ -275,6 +289,11 @@ def validate(cfg: Config) -> Config:
     for ok, msg, value in checks:
         if not ok:
             raise ConfigError(f"{msg}, got {value!r}; fix it in the config or with --set")
+    _choice("quantize.scheme", cfg.quantize.scheme, ("weight_only", "weight_only_conv", "dynamic", "pt2e_x86", "none"))
+    for key, v in (("deploy.min_accuracy", cfg.deploy.min_accuracy),
+                   ("deploy.min_ratio_to_teacher", cfg.deploy.min_ratio_to_teacher)):
+        if v is not None and not 0.0 <= v <= 1.5:
+            raise ConfigError(f"{key} must be a fraction like 0.95 or null, got {v!r}; fix it in the config or with --set")
     t = cfg.tune
     _choice("tune.search", t.search, ("random", "grid", "optuna"))
     _choice("tune.scheduler", t.scheduler, ("asha", "none"))

@@ -30,6 +30,7 @@ from raydistill.checkpoints import (CheckpointError, atomic_write_text, load_mod
 from raydistill.config import Config
 from raydistill.core.metrics import model_summary
 from raydistill.data import Splits, fingerprint, load_splits
+from raydistill.manifest import write_manifest
 
 
 class RunFolderError(ValueError):
@@ -139,6 +140,8 @@ class StageCache:
 
     def record(self, stage: str, key: str, artifact: Path | None, seconds: float, extra: dict | None = None) -> None:
         with self.lock:  # stages may finish concurrently (teacher and baseline run side by side)
+            if artifact is not None:  # the manifest vouches for the checkpoint before the stage counts as done
+                write_manifest(self.path.parent, artifacts=[artifact.name])
             self._record(stage, key, artifact, seconds, extra)
 
     def _record(self, stage: str, key: str, artifact: Path | None, seconds: float, extra: dict | None) -> None:
@@ -481,6 +484,19 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
             m, _, _ = load_model(path)
         models[name] = model_summary(m.eval(), example, x_test, y_test)
     timings["evaluate"] = {"seconds": time.perf_counter() - t0}
+    final_name = "student_pruned" if "student_pruned" in models else "student_kd"
+    final, _, _ = load_model(prune_path if final_name == "student_pruned" else kd_path)
+    if cfg.quantize.scheme != "none":
+        t0 = time.perf_counter()
+        models["student_int8"] = quantize_student(cfg, final, final_name, splits, out, example, x_test, y_test)
+        timings["quantize"] = {"seconds": time.perf_counter() - t0}
+    from raydistill.export import deploy_gate, export_if_gate_passes
+
+    gate = deploy_gate(models[final_name]["accuracy"], models["teacher"]["accuracy"], cfg.deploy.min_accuracy,
+                       cfg.deploy.min_ratio_to_teacher)
+    exported = export_if_gate_passes(final.eval(), example, out / "deploy", gate)
+    report_extra["deploy"] = {"model": final_name, "gate": gate, "export": exported}
+    log(f"deploy gate: {gate['message']}", quiet)
     timings["total"] = {"seconds": time.perf_counter() - t_start}
 
     kd, base = models["student_kd"], models["student_baseline"]
@@ -498,8 +514,43 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     from raydistill.report import write_report
 
     write_report(out, report)
+    write_manifest(out, config=cfg.to_dict())  # sha256 of every artifact: `raydistill verify RUN`
     log(f"done in {timings['total']['seconds']:.0f} s; report in {out / 'report.md'}", quiet)
     return report
+
+
+def quantize_student(cfg: Config, final: torch.nn.Module, final_name: str, splits: Splits, out: Path,
+                     example: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor) -> dict:
+    """Post-training int8 of the final student (torchao); the report row measured on the int8 model."""
+    import io
+
+    from raydistill.checkpoints import atomic_write_bytes
+    from raydistill.core.metrics import accuracy, latency_ms
+    from raydistill.core.quantize import quantize_int8
+
+    scheme = cfg.quantize.scheme
+    calib = torch.from_numpy(np.array(splits.val.x[: cfg.quantize.calibration_samples]))
+    q = quantize_int8(final.eval(), scheme, calibration_data=calib)
+    fp32 = model_summary(final.eval(), example, x_test[:2], y_test[:2])
+    shape = tuple(example.shape[1:])
+    if scheme == "pt2e_x86":  # an exported graph: saved as a torch.export program
+        from raydistill.export import export_model
+
+        info = export_model(q, example, out / "int8")
+        size = sum((out / "int8" / f).stat().st_size for f in ("student.pt2",) if (out / "int8" / f).exists())
+    else:
+        buf = io.BytesIO()
+        torch.save({"spec": load_payload(out / f"{final_name}.pt")["spec"], "scheme": scheme,
+                    "state_dict": q.state_dict()}, buf)
+        atomic_write_bytes(out / "student_int8.pt", buf.getvalue())
+        size = len(buf.getvalue())
+        info = None
+    from raydistill.core.metrics import weight_sparsity
+
+    return {"accuracy": accuracy(q, x_test, y_test), "params": fp32["params"], "macs": fp32["macs"],
+            "latency_ms_b1": latency_ms(q, shape, batch_size=1), "latency_ms_b64": latency_ms(q, shape, batch_size=64),
+            "size_bytes": size, "sparsity": weight_sparsity(q) if scheme != "pt2e_x86" else fp32["sparsity"],
+            "scheme": scheme, "from": final_name, "export": info}
 
 
 def _model(spec: dict, state: dict) -> torch.nn.Module:

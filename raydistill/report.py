@@ -30,6 +30,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"- {k.replace('_', ' ')}: " + (f"{v:+.4f}" if "change" in k or "gain" in k else f"{v:.3f}×")
                   for k, v in g.items()]
         lines.append("")
+    if report.get("deploy"):
+        dep = report["deploy"]
+        where = f"exported to {dep['export']['artifact']}" if dep.get("export") else "nothing exported"
+        lines += ["## Deploy gate", "", f"{dep['model']}: {dep['gate']['message']} ({where}).", ""]
     lines += ["## Stage wall times (s)", "", "| stage | seconds | skipped |", "| --- | ---: | --- |"]
     for stage, info in t.items():
         lines.append(f"| {stage} | {info['seconds']:.1f} | {'yes' if info.get('skipped') else 'no'} |")

@@ -26,7 +26,7 @@ def first_run(ray_local, tmp_path_factory):
 def test_report_has_every_model_and_stage(first_run):
     cfg, out, report = first_run
     on_disk = json.loads((out / "report.json").read_text())
-    assert set(on_disk["models"]) == {"teacher", "student_baseline", "student_kd", "student_pruned"}
+    assert set(on_disk["models"]) == {"teacher", "student_baseline", "student_kd", "student_pruned", "student_int8"}
     for name, m in on_disk["models"].items():
         assert FIELDS <= set(m), name
         assert 0.0 <= m["accuracy"] <= 1.0 and m["params"] > 0 and m["macs"] > 0 and m["size_bytes"] > 0
@@ -44,6 +44,26 @@ def test_pruned_student_is_physically_smaller(first_run):
     assert pruned["macs"] < 0.5 * kd["macs"] and pruned["params"] < 0.5 * kd["params"]
     model, spec, _ = load_model(out / "student_pruned.pt")  # weights-only load replays the plan
     assert spec["plan"] and sum(p.numel() for p in model.parameters()) == pruned["params"]
+
+
+def test_artifacts_are_signed_exported_and_tamper_proof(first_run, tmp_path):
+    import shutil
+
+    from raydistill.checkpoints import CheckpointError
+    from raydistill.manifest import verify_run
+
+    _, out, report = first_run
+    assert verify_run(out) == []
+    assert report["deploy"]["gate"]["passed"] and (out / "deploy" / "student.pt2").exists()  # no bounds set
+    assert report["models"]["student_int8"]["size_bytes"] < report["models"]["student_pruned"]["size_bytes"]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("ray_train"))
+    data = bytearray((copy / "student_kd.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "student_kd.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="student_kd.pt"):
+        load_model(copy / "student_kd.pt")
+    assert any("student_kd.pt" in p for p in verify_run(copy))
 
 
 def test_one_teacher_actor_served_both_workers(first_run, ray_local):

@@ -170,6 +170,10 @@ def weight_sparsity(model: nn.Module) -> float:
             weight = module.weight
             if weight is None or isinstance(weight, nn.parameter.UninitializedParameter):
                 continue
+            if type(weight) not in (torch.Tensor, nn.Parameter):  # a quantized tensor subclass (torchao)
+                weight = weight.dequantize() if hasattr(weight, "dequantize") else None
+                if weight is None:
+                    continue
             zeros += int((weight == 0).sum().item())
             total += weight.numel()
     return zeros / total if total else 0.0
