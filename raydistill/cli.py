@@ -136,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        # Disconnecting ends this driver's Ray Train runs and actors (a stage running in a second
+        # thread included), so the process stops in seconds; checkpoints and finished stages stay.
+        if "ray" in sys.modules:
+            import ray
+
+            ray.shutdown()
         print("raydistill: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except USER_ERRORS as e:

@@ -164,7 +164,7 @@ def fit(stage: str, key: str, job: dict, cfg: Config, out: Path):
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={**job, "stage": stage},
+        train_loop_config={**job, "stage": stage, "journal": str(out / "journal.jsonl")},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{stage}-{key[:12]}",  # deterministic: a rerun resumes from the last epoch checkpoint
@@ -175,12 +175,32 @@ def fit(stage: str, key: str, job: dict, cfg: Config, out: Path):
         ),
     )
     try:
-        result = trainer.fit()
+        result = off_main_thread(trainer.fit)
     except Exception as e:  # Train V2 raises TrainingFailedError from fit()
         raise (user_error_from(e) or e) from None
     if result.error is not None:
         raise user_error_from(result.error) or result.error
     return load_train_state(result.checkpoint), result
+
+
+def off_main_thread(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a helper thread while the main thread waits.
+
+    Why: called on the main thread, TorchTrainer.fit installs its own SIGINT handler, which aborts
+    only that trainer and is never removed, so Ctrl-C during a later stage (or while the baseline
+    runs beside the teacher) would be swallowed. From a helper thread it installs none, and Ctrl-C
+    raises KeyboardInterrupt in the main thread; the CLI then disconnects from Ray, which ends this
+    driver's Train runs, and exits 130.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydistill-fit")
+    try:
+        return pool.submit(fn).result()
+    finally:
+        pool.shutdown(wait=False)
 
 
 def user_error_from(error: BaseException) -> BaseException | None:
@@ -441,6 +461,8 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
                                       batch_window_ms=cfg.scale.teacher_batch_window_ms,
                                       max_batch=cfg.scale.teacher_max_batch, num_threads=cfg.scale.torch_threads)
         timings["teacher_server_start"] = {"seconds": time.perf_counter() - t0}
+        atomic_write_text(out / "teacher_server.json", json.dumps(
+            {"name": server_name, "pid": ray.get(server.pid.remote()), "node": ray.get_runtime_context().get_node_id()}))
         log(f"teacher actor '{server_name}' is serving logits", quiet)
         teacher_job = {"mode": "live", "actor_name": server_name}
     elif d.teacher_mode == "inprocess":

@@ -259,6 +259,22 @@ class TuneSession:
         return model.to(self.device)
 
 
+def journal(job: dict, entry: dict) -> None:
+    """Append one line per finished epoch to the run's journal (what ran, where, in which process).
+
+    Best effort: on a multi-node cluster the run folder may not be mounted where rank 0 runs."""
+    path = job.get("journal")
+    if not path:
+        return
+    import json
+
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps({**entry, "time": time.time()}) + "\n")
+    except OSError:
+        pass
+
+
 # ---- the worker loop ----------------------------------------------------------------------------------
 def train_fn_per_worker(job: dict) -> dict:
     """Ray Train entry point: returns (on rank 0, to Result.return_value) the epoch history and plan."""
@@ -342,6 +358,7 @@ def run_loop(job: dict, session) -> tuple[dict, torch.nn.Module]:
                          "opt": None if removed else opt.state_dict(),
                          "sched": None if removed else sched.state_dict()}
                 session.report(metrics, save_train_state(state))
+                journal(job, {"stage": job["stage"], "epoch": epoch, "pid": os.getpid(), "rank": rank})
             else:
                 session.report(metrics, None)
             history.append(metrics)

@@ -29,7 +29,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MODELS = {"teacher", "student_baseline", "student_kd", "student_pruned"}
+MODELS = {"teacher", "student_baseline", "student_kd", "student_pruned"}  # at least these (int8 may follow)
 
 
 # ---- what the docs say ------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def _run(cmd: list[str], env: dict, log: Path, timeout: int = 540) -> str:
 
 def _report(out: Path) -> dict:
     report = json.loads((out / "report.json").read_text())
-    assert set(report["models"]) == MODELS
+    assert MODELS <= set(report["models"]), f"report.json lacks {MODELS - set(report['models'])}"
     assert (out / "report.md").is_file()
     return report
 
