@@ -121,6 +121,7 @@ class ScaleConfig:
     teacher_batch_window_ms: float = 2.0  # how long the actor waits to merge requests
     teacher_max_batch: int = 4096  # largest merged teacher batch
     torch_threads: int = 1  # intra-op threads per worker (CPU); 0 = torch default
+    resource_wait_s: float = 300.0  # on a cluster: how long to wait for autoscaled nodes before failing
 
 
 @dataclass

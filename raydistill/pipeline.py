@@ -81,10 +81,15 @@ def init_ray(address: str | None, quiet: bool) -> None:
         # On a 2-core laptop, overcommit logical CPUs: Train workers take fractions and the teacher
         # actor and Train's controller must still fit (measured: otherwise runs wait forever).
         kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
+        global _started_locally
+        _started_locally = True
     target = address or os.environ.get("RAY_ADDRESS")
     if target and target != "auto":
         check_reachable(target)
     ray.init(address=address, **kwargs)
+
+
+_started_locally = False  # True when this process started its own Ray (no autoscaler to wait for)
 
 
 class ClusterError(ValueError):
@@ -107,22 +112,40 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                            "`ray start --head` or fix --address / RAY_ADDRESS") from None
 
 
-def check_resources(cfg: Config) -> None:
-    """Refuse, before waiting forever, a request the cluster can never satisfy."""
+def check_resources(cfg: Config, wait_s: float | None = None) -> None:
+    """Refuse, instead of waiting forever, a request the cluster can never satisfy.
+
+    On a local Ray (started here) the answer is immediate. On a cluster the request is passed to
+    the autoscaler (``request_resources``) and we wait up to ``scale.resource_wait_s`` for the
+    nodes to join (GPU workers often start at zero), then fail naming what is missing.
+    """
     import ray
 
-    have = ray.cluster_resources()
     s = cfg.scale
-    need_cpu = s.num_workers * s.cpus_per_worker
+    need = {"CPU": s.num_workers * s.cpus_per_worker + (s.teacher_cpus if cfg.distill.teacher_mode == "live" else 0)}
+    need_gpu = (s.num_workers if s.use_gpu else 0) + s.teacher_gpus
+    if need_gpu:
+        need["GPU"] = need_gpu
+    wait_s = (0.0 if _started_locally else s.resource_wait_s) if wait_s is None else wait_s
+    if wait_s > 0 and any(ray.cluster_resources().get(k, 0) < v for k, v in need.items()):
+        from ray.autoscaler.sdk import request_resources
+
+        bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+        request_resources(bundles=[bundle] * s.num_workers)
+        deadline = time.time() + wait_s
+        while time.time() < deadline and any(ray.cluster_resources().get(k, 0) < v for k, v in need.items()):
+            time.sleep(2)
+    have = ray.cluster_resources()
     if s.use_gpu and have.get("GPU", 0) < s.num_workers:
         raise ClusterError(f"scale.use_gpu=true with scale.num_workers={s.num_workers} needs {s.num_workers} GPU(s) "
                            f"but the cluster has {int(have.get('GPU', 0))}; set scale.use_gpu=false or add GPU nodes")
     if s.teacher_gpus > have.get("GPU", 0):
         raise ClusterError(f"scale.teacher_gpus={s.teacher_gpus} but the cluster has {int(have.get('GPU', 0))} GPU(s); "
                            "set scale.teacher_gpus=0 or add a GPU node")
-    if need_cpu > have.get("CPU", 0):
+    if need["CPU"] > have.get("CPU", 0):
         raise ClusterError(f"scale.num_workers={s.num_workers} x scale.cpus_per_worker={s.cpus_per_worker} needs "
-                           f"{need_cpu:g} CPUs but the cluster has {have.get('CPU', 0):g}; lower them or add nodes")
+                           f"{s.num_workers * s.cpus_per_worker:g} CPUs (plus the teacher's) but the cluster has "
+                           f"{have.get('CPU', 0):g}; lower them or add nodes")
 
 
 # ---- stage cache --------------------------------------------------------------------------------------------

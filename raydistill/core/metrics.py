@@ -114,6 +114,7 @@ def latency_ms(
     repeats: int = 30,
     warmup: int = 5,
     num_threads: int | None = None,
+    budget_s: float = 2.0,
 ) -> float:
     """Median wall-clock ms of one CPU forward pass on a random (batch_size, *input_shape) input.
 
@@ -121,6 +122,8 @@ def latency_ms(
     each call. A model living on another device is timed on a CPU copy, so the caller's
     model is never moved. ``num_threads`` pins ``torch.set_num_threads`` for the
     measurement (restored afterwards) so numbers are comparable across machines.
+    ``budget_s`` caps the time spent: a big model stops after at least 3 timed runs once the
+    budget is used (a ResNet-18 at batch 64 on 2 CPU cores would otherwise take a minute).
     """
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError(
@@ -138,12 +141,18 @@ def latency_ms(
     timings = []
     try:
         with _eval_mode(model), torch.inference_mode():
+            t0 = time.perf_counter()
             for _ in range(warmup):
                 model(x)
+                if time.perf_counter() - t0 > budget_s / 2:
+                    break
+            t0 = time.perf_counter()
             for _ in range(repeats):
                 start = time.perf_counter()
                 model(x)
                 timings.append((time.perf_counter() - start) * 1000.0)
+                if len(timings) >= 3 and time.perf_counter() - t0 > budget_s:
+                    break
     finally:
         torch.set_num_threads(previous_threads)
     return float(statistics.median(timings))
