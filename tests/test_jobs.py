@@ -295,7 +295,8 @@ def test_every_job_is_documented():
     for path in sorted((REPO / "jobs").glob("*.yaml")):
         assert f"## {path.name}" in text, f"jobs/README.md has no section for {path.name}"
         section = text.split(f"## {path.name}", 1)[1].split("\n## ", 1)[0]
-        assert f"ray job submit --address http://127.0.0.1:8265 --working-dir . -- raydistill run jobs/{path.name}" \
+        command = "tune" if path.name == "sweep.yaml" else "run"
+        assert f"ray job submit --address http://127.0.0.1:8265 --working-dir . -- raydistill {command} jobs/{path.name}" \
             in section
         words = smoke_overrides(path.name)
         assert words and all(w == "--set" or "=" in w for w in words)

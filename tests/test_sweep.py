@@ -32,7 +32,8 @@ def test_pareto_front_matches_brute_force():
 
 @pytest.mark.ray
 def test_small_sweep_end_to_end(ray_local, tmp_path):
-    cfg = config.load(None, SWEEP)
+    job = Path(__file__).resolve().parents[1] / "jobs" / "sweep.yaml"
+    cfg = config.load(job, SWEEP)  # the documented sweep job, in smoke mode
     report = run_sweep(cfg, tmp_path, quiet=True)
     import pyarrow.parquet as pq
 
