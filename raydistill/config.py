@@ -79,6 +79,7 @@ class DistillConfig:
     hint_teacher_layer: str | None = None  # teacher module name for the hint loss
     hint_weight: float = 0.0  # weight of the hint (feature) loss
     grad_clip: float | None = None  # clip gradient norm to this value (None: off)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; CPU or GPU) | fp16 (autocast + GradScaler; GPU only)
 
 
 @dataclass
@@ -256,6 +257,10 @@ def validate(cfg: Config) -> Config:
     _choice("data.source", cfg.data.source, ("digits", "cifar10", "imagefolder", "parquet"))
     _choice("data.shard", cfg.data.shard, ("random", "classwise"))
     _choice("distill.teacher_mode", d.teacher_mode, ("live", "inprocess", "cache"))
+    _choice("distill.precision", d.precision, ("fp32", "bf16", "fp16"))
+    if d.precision == "fp16" and not cfg.scale.use_gpu:
+        raise ConfigError("distill.precision=fp16 needs scale.use_gpu=true (CPU fp16 autocast is slow and unscaled); "
+                          "use bf16 on CPU")
     _choice("prune.importance", p.importance, ("l1", "bn_scale", "taylor"))
     _choice("prune.schedule", p.schedule, ("oneshot", "linear", "cubic"))
     checks = [

@@ -133,12 +133,25 @@ class HintStudent(torch.nn.Module):
 
 
 # ---- the step and the epoch ---------------------------------------------------------------------------
-def train_step(model, opt, xb, yb, teacher_out, phase: dict, cfg: dict, step: int) -> tuple[float, int]:
-    """One optimizer step on the mixed objective; returns (loss, correct predictions)."""
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train_step(model, opt, xb, yb, teacher_out, phase: dict, cfg: dict, step: int,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[float, int]:
+    """One optimizer step on the mixed objective; returns (loss, correct predictions).
+
+    ``distill.precision`` bf16/fp16 runs the forward under autocast (fp16 with a GradScaler,
+    which ``scaler`` is); the losses are computed in fp32 from the upcast logits.
+    """
     d = cfg["distill"]
     alpha, beta = phase["alpha"], phase["beta"]
-    out = model(xb)
+    precision = d.get("precision", "fp32")
+    with torch.autocast(xb.device.type, dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
+                        enabled=precision != "fp32"):
+        out = model(xb)
     s_logits, s_feat = out if isinstance(out, tuple) else (out, None)  # (B, K), adapted student feature
+    s_logits = s_logits.float()
+    s_feat = s_feat.float() if s_feat is not None else None
     t = teacher_out
 
     loss = (1 - alpha) * F.cross_entropy(s_logits, yb)
@@ -158,15 +171,24 @@ def train_step(model, opt, xb, yb, teacher_out, phase: dict, cfg: dict, step: in
             f"loss became {loss.item()} at step {step} (phase {phase['name']}); probable cause: learning rate "
             f"{phase['lr']} too high or bad input values; lower the lr or check the data for NaN/inf")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+    else:
+        loss.backward()
     if d["grad_clip"]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), d["grad_clip"])
-    opt.step()
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     return loss.item(), int((s_logits.argmax(1) == yb).sum())
 
 
 def run_epoch(model, opt, sched, teacher, x, y, phase, cfg, epoch, pruner, device) -> dict:
     bs = phase["batch_size"]
+    scaler = torch.amp.GradScaler(device.type) if cfg["distill"].get("precision") == "fp16" else None
     g = torch.Generator().manual_seed(cfg["seed"] * 100_003 + epoch)
     perm = torch.randperm(len(x), generator=g)
     batches = [perm[i:i + bs] for i in range(0, len(perm), bs)]  # same count on every rank (equal shards)
@@ -177,7 +199,8 @@ def run_epoch(model, opt, sched, teacher, x, y, phase, cfg, epoch, pruner, devic
         t_out = teacher.result(pending) if uses_teacher else None
         if uses_teacher and i + 1 < len(batches):
             pending = teacher.request(batches[i + 1], x[batches[i + 1]])  # prefetch batch i+1 before stepping on batch i
-        loss, c = train_step(model, opt, x[idx].to(device), y[idx].to(device), t_out, phase, cfg, step=i)
+        loss, c = train_step(model, opt, x[idx].to(device), y[idx].to(device), t_out, phase, cfg, step=i,
+                             scaler=scaler)
         sched.step()
         if pruner is not None:
             pruner.reapply_masks_()  # masked channels stay exactly zero through every optimizer step
