@@ -92,7 +92,7 @@ def main() -> None:
         size = sum(f.stat().st_size for f in (work / f"cache_k{k}").glob("*.parquet"))
         cache_info["full" if k is None else f"top{k}"] = {"build_s": time.perf_counter() - t0, "bytes": size,
                                                           "rows": info.rows, "info": info.__dict__}
-    start_teacher_server("teacher-bench", t_spec, t_state, num_cpus=cfg0.scale.teacher_cpus, num_gpus=0,
+    server = start_teacher_server("teacher-bench", t_spec, t_state, num_cpus=cfg0.scale.teacher_cpus, num_gpus=0,
                          batch_window_ms=cfg0.scale.teacher_batch_window_ms, max_batch=4096, num_threads=1)
 
     def teacher_job(mode):
@@ -106,7 +106,7 @@ def main() -> None:
         return {"mode": "cache", "uri": str(work / ("cache_kNone" if mode == "cache" else "cache_k5")),
                 "info": cache_info[key]["info"]}
 
-    runs: dict[str, list[float]] = {}
+    runs: dict[str, list[float]] = {}  # (`server` stays referenced: an actor dies with its last handle)
     for rep in range(args.repeats):
         for w in args.workers:
             for mode in args.modes:
@@ -157,6 +157,7 @@ def main() -> None:
                                             "cache": {k: {kk: vv for kk, vv in v.items() if kk != "info"}
                                                       for k, v in cache_info.items()}}, indent=2))
     print(f"wrote {args.out}")
+    ray.kill(server)
 
 
 if __name__ == "__main__":
