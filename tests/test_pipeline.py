@@ -81,11 +81,13 @@ def test_one_teacher_actor_served_both_workers(first_run, ray_local):
 
 def test_rerun_skips_finished_stages(first_run):
     cfg, out, _ = first_run
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")}
+    stages = ("teacher", "student_baseline", "student_kd", "student_pruned")
+    before = {s: (out / f"{s}.pt").stat().st_mtime_ns for s in stages}
     report = run(cfg, out, quiet=True)
-    for stage in ("teacher", "student_baseline", "student_kd", "student_pruned"):
+    for stage in stages:
         assert report["timings"][stage].get("skipped"), stage
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")} == before
+    # the stage checkpoints were not rewritten (int8 and the report are cheap and are redone)
+    assert {s: (out / f"{s}.pt").stat().st_mtime_ns for s in stages} == before
 
 
 def test_run_folder_of_another_config_is_refused(first_run):
