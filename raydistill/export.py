@@ -25,10 +25,11 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
+
+from raydistill.checkpoints import atomic_write_bytes
 
 import torch
 from torch import Tensor, nn
@@ -144,21 +145,6 @@ if __name__ == "__main__":
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` so a crash never leaves a partial file under ``path``'s name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _example_batch(example_input: Tensor) -> Tensor:
@@ -297,9 +283,9 @@ def export_model(model: nn.Module, example_input: Tensor, out_dir: str | os.Path
         if stale not in artifacts and (out / stale).exists():
             (out / stale).unlink()
     for name, data in artifacts.items():
-        _atomic_write(out / name, data)
-    _atomic_write(out / PREDICT_FILE, PREDICT_SCRIPT.encode())
-    _atomic_write(out / META_FILE, json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(out / name, data)
+    atomic_write_bytes(out / PREDICT_FILE, PREDICT_SCRIPT.encode())
+    atomic_write_bytes(out / META_FILE, json.dumps(meta, indent=2).encode())
     return {"artifact": str(out / primary), "sha256": files[primary], "format": meta["format"],
             "files": files, "errors": errors}
 

@@ -23,9 +23,10 @@ import hashlib
 import hmac
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from raydistill.checkpoints import atomic_write_bytes
 
 __all__ = [
     "MANIFEST_NAME",
@@ -114,20 +115,6 @@ def _relative(run_dir: Path, artifact: str | os.PathLike) -> str:
     return rel
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def read_manifest(run_dir: str | os.PathLike) -> dict | None:
     """The parsed manifest of ``run_dir``, or None when it has none; IntegrityError if unreadable."""
     path = Path(run_dir) / MANIFEST_NAME
@@ -176,7 +163,7 @@ def write_manifest(run_dir: str | os.PathLike, artifacts: list[str] | None = Non
     key = _signing_key()
     if key:
         manifest["hmac_sha256"] = _signature(manifest, key)
-    _atomic_write(run_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
+    atomic_write_bytes(run_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
     return manifest
 
 

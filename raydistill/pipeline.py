@@ -30,7 +30,7 @@ from raydistill.checkpoints import (CheckpointError, atomic_write_text, load_mod
 from raydistill.config import Config
 from raydistill.core.metrics import model_summary
 from raydistill.data import Splits, fingerprint, load_splits
-from raydistill.manifest import write_manifest
+from raydistill.manifest import sha256_file, write_manifest
 
 
 class RunFolderError(ValueError):
@@ -40,14 +40,6 @@ class RunFolderError(ValueError):
 def log(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(f"[raydistill] {msg}", flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def digest(*parts: Any) -> str:
@@ -296,13 +288,13 @@ def check_run_folder(out: Path, cfg: Config) -> None:
         old = config_mod.from_dict(__import__("yaml").safe_load(existing.read_text()))
         # the tune section only steers sweeps; it does not change any result of the pipeline
         keys = [k for k in config_mod.all_keys() if not k.startswith("tune.")]
-        diff = [k for k in keys if _get(old, k) != _get(cfg, k)]
+        diff = [k for k in keys if config_value(old, k) != config_value(cfg, k)]
         if diff:
             raise RunFolderError(f"run folder {out} holds results of another config (differs in {', '.join(diff[:4])}); "
                                  "pass a new --out folder or delete the old one")
 
 
-def _get(cfg: Config, dotted: str):
+def config_value(cfg: Config, dotted: str):
     obj: Any = cfg
     for part in dotted.split("."):
         obj = getattr(obj, part)

@@ -23,7 +23,7 @@ def markdown_table(models: dict[str, dict[str, Any]]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     models, t = report["models"], report["timings"]
-    lines = [f"# raydistill run report", "", markdown_table(models), ""]
+    lines = ["# raydistill run report", "", markdown_table(models), ""]
     if "gains" in report:
         g = report["gains"]
         lines += ["## What distillation and pruning gained and cost", ""]

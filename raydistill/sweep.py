@@ -28,7 +28,7 @@ import torch
 from raydistill import config as config_mod
 from raydistill.checkpoints import atomic_write_bytes, atomic_write_text, load_model, model_spec
 from raydistill.config import Config, ConfigError
-from raydistill.pipeline import digest, init_ray, load_data, log, phase, run as run_pipeline
+from raydistill.pipeline import config_value, digest, load_data, log, phase, run as run_pipeline
 
 OBJECTIVES = {"accuracy": "max", "macs": "min", "latency_ms_b1": "min"}
 
@@ -108,15 +108,8 @@ def label_only_point(cfg: Config) -> dict:
     """The plain student as a search point: α = 0 and every other searched key at its base value."""
     point = {}
     for key in cfg.tune.space:
-        point[key] = 0.0 if key in ("distill.alpha", "distill.beta") else _get(cfg, key)
+        point[key] = 0.0 if key in ("distill.alpha", "distill.beta") else config_value(cfg, key)
     return point
-
-
-def _get(cfg: Config, dotted: str):
-    obj: Any = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: str | None = None,

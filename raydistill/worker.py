@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import ray
