@@ -7,9 +7,13 @@ Variants, all in one run on the same data and student (the default digits studen
 teacher 1,350,144 MACs, 14.7x the student):
   none       student only, labels only: the physical limit (no teacher cost at all)
   inprocess  a teacher copy inside every worker
-  live       the shared TeacherServer actor, requests pipelined one batch ahead
+  live       the shared TeacherServer actor, scale.teacher_prefetch requests kept in flight
   cache      teacher logits read from the Parquet logit cache (built once, timed separately)
   cache_k5   the same from a top-5 cache
+
+Digits' 1,258 training samples make an epoch last ~0.1 s, too short to time on a shared machine, so
+``--tile`` repeats the training set (each copy with its own sample ids, so the cache has one row
+per copy) to make every epoch last seconds; the work per sample is unchanged.
 
 Each variant is one Ray Train run of ``--epochs`` epochs; its throughput is the median over epochs
 after the first (warm-up) of global samples/s, and the reported figure is the median over
@@ -55,12 +59,14 @@ def main() -> None:
                     help="modes measured at every worker count; the others only at the largest")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--tile", type=int, default=16, help="repeat the training set this many times (longer epochs)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput.json"))
     args = ap.parse_args()
 
     import ray
     import torch
 
+    load0 = os.getloadavg()
     from raydistill import config
     from raydistill.cache import build_cache
     from raydistill.checkpoints import atomic_write_text, build_from_spec, model_spec
@@ -71,6 +77,18 @@ def main() -> None:
 
     cfg0 = config.load()
     splits = load_data(cfg0)
+    if args.tile > 1:
+        import dataclasses
+
+        import numpy as np
+
+        from raydistill.data import Arrays
+
+        tr = splits.train
+        span = int(tr.ids.max()) + 1
+        splits = dataclasses.replace(splits, train=Arrays(
+            np.concatenate([tr.x] * args.tile), np.concatenate([tr.y] * args.tile),
+            np.concatenate([tr.ids + c * span for c in range(args.tile)]), tr.num_classes, tr.shape))
     C, H, _ = splits.shape
     K = splits.num_classes
     t_spec = model_spec(cfg0.teacher.model, cfg0.teacher.kwargs, K, C, H)
@@ -152,7 +170,9 @@ def main() -> None:
         print(f"cache {name}: {c['bytes']} bytes on disk, built in {c['build_s']:.1f} s ({c['rows']} rows)")
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps({"machine": machine(), "macs": macs, "epochs": args.epochs,
+    atomic_write_text(args.out, json.dumps({"machine": machine(), "command": " ".join(["throughput.py"] + sys.argv[1:]),
+                                            "train_samples": len(splits.train), "load_average_at_start": load0,
+                                            "macs": macs, "epochs": args.epochs, "tile": args.tile,
                                             "repeats": args.repeats, "rows": rows, "derived": derived,
                                             "cache": {k: {kk: vv for kk, vv in v.items() if kk != "info"}
                                                       for k, v in cache_info.items()}}, indent=2))

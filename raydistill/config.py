@@ -121,6 +121,7 @@ class ScaleConfig:
     teacher_gpus: float = 0.0  # GPU (or fraction) for the shared teacher actor
     teacher_batch_window_ms: float = 2.0  # how long the actor waits to merge requests
     teacher_max_batch: int = 4096  # largest merged teacher batch
+    teacher_prefetch: int = 4  # teacher requests each worker keeps in flight ahead of its student step
     torch_threads: int = 1  # intra-op threads per worker (CPU); 0 = torch default
     resource_wait_s: float = 300.0  # on a cluster: how long to wait for autoscaled nodes before failing
 
@@ -141,7 +142,7 @@ class TuneConfig:
     max_concurrent: int = 2  # trials running at once
     cpus_per_trial: float = 1.0  # logical CPUs per trial (Ray is started with at least 4 locally)
     grace_period: int = 8  # ASHA: epochs every trial runs before it can be stopped
-    teacher_mode: str = "cache"  # cache (one teacher pass for the whole sweep) | live (shared actor)
+    teacher_mode: str = "cache"  # cache (one teacher pass for the whole sweep) | live (shared actor) | inprocess (each trial its own teacher copy: the costly baseline)
     max_macs: int | None = None  # best_config.yaml: best accuracy among trials under this many MACs
     max_latency_ms: float | None = None  # ... and under this batch-1 latency
 
@@ -287,6 +288,7 @@ def validate(cfg: Config) -> Config:
         (s.teacher_cpus >= 0, "scale.teacher_cpus must be >= 0", s.teacher_cpus),
         (s.teacher_gpus >= 0, "scale.teacher_gpus must be >= 0", s.teacher_gpus),
         (s.teacher_batch_window_ms >= 0, "scale.teacher_batch_window_ms must be >= 0", s.teacher_batch_window_ms),
+        (s.teacher_prefetch >= 1, "scale.teacher_prefetch must be >= 1", s.teacher_prefetch),
         (s.teacher_max_batch >= 1, "scale.teacher_max_batch must be >= 1", s.teacher_max_batch),
         (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1)", cfg.data.val_fraction),
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)", cfg.data.test_fraction),
@@ -303,7 +305,7 @@ def validate(cfg: Config) -> Config:
     t = cfg.tune
     _choice("tune.search", t.search, ("random", "grid", "optuna"))
     _choice("tune.scheduler", t.scheduler, ("asha", "none"))
-    _choice("tune.teacher_mode", t.teacher_mode, ("cache", "live"))
+    _choice("tune.teacher_mode", t.teacher_mode, ("cache", "live", "inprocess"))
     for ok, msg, value in [
         (t.num_trials >= 1, "tune.num_trials must be >= 1", t.num_trials),
         (t.max_concurrent >= 1, "tune.max_concurrent must be >= 1", t.max_concurrent),

@@ -338,7 +338,8 @@ def _cache_exists(uri: str) -> bool:
 
 def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = False,
         stop_after: str | None = None) -> dict:
-    """The whole pipeline; ``stop_after="cache"`` stops once the teacher and the logit cache exist."""
+    """The whole pipeline; ``stop_after="teacher"`` stops once the teacher exists (returns its checkpoint),
+    ``stop_after="cache"`` once the teacher and the logit cache exist."""
     import ray
 
     out = Path(out).resolve()
@@ -439,8 +440,11 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
         teacher, t_spec, teacher_sha = teacher_stage()
         init_state = init_state_for(teacher)
         baseline_stage(init_state, teacher_sha)
-    elif stop_after == "cache":  # cache-logits needs only the teacher
+    elif stop_after in ("teacher", "cache"):  # cache-logits and sweeps need only the teacher
         teacher, t_spec, teacher_sha = teacher_stage()
+        if stop_after == "teacher":
+            return {"teacher_path": str(cfg.teacher.checkpoint or teacher_path), "teacher_sha256": teacher_sha,
+                    "timings": timings}
     else:
         from concurrent.futures import ThreadPoolExecutor
 

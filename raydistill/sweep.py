@@ -10,9 +10,14 @@ Trials are plain Tune function trainables running the same loop as a Ray Train w
 it avoids a TorchTrainer start-up (~25 s on a 2-core machine) per trial. Every trial reads the same
 teacher outputs, from the cache by default (or the shared TeacherServer actor with
 ``tune.teacher_mode: live``), so the teacher's cost does not grow with the number of trials.
+``tune.teacher_mode: inprocess`` gives every trial its own teacher copy that computes its own
+logits: the cost the shared teacher saves, kept so that it can be measured (benchmarks/sweep.py).
 
-The first trial is always the label-only student (α = 0, β = 0) at the base config's other values,
-fed to the search as a point to evaluate, so the sweep is never worse than the plain student.
+The first trials are always the label-only student (α = 0, β = 0) at the base config's other values,
+one per pruning ratio when ``prune.ratio`` is searched over a choice or grid, fed to the search as
+points to evaluate: the sweep is never worse than the plain student, and every ratio has its
+label-only reference. The best trial is picked by validation accuracy (test accuracy is reported,
+never used to choose).
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ def trial(params: dict, *, base: dict, data_ref, s_spec: dict, teacher_job: dict
     from raydistill.worker import TuneSession, run_loop
 
     cfg = trial_config(base, params, teacher_mode)
-    data_ref = data_ref[0]  # wrapped in a list so that with_parameters passes the ref, not a copy
+    data_ref, teacher_job = data_ref[0], teacher_job[0]  # wrapped in lists: with_parameters passes refs, not copies
     job = {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": teacher_job, "init_state": None,
            "phases": trial_phases(cfg), "stage": "trial", "verbose": False}
     summary, model = run_loop(job, TuneSession())
@@ -104,12 +109,17 @@ def trial(params: dict, *, base: dict, data_ref, s_spec: dict, teacher_job: dict
 
 
 # ---- the sweep ---------------------------------------------------------------------------------------------
-def label_only_point(cfg: Config) -> dict:
-    """The plain student as a search point: α = 0 and every other searched key at its base value."""
+def label_only_points(cfg: Config) -> list[dict]:
+    """The plain student as search points: α = 0 and every other searched key at its base value, once per
+    pruning ratio when ``prune.ratio`` is a choice/grid (the reference for trials at that ratio)."""
     point = {}
     for key in cfg.tune.space:
         point[key] = 0.0 if key in ("distill.alpha", "distill.beta") else config_value(cfg, key)
-    return point
+    kind, values = next(iter(cfg.tune.space.get("prune.ratio", {"": None}).items()))
+    if kind not in ("choice", "grid"):
+        return [point]
+    ordered = sorted(values, key=lambda r: r != point["prune.ratio"])  # the base ratio first
+    return [{**point, "prune.ratio": r} for r in ordered]
 
 
 def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: str | None = None,
@@ -132,9 +142,10 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # Teacher once (trained or loaded) and its logit cache once, through the pipeline's cached stages.
-    prep = run_pipeline(cfg, out, address=address, quiet=quiet, stop_after="cache")
-    timings["teacher_and_cache_s"] = time.perf_counter() - t0
-    cache_info = prep["cache"]
+    prep = run_pipeline(cfg, out, address=address, quiet=quiet,
+                        stop_after="cache" if t.teacher_mode == "cache" else "teacher")
+    timings["teacher_and_cache_s" if t.teacher_mode == "cache" else "teacher_s"] = time.perf_counter() - t0
+    cache_info = prep.get("cache")
     splits = load_data(cfg)
     C, H, _ = splits.shape
     s_spec = model_spec(cfg.student.model, cfg.student.kwargs, splits.num_classes, C, H)
@@ -143,11 +154,14 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     if t.teacher_mode == "cache":
         teacher_job = {"mode": "cache", "uri": cache_info["uri"],
                        "info": {k: v for k, v in cache_info.items() if k != "uri"}}
+    elif t.teacher_mode == "inprocess":  # every trial loads its own copy and computes its own logits
+        teacher, t_spec, _ = load_model(prep["teacher_path"])
+        teacher_job = {"mode": "inprocess", "spec": t_spec, "state": ray.put(teacher.state_dict())}
     else:
         from raydistill.teacher import start_teacher_server
 
-        teacher, t_spec, _ = load_model(out / "teacher.pt")
-        name = f"teacher-{cache_info['teacher_sha256'][:12]}"
+        teacher, t_spec, _ = load_model(prep["teacher_path"])
+        name = f"teacher-{prep['teacher_sha256'][:12]}"
         server = start_teacher_server(name, t_spec, teacher.state_dict(), num_cpus=cfg.scale.teacher_cpus,
                                       num_gpus=cfg.scale.teacher_gpus, batch_window_ms=cfg.scale.teacher_batch_window_ms,
                                       max_batch=cfg.scale.teacher_max_batch, num_threads=cfg.scale.torch_threads)
@@ -156,7 +170,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
 
     base = cfg.to_dict()
     trainable = tune.with_resources(
-        tune.with_parameters(trial, base=base, data_ref=[data_ref], s_spec=s_spec, teacher_job=teacher_job,
+        tune.with_parameters(trial, base=base, data_ref=[data_ref], s_spec=s_spec, teacher_job=[teacher_job],
                              teacher_mode=t.teacher_mode),
         {"cpu": t.cpus_per_trial})
     name = f"sweep-{digest(base)[:12]}"
@@ -169,14 +183,14 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     else:
         if resume:
             log("no interrupted sweep to resume; starting a new one", quiet)
-        point = label_only_point(cfg)
+        points = label_only_points(cfg)[:max(1, t.num_trials // 3)]  # at most a third of the budget
         if t.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 
-            searcher = OptunaSearch(metric="val_acc", mode="max", points_to_evaluate=[point], seed=cfg.seed)
+            searcher = OptunaSearch(metric="val_acc", mode="max", points_to_evaluate=points, seed=cfg.seed)
             search_alg = tune.search.ConcurrencyLimiter(searcher, max_concurrent=t.max_concurrent)
         else:
-            search_alg = BasicVariantGenerator(points_to_evaluate=[point], max_concurrent=t.max_concurrent,
+            search_alg = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=t.max_concurrent,
                                                random_state=cfg.seed)
         scheduler = None
         if t.scheduler == "asha":
@@ -203,8 +217,13 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
                "epochs_run": m.get("training_iteration"), "error": str(res.error).splitlines()[0] if res.error else None}
         for k in ("accuracy", "params", "macs", "latency_ms_b1", "latency_ms_b64", "size_bytes", "sparsity"):
             row[k] = m.get(k) if m.get("evaluated") else None
+        row["teacher_forward_samples"] = m.get("teacher_forward_samples")  # per-trial teacher only
         rows.append(row)
-    teacher_passes = cache_info["teacher_forward_samples"] if t.teacher_mode == "cache" else None
+    teacher_passes = None
+    if t.teacher_mode == "cache":
+        teacher_passes = cache_info["teacher_forward_samples"]
+    elif t.teacher_mode == "inprocess":
+        teacher_passes = sum(r["teacher_forward_samples"] or 0 for r in rows)
     if server is not None:
         teacher_passes = ray.get(server.get_stats.remote())["samples"]
         ray.kill(server)
@@ -232,14 +251,25 @@ def write_results(cfg: Config, out: Path, rows: list[dict], teacher_passes, cach
     t = cfg.tune
     eligible = [r for r in done if (t.max_macs is None or r["macs"] <= t.max_macs)
                 and (t.max_latency_ms is None or r["latency_ms_b1"] <= t.max_latency_ms)]
-    best = max(eligible, key=lambda r: (r["accuracy"], -r["macs"])) if eligible else None
+    # chosen on validation accuracy (ties: fewer MACs, then test accuracy); the test set only reports
+    best = max(eligible, key=lambda r: (r["val_acc"], -r["macs"], r["accuracy"])) if eligible else None
     if best is not None:
         best_cfg = trial_config(cfg.to_dict(), {k: best[k] for k in t.space}, cfg.distill.teacher_mode)
         atomic_write_text(out / "best_config.yaml",
                           f"# best trial {best['trial_id']}: test accuracy {best['accuracy']:.4f}, "
                           f"{best['macs']:,} MACs\n# reproduce: raydistill run best_config.yaml\n" + best_cfg.to_yaml())
-    label_only = [r for r in done if r.get("distill.alpha") == 0.0]
+    label_only = [r for r in done if r.get("distill.alpha") == 0.0 and not r.get("distill.beta")]
+    same_ratio = [r for r in label_only if best is not None and r.get("prune.ratio", cfg.prune.ratio)
+                  == best.get("prune.ratio", cfg.prune.ratio)]
+    vs_label_only = None
+    if best is not None and same_ratio:
+        ref = max(same_ratio, key=lambda r: r["val_acc"])
+        vs_label_only = {"prune_ratio": best.get("prune.ratio", cfg.prune.ratio), "best_accuracy": best["accuracy"],
+                         "label_only_accuracy": ref["accuracy"], "best_val_acc": best["val_acc"],
+                         "label_only_val_acc": ref["val_acc"], "label_only_trial": ref["trial_id"],
+                         "difference_points": 100 * (best["accuracy"] - ref["accuracy"])}
     report = {"trials": len(rows), "completed": len(done), "best": best, "label_only_trials": label_only,
+              "best_vs_label_only_same_ratio": vs_label_only,
               "pareto_macs": fronts["macs"], "pareto_latency": fronts["latency_ms_b1"],
               "teacher_forward_samples": teacher_passes, "train_samples": n_train,
               "teacher_passes_over_data": (teacher_passes / n_train) if teacher_passes is not None else None,

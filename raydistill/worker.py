@@ -13,6 +13,7 @@ below; the mixing of the losses is written out in ``train_step`` where it happen
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 import math
 import os
 import tempfile
@@ -70,8 +71,10 @@ class InprocessTeacher:
         self.device = device
         self.hooks = FeatureHooks(self.model, [hint_layer]) if hint_layer else None
         self.hint_layer = hint_layer
+        self.samples = 0  # teacher forward samples so far (a per-trial teacher's cost, for the sweep report)
 
     def request(self, idx: torch.Tensor, xb: torch.Tensor) -> TeacherOut:
+        self.samples += len(xb)
         with torch.inference_mode():
             logits = self.model(xb.to(self.device))  # (B, K)
         feat = self.hooks.features[self.hint_layer].clone() if self.hooks else None
@@ -193,12 +196,16 @@ def run_epoch(model, opt, sched, teacher, x, y, phase, cfg, epoch, pruner, devic
     perm = torch.randperm(len(x), generator=g)
     batches = [perm[i:i + bs] for i in range(0, len(perm), bs)]  # same count on every rank (equal shards)
     uses_teacher = teacher is not None and (phase["alpha"] > 0 or phase["beta"] > 0 or cfg["distill"]["hint_weight"] > 0)
-    pending = teacher.request(batches[0], x[batches[0]]) if uses_teacher else None
+    # Keep `teacher_prefetch` requests in flight: with the live actor a round trip (serialization,
+    # scheduling, the merged forward) is longer than one small student step, so one batch of
+    # look-ahead is not enough to hide it.
+    depth = max(1, cfg["scale"].get("teacher_prefetch", 4)) if uses_teacher else 0
+    pending = deque(teacher.request(b, x[b]) for b in batches[:depth])
     t0, total_loss, correct = time.perf_counter(), 0.0, 0
     for i, idx in enumerate(batches):
-        t_out = teacher.result(pending) if uses_teacher else None
-        if uses_teacher and i + 1 < len(batches):
-            pending = teacher.request(batches[i + 1], x[batches[i + 1]])  # prefetch batch i+1 before stepping on batch i
+        t_out = teacher.result(pending.popleft()) if uses_teacher else None
+        if uses_teacher and i + depth < len(batches):  # ask for batch i+depth before stepping on batch i
+            pending.append(teacher.request(batches[i + depth], x[batches[i + depth]]))
         loss, c = train_step(model, opt, x[idx].to(device), y[idx].to(device), t_out, phase, cfg, step=i,
                              scaler=scaler)
         sched.step()
@@ -369,6 +376,8 @@ def run_loop(job: dict, session) -> tuple[dict, torch.nn.Module]:
                 spec["plan"], removed = plan, True
             metrics = {"stage": job["stage"], "phase": phase["name"], "epoch": epoch, "ratio": ratio,
                        "samples_per_s_global": stats["samples_per_s"] * world, **stats}
+            if isinstance(teacher, InprocessTeacher):
+                metrics["teacher_forward_samples"] = teacher.samples
             if rank == 0:
                 metrics["val_acc"] = accuracy(unwrap(ddp), x_val.to(device), y_val.to(device))
                 if job.get("verbose", True):

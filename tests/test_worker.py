@@ -69,3 +69,46 @@ def test_bf16_autocast_on_cpu_trains():
 def test_fp16_needs_a_gpu():
     with pytest.raises(config.ConfigError, match="fp16 needs scale.use_gpu=true"):
         config.load(None, {"distill.precision": "fp16"})
+
+
+class RecordingTeacher:
+    """A teacher whose answer encodes the request's sample ids; records how many requests are in flight."""
+
+    def __init__(self):
+        self.in_flight, self.max_in_flight, self.served = 0, 0, []
+
+    def request(self, idx, xb):
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        return idx.clone()
+
+    def result(self, idx):
+        self.in_flight -= 1
+        self.served.append(idx)
+        return TeacherOut(F.one_hot(idx % 10, 10).float() * 10)
+
+
+@pytest.mark.parametrize("depth", [1, 3, 50])
+def test_prefetched_teacher_answers_reach_their_own_batch(depth, monkeypatch):
+    """Each step must be trained against the teacher output requested for its own samples, whatever the prefetch depth."""
+    from raydistill import worker
+
+    model, cfg, *_ = _setup(**{"scale.teacher_prefetch": depth})
+    x, y = torch.randn(100, 1, 8, 8), torch.arange(100) % 10
+    seen = []
+
+    def spy_step(model, opt, xb, yb, teacher_out, *args, **kwargs):
+        seen.append((xb.clone(), teacher_out.logits.argmax(1)))
+        return 0.0, 0
+
+    monkeypatch.setattr(worker, "train_step", spy_step)
+    teacher = RecordingTeacher()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
+    phase = {"name": "distill", "alpha": 0.5, "beta": 0.0, "lr": 0.1, "batch_size": 16}
+    worker.run_epoch(model, opt, sched, teacher, x, y, phase, cfg, 0, None, torch.device("cpu"))
+    assert len(seen) == 7 and teacher.in_flight == 0
+    assert teacher.max_in_flight == min(depth, 7)
+    for xb, t_arg in seen:  # the teacher's answer encodes the ids, so it must agree with the batch's own samples
+        ids = torch.tensor([int(torch.nonzero((x == row).all(dim=(1, 2, 3)))[0]) for row in xb])
+        assert torch.equal(t_arg, ids % 10)
