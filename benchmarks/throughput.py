@@ -155,6 +155,18 @@ def main() -> None:
     for w in args.workers:
         if ("live", w) in by and ("inprocess", w) in by:
             derived[f"live_vs_inprocess_w{w}"] = by[("live", w)] / by[("inprocess", w)]
+    # the same ratios per repeat (variants of one repeat ran back to back), and their median: robust to a
+    # repeat that was slowed as a whole by other work on the machine
+    w = max(args.workers)
+    for mode in args.modes:
+        if mode != "none" and f"{mode}/w{w}" in runs and f"none/w{w}" in runs:
+            per = [a / b for a, b in zip(runs[f"{mode}/w{w}"], runs[f"none/w{w}"])]
+            derived[f"{mode}_vs_none_w{w}_per_repeat"] = per
+            derived[f"{mode}_vs_none_w{w}_median_of_repeats"] = statistics.median(per)
+    if f"live/w{w}" in runs and f"inprocess/w{w}" in runs:
+        per = [a / b for a, b in zip(runs[f"live/w{w}"], runs[f"inprocess/w{w}"])]
+        derived[f"live_vs_inprocess_w{w}_per_repeat"] = per
+        derived[f"live_vs_inprocess_w{w}_median_of_repeats"] = statistics.median(per)
     for mode in args.modes:
         if (mode, 1) in by and (mode, 2) in by:
             derived[f"scaling_2_vs_1_{mode}"] = by[(mode, 2)] / by[(mode, 1)]
@@ -165,7 +177,7 @@ def main() -> None:
         ratio = f"{r['ratio_to_student_only']:.2f}" if r["ratio_to_student_only"] else "-"
         print(f"| {r['mode']} | {r['workers']} | {r['samples_per_s']:.0f} | {ratio} |")
     for k, v in derived.items():
-        print(f"{k}: {v:.2f}")
+        print(f"{k}: " + (" ".join(f"{x:.2f}" for x in v) if isinstance(v, list) else f"{v:.2f}"))
     for name, c in cache_info.items():
         print(f"cache {name}: {c['bytes']} bytes on disk, built in {c['build_s']:.1f} s ({c['rows']} rows)")
 

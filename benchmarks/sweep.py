@@ -1,0 +1,111 @@
+"""Wall time of an N-trial `raydistill tune` sweep: one shared logit cache vs each trial running its own teacher.
+
+    python benchmarks/sweep.py                          # 8 trials, cache vs inprocess, 2 repeats
+    python benchmarks/sweep.py --trials 12 --modes cache live inprocess --repeats 1
+
+The sweep is jobs/sweep.yaml (digits; distill 20 + prune 8 + fine-tune 10 epochs per trial, 2 trials
+at a time) with ``--trials`` trials and no early stopping (``tune.scheduler=none``), so every
+variant does the same student work and the same trials (same seed, same sampled points). Variants:
+
+  cache      the default: one teacher pass builds the Parquet logit cache, every trial reads it
+  live       every trial asks the one shared TeacherServer actor
+  inprocess  every trial loads its own teacher copy and computes its own logits (no sharing)
+
+The teacher is trained once up front and given to every sweep as ``teacher.checkpoint``, so no
+variant pays for training it; each sweep runs in a fresh folder, so ``cache`` pays for building its
+cache every time. Reported per variant: the sweep's total wall time (``run_sweep`` from start to
+results, including the cache build), the trials' part alone, and the teacher forward samples. The
+ratios are to ``inprocess`` from the same repeat; variants are interleaved per repeat so machine
+noise hits them alike. Writes a table to stdout and JSON to benchmarks/results/sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--modes", nargs="+", default=["cache", "inprocess"], choices=["cache", "live", "inprocess"])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep.json"))
+    args = ap.parse_args()
+
+    import ray
+    import torch
+
+    from raydistill import config
+    from raydistill.checkpoints import atomic_write_text
+    from raydistill.pipeline import init_ray, run as run_pipeline
+    from raydistill.sweep import run_sweep
+
+    load0 = os.getloadavg()
+    overrides = {"tune.num_trials": args.trials, "tune.scheduler": "none",
+                 **dict(config.parse_override(s) for s in args.set)}
+    job = ROOT / "jobs" / "sweep.yaml"
+    work = Path(tempfile.mkdtemp(prefix="rd-sweep-bench-"))
+    init_ray(None, quiet=True)
+
+    t0 = time.perf_counter()
+    prep = run_pipeline(config.load(job, overrides), work / "teacher", quiet=True, stop_after="teacher")
+    print(f"teacher trained once in {time.perf_counter() - t0:.0f} s: {prep['teacher_path']}", flush=True)
+
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.repeats):
+        for mode in args.modes:
+            cfg = config.load(job, {**overrides, "tune.teacher_mode": mode,
+                                    "teacher.checkpoint": prep["teacher_path"]})
+            t0 = time.perf_counter()
+            report = run_sweep(cfg, work / f"{mode}-r{rep}", quiet=True)
+            total = time.perf_counter() - t0
+            accs = sorted(r["accuracy"] for r in json.loads((work / f"{mode}-r{rep}" / "sweep_report.json")
+                                                            .read_text())["pareto_macs"])
+            runs.setdefault(mode, []).append({
+                "total_s": total, "trials_s": report["timings"]["sweep_s"], "completed": report["completed"],
+                "teacher_forward_samples": report["teacher_forward_samples"],
+                "teacher_passes_over_data": report["teacher_passes_over_data"],
+                "best_accuracy": report["best"]["accuracy"] if report["best"] else None,
+                "pareto_accuracies": accs})
+            r = runs[mode][-1]
+            print(f"repeat {rep + 1}: {mode:9s} total {total:6.1f} s, trials {r['trials_s']:6.1f} s, "
+                  f"{r['completed']}/{args.trials} completed, teacher passes {r['teacher_passes_over_data']}",
+                  flush=True)
+
+    rows = []
+    base = statistics.median(r["total_s"] for r in runs["inprocess"]) if "inprocess" in runs else None
+    for mode, rs in runs.items():
+        total = statistics.median(r["total_s"] for r in rs)
+        rows.append({"mode": mode, "total_s": total, "trials_s": statistics.median(r["trials_s"] for r in rs),
+                     "teacher_passes_over_data": rs[0]["teacher_passes_over_data"],
+                     "ratio_to_inprocess": total / base if base else None, "runs": rs})
+    print(f"\n{args.trials}-trial sweep, median of {args.repeats}")
+    print("| teacher | sweep wall time (s) | trials only (s) | teacher passes over the data | vs per-trial teacher |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        ratio = f"{r['ratio_to_inprocess']:.2f}" if r["ratio_to_inprocess"] else "-"
+        print(f"| {r['mode']} | {r['total_s']:.1f} | {r['trials_s']:.1f} | {r['teacher_passes_over_data']:.1f} | {ratio} |")
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps({
+        "command": " ".join(["sweep.py"] + sys.argv[1:]), "load_average_at_start": load0,
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "ray": ray.__version__},
+        "trials": args.trials, "repeats": args.repeats, "overrides": overrides, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
