@@ -105,7 +105,9 @@ def trial(params: dict, *, base: dict, data_ref, s_spec: dict, teacher_job: dict
     last = summary["history"][-1] if summary["history"] else {}
     # "evaluated", not "done": Tune sets its own "done" on a trial's last result, early-stopped or not
     tune.report({**final, "val_acc": last.get("val_acc", float("nan")), "evaluated": True,
-                 "epochs_total": sum(p["epochs"] for p in job["phases"])})
+                 "epochs_total": sum(p["epochs"] for p in job["phases"]),
+                 **({"teacher_forward_samples": last["teacher_forward_samples"]}
+                    if "teacher_forward_samples" in last else {})})
 
 
 # ---- the sweep ---------------------------------------------------------------------------------------------

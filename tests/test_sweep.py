@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from raydistill import config
-from raydistill.sweep import pareto_front, run_sweep
+from raydistill.sweep import label_only_points, pareto_front, run_sweep
 
 from conftest import SMOKE
 
@@ -30,10 +30,23 @@ def test_pareto_front_matches_brute_force():
         assert (i in front) == (not beaten)
 
 
+def test_label_only_points_cover_every_pruning_ratio():
+    cfg = config.load(None, {"tune.space": {"prune.ratio": {"choice": [0.25, 0.4, 0.5]},
+                                            "distill.alpha": {"choice": [0.0, 0.5]},
+                                            "distill.lr": {"loguniform": [0.001, 0.01]}}})
+    points = label_only_points(cfg)
+    assert [p["prune.ratio"] for p in points] == [0.4, 0.25, 0.5]  # the base ratio first
+    assert all(p["distill.alpha"] == 0.0 and p["distill.lr"] == cfg.distill.lr for p in points)
+    uniform = config.load(None, {"tune.space": {"prune.ratio": {"uniform": [0.2, 0.6]},
+                                                "distill.alpha": {"choice": [0.0, 0.5]}}})
+    assert label_only_points(uniform) == [{"prune.ratio": 0.4, "distill.alpha": 0.0}]
+
+
 @pytest.mark.ray
-def test_small_sweep_end_to_end(ray_local, tmp_path):
+def test_small_sweep_end_to_end(ray_local, tmp_path, tiny_teacher):
     job = Path(__file__).resolve().parents[1] / "jobs" / "sweep.yaml"
-    cfg = config.load(job, SWEEP)  # the documented sweep job, in smoke mode
+    # the documented sweep job in smoke mode, with a ready teacher (training one is the pipeline tests' job)
+    cfg = config.load(job, {**SWEEP, "teacher.checkpoint": tiny_teacher})
     report = run_sweep(cfg, tmp_path, quiet=True)
     import pyarrow.parquet as pq
 
@@ -52,6 +65,31 @@ def test_small_sweep_end_to_end(ray_local, tmp_path):
     best = config.load(tmp_path / "best_config.yaml")
     assert best.prune.ratio == report["best"]["prune.ratio"]
     assert best.distill.alpha == report["best"]["distill.alpha"]
+    # the best trial is the most accurate on validation data, never chosen on the test set
+    assert report["best"]["val_acc"] == max(r["val_acc"] for r in done)
+    vs = report["best_vs_label_only_same_ratio"]
+    if vs is not None:  # a label-only trial at the best trial's ratio finished
+        assert vs["prune_ratio"] == report["best"]["prune.ratio"] and vs["best_val_acc"] >= vs["label_only_val_acc"]
+
+
+@pytest.mark.ray
+def test_per_trial_teacher_counts_its_own_forward_passes(ray_local, tmp_path, tiny_teacher):
+    """tune.teacher_mode=inprocess (the benchmark's no-sharing baseline): each distilling trial runs the teacher
+    over its training data every epoch, and the sweep report adds those passes up."""
+    cfg = config.load(None, {**SWEEP, "teacher.checkpoint": tiny_teacher, "tune.teacher_mode": "inprocess",
+                             "tune.num_trials": 2, "tune.scheduler": "none", "distill.epochs": 1,
+                             "tune.space": {"distill.alpha": {"uniform": [0.0, 0.9]}}})
+    report = run_sweep(cfg, tmp_path, quiet=True)
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "results.parquet").to_pylist()
+    assert len(rows) == 2 and rows[0]["distill.alpha"] == 0.0 < rows[1]["distill.alpha"]  # label-only, then a sample
+    epochs = cfg.distill.epochs + cfg.prune.epochs + cfg.prune.finetune_epochs
+    n = report["train_samples"]
+    assert all(r["completed"] for r in rows)
+    for r in rows:  # the label-only trials never ask their teacher
+        assert r["teacher_forward_samples"] == (epochs * n if r["distill.alpha"] > 0 else 0)
+    assert report["teacher_forward_samples"] == epochs * n
 
 
 def _finished_trials(out: Path) -> dict[str, int]:
@@ -65,9 +103,9 @@ def _finished_trials(out: Path) -> dict[str, int]:
 
 
 @pytest.mark.ray
-def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path):
+def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, tiny_teacher):
     args = [sys.executable, "-m", "raydistill.cli", "tune", "--out", str(tmp_path), "--quiet",
-            "--set", "tune.max_concurrent=1", "--set", "tune.scheduler=none"]
+            "--set", "tune.max_concurrent=1", "--set", "tune.scheduler=none", "--set", f"teacher.checkpoint={tiny_teacher}"]
     for k, v in SWEEP.items():
         if k != "tune.max_concurrent":
             args += ["--set", f"{k}={json.dumps(v)}"]
