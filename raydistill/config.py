@@ -191,7 +191,7 @@ def all_keys() -> list[str]:
 
 def _suggest(key: str) -> str:
     close = difflib.get_close_matches(key, all_keys() + list(_sections()), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys are listed in docs/config.md"
+    return f"; did you mean '{close[0]}'?" if close else "; valid keys are listed in docs/config.md"
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
