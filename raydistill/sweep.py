@@ -253,8 +253,8 @@ def write_results(cfg: Config, out: Path, rows: list[dict], teacher_passes, cach
     t = cfg.tune
     eligible = [r for r in done if (t.max_macs is None or r["macs"] <= t.max_macs)
                 and (t.max_latency_ms is None or r["latency_ms_b1"] <= t.max_latency_ms)]
-    # chosen on validation accuracy (ties: fewer MACs, then test accuracy); the test set only reports
-    best = max(eligible, key=lambda r: (r["val_acc"], -r["macs"], r["accuracy"])) if eligible else None
+    # chosen on validation accuracy (ties: fewer MACs, then the earlier trial); the test set only reports
+    best = max(eligible, key=lambda r: (r["val_acc"], -r["macs"])) if eligible else None
     if best is not None:
         best_cfg = trial_config(cfg.to_dict(), {k: best[k] for k in t.space}, cfg.distill.teacher_mode)
         atomic_write_text(out / "best_config.yaml",
