@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from raydistill.checkpoints import build_from_spec
-from raydistill.core.losses import FeatureHooks, HintAdapter, hard_kd_loss, soft_kd_loss, topk_soft_kd_loss
+from raydistill.core.losses import FeatureHooks, HintAdapter, hard_kd_loss, soft_kd_loss, topk_log_probs
 from raydistill.core.metrics import accuracy
 from raydistill.core.pruning import ChannelPruner, sparsity_schedule
 from raydistill.data import shard_indices
@@ -40,11 +40,10 @@ class NonFiniteLossError(RuntimeError):
 
 # ---- teacher sources: same interface, request(idx, x) now → result(handle) one step later ---------
 # idx are positions in this worker's shard (the cache looks them up), x the batch (B, C, H, W).
-# result() returns a TeacherOut: full logits (B, K), or top-k probabilities and indices (B, k) from a
-# top-k cache, plus the teacher's hint feature when the hint loss is on.
+# result() returns a TeacherOut: logits (B, K) (from a top-k cache, the log of the distribution rebuilt
+# from its top-k), plus the teacher's hint feature when the hint loss is on.
 class TeacherOut(NamedTuple):
-    logits: torch.Tensor | None
-    topk: tuple[torch.Tensor, torch.Tensor] | None = None
+    logits: torch.Tensor  # (B, K); from a top-k cache, the log of the distribution rebuilt from its top-k
     feature: torch.Tensor | None = None
 
 class LiveTeacher:
@@ -78,7 +77,7 @@ class InprocessTeacher:
         with torch.inference_mode():
             logits = self.model(xb.to(self.device))  # (B, K)
         feat = self.hooks.features[self.hint_layer].clone() if self.hooks else None
-        return TeacherOut(logits.clone(), None, feat)
+        return TeacherOut(logits.clone(), feat)
 
     def result(self, handle: TeacherOut) -> TeacherOut:
         return handle
@@ -87,7 +86,10 @@ class InprocessTeacher:
 class CachedTeacher:
     """Teacher outputs read from the Parquet logit cache, joined to this shard by sample id once.
 
-    No teacher is in memory at all; a step costs one gather from a (N, K) fp16 array.
+    No teacher is in memory at all; a step costs one gather from a (N, K) float32 array. A top-k
+    cache is expanded here, once, to the full log-distribution its loss targets
+    (``core.losses.topk_log_probs``), so its steps cost the same as a full cache's: rebuilding it
+    every step made top-5 KD 0.86x as fast as full-logit KD (benchmarks/throughput.py).
     """
 
     def __init__(self, uri: str, info: dict, ids: np.ndarray, device: torch.device):
@@ -95,15 +97,14 @@ class CachedTeacher:
 
         cached = load_for_ids(uri, ids, CacheInfo(**info))  # rows aligned with this shard's samples
         self.device = device
-        self.logits = torch.from_numpy(cached["logits"]) if "logits" in cached else None  # (N, K) fp16
-        self.topk = ((torch.from_numpy(cached["topk_probs"]), torch.from_numpy(cached["topk_idx"].astype(np.int64)))
-                     if "topk_probs" in cached else None)  # (N, k) fp16, (N, k) int64
+        if "logits" in cached:
+            self.logits = torch.from_numpy(cached["logits"]).float()  # (N, K)
+        else:
+            self.logits = topk_log_probs(torch.from_numpy(cached["topk_probs"]),
+                                         torch.from_numpy(cached["topk_idx"].astype(np.int64)), info["num_classes"])
 
     def request(self, idx: torch.Tensor, xb: torch.Tensor) -> TeacherOut:
-        if self.logits is not None:
-            return TeacherOut(self.logits[idx].float().to(self.device))
-        probs, classes = self.topk
-        return TeacherOut(None, (probs[idx].float().to(self.device), classes[idx].to(self.device)))
+        return TeacherOut(self.logits[idx].to(self.device))
 
     def result(self, handle: TeacherOut) -> TeacherOut:
         return handle
@@ -159,13 +160,9 @@ def train_step(model, opt, xb, yb, teacher_out, phase: dict, cfg: dict, step: in
 
     loss = (1 - alpha) * F.cross_entropy(s_logits, yb)
     if alpha > 0:
-        soft = (soft_kd_loss(s_logits, t.logits, d["temperature"]) if t.logits is not None
-                else topk_soft_kd_loss(s_logits, *t.topk, d["temperature"]))
-        loss = loss + alpha * soft
+        loss = loss + alpha * soft_kd_loss(s_logits, t.logits, d["temperature"])
     if beta > 0:
-        # DeiT hard-label KD; a top-k cache is sorted, so its first index is the teacher's argmax
-        hard = hard_kd_loss(s_logits, t.logits) if t.logits is not None else F.cross_entropy(s_logits, t.topk[1][:, 0])
-        loss = loss + beta * hard
+        loss = loss + beta * hard_kd_loss(s_logits, t.logits)  # DeiT: the teacher's argmax as the label
     if s_feat is not None and d["hint_weight"] > 0:
         loss = loss + d["hint_weight"] * F.mse_loss(s_feat, t.feature)
 

@@ -201,15 +201,34 @@ def topk_soft_kd_loss(
             f"topk_probs {tuple(topk_probs.shape)} must be (B={batch}, k) with 1 <= k <= C={num_classes}"
         )
 
+    log_p_teacher = F.log_softmax(topk_log_probs(topk_probs, topk_indices, num_classes) / temperature, dim=-1)
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
+    return _kl_times_t2(log_p_teacher, log_p_student, temperature)
+
+
+def topk_log_probs(topk_probs: Tensor, topk_indices: Tensor, num_classes: int) -> Tensor:
+    """The full (B, C) T=1 log-distribution :func:`topk_soft_kd_loss` rebuilds from a top-k cache.
+
+    The cached classes get their stored probability, the residual mass is spread uniformly
+    over the other ``C - k`` classes; classes with no mass get ``-inf``. Used as teacher
+    *logits*, it gives :func:`soft_kd_loss` exactly the target of :func:`topk_soft_kd_loss`
+    (``softmax(log p / T)``), so a reader can rebuild it once per sample instead of every step.
+
+    Args:
+        topk_probs: (B, k) float16/float32 probabilities.
+        topk_indices: (B, k) integer class indices.
+        num_classes: C >= k.
+
+    Returns:
+        (B, C) float32 log-probabilities.
+    """
     probs = topk_probs.float()  # (B, k)
+    batch, k = probs.shape
     residual = (1.0 - probs.sum(dim=-1, keepdim=True)).clamp_min(0.0)  # (B, 1)
     fill = residual / (num_classes - k) if k < num_classes else torch.zeros_like(residual)
     full = fill.expand(batch, num_classes).clone()  # (B, C) uniform tail
     full.scatter_(-1, topk_indices.long(), probs)  # (B, C) cached head
-    # log(0) = -inf for classes with no mass; log_softmax and _kl_times_t2 handle it.
-    log_p_teacher = F.log_softmax(full.log() / temperature, dim=-1)  # (B, C)
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
-    return _kl_times_t2(log_p_teacher, log_p_student, temperature)
+    return full.log()  # log(0) = -inf: log_softmax and _kl_times_t2 handle it
 
 
 def average_teacher_logits(

@@ -15,6 +15,7 @@ from raydistill.core.losses import (
     hint_loss,
     soft_kd_loss,
     teacher_topk,
+    topk_log_probs,
     topk_soft_kd_loss,
 )
 
@@ -331,3 +332,16 @@ def test_hint_loss_rejects_mismatched_adapter():
     adapter = HintAdapter((6,), (10,))
     with pytest.raises(ValueError, match="teacher_feature"):
         hint_loss(torch.randn(2, 6), torch.randn(2, 9), adapter)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_topk_log_probs_as_logits_give_the_topk_loss(k, temperature):
+    """A reader may rebuild the top-k distribution once (topk_log_probs) and use the plain soft loss on it."""
+    torch.manual_seed(k)
+    student, teacher = torch.randn(8, 10) * 3, torch.randn(8, 10) * 3
+    probs, indices = teacher_topk(teacher, k)
+    got = soft_kd_loss(student, topk_log_probs(probs.half(), indices, 10), temperature)
+    torch.testing.assert_close(got, topk_soft_kd_loss(student, probs.half(), indices, temperature))
+    if k == 10:
+        torch.testing.assert_close(got, soft_kd_loss(student, teacher, temperature), rtol=1e-4, atol=1e-5)
