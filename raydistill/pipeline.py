@@ -331,6 +331,18 @@ def ensure_cache(cfg: Config, out: Path, t_spec: dict, teacher_state: dict, teac
     return info, uri
 
 
+def check_given_cache(cfg: Config, data_fp: str, uses_cache: bool) -> None:
+    """Refuse a user-given cache that does not match before any training: with a teacher checkpoint the
+    teacher's hash is known up front (a teacher trained in this run is checked once it exists)."""
+    from raydistill.cache import cache_fingerprint, check_cache
+
+    if not (uses_cache and cfg.cache.path and cfg.teacher.checkpoint and _cache_exists(cfg.cache.path)):
+        return
+    sha = sha256_file(Path(cfg.teacher.checkpoint))
+    check_cache(cfg.cache.path, cache_fingerprint(sha, data_fp, cfg.cache.k), teacher_sha256=sha,
+                data_fingerprint=data_fp, k=cfg.cache.k)
+
+
 def _cache_exists(uri: str) -> bool:
     from raydistill.cache import CacheError, read_info
 
@@ -363,6 +375,7 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     log(f"data {splits.name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
         f"{K} classes, shape {splits.shape}", quiet)
     validate_models(cfg, K, C, H)
+    check_given_cache(cfg, data_fp, uses_cache=cfg.distill.teacher_mode == "cache" or stop_after == "cache")
     init_ray(address, quiet)
     check_resources(cfg)
     out.mkdir(parents=True, exist_ok=True)

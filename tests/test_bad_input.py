@@ -188,6 +188,7 @@ def test_cache_built_by_another_teacher_is_refused(ray_local, files, tmp_path, c
                                   "--set", f"teacher.checkpoint={files['good_teacher']}",
                                   "--set", "distill.teacher_mode=cache", "--set", f"cache.path={uri}"])
     assert code == 2 and "another teacher" in err and "cache-logits" in err
+    assert not (tmp_path / "r").exists()  # refused before any training or writing
 
 
 def test_nan_in_data_is_refused_before_training(files, tmp_path, capsys):
