@@ -124,6 +124,7 @@ class ScaleConfig:
     teacher_prefetch: int = 4  # teacher requests each worker keeps in flight ahead of its student step
     torch_threads: int = 1  # intra-op threads per worker (CPU); 0 = torch default
     resource_wait_s: float = 300.0  # on a cluster: how long to wait for autoscaled nodes before failing
+    max_failures: int = 2  # times Ray Train restarts a stage from its last checkpoint after a worker error or death
 
 
 @dataclass
@@ -289,6 +290,7 @@ def validate(cfg: Config) -> Config:
         (s.teacher_gpus >= 0, "scale.teacher_gpus must be >= 0", s.teacher_gpus),
         (s.teacher_batch_window_ms >= 0, "scale.teacher_batch_window_ms must be >= 0", s.teacher_batch_window_ms),
         (s.teacher_prefetch >= 1, "scale.teacher_prefetch must be >= 1", s.teacher_prefetch),
+        (s.max_failures >= -1, "scale.max_failures must be >= 0 (or -1: retry forever)", s.max_failures),
         (s.teacher_max_batch >= 1, "scale.teacher_max_batch must be >= 1", s.teacher_max_batch),
         (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1)", cfg.data.val_fraction),
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)", cfg.data.test_fraction),

@@ -189,7 +189,7 @@ def fit(stage: str, key: str, job: dict, cfg: Config, out: Path):
         run_config=RunConfig(
             name=f"{stage}-{key[:12]}",  # deterministic: a rerun resumes from the last epoch checkpoint
             storage_path=str((out / "ray_train").resolve()),
-            failure_config=FailureConfig(max_failures=2),
+            failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch line is the progress
         ),
