@@ -5,18 +5,26 @@ a plain one; torchdistill dropped its cache because reading it was slower than t
 the cache is small (fp16 logits or top-k probabilities) and is joined to the in-memory training
 shard once per worker by sample id, so a KD step reads its teacher outputs with one gather.
 
+Views (FKD): with ``data.augment`` none the cache holds one row per sample (view 0, the plain image).
+With random augmentation it holds ``cache.views`` = V rows per sample, view 0..V-1, each the teacher's
+output on that sample's augmented view. A view is not drawn from an RNG: its crop and flip are a pure
+function of (seed, sample id, view id) (raydistill/augment.py), so the worker regenerates exactly the
+pixels the teacher labelled and trains the student on them; in epoch e a sample uses view
+(e + offset(id)) % V, so every cached view gets used. The augmentation kind, pad and seed (the
+``transform`` string) and V are part of the fingerprint.
+
 Layout of a cache folder (local path or any pyarrow filesystem URI such as s3://bucket/cache):
 
-    cache.json           # fingerprint, format, k, views, num_classes, rows, teacher/data hashes
-    part-00000.parquet   # columns: id int64, view int16, and either
+    cache.json           # fingerprint, format, k, views, num_classes, rows, teacher/data hashes, transform
+    part-00000.parquet   # rows = samples x views; columns: id int64, view int16, and either
                          #   logits list<float16>            (format "full")
                          #   topk_probs list<float16>, topk_idx list<int16>   (format "topk")
 
-The fingerprint covers the teacher weights (sha256), the data fingerprint, the transform (there
-is no random augmentation yet, so one view per sample) and k. A cache whose fingerprint does not
-match what the run expects is refused with a message saying what differs; it is never used.
-Computing it runs the teacher in a Ray Data actor pool (``map_batches`` with a callable class),
-so several teacher replicas (or GPUs) share the work.
+The fingerprint covers the teacher weights (sha256), the data fingerprint, the transform, the number
+of views and k. A cache whose fingerprint does not match what the run expects is refused with a
+message saying what differs; it is never used. Computing it runs the teacher in a Ray Data actor pool
+(``map_batches`` with a callable class) over range(samples x views), so several teacher replicas (or
+GPUs) share the work.
 """
 
 from __future__ import annotations
@@ -31,8 +39,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-TRANSFORM = "none"  # raydistill applies no random augmentation yet: one deterministic view per sample
-VIEWS = 1
+from raydistill.augment import Augment, make_augment
 
 
 class CacheError(ValueError):
@@ -54,8 +61,9 @@ class CacheInfo:
     teacher_forward_samples: int = 0
 
 
-def cache_fingerprint(teacher_sha256: str, data_fingerprint: str, k: int | None, views: int = VIEWS,
-                      transform: str = TRANSFORM) -> str:
+def cache_fingerprint(teacher_sha256: str, data_fingerprint: str, k: int | None, views: int = 1,
+                      transform: str = "none") -> str:
+    """``transform`` is ``augment.Augment.transform`` (what defines the views), ``views`` their count V."""
     blob = json.dumps([teacher_sha256, data_fingerprint, transform, views, k], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -80,7 +88,8 @@ def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 class TeacherLogits:
     """Ray Data callable class: one teacher replica per actor, loaded once in its constructor."""
 
-    def __init__(self, spec: dict, state_ref, data_ref, k: int | None, num_threads: int = 1):
+    def __init__(self, spec: dict, state_ref, data_ref, k: int | None, views: int = 1, augment: Augment = Augment(),
+                 num_threads: int = 1):
         import ray
         import torch
 
@@ -91,17 +100,20 @@ class TeacherLogits:
         # refs arrive wrapped in a list so Ray does not resolve them into copies per call
         self.model = build_from_spec(spec, ray.get(state_ref[0])).eval()
         self.train = ray.get(data_ref[0]).train  # zero-copy numpy from the object store
-        self.k = k
+        self.k, self.views, self.augment = k, views, augment
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         from raydistill.core.losses import teacher_topk
 
-        rows = batch["id"]  # positions in the training split
+        i = batch["id"]  # positions in range(samples x views)
+        rows, views = i // self.views, i % self.views  # (B,) position in the training split, (B,) view id
+        ids = self.train.ids[rows].astype(np.int64)
+        x = self.augment(torch.from_numpy(np.ascontiguousarray(self.train.x[rows])), ids, views)  # (B, C, H, W)
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(np.ascontiguousarray(self.train.x[rows])))  # (B, K)
-        out = {"id": self.train.ids[rows].astype(np.int64), "view": np.zeros(len(rows), np.int16)}
+            logits = self.model(x)  # (B, K)
+        out = {"id": ids, "view": views.astype(np.int16)}
         if self.k is None:
             out["logits"] = logits.numpy().astype(np.float16)
         else:
@@ -124,9 +136,12 @@ def _to_table(parts: list[dict[str, np.ndarray]]) -> pa.Table:
 
 
 def build_cache(uri: str, *, teacher_spec: dict, teacher_state: dict, teacher_sha256: str, splits,
-                data_fingerprint: str, k: int | None = None, num_actors: int = 1, cpus_per_actor: float = 0.5,
+                data_fingerprint: str, k: int | None = None, views: int = 1, augment: str = "none",
+                augment_pad: int = 0, seed: int = 0, num_actors: int = 1, cpus_per_actor: float = 0.5,
                 num_gpus_per_actor: float = 0.0, batch_size: int = 512, num_threads: int = 1) -> CacheInfo:
-    """Compute teacher outputs for every training sample with a Ray Data actor pool; write the cache."""
+    """Compute teacher outputs for every training sample in each of its ``views`` augmented views with a
+    Ray Data actor pool; write the cache. ``augment``, ``augment_pad`` and ``seed`` are the config's
+    ``data.augment``, ``data.augment_pad`` and ``seed``: they define the views (raydistill/augment.py)."""
     import time
 
     import ray
@@ -134,20 +149,24 @@ def build_cache(uri: str, *, teacher_spec: dict, teacher_state: dict, teacher_sh
     num_classes = splits.num_classes
     if k is not None and not 1 <= k <= num_classes:
         raise CacheError(f"cache top-k must be in [1, {num_classes}], got {k}; set k to at most the class count")
+    if views < 1 or (views > 1 and augment == "none"):
+        raise CacheError(f"a cache of {views} views needs random augmentation; set data.augment=crop or cache.views=1")
+    aug = make_augment(augment, augment_pad, seed, splits.shape[1])
     t0 = time.perf_counter()
-    n = len(splits.train)
+    n = len(splits.train) * views  # one teacher forward per (sample, view)
     state_ref, data_ref = ray.put(teacher_state), ray.put(splits)
     ds = ray.data.range(n, override_num_blocks=max(1, min(n // batch_size + 1, 4 * num_actors)))
     out = ds.map_batches(
-        TeacherLogits, fn_constructor_kwargs={"spec": teacher_spec, "state_ref": [state_ref],
-                                              "data_ref": [data_ref], "k": k, "num_threads": num_threads},
+        TeacherLogits, fn_constructor_kwargs={"spec": teacher_spec, "state_ref": [state_ref], "data_ref": [data_ref],
+                                              "k": k, "views": views, "augment": aug, "num_threads": num_threads},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor, num_gpus=num_gpus_per_actor)
     parts = [dict(b) for b in out.iter_batches(batch_size=None, batch_format="numpy")]
     table = _to_table(parts).sort_by([("id", "ascending"), ("view", "ascending")])
-    info = CacheInfo(fingerprint=cache_fingerprint(teacher_sha256, data_fingerprint, k), format="topk" if k else "full",
-                     k=k, views=VIEWS, num_classes=num_classes, rows=table.num_rows, teacher_sha256=teacher_sha256,
-                     data_fingerprint=data_fingerprint, transform=TRANSFORM,
+    assert table.num_rows == n, (table.num_rows, n)
+    info = CacheInfo(fingerprint=cache_fingerprint(teacher_sha256, data_fingerprint, k, views, aug.transform),
+                     format="topk" if k else "full", k=k, views=views, num_classes=num_classes, rows=table.num_rows,
+                     teacher_sha256=teacher_sha256, data_fingerprint=data_fingerprint, transform=aug.transform,
                      teacher_forward_samples=table.num_rows)
     fs, root = _fs(uri)
     fs.create_dir(root, recursive=True)
@@ -173,8 +192,8 @@ def read_info(uri: str) -> CacheInfo:
 
 
 def check_cache(uri: str, expected_fingerprint: str, *, teacher_sha256: str, data_fingerprint: str,
-                k: int | None) -> CacheInfo:
-    """Refuse a cache built from another teacher, other data or another k — say which."""
+                k: int | None, views: int = 1, transform: str = "none") -> CacheInfo:
+    """Refuse a cache built from another teacher, other data, another k, transform or number of views — say which."""
     info = read_info(uri)
     if info.fingerprint == expected_fingerprint:
         return info
@@ -185,14 +204,17 @@ def check_cache(uri: str, expected_fingerprint: str, *, teacher_sha256: str, dat
         why.append("other data")
     if info.k != k:
         why.append(f"k={info.k} (this run wants k={k})")
-    if info.transform != TRANSFORM or info.views != VIEWS:
-        why.append("another transform")
+    if info.transform != transform:
+        why.append(f"another transform ({info.transform!r}; this run wants {transform!r})")
+    if info.views != views:
+        why.append(f"{info.views} views (this run wants {views})")
     raise CacheError(f"logit cache {uri} was built from {' and '.join(why) or 'other inputs'}; "
                      "rebuild it with `raydistill cache-logits` or point cache.path elsewhere")
 
 
 def load_for_ids(uri: str, ids: np.ndarray, info: CacheInfo) -> dict[str, np.ndarray]:
-    """Teacher outputs for ``ids`` (N,), in that order: {"logits": (N, K)} or {"topk_probs", "topk_idx"}."""
+    """Teacher outputs for ``ids`` (N,), in that order, every view: {"logits": (N, V, K)} or
+    {"topk_probs": (N, V, k), "topk_idx": (N, V, k)}; [n, v] is sample ids[n] in view v."""
     fs, root = _fs(uri)
     path = f"{root}/part-00000.parquet"
     try:
@@ -202,20 +224,25 @@ def load_for_ids(uri: str, ids: np.ndarray, info: CacheInfo) -> dict[str, np.nda
     except (pa.ArrowInvalid, OSError) as e:
         raise CacheError(f"logit cache shard {path} is corrupt ({str(e).splitlines()[0][:100]}); "
                          "rebuild the cache with `raydistill cache-logits`") from None
-    cached_ids = table.column("id").to_numpy()
-    order = np.argsort(cached_ids)
-    pos = np.searchsorted(cached_ids, ids, sorter=order)
-    pos = np.clip(pos, 0, len(cached_ids) - 1)
-    found = cached_ids[order[pos]] == ids
+    V = info.views
+    cached_ids, cached_views = table.column("id").to_numpy(), table.column("view").to_numpy()
+    order = np.lexsort((cached_views, cached_ids)).reshape(-1, V)  # (samples, V): a sample's rows, view 0..V-1
+    if len(cached_ids) % V or not (np.all(cached_views[order] == np.arange(V))
+                                   and np.all(cached_ids[order] == cached_ids[order[:, :1]])):
+        raise CacheError(f"logit cache {uri} does not hold views 0..{V - 1} of every sample; "
+                         "rebuild it with `raydistill cache-logits`")
+    sample_ids = cached_ids[order[:, 0]]  # (samples,) ascending
+    pos = np.clip(np.searchsorted(sample_ids, ids), 0, len(sample_ids) - 1)
+    found = sample_ids[pos] == ids
     if not found.all():
         missing = ids[~found][:3].tolist()
         raise CacheError(f"logit cache {uri} has no entry for sample ids {missing}...; rebuild it for this data")
-    rows = order[pos]
+    rows = order[pos]  # (N, V) table rows
     out = {}
     for name in ("logits", "topk_probs", "topk_idx"):
         if name in table.column_names:
             col = table.column(name).combine_chunks()
             width = col.type.list_size
             flat = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-            out[name] = flat[rows]
+            out[name] = flat[rows]  # (N, V, width)
     return out

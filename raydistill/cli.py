@@ -44,8 +44,9 @@ def cmd_cache_logits(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out(args.config)
     result = run(cfg, out, address=args.address, quiet=args.quiet, stop_after="cache")
     c = result["cache"]
-    print(f"logit cache {c['uri']}: {c['rows']} rows, format {c['format']}"
-          + (f" (k={c['k']})" if c["k"] else "") + f", teacher forward samples {c['teacher_forward_samples']}")
+    print(f"logit cache {c['uri']}: {c['rows']} rows ({c['views']} view(s) per sample, transform {c['transform']}), "
+          f"format {c['format']}" + (f" (k={c['k']})" if c["k"] else "")
+          + f", teacher forward samples {c['teacher_forward_samples']}")
     return 0
 
 

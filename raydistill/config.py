@@ -21,7 +21,6 @@ from typing import Any
 
 import yaml
 
-
 SPACE_KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
 
 
@@ -45,6 +44,8 @@ class DataConfig:
     seed: int = 0  # split seed: same seed, same ids in each split
     limit: int | None = None  # keep at most this many samples per split (smoke runs)
     shard: str = "random"  # how training data is split across workers: random | classwise
+    augment: str = "none"  # training inputs: none | crop (random crop after zero padding) | crop_flip (+ horizontal flip: right for CIFAR, wrong for digits); val/test never augmented
+    augment_pad: int = 0  # zero padding in pixels before the random crop; 0 = auto, max(1, image_size // 8)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class CacheConfig:
     k: int | None = None  # store top-k probabilities instead of full fp16 logits (None: full)
     num_actors: int = 1  # teacher replicas in the Ray Data actor pool that builds the cache
     batch_size: int = 512  # teacher batch size while building the cache
+    views: int = 1  # augmented views per sample stored in the cache (FKD); the student trains on exactly these; > 1 needs data.augment
 
 
 @dataclass
@@ -258,6 +260,7 @@ def validate(cfg: Config) -> Config:
     d, p, s = cfg.distill, cfg.prune, cfg.scale
     _choice("data.source", cfg.data.source, ("digits", "cifar10", "imagefolder", "parquet"))
     _choice("data.shard", cfg.data.shard, ("random", "classwise"))
+    _choice("data.augment", cfg.data.augment, ("none", "crop", "crop_flip"))  # raydistill/augment.py
     _choice("distill.teacher_mode", d.teacher_mode, ("live", "inprocess", "cache"))
     _choice("distill.precision", d.precision, ("fp32", "bf16", "fp16"))
     if d.precision == "fp16" and not cfg.scale.use_gpu:
@@ -284,6 +287,8 @@ def validate(cfg: Config) -> Config:
         (cfg.cache.k is None or cfg.cache.k >= 1, "cache.k must be >= 1 or null", cfg.cache.k),
         (cfg.cache.num_actors >= 1, "cache.num_actors must be >= 1", cfg.cache.num_actors),
         (cfg.cache.batch_size >= 1, "cache.batch_size must be >= 1", cfg.cache.batch_size),
+        (cfg.cache.views >= 1, "cache.views must be >= 1", cfg.cache.views),
+        (cfg.data.augment_pad >= 0, "data.augment_pad must be >= 0 (0 = auto)", cfg.data.augment_pad),
         (s.num_workers >= 1, "scale.num_workers must be >= 1", s.num_workers),
         (s.cpus_per_worker > 0, "scale.cpus_per_worker must be > 0", s.cpus_per_worker),
         (s.teacher_cpus >= 0, "scale.teacher_cpus must be >= 0", s.teacher_cpus),
@@ -322,6 +327,15 @@ def validate(cfg: Config) -> Config:
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS):
             raise ConfigError(f"tune.space['{key}'] must be one of {{{', '.join(k + ': ...' for k in SPACE_KINDS)}}}, "
                               f"got {spec!r}")
+    if cfg.cache.views > 1 and cfg.data.augment == "none":
+        raise ConfigError(f"cache.views > 1 needs data.augment (got cache.views={cfg.cache.views} with data.augment=none: "
+                          "every view would be the same image); set data.augment=crop or cache.views=1")
+    view_keys = [k for k in t.space if k in ("data.augment", "data.augment_pad", "cache.views")
+                 or (k == "seed" and cfg.data.augment != "none")]  # the keys that define the augmented views
+    if view_keys and t.teacher_mode == "cache":
+        raise ConfigError(f"tune.space searches {', '.join(view_keys)}, but with tune.teacher_mode=cache every trial reads "
+                          "the one logit cache, whose augmented views are fixed; remove it from tune.space or set "
+                          "tune.teacher_mode=live")
     if (d.hint_student_layer is None) != (d.hint_teacher_layer is None):
         raise ConfigError(
             "distill.hint_student_layer and distill.hint_teacher_layer must be set together; set both or neither"

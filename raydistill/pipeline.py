@@ -308,23 +308,30 @@ def config_value(cfg: Config, dotted: str):
 
 def ensure_cache(cfg: Config, out: Path, t_spec: dict, teacher_state: dict, teacher_sha: str, splits: Splits,
                  data_fp: str, timings: dict, quiet: bool):
-    """Use the logit cache if it matches this teacher, data and k; build it when absent."""
+    """Use the logit cache if it matches this teacher, data, k and augmented views; build it when absent."""
+    from raydistill.augment import make_augment
     from raydistill.cache import CacheError, build_cache, cache_fingerprint, check_cache
 
     uri = cfg.cache.path or str(out / "logit_cache")
-    expected = cache_fingerprint(teacher_sha, data_fp, cfg.cache.k)
+    views = cfg.cache.views
+    transform = make_augment(cfg.data.augment, cfg.data.augment_pad, cfg.seed, splits.shape[1]).transform
+    expected = cache_fingerprint(teacher_sha, data_fp, cfg.cache.k, views, transform)
     t0 = time.perf_counter()
     try:
-        info = check_cache(uri, expected, teacher_sha256=teacher_sha, data_fingerprint=data_fp, k=cfg.cache.k)
+        info = check_cache(uri, expected, teacher_sha256=teacher_sha, data_fingerprint=data_fp, k=cfg.cache.k,
+                           views=views, transform=transform)
         timings["logit_cache"] = {"seconds": time.perf_counter() - t0, "skipped": True}
         log(f"logit cache {uri}: up to date ({info.rows} rows), reused", quiet)
         return info, uri
     except CacheError:
         if cfg.cache.path and _cache_exists(uri):
             raise  # a user-given cache that does not match is refused, never overwritten
-    log(f"logit cache: one teacher pass over {len(splits.train)} samples with {cfg.cache.num_actors} actor(s)", quiet)
+    log(f"logit cache: one teacher pass over {len(splits.train)} samples x {views} view(s) ({transform}) "
+        f"with {cfg.cache.num_actors} actor(s)", quiet)
     info = build_cache(uri, teacher_spec=t_spec, teacher_state=teacher_state, teacher_sha256=teacher_sha,
-                       splits=splits, data_fingerprint=data_fp, k=cfg.cache.k, num_actors=cfg.cache.num_actors,
+                       splits=splits, data_fingerprint=data_fp, k=cfg.cache.k, views=views,
+                       augment=cfg.data.augment, augment_pad=cfg.data.augment_pad, seed=cfg.seed,
+                       num_actors=cfg.cache.num_actors,
                        cpus_per_actor=cfg.scale.teacher_cpus or 0.5, num_gpus_per_actor=cfg.scale.teacher_gpus,
                        batch_size=cfg.cache.batch_size, num_threads=cfg.scale.torch_threads)
     timings["logit_cache"] = {"seconds": time.perf_counter() - t0}
@@ -475,7 +482,9 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
 
     # 3. the shared teacher actor, then KD -------------------------------------------------------------------
     kd_key = digest(student_common, teacher_sha, cfg.section_hash("distill"),
-                    cfg.cache.k if d.teacher_mode == "cache" else None)
+                    cfg.cache.k if d.teacher_mode == "cache" else None,
+                    # views only when > 1, so the keys of runs made before cache.views existed still match
+                    *([cfg.cache.views] if d.teacher_mode == "cache" and cfg.cache.views > 1 else []))
     kd_path = out / "student_kd.pt"
     prune_path = out / "student_pruned.pt"
     prune_key = digest(kd_key, cfg.section_hash("prune"))

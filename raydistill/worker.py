@@ -27,6 +27,7 @@ import ray.train.torch
 import torch
 import torch.nn.functional as F
 
+from raydistill.augment import epoch_views, make_augment
 from raydistill.checkpoints import build_from_spec
 from raydistill.core.losses import FeatureHooks, HintAdapter, hard_kd_loss, soft_kd_loss, topk_log_probs
 from raydistill.core.metrics import accuracy
@@ -38,10 +39,13 @@ class NonFiniteLossError(RuntimeError):
     """Training produced NaN/inf; the message names the step and the probable cause."""
 
 
-# ---- teacher sources: same interface, request(idx, x) now → result(handle) one step later ---------
-# idx are positions in this worker's shard (the cache looks them up), x the batch (B, C, H, W).
-# result() returns a TeacherOut: logits (B, K) (from a top-k cache, the log of the distribution rebuilt
-# from its top-k), plus the teacher's hint feature when the hint loss is on.
+# ---- teacher sources: same interface, request(idx, x, views) now → result(handle) one step later ----------
+# idx are positions in this worker's shard (the cache looks them up), x the batch (B, C, H, W) as the
+# student sees it (augmented), views (B,) the view id of each sample (the cache's row; live teachers
+# label x itself and ignore it). ``views`` on a teacher is how many views it holds per sample (the
+# cache) or None (any view: a fresh one every epoch). result() returns a TeacherOut: logits (B, K)
+# (from a top-k cache, the log of the distribution rebuilt from its top-k), plus the teacher's hint
+# feature when the hint loss is on.
 class TeacherOut(NamedTuple):
     logits: torch.Tensor  # (B, K); from a top-k cache, the log of the distribution rebuilt from its top-k
     feature: torch.Tensor | None = None
@@ -53,8 +57,9 @@ class LiveTeacher:
         from raydistill.teacher import get_teacher_server
 
         self.actor, self.device, self.rank = get_teacher_server(actor_name), device, rank
+        self.views = None
 
-    def request(self, idx: torch.Tensor, xb: torch.Tensor):
+    def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor):
         return self.actor.logits.remote(xb.numpy(), self.rank)  # a future: the student step runs meanwhile
 
     def result(self, ref) -> TeacherOut:
@@ -71,8 +76,9 @@ class InprocessTeacher:
         self.hooks = FeatureHooks(self.model, [hint_layer]) if hint_layer else None
         self.hint_layer = hint_layer
         self.samples = 0  # teacher forward samples so far (a per-trial teacher's cost, for the sweep report)
+        self.views = None
 
-    def request(self, idx: torch.Tensor, xb: torch.Tensor) -> TeacherOut:
+    def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor) -> TeacherOut:
         self.samples += len(xb)
         with torch.inference_mode():
             logits = self.model(xb.to(self.device))  # (B, K)
@@ -86,8 +92,9 @@ class InprocessTeacher:
 class CachedTeacher:
     """Teacher outputs read from the Parquet logit cache, joined to this shard by sample id once.
 
-    No teacher is in memory at all; a step costs one gather from a (N, K) float32 array. A top-k
-    cache is expanded here, once, to the full log-distribution its loss targets
+    No teacher is in memory at all; a step costs one gather from a (N, V, K) float32 array: the row of
+    each sample in the view the student is shown (V cached views, FKD; V = 1 without augmentation).
+    A top-k cache is expanded here, once, to the full log-distribution its loss targets
     (``core.losses.topk_log_probs``), so its steps cost the same as a full cache's: rebuilding it
     every step made top-5 KD 0.86x as fast as full-logit KD (benchmarks/throughput.py).
     """
@@ -96,30 +103,44 @@ class CachedTeacher:
         from raydistill.cache import CacheInfo, load_for_ids
 
         cached = load_for_ids(uri, ids, CacheInfo(**info))  # rows aligned with this shard's samples
-        self.device = device
+        self.device, self.views = device, info["views"]
         if "logits" in cached:
-            self.logits = torch.from_numpy(cached["logits"]).float()  # (N, K)
+            self.logits = torch.from_numpy(cached["logits"]).float()  # (N, V, K)
         else:
-            self.logits = topk_log_probs(torch.from_numpy(cached["topk_probs"]),
-                                         torch.from_numpy(cached["topk_idx"].astype(np.int64)), info["num_classes"])
+            probs = torch.from_numpy(cached["topk_probs"])  # (N, V, k)
+            classes = torch.from_numpy(cached["topk_idx"].astype(np.int64))
+            n, v, k = probs.shape
+            self.logits = topk_log_probs(probs.reshape(n * v, k), classes.reshape(n * v, k),
+                                         info["num_classes"]).reshape(n, v, -1)
 
-    def request(self, idx: torch.Tensor, xb: torch.Tensor) -> TeacherOut:
-        return TeacherOut(self.logits[idx].to(self.device))
+    def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor) -> TeacherOut:
+        return TeacherOut(self.logits[idx, views].to(self.device))  # (B, K)
 
     def result(self, handle: TeacherOut) -> TeacherOut:
         return handle
 
 
-def make_teacher(job: dict, device: torch.device, rank: int, shard_ids: np.ndarray):
+def make_teacher(job: dict, device: torch.device, rank: int, shard_ids: np.ndarray, image_size: int):
     t = job.get("teacher")
     if t is None:
         return None
     if t["mode"] == "live":
         return LiveTeacher(t["actor_name"], device, rank)
     if t["mode"] == "cache":
+        check_cache_views(t["info"], job["cfg"], image_size)
         return CachedTeacher(t["uri"], t["info"], shard_ids, device)
     cfg = job["cfg"]["distill"]
     return InprocessTeacher(t["spec"], ray.get(t["state"]), device, cfg["hint_teacher_layer"])
+
+
+def check_cache_views(info: dict, cfg: dict, image_size: int) -> None:
+    """The cache must hold the views this run trains on (a sweep trial could change data.augment or seed)."""
+    from raydistill.cache import CacheError
+
+    want = make_augment(cfg["data"]["augment"], cfg["data"]["augment_pad"], cfg["seed"], image_size).transform
+    if info["transform"] != want or info["views"] != cfg["cache"]["views"]:
+        raise CacheError(f"logit cache holds {info['views']} view(s) of transform {info['transform']!r}, this run "
+                         f"trains on {cfg['cache']['views']} of {want!r}; rebuild it with `raydistill cache-logits`")
 
 
 class HintStudent(torch.nn.Module):
@@ -186,7 +207,8 @@ def train_step(model, opt, xb, yb, teacher_out, phase: dict, cfg: dict, step: in
     return loss.item(), int((s_logits.argmax(1) == yb).sum())
 
 
-def run_epoch(model, opt, sched, teacher, x, y, phase, cfg, epoch, pruner, device) -> dict:
+def run_epoch(model, opt, sched, teacher, x, y, ids, phase, cfg, epoch, pruner, device) -> dict:
+    """One pass over this shard: x (N, C, H, W), y (N,), ids (N,) the samples' ids (they define their views)."""
     bs = phase["batch_size"]
     scaler = torch.amp.GradScaler(device.type) if cfg["distill"].get("precision") == "fp16" else None
     g = torch.Generator().manual_seed(cfg["seed"] * 100_003 + epoch)
@@ -197,13 +219,29 @@ def run_epoch(model, opt, sched, teacher, x, y, phase, cfg, epoch, pruner, devic
     # scheduling, the merged forward) is longer than one small student step, so one batch of
     # look-ahead is not enough to hide it.
     depth = max(1, cfg["scale"].get("teacher_prefetch", 4)) if uses_teacher else 0
-    pending = deque(teacher.request(b, x[b]) for b in batches[:depth])
+    # data.augment: every sample is shown in one view per epoch (a cached one in cache mode, else a fresh
+    # one), regenerated from (seed, id, view); the teacher is asked about exactly these pixels.
+    augment = make_augment(cfg["data"]["augment"], cfg["data"]["augment_pad"], cfg["seed"], x.shape[2])
+    views = torch.from_numpy(epoch_views(ids, epoch, cfg["seed"], getattr(teacher, "views", None)))  # (N,)
+
+    def inputs(b):  # (B, C, H, W): the samples b in their view of this epoch
+        return augment(x[b], ids[b], views[b])
+
+    def ask(b):  # the batch's inputs and its teacher request, made `depth` steps ahead
+        xb = inputs(b)
+        return xb, teacher.request(b, xb, views[b])
+
+    pending = deque(ask(b) for b in batches[:depth])
     t0, total_loss, correct = time.perf_counter(), 0.0, 0
     for i, idx in enumerate(batches):
-        t_out = teacher.result(pending.popleft()) if uses_teacher else None
-        if uses_teacher and i + depth < len(batches):  # ask for batch i+depth before stepping on batch i
-            pending.append(teacher.request(batches[i + depth], x[batches[i + depth]]))
-        loss, c = train_step(model, opt, x[idx].to(device), y[idx].to(device), t_out, phase, cfg, step=i,
+        if uses_teacher:
+            xb, handle = pending.popleft()
+            t_out = teacher.result(handle)
+            if i + depth < len(batches):  # ask for batch i+depth before stepping on batch i
+                pending.append(ask(batches[i + depth]))
+        else:
+            xb, t_out = inputs(idx), None
+        loss, c = train_step(model, opt, xb.to(device), y[idx].to(device), t_out, phase, cfg, step=i,
                              scaler=scaler)
         sched.step()
         if pruner is not None:
@@ -319,8 +357,9 @@ def run_loop(job: dict, session) -> tuple[dict, torch.nn.Module]:
     splits = ray.get(job["data"])
     shard = shard_indices(splits.train.y, world, rank, cfg["data"]["shard"], cfg["seed"])
     x, y = torch.from_numpy(splits.train.x[shard]), torch.from_numpy(splits.train.y[shard])  # (N, C, H, W), (N,)
-    x_val, y_val = torch.from_numpy(np.array(splits.val.x)), torch.from_numpy(np.array(splits.val.y))
-    teacher = make_teacher(job, device, rank, splits.train.ids[shard])
+    ids = torch.from_numpy(splits.train.ids[shard])  # (N,) sample ids: with the seed they define the augmented views
+    x_val, y_val = torch.from_numpy(np.array(splits.val.x)), torch.from_numpy(np.array(splits.val.y))  # never augmented
+    teacher = make_teacher(job, device, rank, splits.train.ids[shard], image_size=x.shape[2])
 
     spec = dict(job["spec"])
     resumed = load_train_state(session.get_checkpoint())
@@ -365,7 +404,7 @@ def run_loop(job: dict, session) -> tuple[dict, torch.nn.Module]:
                     F.cross_entropy(out[0] if isinstance(out, tuple) else out, y[: phase["batch_size"]].to(device)).backward()
                 pruner.mask_(ratio)
                 check_same_masks(pruner, world)
-            stats = run_epoch(ddp, opt, sched, teacher, x, y, phase, cfg, epoch, pruner, device)
+            stats = run_epoch(ddp, opt, sched, teacher, x, y, ids, phase, cfg, epoch, pruner, device)
             plan = spec.get("plan") or []
             removed = False
             if pruner is not None and phase.get("remove_after") and epoch == e1 - 1:

@@ -96,6 +96,10 @@ CASES = [  # (id, args, words the one-line message must contain)
     ("hint without inprocess", ["--set", "distill.hint_student_layer=features.0",
                                 "--set", "distill.hint_teacher_layer=features.0"], ["teacher_mode=inprocess"]),
     ("unreachable ray address", ["--address", "127.0.0.1:1"], ["cannot reach a Ray cluster", "127.0.0.1:1"]),
+    ("views without augmentation", ["--set", "cache.views=3"], ["cache.views > 1 needs data.augment",
+                                                                "set data.augment=crop or cache.views=1"]),
+    ("unknown augmentation", ["--set", "data.augment=crop_flp"], ["data.augment must be one of",
+                                                                  "did you mean 'crop_flip'"]),
 ]
 
 

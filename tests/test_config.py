@@ -37,10 +37,30 @@ def test_int_accepted_for_float_but_not_bool():
     ("prune.importance", "l2", "prune.importance must be one of"),
     ("distill.teacher_mode", "liev", "did you mean 'live'"),
     ("data.source", "parquet", "data.path is not set"),
+    ("data.augment", "crop_flp", "did you mean 'crop_flip'"),
+    ("data.augment", "flip", "data.augment must be one of none, crop, crop_flip"),
+    ("data.augment_pad", -1, "data.augment_pad must be >= 0"),
+    ("cache.views", 0, "cache.views must be >= 1"),
+    ("cache.views", 4, "cache.views > 1 needs data.augment.*set data.augment=crop or cache.views=1"),
 ])
 def test_bad_values_name_the_key_and_the_fix(key, value, match):
     with pytest.raises(ConfigError, match=match):
         config.load(None, {key: value})
+
+
+def test_augmented_views_config():
+    cfg = config.load(None, {"data.augment": "crop_flip", "cache.views": 4, "data.augment_pad": 2})
+    assert (cfg.data.augment, cfg.cache.views, cfg.data.augment_pad) == ("crop_flip", 4, 2)
+    assert config.load(None, {"data.augment": "crop"}).cache.views == 1  # one view, drawn afresh: fine too
+
+
+@pytest.mark.parametrize("key,values", [("cache.views", [1, 2]), ("data.augment", ["none", "crop"]), ("seed", [0, 1])])
+def test_sweep_over_the_views_needs_a_live_teacher(key, values):
+    """One logit cache serves every trial of a cache-mode sweep, so its views cannot be a search key."""
+    base = {"data.augment": "crop", "tune.space": {"distill.alpha": {"choice": [0.0, 0.5]}, key: {"choice": values}}}
+    with pytest.raises(ConfigError, match=f"tune.space searches {key}.*tune.teacher_mode=live"):
+        config.load(None, base)
+    assert config.load(None, {**base, "tune.teacher_mode": "live"}).tune.space[key] == {"choice": values}
 
 
 def test_hint_needs_inprocess_teacher():

@@ -77,7 +77,7 @@ class RecordingTeacher:
     def __init__(self):
         self.in_flight, self.max_in_flight, self.served = 0, 0, []
 
-    def request(self, idx, xb):
+    def request(self, idx, xb, views):
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         return idx.clone()
@@ -106,9 +106,104 @@ def test_prefetched_teacher_answers_reach_their_own_batch(depth, monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
     phase = {"name": "distill", "alpha": 0.5, "beta": 0.0, "lr": 0.1, "batch_size": 16}
-    worker.run_epoch(model, opt, sched, teacher, x, y, phase, cfg, 0, None, torch.device("cpu"))
+    worker.run_epoch(model, opt, sched, teacher, x, y, torch.arange(100), phase, cfg, 0, None, torch.device("cpu"))
     assert len(seen) == 7 and teacher.in_flight == 0
     assert teacher.max_in_flight == min(depth, 7)
     for xb, t_arg in seen:  # the teacher's answer encodes the ids, so it must agree with the batch's own samples
         ids = torch.tensor([int(torch.nonzero((x == row).all(dim=(1, 2, 3)))[0]) for row in xb])
         assert torch.equal(t_arg, ids % 10)
+
+
+# ---- augmentation: the student trains on exactly the views the teacher labelled -------------------------
+def _write_cache(root, ids, V, K, transform):
+    """A real cache folder (Parquet + cache.json) written without Ray: the row of (sample n, view v) has
+    logits [n, v, 0, ...], so the teacher output a step receives says which row it was gathered from."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from raydistill.cache import CacheInfo, _to_table
+
+    n = np.repeat(np.arange(len(ids)), V)
+    v = np.tile(np.arange(V), len(ids))
+    logits = np.zeros((len(n), K), np.float16)
+    logits[:, 0], logits[:, 1] = n, v
+    order = np.random.default_rng(0).permutation(len(n))  # rows in no particular order on disk
+    table = _to_table([{"id": ids[n][order], "view": v[order].astype(np.int16), "logits": logits[order]}])
+    root.mkdir()
+    pq.write_table(table, root / "part-00000.parquet")
+    info = CacheInfo(fingerprint="f", format="full", k=None, views=V, num_classes=K, rows=len(n),
+                     teacher_sha256="t", data_fingerprint="d", transform=transform)
+    (root / "cache.json").write_text(json.dumps(info.__dict__))
+    return info
+
+
+@pytest.mark.parametrize("kind", ["crop", "crop_flip"])
+def test_student_trains_on_exactly_the_cached_views(kind, tmp_path, monkeypatch):
+    """Cache mode, V views: every step's pixels are one of the sample's V cached views, the teacher output
+    it gets is that very (sample, view) row, and over V epochs each sample goes through all V views."""
+    from raydistill import worker
+    from raydistill.augment import augment_batch, make_augment, view_params
+
+    V, N, seed = 3, 40, 5
+    model, cfg, *_ = _setup(**{"data.augment": kind, "data.augment_pad": 3, "cache.views": V, "seed": seed,
+                               "scale.teacher_prefetch": 3})
+    x, y = torch.randn(N, 1, 8, 8), torch.arange(N) % 10
+    ids = torch.arange(N) * 7 + 1000  # sample ids, not positions, define the views
+    pad = 3  # 49 crops (x2 flips): a sample's V views rarely coincide, so a wrong view id shows
+    info = _write_cache(tmp_path / "cache", ids.numpy(), V, 10, make_augment(kind, pad, seed, 8).transform)
+    teacher = worker.make_teacher({"cfg": cfg, "teacher": {"mode": "cache", "uri": str(tmp_path / "cache"),
+                                                           "info": info.__dict__}},
+                                  torch.device("cpu"), 0, ids.numpy(), image_size=8)
+    # every sample's V candidate views, computed independently of the worker: (V, N, C, H, W)
+    candidates = torch.stack([augment_batch(x, *view_params(ids.numpy(), v, seed, pad, kind == "crop_flip"), pad)
+                              for v in range(V)])
+    distinct = sum(len({candidates[v, n].numpy().tobytes() for v in range(V)}) == V for n in range(N))
+    assert distinct > N * 0.8  # the views really differ
+    steps = []
+    monkeypatch.setattr(worker, "train_step", lambda m, o, xb, yb, t_out, *a, **k: steps.append((xb, t_out)) or (0.0, 0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
+    phase = {"name": "distill", "alpha": 0.5, "beta": 0.0, "lr": 0.1, "batch_size": 8}
+    shown = {n: [] for n in range(N)}  # the views each sample was trained on, epoch by epoch
+    for epoch in range(V):
+        steps.clear()
+        worker.run_epoch(model, opt, sched, teacher, x, y, ids, phase, cfg, epoch, None, torch.device("cpu"))
+        assert len(steps) == N // 8
+        for xb, t_out in steps:
+            rows, views = t_out.logits[:, 0].long(), t_out.logits[:, 1].long()  # the cache rows it was given
+            for pixels, n, v in zip(xb, rows.tolist(), views.tolist()):
+                matches = [w for w in range(V) if torch.equal(pixels, candidates[w, n])]
+                assert v in matches, (n, v, matches)  # the student sees the cached view the teacher labelled
+                shown[n].append(v)
+    assert all(sorted(vs) == list(range(V)) for vs in shown.values()), shown  # all V views used, once each
+
+
+def test_live_teachers_see_the_students_pixels_and_a_fresh_view_every_epoch(monkeypatch):
+    """Without a cache the view id is the epoch; the in-process teacher labels the very augmented batch."""
+    from raydistill import worker
+    from raydistill.augment import make_augment
+    from raydistill.checkpoints import build_from_spec, model_spec
+
+    spec = model_spec("cnn", {"widths": [4, 8], "hidden": 16}, 10, 1, 8)
+    model, cfg, *_ = _setup(**{"data.augment": "crop_flip", "seed": 2})
+    teacher = worker.InprocessTeacher(spec, build_from_spec(spec).state_dict(), torch.device("cpu"))
+    x, y, ids = torch.randn(32, 1, 8, 8), torch.arange(32) % 10, torch.arange(32) + 50
+    aug = make_augment("crop_flip", 0, 2, 8)
+    steps = []
+    monkeypatch.setattr(worker, "train_step", lambda m, o, xb, yb, t_out, *a, **k: steps.append((xb, t_out)) or (0.0, 0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
+    phase = {"name": "distill", "alpha": 0.5, "beta": 0.0, "lr": 0.1, "batch_size": 32}
+    epochs = []
+    for epoch in range(2):
+        steps.clear()
+        worker.run_epoch(model, opt, sched, teacher, x, y, ids, phase, cfg, epoch, None, torch.device("cpu"))
+        (xb, t_out), = steps
+        with torch.inference_mode():
+            torch.testing.assert_close(t_out.logits, teacher.model(xb))  # the teacher labelled these pixels
+        order = [int(torch.nonzero((aug(x, ids, epoch) == row).all(dim=(1, 2, 3)))[0]) for row in xb]
+        assert torch.equal(xb, aug(x[order], ids[order], epoch))  # view id = epoch
+        epochs.append(xb[torch.argsort(torch.tensor(order))])
+    assert not torch.equal(epochs[0], epochs[1])  # a fresh view in the next epoch
