@@ -123,7 +123,7 @@ class ScaleConfig:
     teacher_gpus: float = 0.0  # GPU (or fraction) for the shared teacher actor
     teacher_batch_window_ms: float = 2.0  # how long the actor waits to merge requests
     teacher_max_batch: int = 4096  # largest merged teacher batch
-    teacher_prefetch: int = 4  # teacher requests each worker keeps in flight ahead of its student step
+    teacher_prefetch: int = 4  # batches per teacher request; the next request is always in flight during the steps
     torch_threads: int = 1  # intra-op threads per worker (CPU); 0 = torch default
     resource_wait_s: float = 300.0  # on a cluster: how long to wait for autoscaled nodes before failing
     max_failures: int = 2  # times Ray Train restarts a stage from its last checkpoint after a worker error or death

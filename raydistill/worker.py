@@ -215,9 +215,9 @@ def run_epoch(model, opt, sched, teacher, x, y, ids, phase, cfg, epoch, pruner, 
     perm = torch.randperm(len(x), generator=g)
     batches = [perm[i:i + bs] for i in range(0, len(perm), bs)]  # same count on every rank (equal shards)
     uses_teacher = teacher is not None and (phase["alpha"] > 0 or phase["beta"] > 0 or cfg["distill"]["hint_weight"] > 0)
-    # Keep `teacher_prefetch` requests in flight: with the live actor a round trip (serialization,
-    # scheduling, the merged forward) is longer than one small student step, so one batch of
-    # look-ahead is not enough to hide it.
+    # Ask the teacher for `teacher_prefetch` batches in one request, and keep the next such group in flight
+    # while stepping on this one: with the live actor a round trip (serialization, scheduling, the merged
+    # forward) is longer than one small student step, and one call per batch paid that overhead per batch.
     depth = max(1, cfg["scale"].get("teacher_prefetch", 4)) if uses_teacher else 0
     # data.augment: every sample is shown in one view per epoch (a cached one in cache mode, else a fresh
     # one), regenerated from (seed, id, view); the teacher is asked about exactly these pixels.
@@ -227,20 +227,27 @@ def run_epoch(model, opt, sched, teacher, x, y, ids, phase, cfg, epoch, pruner, 
     def inputs(b):  # (B, C, H, W): the samples b in their view of this epoch
         return augment(x[b], ids[b], views[b])
 
-    def ask(b):  # the batch's inputs and its teacher request, made `depth` steps ahead
+    def ask(group):  # one teacher request for a group of batches: (group, its inputs, the request handle)
+        b = torch.cat(group)
         xb = inputs(b)
-        return xb, teacher.request(b, xb, views[b])
+        return group, xb, teacher.request(b, xb, views[b])
 
-    pending = deque(ask(b) for b in batches[:depth])
+    def with_teacher():  # (idx, xb, teacher output) per batch, in order, the next group always requested
+        groups = [batches[j:j + depth] for j in range(0, len(batches), depth)]
+        pending = deque(ask(g) for g in groups[:2])
+        for k in range(len(groups)):
+            group, xb, handle = pending.popleft()
+            out, start = teacher.result(handle), 0  # group k+1 is in flight meanwhile
+            if k + 2 < len(groups):  # and k+2 goes out before the steps on group k
+                pending.append(ask(groups[k + 2]))
+            for b in group:
+                part = slice(start, start + len(b))
+                yield b, xb[part], TeacherOut(out.logits[part], None if out.feature is None else out.feature[part])
+                start += len(b)
+
+    steps = with_teacher() if uses_teacher else ((b, inputs(b), None) for b in batches)
     t0, total_loss, correct = time.perf_counter(), 0.0, 0
-    for i, idx in enumerate(batches):
-        if uses_teacher:
-            xb, handle = pending.popleft()
-            t_out = teacher.result(handle)
-            if i + depth < len(batches):  # ask for batch i+depth before stepping on batch i
-                pending.append(ask(batches[i + depth]))
-        else:
-            xb, t_out = inputs(idx), None
+    for i, (idx, xb, t_out) in enumerate(steps):
         loss, c = train_step(model, opt, xb.to(device), y[idx].to(device), t_out, phase, cfg, step=i,
                              scaler=scaler)
         sched.step()

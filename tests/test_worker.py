@@ -108,7 +108,9 @@ def test_prefetched_teacher_answers_reach_their_own_batch(depth, monkeypatch):
     phase = {"name": "distill", "alpha": 0.5, "beta": 0.0, "lr": 0.1, "batch_size": 16}
     worker.run_epoch(model, opt, sched, teacher, x, y, torch.arange(100), phase, cfg, 0, None, torch.device("cpu"))
     assert len(seen) == 7 and teacher.in_flight == 0
-    assert teacher.max_in_flight == min(depth, 7)
+    groups = -(-7 // depth)  # one request per group of `depth` batches (16 samples each), the last one shorter
+    assert [len(r) for r in teacher.served] == [min(depth * 16, 100 - 16 * depth * g) for g in range(groups)]
+    assert teacher.max_in_flight == min(2, groups)  # the next group is always asked for before this one is used
     for xb, t_arg in seen:  # the teacher's answer encodes the ids, so it must agree with the batch's own samples
         ids = torch.tensor([int(torch.nonzero((x == row).all(dim=(1, 2, 3)))[0]) for row in xb])
         assert torch.equal(t_arg, ids % 10)
