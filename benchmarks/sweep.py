@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,13 +43,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep.json"))
     args = ap.parse_args()
 
-    import ray
-    import torch
-
     from raydistill import config
     from raydistill.checkpoints import atomic_write_text
     from raydistill.pipeline import init_ray, run as run_pipeline
     from raydistill.sweep import run_sweep
+    from throughput import machine  # the same machine description as every benchmark here
 
     load0 = os.getloadavg()
     overrides = {"tune.num_trials": args.trials, "tune.scheduler": "none",
@@ -101,8 +98,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps({
         "command": " ".join(["sweep.py"] + sys.argv[1:]), "load_average_at_start": load0,
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "ray": ray.__version__},
+        "machine": machine(),
         "trials": args.trials, "repeats": args.repeats, "overrides": overrides, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 

@@ -156,12 +156,12 @@ def main() -> None:
     for name, c in caches.items():
         print(f"cache {name}: {c['bytes']} bytes")
 
-    import platform
+    from throughput import machine  # the same machine description as every benchmark here
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps({
         "command": " ".join(["topk_accuracy.py"] + sys.argv[1:]), "load_average_at_start": load0,
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": machine(),
         "data": {"name": splits.name, "train": len(splits.train), "test": len(splits.test), "classes": K},
         "alpha": d.alpha, "epochs": d.epochs, "seeds": args.seeds, "teacher_test_accuracy": teacher_acc,
         "cache_bytes": {n: c["bytes"] for n, c in caches.items()}, "rows": table}, indent=2))

@@ -310,16 +310,14 @@ def ensure_cache(cfg: Config, out: Path, t_spec: dict, teacher_state: dict, teac
                  data_fp: str, timings: dict, quiet: bool):
     """Use the logit cache if it matches this teacher, data, k and augmented views; build it when absent."""
     from raydistill.augment import make_augment
-    from raydistill.cache import CacheError, build_cache, cache_fingerprint, check_cache
+    from raydistill.cache import CacheError, build_cache
 
     uri = cfg.cache.path or str(out / "logit_cache")
     views = cfg.cache.views
     transform = make_augment(cfg.data.augment, cfg.data.augment_pad, cfg.seed, splits.shape[1]).transform
-    expected = cache_fingerprint(teacher_sha, data_fp, cfg.cache.k, views, transform)
     t0 = time.perf_counter()
     try:
-        info = check_cache(uri, expected, teacher_sha256=teacher_sha, data_fingerprint=data_fp, k=cfg.cache.k,
-                           views=views, transform=transform)
+        info = check_cache_for_run(cfg, uri, teacher_sha, data_fp, splits.shape[1])
         timings["logit_cache"] = {"seconds": time.perf_counter() - t0, "skipped": True}
         log(f"logit cache {uri}: up to date ({info.rows} rows), reused", quiet)
         return info, uri
@@ -338,16 +336,24 @@ def ensure_cache(cfg: Config, out: Path, t_spec: dict, teacher_state: dict, teac
     return info, uri
 
 
-def check_given_cache(cfg: Config, data_fp: str, uses_cache: bool) -> None:
-    """Refuse a user-given cache that does not match before any training: with a teacher checkpoint the
-    teacher's hash is known up front (a teacher trained in this run is checked once it exists)."""
+def check_cache_for_run(cfg: Config, uri: str, teacher_sha: str, data_fp: str, image_size: int):
+    """The cache at ``uri`` if it holds this teacher's outputs for this data, k and augmented views;
+    otherwise CacheError naming what differs."""
+    from raydistill.augment import make_augment
     from raydistill.cache import cache_fingerprint, check_cache
 
+    views, k = cfg.cache.views, cfg.cache.k
+    transform = make_augment(cfg.data.augment, cfg.data.augment_pad, cfg.seed, image_size).transform
+    return check_cache(uri, cache_fingerprint(teacher_sha, data_fp, k, views, transform), teacher_sha256=teacher_sha,
+                       data_fingerprint=data_fp, k=k, views=views, transform=transform)
+
+
+def check_given_cache(cfg: Config, data_fp: str, image_size: int, uses_cache: bool) -> None:
+    """Refuse a user-given cache that does not match before any training: with a teacher checkpoint the
+    teacher's hash is known up front (a teacher trained in this run is checked once it exists)."""
     if not (uses_cache and cfg.cache.path and cfg.teacher.checkpoint and _cache_exists(cfg.cache.path)):
         return
-    sha = sha256_file(Path(cfg.teacher.checkpoint))
-    check_cache(cfg.cache.path, cache_fingerprint(sha, data_fp, cfg.cache.k), teacher_sha256=sha,
-                data_fingerprint=data_fp, k=cfg.cache.k)
+    check_cache_for_run(cfg, cfg.cache.path, sha256_file(Path(cfg.teacher.checkpoint)), data_fp, image_size)
 
 
 def _cache_exists(uri: str) -> bool:
@@ -382,7 +388,7 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     log(f"data {splits.name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
         f"{K} classes, shape {splits.shape}", quiet)
     validate_models(cfg, K, C, H)
-    check_given_cache(cfg, data_fp, uses_cache=cfg.distill.teacher_mode == "cache" or stop_after == "cache")
+    check_given_cache(cfg, data_fp, H, uses_cache=cfg.distill.teacher_mode == "cache" or stop_after == "cache")
     init_ray(address, quiet)
     check_resources(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -461,15 +467,15 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
                       lambda: {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": None,
                                "init_state": init_state, "phases": [phase("train", **student_phase)]})
 
-    if cfg.student.init_from_teacher:  # the baseline starts from the teacher's tensors: wait for it
-        teacher, t_spec, teacher_sha = teacher_stage()
-        init_state = init_state_for(teacher)
-        baseline_stage(init_state, teacher_sha)
-    elif stop_after in ("teacher", "cache"):  # cache-logits and sweeps need only the teacher
+    if stop_after in ("teacher", "cache"):  # cache-logits and sweeps need only the teacher
         teacher, t_spec, teacher_sha = teacher_stage()
         if stop_after == "teacher":
             return {"teacher_path": str(cfg.teacher.checkpoint or teacher_path), "teacher_sha256": teacher_sha,
-                    "timings": timings}
+                    "splits": splits, "timings": timings}
+    elif cfg.student.init_from_teacher:  # the baseline starts from the teacher's tensors: wait for it
+        teacher, t_spec, teacher_sha = teacher_stage()
+        init_state = init_state_for(teacher)
+        baseline_stage(init_state, teacher_sha)
     else:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -497,7 +503,7 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
         teacher_job = {"mode": "cache", "uri": uri, "info": cache_info.__dict__}
         report_extra["logit_cache"] = {**cache_info.__dict__, "uri": uri}
         if stop_after == "cache":
-            return {"cache": report_extra["logit_cache"], "timings": timings}
+            return {"cache": report_extra["logit_cache"], "splits": splits, "timings": timings}
     if d.teacher_mode == "live" and (need_kd or need_prune):
         from raydistill.teacher import start_teacher_server
 

@@ -33,7 +33,7 @@ import torch
 from raydistill import config as config_mod
 from raydistill.checkpoints import atomic_write_bytes, atomic_write_text, load_model, model_spec
 from raydistill.config import Config, ConfigError
-from raydistill.pipeline import config_value, digest, load_data, log, phase, run as run_pipeline
+from raydistill.pipeline import config_value, digest, log, phase, run as run_pipeline
 
 OBJECTIVES = {"accuracy": "max", "macs": "min", "latency_ms_b1": "min"}
 
@@ -148,7 +148,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
                         stop_after="cache" if t.teacher_mode == "cache" else "teacher")
     timings["teacher_and_cache_s" if t.teacher_mode == "cache" else "teacher_s"] = time.perf_counter() - t0
     cache_info = prep.get("cache")
-    splits = load_data(cfg)
+    splits = prep["splits"]  # loaded and checked once, by the pipeline
     C, H, _ = splits.shape
     s_spec = model_spec(cfg.student.model, cfg.student.kwargs, splits.num_classes, C, H)
     data_ref = ray.put(splits)
@@ -159,7 +159,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     elif t.teacher_mode == "inprocess":  # every trial loads its own copy and computes its own logits
         teacher, t_spec, _ = load_model(prep["teacher_path"])
         teacher_job = {"mode": "inprocess", "spec": t_spec, "state": ray.put(teacher.state_dict())}
-    else:
+    else:  # live: one shared actor
         from raydistill.teacher import start_teacher_server
 
         teacher, t_spec, _ = load_model(prep["teacher_path"])

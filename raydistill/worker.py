@@ -13,11 +13,11 @@ below; the mixing of the losses is written out in ``train_step`` where it happen
 from __future__ import annotations
 
 import hashlib
-from collections import deque
 import math
 import os
 import tempfile
 import time
+from collections import deque
 from typing import NamedTuple
 
 import numpy as np
@@ -366,7 +366,7 @@ def run_loop(job: dict, session) -> tuple[dict, torch.nn.Module]:
     x, y = torch.from_numpy(splits.train.x[shard]), torch.from_numpy(splits.train.y[shard])  # (N, C, H, W), (N,)
     ids = torch.from_numpy(splits.train.ids[shard])  # (N,) sample ids: with the seed they define the augmented views
     x_val, y_val = torch.from_numpy(np.array(splits.val.x)), torch.from_numpy(np.array(splits.val.y))  # never augmented
-    teacher = make_teacher(job, device, rank, splits.train.ids[shard], image_size=x.shape[2])
+    teacher = make_teacher(job, device, rank, ids.numpy(), image_size=x.shape[2])
 
     spec = dict(job["spec"])
     resumed = load_train_state(session.get_checkpoint())

@@ -195,6 +195,31 @@ def test_cache_built_by_another_teacher_is_refused(ray_local, files, tmp_path, c
     assert not (tmp_path / "r").exists()  # refused before any training or writing
 
 
+@pytest.mark.ray
+def test_given_cache_of_augmented_views_is_checked_with_its_views(ray_local, files, tmp_path):
+    """The early check of a user-given cache compares the same fingerprint as the run (views and transform
+    included): the cache this config would build passes, one with another view count is refused."""
+    from raydistill import config
+    from raydistill.cache import CacheError, build_cache
+    from raydistill.checkpoints import load_model
+    from raydistill.data import fingerprint
+    from raydistill.manifest import sha256_file
+    from raydistill.pipeline import check_given_cache, load_data
+
+    uri = str(tmp_path / "cache")
+    overrides = {**SMOKE, "teacher.checkpoint": files["good_teacher"], "distill.teacher_mode": "cache",
+                 "cache.path": uri, "data.augment": "crop", "cache.views": 2}
+    cfg = config.load(None, overrides)
+    splits = load_data(cfg)
+    teacher, spec, _ = load_model(files["good_teacher"])
+    build_cache(uri, teacher_spec=spec, teacher_state=teacher.state_dict(), teacher_sha256=sha256_file(Path(files["good_teacher"])),
+                splits=splits, data_fingerprint=fingerprint(splits), views=2, augment="crop", seed=cfg.seed)
+    check_given_cache(cfg, fingerprint(splits), splits.shape[1], uses_cache=True)  # the matching cache is accepted
+    with pytest.raises(CacheError, match="3 views|2 views"):
+        check_given_cache(config.load(None, {**overrides, "cache.views": 3}), fingerprint(splits), splits.shape[1],
+                          uses_cache=True)
+
+
 def test_nan_in_data_is_refused_before_training(files, tmp_path, capsys):
     code, err = _run_cli(capsys, ["run", "--out", str(tmp_path / "r"), *SMOKE_ARGS, "--set", "data.source=parquet",
                                   "--set", f"data.path={files['nan']}", "--set", "data.shape=[1,8,8]"])
