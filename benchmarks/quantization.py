@@ -2,7 +2,8 @@
 
 Run (from the repository root; about 3 minutes on 2 cores, about 10 with --compile):
 
-    python benchmarks/quantization.py [--repeats 7] [--epochs 30] [--compile] [--out benchmarks/results/quantization.json]
+    python benchmarks/quantization.py [--repeats 7] [--epochs 30] [--compile]
+                                      [--out benchmarks/results/quantization.json]
 
 Trains (plain torch, Adam, seeded) the default student CNN (widths 16/32, hidden 64), the
 teacher CNN (64/128, hidden 256) and an MLP (hidden 256) on scikit-learn's digits, then for
@@ -160,7 +161,8 @@ def print_table(label: str, rows: dict) -> None:
         acc = None if r.get("accuracy") is None else 100 * r["accuracy"]
         print(f"{name:24s} {fmt(acc, '6.2f')} {fmt(r.get('size_bytes'), '8d')} {fmt(r.get('int8_fraction'), '5.2f')} "
               f"{fmt(r.get('latency_ms_b1'), '7.3f')} {fmt(r.get('latency_ms_b64'), '7.3f')} "
-              f"{fmt(r.get('size_ratio'), '6.2f')} {fmt(r.get('speedup_b1'), '5.2f')} {fmt(r.get('speedup_b64'), '5.2f')} "
+              f"{fmt(r.get('size_ratio'), '6.2f')} {fmt(r.get('speedup_b1'), '5.2f')} "
+              f"{fmt(r.get('speedup_b64'), '5.2f')} "
               f"{fmt(r.get('accuracy_drop_points'), '7.2f')} {'yes' if r.get('meets_bar') else 'no'}"
               + (f"  ({r['error']})" if r.get("error") else ""))
 

@@ -43,11 +43,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep.json"))
     args = ap.parse_args()
 
+    from throughput import machine  # the same machine description as every benchmark here
+
     from raydistill import config
     from raydistill.checkpoints import atomic_write_text
-    from raydistill.pipeline import init_ray, run as run_pipeline
+    from raydistill.cluster import init_ray
+    from raydistill.pipeline import open_run, prepare_teacher
     from raydistill.sweep import run_sweep
-    from throughput import machine  # the same machine description as every benchmark here
 
     load0 = os.getloadavg()
     overrides = {"tune.num_trials": args.trials, "tune.scheduler": "none",
@@ -57,14 +59,15 @@ def main() -> None:
     init_ray(None, quiet=True)
 
     t0 = time.perf_counter()
-    prep = run_pipeline(config.load(job, overrides), work / "teacher", quiet=True, stop_after="teacher")
-    print(f"teacher trained once in {time.perf_counter() - t0:.0f} s: {prep['teacher_path']}", flush=True)
+    cfg0 = config.load(job, overrides)
+    teacher = prepare_teacher(open_run(cfg0, work / "teacher", None, True, uses_cache=False))
+    print(f"teacher trained once in {time.perf_counter() - t0:.0f} s: {teacher.path}", flush=True)
 
     runs: dict[str, list[dict]] = {}
     for rep in range(args.repeats):
         for mode in args.modes:
             cfg = config.load(job, {**overrides, "tune.teacher_mode": mode,
-                                    "teacher.checkpoint": prep["teacher_path"]})
+                                    "teacher.checkpoint": str(teacher.path)})
             t0 = time.perf_counter()
             report = run_sweep(cfg, work / f"{mode}-r{rep}", quiet=True)
             total = time.perf_counter() - t0
@@ -93,7 +96,8 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         ratio = f"{r['ratio_to_inprocess']:.2f}" if r["ratio_to_inprocess"] else "-"
-        print(f"| {r['mode']} | {r['total_s']:.1f} | {r['trials_s']:.1f} | {r['teacher_passes_over_data']:.1f} | {ratio} |")
+        print(f"| {r['mode']} | {r['total_s']:.1f} | {r['trials_s']:.1f} | "
+              f"{r['teacher_passes_over_data']:.1f} | {ratio} |")
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps({

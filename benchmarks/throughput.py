@@ -68,12 +68,15 @@ def main() -> None:
 
     load0 = os.getloadavg()
     from raydistill import config
+    from raydistill import job as jobs
     from raydistill.cache import build_cache
     from raydistill.checkpoints import atomic_write_text, build_from_spec, model_spec
+    from raydistill.cluster import init_ray
     from raydistill.core.metrics import count_macs
     from raydistill.data import fingerprint
-    from raydistill.pipeline import fit, init_ray, load_data, phase
+    from raydistill.pipeline import load_data
     from raydistill.teacher import start_teacher_server
+    from raydistill.trainer import fit
 
     cfg0 = config.load()
     splits = load_data(cfg0)
@@ -110,19 +113,18 @@ def main() -> None:
         size = sum(f.stat().st_size for f in (work / f"cache_k{k}").glob("*.parquet"))
         cache_info["full" if k is None else f"top{k}"] = {"build_s": time.perf_counter() - t0, "bytes": size,
                                                           "rows": info.rows, "info": info.__dict__}
-    server = start_teacher_server("teacher-bench", t_spec, t_state, num_cpus=cfg0.scale.teacher_cpus, num_gpus=0,
-                         batch_window_ms=cfg0.scale.teacher_batch_window_ms, max_batch=4096, num_threads=1)
+    server = start_teacher_server("teacher-bench", t_spec, t_state, cfg0.scale)
 
-    def teacher_job(mode):
+    def teacher_source(mode):
         if mode == "none":
             return None
         if mode == "inprocess":
-            return {"mode": "inprocess", "spec": t_spec, "state": ray.put(t_state)}
+            return jobs.inprocess_teacher(t_spec, ray.put(t_state))
         if mode == "live":
-            return {"mode": "live", "actor_name": "teacher-bench"}
+            return jobs.live_teacher("teacher-bench")
         key = "full" if mode == "cache" else "top5"
-        return {"mode": "cache", "uri": str(work / ("cache_kNone" if mode == "cache" else "cache_k5")),
-                "info": cache_info[key]["info"]}
+        return jobs.cached_teacher(str(work / ("cache_kNone" if mode == "cache" else "cache_k5")),
+                                   cache_info[key]["info"])
 
     runs: dict[str, list[float]] = {}  # (`server` stays referenced: an actor dies with its last handle)
     for rep in range(args.repeats):
@@ -130,12 +132,12 @@ def main() -> None:
             for mode in args.modes:
                 if w != max(args.workers) and mode not in args.scale_modes:
                     continue
-                cfg = config.load(None, {"scale.num_workers": w})
-                alpha = 0.0 if mode == "none" else cfg.distill.alpha
-                job = {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": teacher_job(mode),
-                       "init_state": None, "phases": [phase("distill", args.epochs, cfg.distill.lr, cfg.distill.batch_size,
-                                                            cfg.distill.weight_decay, alpha=alpha)]}
-                _, result = fit(f"bench-{mode}-w{w}", f"r{rep}-{time.time_ns()}", job, cfg, work)
+                cfg = config.load(None, {"scale.num_workers": w, "distill.epochs": args.epochs,
+                                         **({"distill.alpha": 0.0} if mode == "none" else {}),
+                                         **({"cache.k": 5} if mode == "cache_k5" else {})})
+                job = jobs.StageJob(stage=f"bench-{mode}-w{w}", config=cfg, spec=s_spec, data=data_ref,
+                                    phases=jobs.kd_phases(cfg), teacher=teacher_source(mode))
+                _, result = fit(job, f"r{rep}-{time.time_ns()}", work)
                 hist = result.return_value["history"][1:]  # drop the warm-up epoch
                 sps = statistics.median(h["samples_per_s_global"] for h in hist)
                 runs.setdefault(f"{mode}/w{w}", []).append(sps)

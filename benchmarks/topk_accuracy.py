@@ -70,11 +70,13 @@ def main() -> None:
     import torch
 
     from raydistill import config
+    from raydistill import job as jobs
     from raydistill.cache import build_cache
     from raydistill.checkpoints import atomic_write_text, model_spec
+    from raydistill.cluster import init_ray
     from raydistill.core.metrics import accuracy
     from raydistill.data import fingerprint
-    from raydistill.pipeline import init_ray, load_data, phase
+    from raydistill.pipeline import load_data
     from raydistill.worker import run_loop
 
     load0 = os.getloadavg()
@@ -93,10 +95,8 @@ def main() -> None:
     init_ray(None, quiet=True)
     data_ref = ray.put(splits)
     t0 = time.perf_counter()
-    t = cfg0.teacher
-    job = {"cfg": cfg0.to_dict(), "spec": t_spec, "data": data_ref, "teacher": None, "init_state": None,
-           "stage": "teacher", "verbose": False,
-           "phases": [phase("train", t.epochs, t.lr, t.batch_size, t.weight_decay)]}
+    job = jobs.StageJob(stage="teacher", config=cfg0, spec=t_spec, data=data_ref, phases=jobs.teacher_phases(cfg0),
+                        verbose=False)
     _, teacher = run_loop(job, LocalSession())
     teacher_acc = accuracy(teacher, x_test, y_test)
     print(f"teacher: test accuracy {teacher_acc:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -112,18 +112,16 @@ def main() -> None:
 
     variants = ["labels"] + list(caches)
     results: dict[str, dict[str, list[float]]] = {}
-    d = cfg0.distill
     for T in args.temperatures:
         for seed in range(args.seeds):
             for v in variants:
                 cfg = config.load(None, {**overrides, "seed": seed, "distill.temperature": T,
-                                         "distill.teacher_mode": "cache"})
-                alpha = 0.0 if v == "labels" else d.alpha
-                job = {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "init_state": None, "stage": v,
-                       "verbose": False,
-                       "teacher": None if v == "labels" else {"mode": "cache", "uri": caches[v]["uri"],
-                                                              "info": caches[v]["info"]},
-                       "phases": [phase("distill", d.epochs, d.lr, d.batch_size, d.weight_decay, alpha=alpha)]}
+                                         "distill.teacher_mode": "cache",
+                                         **({"distill.alpha": 0.0} if v == "labels" else {}),
+                                         **({"cache.k": caches[v]["info"]["k"]} if v != "labels" else {})})
+                source = None if v == "labels" else jobs.cached_teacher(caches[v]["uri"], caches[v]["info"])
+                job = jobs.StageJob(stage=v, config=cfg, spec=s_spec, data=data_ref, phases=jobs.kd_phases(cfg),
+                                    teacher=source, verbose=False)
                 _, student = run_loop(job, LocalSession())
                 acc = accuracy(student, x_test, y_test)
                 results.setdefault(f"T={T:g}", {}).setdefault(v, []).append(acc)
@@ -163,7 +161,8 @@ def main() -> None:
         "command": " ".join(["topk_accuracy.py"] + sys.argv[1:]), "load_average_at_start": load0,
         "machine": machine(),
         "data": {"name": splits.name, "train": len(splits.train), "test": len(splits.test), "classes": K},
-        "alpha": d.alpha, "epochs": d.epochs, "seeds": args.seeds, "teacher_test_accuracy": teacher_acc,
+        "alpha": cfg0.distill.alpha, "epochs": cfg0.distill.epochs, "seeds": args.seeds,
+        "teacher_test_accuracy": teacher_acc,
         "cache_bytes": {n: c["bytes"] for n, c in caches.items()}, "rows": table}, indent=2))
     print(f"wrote {args.out}")
 

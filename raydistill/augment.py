@@ -13,7 +13,7 @@ Why hand-written rather than torchvision's ``RandomCrop(padding=p)`` / ``RandomH
 draw one parameter set per call from the global torch RNG, so a batch shares one crop unless it is
 augmented sample by sample, and a view cannot be re-created later from its id. Here the parameters are
 a pure function of (seed, id, view), and ``augment_batch`` applies a different crop and flip to every
-sample of a batch in one gather. ``tests/test_augment.py`` checks it against
+sample of a batch in one gather. ``tests/unit/test_augment.py`` checks it against
 ``torchvision.transforms.v2.functional`` (pad + crop + hflip) applied per sample.
 
 Zero padding happens on the already-normalized data (data.py standardizes per channel), so the border
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from raydistill.errors import ConfigError
 
 AUGMENTS = ("none", "crop", "crop_flip")
 
@@ -133,5 +135,5 @@ class Augment:
 def make_augment(kind: str, pad: int, seed: int, image_size: int) -> Augment:
     """The ``Augment`` for config values ``data.augment``, ``data.augment_pad`` and ``seed``."""
     if kind not in AUGMENTS:
-        raise ValueError(f"data.augment must be one of {', '.join(AUGMENTS)}, got {kind!r}")
+        raise ConfigError(f"data.augment must be one of {', '.join(AUGMENTS)}, got {kind!r}")
     return Augment(kind, resolve_pad(pad, image_size) if kind != "none" else 0, seed)

@@ -40,10 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydistill.augment import Augment, make_augment
-
-
-class CacheError(ValueError):
-    """A cache that cannot be used; the message names the cache and the fix."""
+from raydistill.errors import CacheError
 
 
 @dataclass
@@ -186,9 +183,11 @@ def read_info(uri: str) -> CacheInfo:
         with fs.open_input_stream(f"{root}/cache.json") as f:
             return CacheInfo(**json.loads(f.read()))
     except FileNotFoundError:
-        raise CacheError(f"no logit cache at {uri} (cache.json missing); build it with `raydistill cache-logits`") from None
+        raise CacheError(f"no logit cache at {uri} (cache.json missing); "
+                         "build it with `raydistill cache-logits`") from None
     except (json.JSONDecodeError, TypeError) as e:
-        raise CacheError(f"logit cache {uri} has a corrupt cache.json ({e}); rebuild it with `raydistill cache-logits`") from None
+        raise CacheError(f"logit cache {uri} has a corrupt cache.json ({e}); "
+                         "rebuild it with `raydistill cache-logits`") from None
 
 
 def check_cache(uri: str, expected_fingerprint: str, *, teacher_sha256: str, data_fingerprint: str,
@@ -220,7 +219,8 @@ def load_for_ids(uri: str, ids: np.ndarray, info: CacheInfo) -> dict[str, np.nda
     try:
         table = pq.read_table(path, filesystem=fs)
     except FileNotFoundError:
-        raise CacheError(f"logit cache shard {path} is missing; rebuild the cache with `raydistill cache-logits`") from None
+        raise CacheError(f"logit cache shard {path} is missing; "
+                         "rebuild the cache with `raydistill cache-logits`") from None
     except (pa.ArrowInvalid, OSError) as e:
         raise CacheError(f"logit cache shard {path} is corrupt ({str(e).splitlines()[0][:100]}); "
                          "rebuild the cache with `raydistill cache-logits`") from None

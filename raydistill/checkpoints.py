@@ -17,9 +17,7 @@ from typing import Any
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the fix."""
+from raydistill.errors import CheckpointError
 
 
 def model_spec(name: str, kwargs: dict[str, Any], num_classes: int, in_channels: int, image_size: int,

@@ -1,7 +1,8 @@
 """The ``raydistill`` command line: thin; parse, validate, call the driver.
 
-Bad input exits with status 2 and one line naming the problem and the fix (``--debug`` shows the
-traceback). Nothing is written before the config, data and models have been validated.
+Bad input (a ``raydistill.errors.UserError``) exits with status 2 and one line naming the problem and the
+fix (``--debug`` shows the traceback). Anything else is a bug: its traceback is shown and the exit status
+is 1. Nothing is written before the config, data and models have been validated.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import sys
 import traceback
 from pathlib import Path
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+from raydistill.errors import UserError
+
+BUG_HINT = "raydistill: this is a bug, not a problem with your input; please report it with the traceback above"
 
 
 def _overrides(items: list[str] | None) -> dict:
@@ -38,12 +41,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_cache_logits(args: argparse.Namespace) -> int:
     from raydistill import config
-    from raydistill.pipeline import run
+    from raydistill.pipeline import open_run, prepare_teacher
 
     cfg = config.load(args.config, _overrides(args.set))
     out = Path(args.out) if args.out else _default_out(args.config)
-    result = run(cfg, out, address=args.address, quiet=args.quiet, stop_after="cache")
-    c = result["cache"]
+    ctx = open_run(cfg, out, args.address, args.quiet, uses_cache=True)
+    c = prepare_teacher(ctx, with_cache=True).cache
     print(f"logit cache {c['uri']}: {c['rows']} rows ({c['views']} view(s) per sample, transform {c['transform']}), "
           f"format {c['format']}" + (f" (k={c['k']})" if c["k"] else "")
           + f", teacher forward samples {c['teacher_forward_samples']}")
@@ -126,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     cfg.set_defaults(func=cmd_config)
     from raydistill.manifest import add_verify_parser
+    from raydistill.prepare import add_data_parser
 
     add_verify_parser(sub)  # `verify DIR`: check a run folder's manifest
-    from raydistill.prepare import add_data_parser; add_data_parser(sub)  # noqa: E702 - `data prepare ...`
+    add_data_parser(sub)  # `data prepare ...`
     return parser
 
 
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         print("raydistill: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
+    except UserError as e:
         if args.debug:
             traceback.print_exc()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -153,13 +157,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise
+            return _bug()
         if args.debug:
             traceback.print_exc()
         where = f" while writing {e.filename}" if e.filename else ""
         print(f"raydistill: error: no space left on the device{where} ({e.strerror}); free space and rerun the "
               "same command: finished stages are kept and files are written atomically", file=sys.stderr)
         return 2
+    except Exception:
+        return _bug()
+
+
+def _bug() -> int:
+    """Anything that is not a UserError: the traceback, a hint that it is ours, exit 1."""
+    traceback.print_exc()
+    print(BUG_HINT, file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -21,11 +21,7 @@ from typing import Any
 
 import yaml
 
-SPACE_KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message names the key and the fix."""
+from raydistill.errors import ConfigError
 
 
 @dataclass
@@ -192,6 +188,14 @@ def all_keys() -> list[str]:
     return keys
 
 
+def get(cfg: Config, dotted: str) -> Any:
+    """The value of a dotted key such as ``distill.alpha`` (or ``seed``)."""
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _suggest(key: str) -> str:
     close = difflib.get_close_matches(key, all_keys() + list(_sections()), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else "; valid keys are listed in docs/config.md"
@@ -256,18 +260,24 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Range and choice checks that types alone cannot express. Raises ConfigError."""
+    """Range and choice checks that types alone cannot express. Raises ConfigError.
+
+    Every choice list comes from the module that implements the choices (one owner: a new data source,
+    pruning importance or search algorithm is accepted here as soon as its module lists it)."""
+    from raydistill import augment, data, job, sweep
+    from raydistill.core import pruning, quantize
+
     d, p, s = cfg.distill, cfg.prune, cfg.scale
-    _choice("data.source", cfg.data.source, ("digits", "cifar10", "imagefolder", "parquet"))
-    _choice("data.shard", cfg.data.shard, ("random", "classwise"))
-    _choice("data.augment", cfg.data.augment, ("none", "crop", "crop_flip"))  # raydistill/augment.py
-    _choice("distill.teacher_mode", d.teacher_mode, ("live", "inprocess", "cache"))
-    _choice("distill.precision", d.precision, ("fp32", "bf16", "fp16"))
+    _choice("data.source", cfg.data.source, data.SOURCES)
+    _choice("data.shard", cfg.data.shard, data.SHARD_MODES)
+    _choice("data.augment", cfg.data.augment, augment.AUGMENTS)
+    _choice("distill.teacher_mode", d.teacher_mode, job.TEACHER_MODES)
+    _choice("distill.precision", d.precision, tuple(job.PRECISIONS))
     if d.precision == "fp16" and not cfg.scale.use_gpu:
         raise ConfigError("distill.precision=fp16 needs scale.use_gpu=true (CPU fp16 autocast is slow and unscaled); "
                           "use bf16 on CPU")
-    _choice("prune.importance", p.importance, ("l1", "bn_scale", "taylor"))
-    _choice("prune.schedule", p.schedule, ("oneshot", "linear", "cubic"))
+    _choice("prune.importance", p.importance, pruning.IMPORTANCES)
+    _choice("prune.schedule", p.schedule, pruning.SCHEDULES)
     checks = [
         (0.0 <= d.alpha <= 1.0, "distill.alpha must be in [0, 1]", d.alpha),
         (d.beta >= 0.0, "distill.beta must be >= 0", d.beta),
@@ -304,15 +314,16 @@ def validate(cfg: Config) -> Config:
     for ok, msg, value in checks:
         if not ok:
             raise ConfigError(f"{msg}, got {value!r}; fix it in the config or with --set")
-    _choice("quantize.scheme", cfg.quantize.scheme, ("weight_only", "weight_only_conv", "dynamic", "pt2e_x86", "none"))
+    _choice("quantize.scheme", cfg.quantize.scheme, (*quantize.SCHEMES, "none"))
     for key, v in (("deploy.min_accuracy", cfg.deploy.min_accuracy),
                    ("deploy.min_ratio_to_teacher", cfg.deploy.min_ratio_to_teacher)):
         if v is not None and not 0.0 <= v <= 1.5:
-            raise ConfigError(f"{key} must be a fraction like 0.95 or null, got {v!r}; fix it in the config or with --set")
+            raise ConfigError(f"{key} must be a fraction like 0.95 or null, got {v!r}; "
+                              "fix it in the config or with --set")
     t = cfg.tune
-    _choice("tune.search", t.search, ("random", "grid", "optuna"))
-    _choice("tune.scheduler", t.scheduler, ("asha", "none"))
-    _choice("tune.teacher_mode", t.teacher_mode, ("cache", "live", "inprocess"))
+    _choice("tune.search", t.search, sweep.SEARCHES)
+    _choice("tune.scheduler", t.scheduler, sweep.SCHEDULERS)
+    _choice("tune.teacher_mode", t.teacher_mode, job.TEACHER_MODES)
     for ok, msg, value in [
         (t.num_trials >= 1, "tune.num_trials must be >= 1", t.num_trials),
         (t.max_concurrent >= 1, "tune.max_concurrent must be >= 1", t.max_concurrent),
@@ -324,18 +335,27 @@ def validate(cfg: Config) -> Config:
     for key, spec in t.space.items():
         if key not in all_keys() or key.startswith("tune."):
             raise ConfigError(f"tune.space key '{key}' is not a run key{_suggest(key)}")
-        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS):
-            raise ConfigError(f"tune.space['{key}'] must be one of {{{', '.join(k + ': ...' for k in SPACE_KINDS)}}}, "
-                              f"got {spec!r}")
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in sweep.SPACE_KINDS):
+            raise ConfigError(f"tune.space['{key}'] must be one of "
+                              f"{{{', '.join(k + ': ...' for k in sweep.SPACE_KINDS)}}}, got {spec!r}")
+    if "distill.alpha" in t.space:
+        kind, values = next(iter(t.space["distill.alpha"].items()))
+        reachable = 0.0 in values if kind in ("choice", "grid") else values[0] <= 0.0
+        if not reachable:
+            raise ConfigError("tune.space['distill.alpha'] must include 0 (labels only) so the sweep can never be "
+                              "worse than the plain student; add 0.0 to it")
+    if t.search == "optuna" and any("grid" in spec for spec in t.space.values()):
+        raise ConfigError("tune.search=optuna cannot sample a grid; use choice instead of grid in tune.space")
     if cfg.cache.views > 1 and cfg.data.augment == "none":
-        raise ConfigError(f"cache.views > 1 needs data.augment (got cache.views={cfg.cache.views} with data.augment=none: "
-                          "every view would be the same image); set data.augment=crop or cache.views=1")
+        raise ConfigError(f"cache.views > 1 needs data.augment (got cache.views={cfg.cache.views} "
+                          "with data.augment=none: every view would be the same image); "
+                          "set data.augment=crop or cache.views=1")
     view_keys = [k for k in t.space if k in ("data.augment", "data.augment_pad", "cache.views")
                  or (k == "seed" and cfg.data.augment != "none")]  # the keys that define the augmented views
     if view_keys and t.teacher_mode == "cache":
-        raise ConfigError(f"tune.space searches {', '.join(view_keys)}, but with tune.teacher_mode=cache every trial reads "
-                          "the one logit cache, whose augmented views are fixed; remove it from tune.space or set "
-                          "tune.teacher_mode=live")
+        raise ConfigError(f"tune.space searches {', '.join(view_keys)}, but with tune.teacher_mode=cache "
+                          "every trial reads the one logit cache, whose augmented views are fixed; "
+                          "remove it from tune.space or set tune.teacher_mode=live")
     if (d.hint_student_layer is None) != (d.hint_teacher_layer is None):
         raise ConfigError(
             "distill.hint_student_layer and distill.hint_teacher_layer must be set together; set both or neither"
@@ -347,7 +367,8 @@ def validate(cfg: Config) -> Config:
     if d.hint_weight > 0 and d.hint_student_layer is None:
         raise ConfigError("distill.hint_weight > 0 needs distill.hint_student_layer and distill.hint_teacher_layer")
     if cfg.data.source == "parquet" and not cfg.data.path:
-        raise ConfigError("data.source is parquet but data.path is not set; set data.path to the parquet file or folder")
+        raise ConfigError("data.source is parquet but data.path is not set; "
+                          "set data.path to the parquet file or folder")
     if cfg.data.source in ("cifar10", "imagefolder") and not cfg.data.root:
         raise ConfigError(f"data.source is {cfg.data.source} but data.root is not set; set data.root to its folder")
     return cfg
@@ -443,7 +464,8 @@ def doc_table() -> str:
                 comments[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
         inst = cls()
         for f in dataclasses.fields(cls):
-            tp = str(typing.get_type_hints(cls)[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            tp = (str(typing.get_type_hints(cls)[f.name])
+                  .replace("typing.", "").replace("<class '", "").replace("'>", ""))
             default = json.dumps(getattr(inst, f.name))
             meaning = comments.get(f.name, "").replace("|", "\\|")
             rows.append(f"| `{sec}.{f.name}` | {tp.replace('|', 'or')} | `{default}` | {meaning} |")

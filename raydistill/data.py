@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raydistill.errors import DataError
+
 __all__ = [
     "Arrays",
     "Splits",
@@ -70,7 +72,7 @@ class Arrays:
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
         if self.x.shape[1:] != self.shape or not (len(self.x) == len(self.y) == len(self.ids)):
-            raise ValueError(
+            raise DataError(
                 f"inconsistent arrays: x {self.x.shape}, y {self.y.shape}, ids {self.ids.shape}, "
                 f"shape {self.shape}"
             )
@@ -105,20 +107,20 @@ def _labels(values: np.ndarray, where: str) -> np.ndarray:
     if values.dtype == object or not (
         np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
     ):
-        raise ValueError(
+        raise DataError(
             f"labels in {where} must be integers 0..K-1, got dtype {values.dtype}; "
             "map class names to integer ids first"
         )
     if np.issubdtype(values.dtype, np.floating) and (
         not np.all(np.isfinite(values)) or np.any(values != np.round(values))
     ):
-        raise ValueError(
+        raise DataError(
             f"labels in {where} must be integers 0..K-1, found non-integral values; "
             "map classes to integer ids first"
         )
     labels = values.astype(np.int64)
     if labels.size and labels.min() < 0:
-        raise ValueError(
+        raise DataError(
             f"labels in {where} must be integers 0..K-1, found {labels.min()}; "
             "shift labels to start at 0"
         )
@@ -131,7 +133,7 @@ def _shape3(shape: Sequence[int]) -> tuple[int, int, int]:
     except (TypeError, ValueError):
         dims = ()
     if len(dims) != 3 or min(dims) < 1:
-        raise ValueError(f"shape must be three positive integers [C, H, W], got {shape!r}")
+        raise DataError(f"shape must be three positive integers [C, H, W], got {shape!r}")
     return dims
 
 
@@ -144,7 +146,7 @@ def _decode_image(data: bytes | str, size: int, what: str) -> np.ndarray:
             image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
             pixels = np.asarray(image, dtype=np.float32)
     except Exception as error:  # PIL raises many types for corrupt or truncated files
-        raise ValueError(
+        raise DataError(
             f"cannot decode image {what} ({type(error).__name__}: {error}); "
             "remove or replace that file"
         ) from error
@@ -217,13 +219,13 @@ def _load_cifar10(root, image_size: int | None):
     from torchvision.datasets import CIFAR10
 
     if root is None:
-        raise ValueError(f"cifar10 needs root=DIR: {_CIFAR_HINT}")
+        raise DataError(f"cifar10 needs root=DIR: {_CIFAR_HINT}")
     parts = []
     for train in (True, False):
         try:
             dataset = CIFAR10(os.fspath(root), train=train, download=False)
         except (RuntimeError, OSError) as error:
-            raise ValueError(f"CIFAR-10 not found under {root}: {_CIFAR_HINT}") from error
+            raise DataError(f"CIFAR-10 not found under {root}: {_CIFAR_HINT}") from error
         x = dataset.data.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
         if image_size is not None:
             x = _resize(x, image_size)
@@ -237,13 +239,13 @@ def _load_imagefolder(root, image_size: int):
     from torchvision.datasets import ImageFolder
 
     if root is None or not os.path.isdir(root):
-        raise ValueError(
+        raise DataError(
             f"image folder {root!r} not found; pass root=DIR laid out as DIR/<class>/<image>"
         )
     try:
         dataset = ImageFolder(os.fspath(root))
     except (FileNotFoundError, OSError) as error:
-        raise ValueError(
+        raise DataError(
             f"no images found under {root} ({error}); lay images out as DIR/<class>/<image>"
         ) from error
     x = np.stack([_decode_image(path, image_size, repr(path)) for path, _ in dataset.samples])
@@ -258,7 +260,7 @@ def _parquet_dataset(path):
     import pyarrow.fs as pafs
 
     if path is None:
-        raise ValueError("parquet source needs path=FILE|DIR|GLOB|URI; pass the data location")
+        raise DataError("parquet source needs path=FILE|DIR|GLOB|URI; pass the data location")
     path = os.fspath(path)
     source, filesystem = path, None
     if any(ch in path for ch in "*?["):
@@ -280,21 +282,21 @@ def _parquet_dataset(path):
         else:
             source = sorted(glob.glob(path, recursive=True))
         if not source:
-            raise ValueError(f"no parquet files match {path!r}; check the glob pattern")
+            raise DataError(f"no parquet files match {path!r}; check the glob pattern")
     try:
         return ds.dataset(source, filesystem=filesystem, format="parquet")
     except FileNotFoundError as error:
-        raise ValueError(
+        raise DataError(
             f"parquet data not found at {path!r}; pass an existing file, folder, glob or URI"
         ) from error
     except (pa.ArrowInvalid, OSError) as error:
-        raise ValueError(f"cannot read parquet at {path!r} ({error}); check the path") from error
+        raise DataError(f"cannot read parquet at {path!r} ({error}); check the path") from error
 
 
 def _require_columns(names: list[str], wanted: list[str], path) -> None:
     missing = [c for c in wanted if c not in names]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"column(s) {', '.join(map(repr, missing))} not in parquet {path}; "
             f"available columns: {', '.join(names)}"
         )
@@ -311,19 +313,19 @@ def _flat_features(column, shape: tuple[int, int, int], feature_column: str) -> 
         or pa.types.is_large_list(column.type)
         or pa.types.is_fixed_size_list(column.type)
     ):
-        raise ValueError(
+        raise DataError(
             f"feature column {feature_column!r} has type {column.type}, not a list of floats; "
             "store one flat float list per row (or use image_column for encoded images)"
         )
     if column.null_count:
-        raise ValueError(
+        raise DataError(
             f"feature column {feature_column!r} has {column.null_count} empty rows; drop them"
         )
     lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
     need = math.prod(shape)
     if len(lengths) != 1 or lengths[0] != need:
         found = ", ".join(str(n) for n in lengths[:5])
-        raise ValueError(
+        raise DataError(
             f"feature column {feature_column!r} has length {found} per row but shape "
             f"{list(shape)} needs {need}; fix shape or the data"
         )
@@ -341,12 +343,12 @@ def _load_parquet(
     columns = [label_column, data_column] + ([id_column] if id_column in names else [])
     table = dataset.to_table(columns=columns)
     if table.num_rows == 0:
-        raise ValueError(f"parquet data at {path} has no rows; point path at non-empty data")
+        raise DataError(f"parquet data at {path} has no rows; point path at non-empty data")
 
     metadata = dataset.schema.metadata or {}
     label_values = table[label_column]
     if label_values.null_count:
-        raise ValueError(f"label column {label_column!r} has missing values; drop those rows")
+        raise DataError(f"label column {label_column!r} has missing values; drop those rows")
     y = _labels(label_values.to_numpy(), f"column {label_column!r}")
     ids = (
         table[id_column].to_numpy().astype(np.int64)
@@ -354,7 +356,7 @@ def _load_parquet(
         else np.arange(table.num_rows, dtype=np.int64)
     )
     if len(np.unique(ids)) != len(ids):
-        raise ValueError(
+        raise DataError(
             f"id column {id_column!r} has duplicate ids; make ids unique or drop the column"
         )
 
@@ -375,7 +377,7 @@ def _load_parquet(
         if shape is None and _META_SHAPE in metadata:
             shape = metadata[_META_SHAPE].decode().split(",")
         if shape is None:
-            raise ValueError(
+            raise DataError(
                 f"flat feature column {feature_column!r} needs shape=[C, H, W] (e.g. [1, 8, 8]); "
                 "pass shape, or image_column for encoded images"
             )
@@ -421,16 +423,16 @@ def load_splits(
     """
     source = str(source).strip().lower()
     if source not in SOURCES:
-        raise ValueError(f"unknown data source {source!r}; use one of: {', '.join(SOURCES)}")
+        raise DataError(f"unknown data source {source!r}; use one of: {', '.join(SOURCES)}")
     for label, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"{label} must be in [0, 1), got {value!r}")
+            raise DataError(f"{label} must be in [0, 1), got {value!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        raise DataError(f"limit must be a positive integer or None, got {limit!r}")
     if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise DataError(f"seed must be a non-negative integer, got {seed!r}")
 
     fixed_test = None
     hint = 0
@@ -452,7 +454,7 @@ def load_splits(
     n_test = 0 if fixed_test is not None else int(round(test_fraction * n))
     n_val = int(round(val_fraction * n))
     if n - n_test - n_val < 1:
-        raise ValueError(
+        raise DataError(
             f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training "
             f"samples out of {n}; lower the fractions or add data"
         )
@@ -497,20 +499,20 @@ def shard_indices(
     """
     y = np.asarray(y)
     if mode not in SHARD_MODES:
-        raise ValueError(f"unknown shard mode {mode!r}; use one of: {', '.join(SHARD_MODES)}")
+        raise DataError(f"unknown shard mode {mode!r}; use one of: {', '.join(SHARD_MODES)}")
     if not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+        raise DataError(f"num_shards must be a positive integer, got {num_shards!r}")
     if not isinstance(rank, int) or not 0 <= rank < num_shards:
-        raise ValueError(f"rank must be in [0, {num_shards}), got {rank!r}")
+        raise DataError(f"rank must be in [0, {num_shards}), got {rank!r}")
     labels = _labels(y, "shard_indices") if y.ndim == 1 else None
     if labels is None:
-        raise ValueError(f"y must be a 1-D label array, got shape {y.shape}")
+        raise DataError(f"y must be a 1-D label array, got shape {y.shape}")
     n = len(labels)
     rng = np.random.default_rng(seed)
     if mode == "random":
         per_shard = n // num_shards
         if per_shard == 0:
-            raise ValueError(
+            raise DataError(
                 f"cannot split {n} samples into {num_shards} non-empty shards; "
                 "use fewer workers or more data"
             )
@@ -521,7 +523,7 @@ def shard_indices(
     shard_of_sample = labels * num_shards // max(num_classes, 1)
     sizes = np.bincount(shard_of_sample, minlength=num_shards)
     if num_classes < num_shards or sizes.min() == 0:
-        raise ValueError(
+        raise DataError(
             f"classwise sharding of {num_classes} classes over {num_shards} shards leaves a "
             "shard empty; use mode='random' or fewer workers"
         )
@@ -551,7 +553,7 @@ def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None) -> lis
     import pyarrow.parquet as pq
 
     if rows_per_file is not None and (not isinstance(rows_per_file, int) or rows_per_file < 1):
-        raise ValueError(f"rows_per_file must be a positive integer or None, got {rows_per_file!r}")
+        raise DataError(f"rows_per_file must be a positive integer or None, got {rows_per_file!r}")
     n = len(arrays)
     flat = np.ascontiguousarray(arrays.x.reshape(n, -1), dtype=np.float32)
     width = flat.shape[1] if flat.ndim == 2 else math.prod(arrays.shape)
@@ -588,7 +590,7 @@ def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None) -> lis
         return [path]
 
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise ValueError(f"refusing to overwrite {path}; pass a new or empty folder")
+        raise DataError(f"refusing to overwrite {path}; pass a new or empty folder")
     names = []
     try:
         os.makedirs(tmp)

@@ -29,10 +29,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from raydistill.checkpoints import atomic_write_bytes
-
 import torch
 from torch import Tensor, nn
+
+from raydistill.checkpoints import atomic_write_bytes
+from raydistill.errors import ConfigError, ModelError
 
 __all__ = [
     "ARTIFACT_FILES",
@@ -256,7 +257,7 @@ def export_model(model: nn.Module, example_input: Tensor, out_dir: str | os.Path
         # The single-row output is checked too: the artifact must serve batch 1 as well as N.
         expected_one = model(example[:1])
     if not torch.allclose(expected[:1], expected_one, atol=_CHECK_ATOL, rtol=1e-4):
-        raise ValueError("the model's output for a sample depends on the rest of its batch (train-mode "
+        raise ModelError("the model's output for a sample depends on the rest of its batch (train-mode "
                          "BatchNorm?); put it in eval mode before exporting")
 
     artifacts: dict[str, bytes] = {}
@@ -268,7 +269,7 @@ def export_model(model: nn.Module, example_input: Tensor, out_dir: str | os.Path
         except Exception as e:  # one format failing is fine as long as the other works
             errors[fmt] = _first_line(e)
     if not artifacts:
-        raise ValueError(f"the model could not be exported ({'; '.join(f'{k}: {v}' for k, v in errors.items())}); "
+        raise ModelError(f"the model could not be exported ({'; '.join(f'{k}: {v}' for k, v in errors.items())}); "
                          "export the fp32 model or a weight_only / pt2e_x86 int8 one, with a traceable forward")
     primary = PT2_FILE if PT2_FILE in artifacts else TORCHSCRIPT_FILE
     files = {name: _sha256(data) for name, data in artifacts.items()}
@@ -296,7 +297,7 @@ def _check_fraction(label: str, value: float | None, allow_none: bool, upper: fl
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not 0.0 <= value <= upper:
-        raise ValueError(f"{label} must be a number in [0, {upper:g}], got {value!r}; fix it in the config")
+        raise ConfigError(f"{label} must be a number in [0, {upper:g}], got {value!r}; fix it in the config")
 
 
 def _bound_check(bound: str, required: float, actual: float, subject: str) -> dict[str, Any]:
@@ -329,7 +330,7 @@ def deploy_gate(student_acc: float, teacher_acc: float, min_accuracy: float | No
         checks.append(_bound_check("min_accuracy", float(min_accuracy), float(student_acc), "student accuracy"))
     if min_ratio_to_teacher is not None:
         if not teacher_acc:
-            raise ValueError("deploy.min_ratio_to_teacher needs a teacher accuracy above 0; "
+            raise ConfigError("deploy.min_ratio_to_teacher needs a teacher accuracy above 0; "
                              "check the teacher or drop the bound")
         checks.append(_bound_check("min_ratio_to_teacher", float(min_ratio_to_teacher),
                                    float(student_acc) / float(teacher_acc), "student/teacher accuracy ratio"))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from raydistill.checkpoints import atomic_write_bytes
+from raydistill.errors import IntegrityError
 
 __all__ = [
     "MANIFEST_NAME",
@@ -49,14 +50,17 @@ FORMAT = "raydistill-manifest/1"
 _FIX = "rerun the stage or restore the file"
 
 
-class IntegrityError(ValueError):
-    """A run-folder file does not match its manifest; the message names the file and the fix."""
 
 
 def _version() -> str:
     from raydistill import __version__
 
     return __version__
+
+
+def digest(*parts: Any) -> str:
+    """sha256 of JSON-able ``parts`` (keys sorted): the stage keys and run names are made with it."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -108,10 +112,10 @@ def _relative(run_dir: Path, artifact: str | os.PathLike) -> str:
     try:
         rel = full.relative_to(run_dir.resolve()).as_posix()
     except ValueError:
-        raise ValueError(f"artifact {artifact} is outside the run folder {run_dir}; "
+        raise IntegrityError(f"artifact {artifact} is outside the run folder {run_dir}; "
                          "record only files inside it") from None
     if not full.is_file():
-        raise ValueError(f"artifact {artifact} does not exist in {run_dir}; write it before recording it")
+        raise IntegrityError(f"artifact {artifact} does not exist in {run_dir}; write it before recording it")
     return rel
 
 
@@ -144,10 +148,10 @@ def write_manifest(run_dir: str | os.PathLike, artifacts: list[str] | None = Non
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ValueError(f"run folder {run_dir} does not exist; pass the folder a run wrote")
+        raise IntegrityError(f"run folder {run_dir} does not exist; pass the folder a run wrote")
     previous = read_manifest(run_dir)
     if previous is not None and previous.get("format") != FORMAT:
-        raise ValueError(f"{run_dir / MANIFEST_NAME} was not written by raydistill; move it out of the run folder")
+        raise IntegrityError(f"{run_dir / MANIFEST_NAME} was not written by raydistill; move it out of the run folder")
     # A full rescan replaces every entry; a list of artifacts updates just those.
     files: dict[str, dict] = dict(previous["files"]) if previous and artifacts is not None else {}
     relpaths = _run_files(run_dir) if artifacts is None else [_relative(run_dir, a) for a in artifacts]

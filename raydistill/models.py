@@ -8,7 +8,7 @@ in this order:
    ``weights=None`` so nothing is ever downloaded;
 3. a user factory ``"package.module:function"``.
 
-Every failure a user can cause is a ``ValueError`` with a one-line message that names
+Every failure a user can cause is a ``ModelError`` with a one-line message that names
 the problem and the fix.
 """
 
@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 
 import torchvision
 from torch import nn
+
+from raydistill.errors import ModelError, UserError
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -46,20 +48,20 @@ def _check_dims(num_classes: int, in_channels: int, image_size: int) -> None:
         ("image_size", image_size),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+            raise ModelError(f"{label} must be a positive integer, got {value!r}")
 
 
 def _positive_ints(label: str, values: int | Sequence[int]) -> tuple[int, ...]:
     """Normalize ``values`` (an int or a sequence of ints) to a tuple of positive ints."""
     values = (values,) if isinstance(values, int) else tuple(values)
     if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
-        raise ValueError(f"{label} must be positive integers, got {values!r}")
+        raise ModelError(f"{label} must be positive integers, got {values!r}")
     return values
 
 
 def _check_dropout(dropout: float) -> None:
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise ModelError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
 def cnn(
@@ -85,7 +87,7 @@ def cnn(
     _check_dims(num_classes, in_channels, image_size)
     widths = _positive_ints("widths", widths)
     if not widths:
-        raise ValueError("widths must name at least one block width, e.g. widths=(32, 64)")
+        raise ModelError("widths must name at least one block width, e.g. widths=(32, 64)")
     (hidden,) = _positive_ints("hidden", hidden)
     _check_dropout(dropout)
     layers: list[nn.Module] = []
@@ -156,7 +158,7 @@ def _unexpected_kwarg(error: TypeError) -> str | None:
 
 
 def _call(fn: Callable[..., nn.Module], what: str, kwargs: dict) -> nn.Module:
-    """Call ``fn(**kwargs)``, turning bad options into a one-line ``ValueError``.
+    """Call ``fn(**kwargs)``, turning bad options into a one-line ``ModelError``.
 
     Options that ``fn``'s signature visibly rejects are reported before calling, with
     the accepted ones listed; a ``TypeError`` raised by the call itself (e.g. deep in a
@@ -174,19 +176,25 @@ def _call(fn: Callable[..., nn.Module], what: str, kwargs: dict) -> nn.Module:
             accepted = ", ".join(
                 n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL
             )
-            raise ValueError(
+            raise ModelError(
                 f"model {what} does not accept option(s) {', '.join(unknown)}; "
                 f"use only: {accepted}"
             )
     try:
         return fn(**kwargs)
+    except UserError:
+        raise
+    except ValueError as error:  # the factory's own check of its options (a user factory's included)
+        raise ModelError(f"model {what} rejected its options "
+                         f"({str(error).splitlines()[0] if str(error) else error!r}); "
+                         "fix the model options") from error
     except TypeError as error:
         bad = _unexpected_kwarg(error)
         if bad is not None:
-            raise ValueError(
+            raise ModelError(
                 f"model {what} does not accept option {bad!r}; remove it from the model options"
             ) from error
-        raise ValueError(
+        raise ModelError(
             f"model {what} rejected its options ({error}); fix the model options"
         ) from error
 
@@ -233,14 +241,14 @@ def _adapt_torchvision(model: nn.Module, name: str, in_channels: int, cifar_stem
     first = _first_conv(model)
     if first is None:
         if in_channels != 3 or cifar_stem:
-            raise ValueError(
+            raise ModelError(
                 f"torchvision model {name!r} has no Conv2d stem to adapt; "
                 "use in_channels=3 without cifar_stem, or another model"
             )
         return
     conv_name, conv = first
     if conv.in_channels != 3:
-        raise ValueError(
+        raise ModelError(
             f"torchvision model {name!r} has an unexpected stem "
             f"({conv.in_channels} input channels); use another model or a user factory"
         )
@@ -264,7 +272,7 @@ def _build_torchvision(
     kwargs = dict(kwargs)
     cifar_stem = bool(kwargs.pop("cifar_stem", False))
     if kwargs.get("weights") is not None:
-        raise ValueError(
+        raise ModelError(
             f"pretrained weights are not supported for {name!r} (raydistill never downloads); "
             "drop the weights option and load a checkpoint instead"
         )
@@ -282,24 +290,24 @@ def _build_factory(
 ) -> nn.Module:
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise ValueError(
+        raise ModelError(
             f"model {spec!r} is not of the form 'package.module:function'; fix the model name"
         )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(
+        raise ModelError(
             f"cannot import module {module_name!r} for model {spec!r} ({error}); "
             "install it or add its folder to PYTHONPATH"
         ) from error
     except Exception as error:  # a module that fails while importing (syntax error, ...)
-        raise ValueError(
+        raise ModelError(
             f"importing module {module_name!r} for model {spec!r} failed "
             f"({type(error).__name__}: {error}); fix that module"
         ) from error
     factory = getattr(module, function_name, None)
     if factory is None or not callable(factory):
-        raise ValueError(
+        raise ModelError(
             f"module {module_name!r} has no function {function_name!r}; "
             "check the name after ':' in the model name"
         )
@@ -313,7 +321,7 @@ def _build_factory(
         dims = {"num_classes": num_classes}
     model = _call(factory, repr(spec), {**dims, **kwargs})
     if not isinstance(model, nn.Module):
-        raise ValueError(
+        raise ModelError(
             f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module; "
             "make it return the model"
         )
@@ -331,7 +339,7 @@ def build_model(
     e.g. ``build_model("cnn", 10, 1, 8, widths=(16, 32), hidden=64)``.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+        raise ModelError(f"model name must be a non-empty string, got {name!r}")
     name = name.strip()
     _check_dims(num_classes, in_channels, image_size)
     if name in BUILTIN_MODELS:
@@ -346,6 +354,6 @@ def build_model(
     hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else (
         "run `list_models()` to see the choices"
     )
-    raise ValueError(
+    raise ModelError(
         f"unknown model {name!r}: {hint} (or pass 'package.module:function' for your own)"
     )

@@ -35,6 +35,7 @@ import tempfile
 import numpy as np
 
 from raydistill.data import Arrays, Splits, load_splits, write_parquet
+from raydistill.errors import DataError
 
 PREPARE_SOURCES = ("digits", "cifar10", "imagefolder")
 DEFAULT_ROWS_PER_FILE = 4096
@@ -46,20 +47,20 @@ def _is_uri(path: str) -> bool:
 
 
 def _check_args(source: str, root, out, rows_per_file, image_size, val_fraction, test_fraction) -> None:
-    """Raise a one-line ValueError for any argument a user can get wrong."""
+    """Raise a one-line DataError for any argument a user can get wrong."""
     if source not in PREPARE_SOURCES:
-        raise ValueError(f"unknown data source {source!r} for prepare; use one of: {', '.join(PREPARE_SOURCES)}")
+        raise DataError(f"unknown data source {source!r} for prepare; use one of: {', '.join(PREPARE_SOURCES)}")
     if source in ("cifar10", "imagefolder") and not root:
-        raise ValueError(f"{source} needs --root DIR (the folder holding the data); pass --root")
+        raise DataError(f"{source} needs --root DIR (the folder holding the data); pass --root")
     if not out:
-        raise ValueError("--out is empty; pass a new folder or a URI such as s3://bucket/prefix")
+        raise DataError("--out is empty; pass a new folder or a URI such as s3://bucket/prefix")
     if not isinstance(rows_per_file, int) or isinstance(rows_per_file, bool) or rows_per_file < 1:
-        raise ValueError(f"--rows-per-file must be a positive integer, got {rows_per_file!r}; pass e.g. 4096")
+        raise DataError(f"--rows-per-file must be a positive integer, got {rows_per_file!r}; pass e.g. 4096")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"--image-size must be a positive integer, got {image_size!r}; pass e.g. 32")
+        raise DataError(f"--image-size must be a positive integer, got {image_size!r}; pass e.g. 32")
     for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0.0 < value < 1.0:
-            raise ValueError(f"{name} must be in (0, 1), got {value!r}; use the same value as the run's data config")
+            raise DataError(f"{name} must be in (0, 1), got {value!r}; use the same value as the run's data config")
 
 
 def pool_of(splits: Splits) -> Arrays:
@@ -74,23 +75,23 @@ def pool_of(splits: Splits) -> Arrays:
 
 def _check_empty_local(out: str) -> None:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ValueError(f"output {out} already exists and is not an empty folder; pass a new --out or delete it")
+        raise DataError(f"output {out} already exists and is not an empty folder; pass a new --out or delete it")
 
 
 def _remote_target(out: str):
-    """(filesystem, path) of a URI that must not hold data yet; ValueError otherwise."""
+    """(filesystem, path) of a URI that must not hold data yet; DataError otherwise."""
     import pyarrow.fs as pafs
 
     try:
         filesystem, base = pafs.FileSystem.from_uri(out)
     except Exception as error:  # pyarrow raises ArrowInvalid/OSError/... for bad or unsupported URIs
-        raise ValueError(f"cannot open output URI {out!r} ({error}); pass a local folder or a valid URI") from None
+        raise DataError(f"cannot open output URI {out!r} ({error}); pass a local folder or a valid URI") from None
     info = filesystem.get_file_info(base)
     if info.type == pafs.FileType.File or (
         info.type == pafs.FileType.Directory
         and filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
     ):
-        raise ValueError(f"output {out} already exists and is not empty; pass a new --out or delete it")
+        raise DataError(f"output {out} already exists and is not empty; pass a new --out or delete it")
     return filesystem, base
 
 
@@ -158,11 +159,11 @@ def read_parquet_ray(path: str, columns: list[str] | None = None):
     import ray.data
 
     if not path:
-        raise ValueError("read_parquet_ray needs a path; pass the --out folder or URI of `raydistill data prepare`")
+        raise DataError("read_parquet_ray needs a path; pass the --out folder or URI of `raydistill data prepare`")
     try:
         dataset = ray.data.read_parquet(os.fspath(path))
     except FileNotFoundError as error:
-        raise ValueError(f"no prepared shards at {path!r} ({error}); run `raydistill data prepare` first") from None
+        raise DataError(f"no prepared shards at {path!r} ({error}); run `raydistill data prepare` first") from None
     return dataset.select_columns(columns) if columns else dataset
 
 
@@ -193,8 +194,10 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="new folder or pyarrow URI (s3://, gs://, ...) for the shards")
     prep.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE, metavar="N",
                       help=f"rows per Parquet file (default {DEFAULT_ROWS_PER_FILE})")
-    prep.add_argument("--image-size", type=int, metavar="N", help="resize images to N x N (default: native; 32 for imagefolder)")
-    prep.add_argument("--seed", type=int, default=0, help="split seed whose train split gives the normalization (= data.seed)")
+    prep.add_argument("--image-size", type=int, metavar="N",
+                      help="resize images to N x N (default: native; 32 for imagefolder)")
+    prep.add_argument("--seed", type=int, default=0,
+                      help="split seed whose train split gives the normalization (= data.seed)")
     prep.add_argument("--val-fraction", type=float, default=0.1, help="= data.val_fraction (default 0.1)")
     prep.add_argument("--test-fraction", type=float, default=0.2, help="= data.test_fraction (default 0.2)")
     prep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -1,8 +1,9 @@
 """``raydistill tune``: a Ray Tune search over run keys with one shared teacher and a Pareto front.
 
-    teacher (trained/loaded once) ─> logit cache (one teacher pass) ─┬─> trial 1: distill ─> prune ─> fine-tune ─> evaluate
-                                                                     ├─> trial 2 ...
-                                                                     └─> trial N
+    teacher (trained/loaded once) ─> logit cache (one teacher pass)
+      ─┬─> trial 1: distill ─> prune ─> fine-tune ─> evaluate
+       ├─> trial 2 ...
+       └─> trial N
     ─> results.parquet / results.csv, pareto.md / pareto.png, best_config.yaml, sweep_report.json
 
 Trials are plain Tune function trainables running the same loop as a Ray Train worker
@@ -27,15 +28,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from raydistill import config as config_mod
-from raydistill.checkpoints import atomic_write_bytes, atomic_write_text, load_model, model_spec
-from raydistill.config import Config, ConfigError
-from raydistill.pipeline import config_value, digest, log, phase, run as run_pipeline
+from raydistill.checkpoints import atomic_write_bytes, atomic_write_text
+from raydistill.config import Config
+from raydistill.console import log
 
 OBJECTIVES = {"accuracy": "max", "macs": "min", "latency_ms_b1": "min"}
+SEARCHES = ("random", "grid", "optuna")  # tune.search: Tune's basic variant generator (random, grid), OptunaSearch
+SCHEDULERS = ("asha", "none")  # tune.scheduler
+# tune.space kinds → Tune's sampling functions (module-level without importing Ray: config.validate reads the keys)
+_SAMPLERS = {"choice": lambda tune, v: tune.choice(v), "grid": lambda tune, v: tune.grid_search(v),
+             "uniform": lambda tune, v: tune.uniform(*v), "loguniform": lambda tune, v: tune.loguniform(*v),
+             "randint": lambda tune, v: tune.randint(*v)}
+SPACE_KINDS = tuple(_SAMPLERS)
 
 
 # ---- pure helpers -----------------------------------------------------------------------------------------
@@ -57,23 +62,7 @@ def search_space(space: dict[str, dict]) -> dict[str, Any]:
     """YAML space spec → Tune sampling objects ({"choice": [..]} → tune.choice([..]), ...)."""
     from ray import tune
 
-    makers = {"choice": tune.choice, "grid": tune.grid_search,
-              "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
-              "randint": lambda v: tune.randint(*v)}
-    return {key: makers[kind](value) for key, spec in space.items() for kind, value in spec.items()}
-
-
-def trial_phases(cfg: Config) -> list[dict]:
-    """The student stage of the pipeline as one loop: distill, then prune + remove, then fine-tune."""
-    d, p = cfg.distill, cfg.prune
-    w = dict(alpha=d.alpha, beta=d.beta)
-    phases = [phase("distill", d.epochs, d.lr, d.batch_size, d.weight_decay, **w)]
-    if p.ratio > 0:
-        prune = {"ratio": p.ratio, "importance": p.importance, "schedule": p.schedule}
-        phases.append(phase("prune", p.epochs, p.lr, d.batch_size, d.weight_decay, **w, prune=prune, remove_after=True))
-        if p.finetune_epochs:
-            phases.append(phase("finetune", p.finetune_epochs, p.lr, d.batch_size, d.weight_decay, **w))
-    return phases
+    return {key: _SAMPLERS[kind](tune, value) for key, spec in space.items() for kind, value in spec.items()}
 
 
 def trial_config(base: dict, params: dict, teacher_mode: str) -> Config:
@@ -81,31 +70,26 @@ def trial_config(base: dict, params: dict, teacher_mode: str) -> Config:
     return config_mod.from_dict(config_mod.apply_overrides(base, overrides))
 
 
-def evaluate(model: torch.nn.Module, splits) -> dict:
-    from raydistill.core.metrics import model_summary
-
-    x, y = torch.from_numpy(np.array(splits.test.x)), torch.from_numpy(np.array(splits.test.y))
-    return model_summary(model.cpu().eval(), x[:1], x, y)
-
-
 # ---- the trial ---------------------------------------------------------------------------------------------
-def trial(params: dict, *, base: dict, data_ref, s_spec: dict, teacher_job: dict, teacher_mode: str) -> None:
-    """One Tune trial: the student stage with this trial's keys; the last report carries test metrics."""
+def trial(params: dict, *, base: dict, data_ref, s_spec: dict, teacher: list[dict], teacher_mode: str) -> None:
+    """One Tune trial: the pipeline's student stages with this trial's keys; the last report carries test metrics."""
     import ray
     from ray import tune
 
+    from raydistill.evaluate import evaluate_on_test
+    from raydistill.job import StageJob, TeacherSource, trial_phases
     from raydistill.worker import TuneSession, run_loop
 
     cfg = trial_config(base, params, teacher_mode)
-    data_ref, teacher_job = data_ref[0], teacher_job[0]  # wrapped in lists: with_parameters passes refs, not copies
-    job = {"cfg": cfg.to_dict(), "spec": s_spec, "data": data_ref, "teacher": teacher_job, "init_state": None,
-           "phases": trial_phases(cfg), "stage": "trial", "verbose": False}
+    data_ref, source = data_ref[0], TeacherSource(**teacher[0])  # in lists: with_parameters passes refs, not copies
+    job = StageJob(stage="trial", config=cfg, spec=s_spec, data=data_ref, phases=trial_phases(cfg), teacher=source,
+                   verbose=False)
     summary, model = run_loop(job, TuneSession())
-    final = evaluate(model, ray.get(data_ref))
+    final = evaluate_on_test(model, ray.get(data_ref))
     last = summary["history"][-1] if summary["history"] else {}
     # "evaluated", not "done": Tune sets its own "done" on a trial's last result, early-stopped or not
     tune.report({**final, "val_acc": last.get("val_acc", float("nan")), "evaluated": True,
-                 "epochs_total": sum(p["epochs"] for p in job["phases"]),
+                 "epochs_total": job.total_epochs,
                  **({"teacher_forward_samples": last["teacher_forward_samples"]}
                     if "teacher_forward_samples" in last else {})})
 
@@ -116,7 +100,7 @@ def label_only_points(cfg: Config) -> list[dict]:
     pruning ratio when ``prune.ratio`` is a choice/grid (the reference for trials at that ratio)."""
     point = {}
     for key in cfg.tune.space:
-        point[key] = 0.0 if key in ("distill.alpha", "distill.beta") else config_value(cfg, key)
+        point[key] = 0.0 if key in ("distill.alpha", "distill.beta") else config_mod.get(cfg, key)
     kind, values = next(iter(cfg.tune.space.get("prune.ratio", {"": None}).items()))
     if kind not in ("choice", "grid"):
         return [point]
@@ -126,58 +110,40 @@ def label_only_points(cfg: Config) -> list[dict]:
 
 def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: str | None = None,
               quiet: bool = False) -> dict:
+    import dataclasses
+
     import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    out = Path(out).resolve()
+    from raydistill.job import trial_phases
+    from raydistill.manifest import digest
+    from raydistill.pipeline import open_run, open_teacher_source, prepare_teacher
+
     t = cfg.tune
-    if "distill.alpha" in t.space:
-        spec = t.space["distill.alpha"]
-        kind, values = next(iter(spec.items()))
-        reachable = 0.0 in values if kind in ("choice", "grid") else values[0] <= 0.0
-        if not reachable:
-            raise ConfigError("tune.space['distill.alpha'] must include 0 (labels only) so the sweep can never be "
-                              "worse than the plain student; add 0.0 to it")
-    if t.search == "optuna" and any("grid" in s for s in t.space.values()):
-        raise ConfigError("tune.search=optuna cannot sample a grid; use choice instead of grid in tune.space")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # Teacher once (trained or loaded) and its logit cache once, through the pipeline's cached stages.
-    prep = run_pipeline(cfg, out, address=address, quiet=quiet,
-                        stop_after="cache" if t.teacher_mode == "cache" else "teacher")
+    ctx = open_run(cfg, out, address, quiet,
+                   uses_cache=t.teacher_mode == "cache" or cfg.distill.teacher_mode == "cache")
+    teacher = prepare_teacher(ctx, with_cache=t.teacher_mode == "cache")
     timings["teacher_and_cache_s" if t.teacher_mode == "cache" else "teacher_s"] = time.perf_counter() - t0
-    cache_info = prep.get("cache")
-    splits = prep["splits"]  # loaded and checked once, by the pipeline
-    C, H, _ = splits.shape
-    s_spec = model_spec(cfg.student.model, cfg.student.kwargs, splits.num_classes, C, H)
-    data_ref = ray.put(splits)
-    server = None
-    if t.teacher_mode == "cache":
-        teacher_job = {"mode": "cache", "uri": cache_info["uri"],
-                       "info": {k: v for k, v in cache_info.items() if k != "uri"}}
-    elif t.teacher_mode == "inprocess":  # every trial loads its own copy and computes its own logits
-        teacher, t_spec, _ = load_model(prep["teacher_path"])
-        teacher_job = {"mode": "inprocess", "spec": t_spec, "state": ray.put(teacher.state_dict())}
-    else:  # live: one shared actor
-        from raydistill.teacher import start_teacher_server
-
-        teacher, t_spec, _ = load_model(prep["teacher_path"])
-        name = f"teacher-{prep['teacher_sha256'][:12]}"
-        server = start_teacher_server(name, t_spec, teacher.state_dict(), num_cpus=cfg.scale.teacher_cpus,
-                                      num_gpus=cfg.scale.teacher_gpus, batch_window_ms=cfg.scale.teacher_batch_window_ms,
-                                      max_batch=cfg.scale.teacher_max_batch, num_threads=cfg.scale.torch_threads)
+    out, splits = ctx.out, ctx.splits
+    # every trial reads the cache (default), asks one shared actor, or loads its own copy (inprocess: the cost the
+    # others save, kept so that it can be measured)
+    source, server = open_teacher_source(ctx, teacher, t.teacher_mode)
+    if server is not None:
         ray.get(server.reset_stats.remote())
-        teacher_job = {"mode": "live", "actor_name": name}
 
     base = cfg.to_dict()
     trainable = tune.with_resources(
-        tune.with_parameters(trial, base=base, data_ref=[data_ref], s_spec=s_spec, teacher_job=[teacher_job],
+        tune.with_parameters(trial, base=base, data_ref=[ctx.data_ref], s_spec=ctx.s_spec,
+                             teacher=[{f.name: getattr(source, f.name) for f in dataclasses.fields(source)}],
                              teacher_mode=t.teacher_mode),
         {"cpu": t.cpus_per_trial})
     name = f"sweep-{digest(base)[:12]}"
     storage = out / "tune"
-    max_t = sum(p["epochs"] for p in trial_phases(cfg)) + 1  # +1: the final report with test metrics
+    max_t = sum(p.epochs for p in trial_phases(cfg)) + 1  # +1: the final report with test metrics
     if resume and tune.Tuner.can_restore(str(storage / name)):
         log(f"resuming sweep {storage / name}", quiet)
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
@@ -216,20 +182,21 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
         m = res.metrics or {}
         row = {"trial_id": m.get("trial_id"), **{k: res.config.get(k) for k in t.space},
                "completed": bool(m.get("evaluated")), "val_acc": m.get("val_acc"),
-               "epochs_run": m.get("training_iteration"), "error": str(res.error).splitlines()[0] if res.error else None}
+               "epochs_run": m.get("training_iteration"),
+               "error": str(res.error).splitlines()[0] if res.error else None}
         for k in ("accuracy", "params", "macs", "latency_ms_b1", "latency_ms_b64", "size_bytes", "sparsity"):
             row[k] = m.get(k) if m.get("evaluated") else None
         row["teacher_forward_samples"] = m.get("teacher_forward_samples")  # per-trial teacher only
         rows.append(row)
     teacher_passes = None
     if t.teacher_mode == "cache":
-        teacher_passes = cache_info["teacher_forward_samples"]
+        teacher_passes = teacher.cache["teacher_forward_samples"]
     elif t.teacher_mode == "inprocess":
         teacher_passes = sum(r["teacher_forward_samples"] or 0 for r in rows)
     if server is not None:
         teacher_passes = ray.get(server.get_stats.remote())["samples"]
         ray.kill(server)
-    report = write_results(cfg, out, rows, teacher_passes, cache_info, timings, len(splits.train))
+    report = write_results(cfg, out, rows, teacher_passes, teacher.cache, timings, len(splits.train))
     log(f"sweep done: {len(rows)} trials, best accuracy {report['best']['accuracy'] if report['best'] else 'n/a'}; "
         f"results in {out}", quiet)
     return report

@@ -1,4 +1,5 @@
-"""The shared teacher: one named Ray actor that serves teacher logits to every worker.
+"""Teacher outputs for the training loop: the shared ``TeacherServer`` actor and the three sources a
+worker reads them from (``live`` actor, ``inprocess`` copy, ``cache`` of Parquet logits).
 
 Why an actor: a teacher copy in every Ray Train worker (``teacher_mode: inprocess``) pays the
 teacher's memory and forward pass once per worker; the actor loads it once, can sit on its own
@@ -17,13 +18,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
 import torch
 
+from raydistill.augment import make_augment
 from raydistill.checkpoints import build_from_spec
+from raydistill.config import Config, ScaleConfig
+from raydistill.core.losses import FeatureHooks, topk_log_probs
+from raydistill.errors import CacheError
+from raydistill.job import TeacherSource
 
 NAMESPACE = "raydistill"
 
@@ -115,13 +121,13 @@ class TeacherServer:
         return os.getpid()
 
 
-def start_teacher_server(name: str, spec: dict[str, Any], state: dict[str, torch.Tensor], *, num_cpus: float,
-                         num_gpus: float, batch_window_ms: float, max_batch: int, num_threads: int):
-    """Create (or reuse, by name) the run's shared teacher actor and wait until it is ready."""
+def start_teacher_server(name: str, spec: dict[str, Any], state: dict[str, torch.Tensor], scale: ScaleConfig):
+    """Create (or reuse, by name) a shared teacher actor sized by ``scale`` and wait until it is ready.
+    Every caller (the pipeline, the sweep, the benchmarks) starts it here."""
     actor = TeacherServer.options(
-        name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=num_cpus, num_gpus=num_gpus,
+        name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=scale.teacher_cpus, num_gpus=scale.teacher_gpus,
         max_concurrency=1000,
-    ).remote(spec, state, batch_window_ms, max_batch, num_threads)
+    ).remote(spec, state, scale.teacher_batch_window_ms, scale.teacher_max_batch, scale.torch_threads)
     ray.get(actor.get_stats.remote())  # surfaces construction errors here, not in a worker
     return actor
 
@@ -129,3 +135,117 @@ def start_teacher_server(name: str, spec: dict[str, Any], state: dict[str, torch
 def get_teacher_server(name: str):
     """Look up a running teacher actor by name (Tune trials share it this way)."""
     return ray.get_actor(name, namespace=NAMESPACE)
+
+
+# ---- the logit cache a run expects ------------------------------------------------------------------------
+def cache_settings(cfg: Config, image_size: int) -> dict[str, Any]:
+    """What a run's cache must hold besides the teacher and the data: k, the number of augmented views and
+    the transform that defines them. The one rule the driver's and the worker's checks share."""
+    transform = make_augment(cfg.data.augment, cfg.data.augment_pad, cfg.seed, image_size).transform
+    return {"k": cfg.cache.k, "views": cfg.cache.views, "transform": transform}
+
+
+def check_cache_for_run(cfg: Config, uri: str, teacher_sha: str, data_fp: str, image_size: int):
+    """The cache at ``uri`` (its ``cache.CacheInfo``) if it holds this teacher's outputs for this data, k and
+    augmented views; otherwise CacheError naming what differs."""
+    from raydistill.cache import cache_fingerprint, check_cache
+
+    want = cache_settings(cfg, image_size)
+    return check_cache(uri, cache_fingerprint(teacher_sha, data_fp, **want), teacher_sha256=teacher_sha,
+                       data_fingerprint=data_fp, **want)
+
+
+# ---- teacher sources: same interface, request(idx, x, views) now → result(handle) one step later ----------
+# idx are positions in this worker's shard (the cache looks them up), x the batch (B, C, H, W) as the
+# student sees it (augmented), views (B,) the view id of each sample (the cache's row; live teachers
+# label x itself and ignore it). ``views`` on a teacher is how many views it holds per sample (the
+# cache) or None (any view: a fresh one every epoch). result() returns a TeacherOut.
+class TeacherOut(NamedTuple):
+    logits: torch.Tensor  # (B, K); from a top-k cache, the log of the distribution rebuilt from its top-k
+    feature: torch.Tensor | None = None  # the teacher's hint feature when the hint loss is on
+
+
+class LiveTeacher:
+    """Logits from the run's shared TeacherServer actor, looked up by name (loaded once there)."""
+
+    def __init__(self, actor_name: str, device: torch.device, rank: int):
+        self.actor, self.device, self.rank = get_teacher_server(actor_name), device, rank
+        self.views = None
+
+    def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor):
+        return self.actor.logits.remote(xb.numpy(), self.rank)  # a future: the student step runs meanwhile
+
+    def result(self, ref) -> TeacherOut:
+        # The request went out one step earlier, so this get normally finds the answer waiting.
+        return TeacherOut(torch.tensor(ray.get(ref), device=self.device))  # copy: object-store arrays are read-only
+
+
+class InprocessTeacher:
+    """A teacher copy inside this worker (the baseline the shared actor is measured against)."""
+
+    def __init__(self, spec: dict, state: dict, device: torch.device, hint_layer: str | None = None):
+        self.model = build_from_spec(spec, state).to(device).eval()
+        self.device = device
+        self.hooks = FeatureHooks(self.model, [hint_layer]) if hint_layer else None
+        self.hint_layer = hint_layer
+        self.samples = 0  # teacher forward samples so far (a per-trial teacher's cost, for the sweep report)
+        self.views = None
+
+    def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor) -> TeacherOut:
+        self.samples += len(xb)
+        with torch.inference_mode():
+            logits = self.model(xb.to(self.device))  # (B, K)
+        feat = self.hooks.features[self.hint_layer].clone() if self.hooks else None
+        return TeacherOut(logits.clone(), feat)
+
+    def result(self, handle: TeacherOut) -> TeacherOut:
+        return handle
+
+
+class CachedTeacher:
+    """Teacher outputs read from the Parquet logit cache, joined to this shard by sample id once.
+
+    No teacher is in memory at all; a step costs one gather from a (N, V, K) float32 array: the row of
+    each sample in the view the student is shown (V cached views, FKD; V = 1 without augmentation).
+    A top-k cache is expanded here, once, to the full log-distribution its loss targets
+    (``core.losses.topk_log_probs``), so its steps cost the same as a full cache's: rebuilding it
+    every step made top-5 KD 0.86x as fast as full-logit KD (benchmarks/throughput.py).
+    """
+
+    def __init__(self, uri: str, info: dict, ids: np.ndarray, device: torch.device):
+        from raydistill.cache import CacheInfo, load_for_ids
+
+        cached = load_for_ids(uri, ids, CacheInfo(**info))  # rows aligned with this shard's samples
+        self.device, self.views = device, info["views"]
+        if "logits" in cached:
+            self.logits = torch.from_numpy(cached["logits"]).float()  # (N, V, K)
+        else:
+            probs = torch.from_numpy(cached["topk_probs"])  # (N, V, k)
+            classes = torch.from_numpy(cached["topk_idx"].astype(np.int64))
+            n, v, k = probs.shape
+            self.logits = topk_log_probs(probs.reshape(n * v, k), classes.reshape(n * v, k),
+                                         info["num_classes"]).reshape(n, v, -1)
+
+    def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor) -> TeacherOut:
+        return TeacherOut(self.logits[idx, views].to(self.device))  # (B, K)
+
+    def result(self, handle: TeacherOut) -> TeacherOut:
+        return handle
+
+
+def make_teacher(source: TeacherSource | None, cfg: Config, device: torch.device, rank: int,
+                 shard_ids: np.ndarray, image_size: int):
+    """Open ``source`` inside a worker: a LiveTeacher, InprocessTeacher or CachedTeacher (None: no teacher)."""
+    if source is None:
+        return None
+    if source.mode == "live":
+        return LiveTeacher(source.actor_name, device, rank)
+    if source.mode == "cache":
+        # a sweep trial may change data.augment, seed or cache.views: the cache must still hold its views
+        try:
+            check_cache_for_run(cfg, source.uri, source.info["teacher_sha256"], source.info["data_fingerprint"],
+                                image_size)
+        except CacheError as e:
+            raise CacheError(f"{e} (this stage trains on {cache_settings(cfg, image_size)})") from None
+        return CachedTeacher(source.uri, source.info, shard_ids, device)
+    return InprocessTeacher(source.spec, ray.get(source.state), device, cfg.distill.hint_teacher_layer)

@@ -1,24 +1,20 @@
 """The loop every Ray Train worker runs: one straight function, ``train_fn_per_worker(job)``.
 
-The driver (raydistill/pipeline.py) describes a stage as a ``job`` dict of plain data:
-
-    {"cfg": Config.to_dict(), "spec": model spec, "init_state": ObjectRef | None,
-     "data": ObjectRef of data.Splits, "teacher": None | {"mode": "live"|"inprocess", ...},
-     "phases": [{"name", "epochs", "lr", "alpha", "beta", "prune": None | {...}, "remove_after"}]}
-
-Teacher, teacher mode, pruning schedule and loss weights are picked by the small functions
-below; the mixing of the losses is written out in ``train_step`` where it happens.
+The driver describes a stage as a ``job.StageJob`` (config, model spec, data, phases, teacher
+source), which arrives here as plain data and is rebuilt typed with ``StageJob.from_plain``.
+Teacher source (raydistill/teacher.py), pruning schedule and loss weights are picked by small
+functions; the mixing of the losses is written out in ``train_step`` where it happens.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import tempfile
 import time
 from collections import deque
-from typing import NamedTuple
 
 import numpy as np
 import ray
@@ -29,118 +25,14 @@ import torch.nn.functional as F
 
 from raydistill.augment import epoch_views, make_augment
 from raydistill.checkpoints import build_from_spec
-from raydistill.core.losses import FeatureHooks, HintAdapter, hard_kd_loss, soft_kd_loss, topk_log_probs
+from raydistill.config import Config
+from raydistill.core.losses import FeatureHooks, HintAdapter, hard_kd_loss, hint_loss, soft_kd_loss
 from raydistill.core.metrics import accuracy
 from raydistill.core.pruning import ChannelPruner, sparsity_schedule
 from raydistill.data import shard_indices
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced NaN/inf; the message names the step and the probable cause."""
-
-
-# ---- teacher sources: same interface, request(idx, x, views) now → result(handle) one step later ----------
-# idx are positions in this worker's shard (the cache looks them up), x the batch (B, C, H, W) as the
-# student sees it (augmented), views (B,) the view id of each sample (the cache's row; live teachers
-# label x itself and ignore it). ``views`` on a teacher is how many views it holds per sample (the
-# cache) or None (any view: a fresh one every epoch). result() returns a TeacherOut: logits (B, K)
-# (from a top-k cache, the log of the distribution rebuilt from its top-k), plus the teacher's hint
-# feature when the hint loss is on.
-class TeacherOut(NamedTuple):
-    logits: torch.Tensor  # (B, K); from a top-k cache, the log of the distribution rebuilt from its top-k
-    feature: torch.Tensor | None = None
-
-class LiveTeacher:
-    """Logits from the run's shared TeacherServer actor, looked up by name (loaded once there)."""
-
-    def __init__(self, actor_name: str, device: torch.device, rank: int):
-        from raydistill.teacher import get_teacher_server
-
-        self.actor, self.device, self.rank = get_teacher_server(actor_name), device, rank
-        self.views = None
-
-    def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor):
-        return self.actor.logits.remote(xb.numpy(), self.rank)  # a future: the student step runs meanwhile
-
-    def result(self, ref) -> TeacherOut:
-        # The request went out one step earlier, so this get normally finds the answer waiting.
-        return TeacherOut(torch.tensor(ray.get(ref), device=self.device))  # copy: object-store arrays are read-only
-
-
-class InprocessTeacher:
-    """A teacher copy inside this worker (the baseline the shared actor is measured against)."""
-
-    def __init__(self, spec: dict, state: dict, device: torch.device, hint_layer: str | None = None):
-        self.model = build_from_spec(spec, state).to(device).eval()
-        self.device = device
-        self.hooks = FeatureHooks(self.model, [hint_layer]) if hint_layer else None
-        self.hint_layer = hint_layer
-        self.samples = 0  # teacher forward samples so far (a per-trial teacher's cost, for the sweep report)
-        self.views = None
-
-    def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor) -> TeacherOut:
-        self.samples += len(xb)
-        with torch.inference_mode():
-            logits = self.model(xb.to(self.device))  # (B, K)
-        feat = self.hooks.features[self.hint_layer].clone() if self.hooks else None
-        return TeacherOut(logits.clone(), feat)
-
-    def result(self, handle: TeacherOut) -> TeacherOut:
-        return handle
-
-
-class CachedTeacher:
-    """Teacher outputs read from the Parquet logit cache, joined to this shard by sample id once.
-
-    No teacher is in memory at all; a step costs one gather from a (N, V, K) float32 array: the row of
-    each sample in the view the student is shown (V cached views, FKD; V = 1 without augmentation).
-    A top-k cache is expanded here, once, to the full log-distribution its loss targets
-    (``core.losses.topk_log_probs``), so its steps cost the same as a full cache's: rebuilding it
-    every step made top-5 KD 0.86x as fast as full-logit KD (benchmarks/throughput.py).
-    """
-
-    def __init__(self, uri: str, info: dict, ids: np.ndarray, device: torch.device):
-        from raydistill.cache import CacheInfo, load_for_ids
-
-        cached = load_for_ids(uri, ids, CacheInfo(**info))  # rows aligned with this shard's samples
-        self.device, self.views = device, info["views"]
-        if "logits" in cached:
-            self.logits = torch.from_numpy(cached["logits"]).float()  # (N, V, K)
-        else:
-            probs = torch.from_numpy(cached["topk_probs"])  # (N, V, k)
-            classes = torch.from_numpy(cached["topk_idx"].astype(np.int64))
-            n, v, k = probs.shape
-            self.logits = topk_log_probs(probs.reshape(n * v, k), classes.reshape(n * v, k),
-                                         info["num_classes"]).reshape(n, v, -1)
-
-    def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor) -> TeacherOut:
-        return TeacherOut(self.logits[idx, views].to(self.device))  # (B, K)
-
-    def result(self, handle: TeacherOut) -> TeacherOut:
-        return handle
-
-
-def make_teacher(job: dict, device: torch.device, rank: int, shard_ids: np.ndarray, image_size: int):
-    t = job.get("teacher")
-    if t is None:
-        return None
-    if t["mode"] == "live":
-        return LiveTeacher(t["actor_name"], device, rank)
-    if t["mode"] == "cache":
-        check_cache_views(t["info"], job["cfg"], image_size)
-        return CachedTeacher(t["uri"], t["info"], shard_ids, device)
-    cfg = job["cfg"]["distill"]
-    return InprocessTeacher(t["spec"], ray.get(t["state"]), device, cfg["hint_teacher_layer"])
-
-
-def check_cache_views(info: dict, cfg: dict, image_size: int) -> None:
-    """The cache must hold the views this run trains on (a sweep trial could change data.augment or seed)."""
-    from raydistill.cache import CacheError
-
-    want = make_augment(cfg["data"]["augment"], cfg["data"]["augment_pad"], cfg["seed"], image_size).transform
-    if info["transform"] != want or info["views"] != cfg["cache"]["views"]:
-        raise CacheError(f"logit cache holds {info['views']} view(s) of transform {info['transform']!r}, this run "
-                         f"trains on {cfg['cache']['views']} of {want!r}; rebuild it with `raydistill cache-logits`")
+from raydistill.errors import NonFiniteLossError
+from raydistill.job import PRECISIONS, Phase, StageJob
+from raydistill.teacher import InprocessTeacher, TeacherOut, make_teacher
 
 
 class HintStudent(torch.nn.Module):
@@ -158,21 +50,17 @@ class HintStudent(torch.nn.Module):
 
 
 # ---- the step and the epoch ---------------------------------------------------------------------------
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def train_step(model, opt, xb, yb, teacher_out, phase: dict, cfg: dict, step: int,
+def train_step(model, opt, xb, yb, teacher_out: TeacherOut | None, phase: Phase, cfg: Config, step: int,
                scaler: torch.amp.GradScaler | None = None) -> tuple[float, int]:
     """One optimizer step on the mixed objective; returns (loss, correct predictions).
 
     ``distill.precision`` bf16/fp16 runs the forward under autocast (fp16 with a GradScaler,
     which ``scaler`` is); the losses are computed in fp32 from the upcast logits.
     """
-    d = cfg["distill"]
-    alpha, beta = phase["alpha"], phase["beta"]
-    precision = d.get("precision", "fp32")
-    with torch.autocast(xb.device.type, dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
-                        enabled=precision != "fp32"):
+    d = cfg.distill
+    alpha, beta = phase.alpha, phase.beta
+    dtype = PRECISIONS[d.precision]
+    with torch.autocast(xb.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         out = model(xb)
     s_logits, s_feat = out if isinstance(out, tuple) else (out, None)  # (B, K), adapted student feature
     s_logits = s_logits.float()
@@ -181,24 +69,24 @@ def train_step(model, opt, xb, yb, teacher_out, phase: dict, cfg: dict, step: in
 
     loss = (1 - alpha) * F.cross_entropy(s_logits, yb)
     if alpha > 0:
-        loss = loss + alpha * soft_kd_loss(s_logits, t.logits, d["temperature"])
+        loss = loss + alpha * soft_kd_loss(s_logits, t.logits, d.temperature)
     if beta > 0:
         loss = loss + beta * hard_kd_loss(s_logits, t.logits)  # DeiT: the teacher's argmax as the label
-    if s_feat is not None and d["hint_weight"] > 0:
-        loss = loss + d["hint_weight"] * F.mse_loss(s_feat, t.feature)
+    if s_feat is not None and d.hint_weight > 0:
+        loss = loss + d.hint_weight * hint_loss(s_feat, t.feature)  # adapter applied in HintStudent.forward
 
     if not torch.isfinite(loss):
         raise NonFiniteLossError(
-            f"loss became {loss.item()} at step {step} (phase {phase['name']}); probable cause: learning rate "
-            f"{phase['lr']} too high or bad input values; lower the lr or check the data for NaN/inf")
+            f"loss became {loss.item()} at step {step} (phase {phase.name}); probable cause: learning rate "
+            f"{phase.lr} too high or bad input values; lower the lr or check the data for NaN/inf")
     opt.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
     else:
         loss.backward()
-    if d["grad_clip"]:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), d["grad_clip"])
+    if d.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
     if scaler is not None:
         scaler.step(opt)
         scaler.update()
@@ -207,22 +95,23 @@ def train_step(model, opt, xb, yb, teacher_out, phase: dict, cfg: dict, step: in
     return loss.item(), int((s_logits.argmax(1) == yb).sum())
 
 
-def run_epoch(model, opt, sched, teacher, x, y, ids, phase, cfg, epoch, pruner, device) -> dict:
+def run_epoch(model, opt, sched, teacher, x, y, ids, phase: Phase, cfg: Config, epoch: int, pruner,
+              device) -> dict:
     """One pass over this shard: x (N, C, H, W), y (N,), ids (N,) the samples' ids (they define their views)."""
-    bs = phase["batch_size"]
-    scaler = torch.amp.GradScaler(device.type) if cfg["distill"].get("precision") == "fp16" else None
-    g = torch.Generator().manual_seed(cfg["seed"] * 100_003 + epoch)
+    bs = phase.batch_size
+    scaler = torch.amp.GradScaler(device.type) if cfg.distill.precision == "fp16" else None
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     perm = torch.randperm(len(x), generator=g)
     batches = [perm[i:i + bs] for i in range(0, len(perm), bs)]  # same count on every rank (equal shards)
-    uses_teacher = teacher is not None and (phase["alpha"] > 0 or phase["beta"] > 0 or cfg["distill"]["hint_weight"] > 0)
+    uses_teacher = teacher is not None and (phase.uses_teacher_logits or cfg.distill.hint_weight > 0)
     # Ask the teacher for `teacher_prefetch` batches in one request, and keep the next such group in flight
     # while stepping on this one: with the live actor a round trip (serialization, scheduling, the merged
     # forward) is longer than one small student step, and one call per batch paid that overhead per batch.
-    depth = max(1, cfg["scale"].get("teacher_prefetch", 4)) if uses_teacher else 0
+    depth = cfg.scale.teacher_prefetch if uses_teacher else 0
     # data.augment: every sample is shown in one view per epoch (a cached one in cache mode, else a fresh
     # one), regenerated from (seed, id, view); the teacher is asked about exactly these pixels.
-    augment = make_augment(cfg["data"]["augment"], cfg["data"]["augment_pad"], cfg["seed"], x.shape[2])
-    views = torch.from_numpy(epoch_views(ids, epoch, cfg["seed"], getattr(teacher, "views", None)))  # (N,)
+    augment = make_augment(cfg.data.augment, cfg.data.augment_pad, cfg.seed, x.shape[2])
+    views = torch.from_numpy(epoch_views(ids, epoch, cfg.seed, getattr(teacher, "views", None)))  # (N,)
 
     def inputs(b):  # (B, C, H, W): the samples b in their view of this epoch
         return augment(x[b], ids[b], views[b])
@@ -303,7 +192,8 @@ class TrainSession:
         return ray.train.get_checkpoint()
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        ray.train.report(metrics,
+                         checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model)  # DDP when world > 1
@@ -331,15 +221,12 @@ class TuneSession:
         return model.to(self.device)
 
 
-def journal(job: dict, entry: dict) -> None:
+def journal(path: str | None, entry: dict) -> None:
     """Append one line per finished epoch to the run's journal (what ran, where, in which process).
 
     Best effort: on a multi-node cluster the run folder may not be mounted where rank 0 runs."""
-    path = job.get("journal")
     if not path:
         return
-    import json
-
     try:
         with open(path, "a") as f:
             f.write(json.dumps({**entry, "time": time.time()}) + "\n")
@@ -347,85 +234,95 @@ def journal(job: dict, entry: dict) -> None:
         pass
 
 
+def with_hint_adapter(model, teacher, cfg: Config, example, device):
+    """The student wrapped with its FitNets adapter when the hint loss is on (its teacher is in-process)."""
+    d = cfg.distill
+    if not (d.hint_student_layer and isinstance(teacher, InprocessTeacher)):
+        return model
+    adapter = HintAdapter.for_models(model, teacher.model, d.hint_student_layer, d.hint_teacher_layer, example)
+    return HintStudent(model, d.hint_student_layer, adapter.to(device))
+
+
+def prune_step_(pruner: ChannelPruner | None, phase: Phase, epoch_in_phase: int, ddp, x, y, device,
+                world: int) -> float:
+    """Raise the sparsity to this epoch's point of the schedule (masks); returns the ratio (0 without pruning)."""
+    if pruner is None:
+        return 0.0
+    p = phase.prune
+    ratio = sparsity_schedule(epoch_in_phase + 1, phase.epochs, p.ratio, p.schedule)
+    if p.importance == "taylor":  # Taylor needs fresh gradients |w * dL/dw|
+        ddp.zero_grad()
+        out = ddp(x[: phase.batch_size].to(device))
+        F.cross_entropy(out[0] if isinstance(out, tuple) else out, y[: phase.batch_size].to(device)).backward()
+    pruner.mask_(ratio)
+    check_same_masks(pruner, world)
+    return ratio
+
+
 # ---- the worker loop ----------------------------------------------------------------------------------
-def train_fn_per_worker(job: dict) -> dict:
+def train_fn_per_worker(plain_job: dict) -> dict:
     """Ray Train entry point: returns (on rank 0, to Result.return_value) the epoch history and plan."""
-    summary, _ = run_loop(job, TrainSession())
+    summary, _ = run_loop(StageJob.from_plain(plain_job), TrainSession())
     return summary
 
 
-def run_loop(job: dict, session) -> tuple[dict, torch.nn.Module]:
-    cfg = job["cfg"]
-    if cfg["scale"]["torch_threads"] > 0:
-        torch.set_num_threads(cfg["scale"]["torch_threads"])
-    torch.manual_seed(cfg["seed"])
+def run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
+    cfg = job.config
+    if cfg.scale.torch_threads > 0:
+        torch.set_num_threads(cfg.scale.torch_threads)
+    torch.manual_seed(cfg.seed)
     rank, world, device = session.rank, session.world, session.device
 
-    splits = ray.get(job["data"])
-    shard = shard_indices(splits.train.y, world, rank, cfg["data"]["shard"], cfg["seed"])
+    splits = ray.get(job.data)
+    shard = shard_indices(splits.train.y, world, rank, cfg.data.shard, cfg.seed)
     x, y = torch.from_numpy(splits.train.x[shard]), torch.from_numpy(splits.train.y[shard])  # (N, C, H, W), (N,)
     ids = torch.from_numpy(splits.train.ids[shard])  # (N,) sample ids: with the seed they define the augmented views
     x_val, y_val = torch.from_numpy(np.array(splits.val.x)), torch.from_numpy(np.array(splits.val.y))  # never augmented
-    teacher = make_teacher(job, device, rank, ids.numpy(), image_size=x.shape[2])
+    teacher = make_teacher(job.teacher, cfg, device, rank, ids.numpy(), image_size=x.shape[2])
 
-    spec = dict(job["spec"])
+    spec = dict(job.spec)
     resumed = load_train_state(session.get_checkpoint())
     if resumed is not None:
         spec["plan"] = resumed["plan"]
         model = build_from_spec(spec, resumed["model"])
     else:
-        model = build_from_spec(spec, ray.get(job["init_state"]) if job.get("init_state") else None)
+        model = build_from_spec(spec, ray.get(job.init_state) if job.init_state is not None else None)
     model.to(device)
     start_epoch = resumed["epoch"] + 1 if resumed else 0
     example = x[:2].to(device)
 
     history, e0 = [], 0
-    for phase_idx, phase in enumerate(job["phases"]):
-        e1 = e0 + phase["epochs"]
+    for phase_idx, phase in enumerate(job.phases):
+        e1 = e0 + phase.epochs
         if start_epoch >= e1:  # finished before a restart
             e0 = e1
             continue
-        prune = phase.get("prune")
-        pruner = ChannelPruner(model, example, importance=prune["importance"]) if prune else None
-        net = model
-        hint_layer = cfg["distill"]["hint_student_layer"]
-        if hint_layer and isinstance(teacher, InprocessTeacher):
-            adapter = HintAdapter.for_models(model, teacher.model, hint_layer,
-                                             cfg["distill"]["hint_teacher_layer"], example)
-            net = HintStudent(model, hint_layer, adapter.to(device))
-        ddp = session.prepare_model(net)
-        opt = torch.optim.AdamW(ddp.parameters(), lr=phase["lr"], weight_decay=phase["weight_decay"])
-        steps = phase["epochs"] * math.ceil(len(x) / phase["batch_size"])
+        pruner = ChannelPruner(model, example, importance=phase.prune.importance) if phase.prune else None
+        ddp = session.prepare_model(with_hint_adapter(model, teacher, cfg, example, device))
+        opt = torch.optim.AdamW(ddp.parameters(), lr=phase.lr, weight_decay=phase.weight_decay)
+        steps = phase.epochs * math.ceil(len(x) / phase.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
         if resumed is not None and resumed["phase"] == phase_idx and resumed["opt"] is not None:
             opt.load_state_dict(resumed["opt"])
             sched.load_state_dict(resumed["sched"])
 
         for epoch in range(max(start_epoch, e0), e1):
-            ratio = 0.0
-            if pruner is not None:
-                ratio = sparsity_schedule(epoch - e0 + 1, phase["epochs"], prune["ratio"], prune["schedule"])
-                if prune["importance"] == "taylor":  # Taylor needs fresh gradients |w * dL/dw|
-                    ddp.zero_grad()
-                    out = ddp(x[: phase["batch_size"]].to(device))
-                    F.cross_entropy(out[0] if isinstance(out, tuple) else out, y[: phase["batch_size"]].to(device)).backward()
-                pruner.mask_(ratio)
-                check_same_masks(pruner, world)
+            ratio = prune_step_(pruner, phase, epoch - e0, ddp, x, y, device, world)
             stats = run_epoch(ddp, opt, sched, teacher, x, y, ids, phase, cfg, epoch, pruner, device)
             plan = spec.get("plan") or []
             removed = False
-            if pruner is not None and phase.get("remove_after") and epoch == e1 - 1:
+            if pruner is not None and phase.remove_after and epoch == e1 - 1:
                 plan = plan + pruner.remove_()  # physically smaller model from here on
                 spec["plan"], removed = plan, True
-            metrics = {"stage": job["stage"], "phase": phase["name"], "epoch": epoch, "ratio": ratio,
+            metrics = {"stage": job.stage, "phase": phase.name, "epoch": epoch, "ratio": ratio,
                        "samples_per_s_global": stats["samples_per_s"] * world, **stats}
             if isinstance(teacher, InprocessTeacher):
                 metrics["teacher_forward_samples"] = teacher.samples
             if rank == 0:
                 metrics["val_acc"] = accuracy(unwrap(ddp), x_val.to(device), y_val.to(device))
-                if job.get("verbose", True):
-                    print(f"[{job['stage']}] epoch {epoch + 1}/{sum(p['epochs'] for p in job['phases'])} "
-                          f"{phase['name']}: loss {stats['loss']:.4f} train_acc {stats['train_acc']:.3f} "
+                if job.verbose:
+                    print(f"[{job.stage}] epoch {epoch + 1}/{job.total_epochs} "
+                          f"{phase.name}: loss {stats['loss']:.4f} train_acc {stats['train_acc']:.3f} "
                           f"val_acc {metrics['val_acc']:.3f} {metrics['samples_per_s_global']:.0f} samples/s"
                           + (f" sparsity {ratio:.2f}" if pruner is not None else ""), flush=True)
                 state = {"model": {k: v.detach().cpu() for k, v in unwrap(ddp).state_dict().items()},
@@ -433,7 +330,7 @@ def run_loop(job: dict, session) -> tuple[dict, torch.nn.Module]:
                          "opt": None if removed else opt.state_dict(),
                          "sched": None if removed else sched.state_dict()}
                 session.report(metrics, save_train_state(state))
-                journal(job, {"stage": job["stage"], "epoch": epoch, "pid": os.getpid(), "rank": rank})
+                journal(job.journal, {"stage": job.stage, "epoch": epoch, "pid": os.getpid(), "rank": rank})
             else:
                 session.report(metrics, None)
             history.append(metrics)

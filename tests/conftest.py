@@ -1,18 +1,21 @@
+"""Fixtures for both tiers.
+
+tests/unit/ never asks for ``ray_local``: it runs without Ray. tests/integration/ shares one real local Ray
+for the whole session (``ray_local``); the job-submission and fault tests start their own Ray heads and
+``raydistill`` processes, which never join this one (a Ray started by ``ray.init`` writes no
+``ray_current_cluster`` file).
+"""
+
 import pytest
-
-# Smoke settings shared by the Ray integration tests: tiny data, one epoch per stage.
-SMOKE = {
-    "data.limit": 200, "teacher.epochs": 1, "distill.epochs": 1, "prune.epochs": 1,
-    "prune.finetune_epochs": 1, "teacher.kwargs": {"widths": [16, 32], "hidden": 64},
-}
+from smoke import SMOKE
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray per test module (Ray tests share it), shut down afterwards."""
+    """One real local Ray for the session, started the way `raydistill run` starts it; shut down at the end."""
     import ray
 
-    from raydistill.pipeline import init_ray
+    from raydistill.cluster import init_ray
 
     init_ray(None, quiet=True)
     yield ray

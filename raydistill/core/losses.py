@@ -24,7 +24,7 @@ __all__ = [
     "soft_kd_loss",
     "hard_kd_loss",
     "teacher_topk",
-    "topk_soft_kd_loss",
+    "topk_log_probs",
     "average_teacher_logits",
     "FeatureHooks",
     "HintAdapter",
@@ -140,7 +140,7 @@ def teacher_topk(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Returns:
         ``(probs, indices)``: (B, k) float32 probabilities ``softmax(teacher_logits)``
         in decreasing order, and their (B, k) int64 class indices. Cast ``probs`` to
-        float16 to halve the cache; :func:`topk_soft_kd_loss` accepts both.
+        float16 to halve the cache; :func:`topk_log_probs` accepts both.
     """
     _check_logits("teacher_logits", teacher_logits)
     num_classes = teacher_logits.shape[-1]
@@ -151,68 +151,25 @@ def teacher_topk(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return top_probs, top_indices
 
 
-def topk_soft_kd_loss(
-    student_logits: Tensor, topk_probs: Tensor, topk_indices: Tensor, temperature: float
-) -> Tensor:
-    """:func:`soft_kd_loss` against a teacher cached as its top-k T=1 probabilities.
+def topk_log_probs(topk_probs: Tensor, topk_indices: Tensor, num_classes: int) -> Tensor:
+    """The full (B, C) T=1 log-distribution rebuilt from a top-k cache, to use as teacher logits.
 
-    The teacher's full T=1 distribution ``p`` is rebuilt: the cached classes get
-    their stored probability and the residual mass ``r = max(0, 1 - sum_k p_k)`` is
-    spread uniformly over the other ``C - k`` classes. It is then tempered exactly,
-    since ``softmax(z / T)_c ∝ exp(z_c)^(1/T) ∝ p_c^(1/T)``::
+    The cached classes get their stored probability and the residual mass ``r = max(0, 1 - sum_k p_k)``
+    is spread uniformly over the other ``C - k`` classes; classes with no mass get ``-inf``. Passed to
+    :func:`soft_kd_loss` as the teacher's logits it is tempered exactly, since
+    ``softmax(z / T)_c ∝ exp(z_c)^(1/T) ∝ p_c^(1/T)``::
 
         p_T = softmax(log(p) / T)
         loss = T^2 * mean_b KL(p_T[b] || softmax(student_logits[b] / T))
 
-    With ``k == C`` this equals :func:`soft_kd_loss` up to float rounding of the
-    cached probabilities. With ``k < C`` the tail is flattened to its mean. At T=1
-    that costs little once the top-k hold most of the mass (100 classes, k=10,
-    top-k mass 0.99: within 0.1% of the exact loss). Tempering amplifies the tail,
-    though: the real tail spans orders of magnitude and ``p^(1/T)`` of its mean is
-    much larger than the mean of ``p^(1/T)``, so at T=2..4 the loss can be off by
-    10-50% for k=10 of 100, and it no longer goes to 0 for a student equal to the
-    teacher. Use a larger k (or T=1) when the tail matters; tests/core/test_losses.py
-    checks that the error shrinks as k grows.
-
-    Args:
-        student_logits: (B, C).
-        topk_probs: (B, k) float16 or float32 teacher probabilities at T=1.
-        topk_indices: (B, k) integer class indices of ``topk_probs``, distinct per row.
-        temperature: T > 0.
-
-    Returns:
-        Scalar float32 tensor.
-    """
-    _check_logits("student_logits", student_logits)
-    _check_temperature(temperature)
-    batch, num_classes = student_logits.shape
-    if topk_probs.ndim != 2 or not topk_probs.is_floating_point():
-        raise ValueError(
-            f"topk_probs must be a floating (B, k) tensor, got {topk_probs.dtype} {tuple(topk_probs.shape)}"
-        )
-    if topk_indices.shape != topk_probs.shape or topk_indices.is_floating_point():
-        raise ValueError(
-            f"topk_indices must be an integer tensor shaped like topk_probs {tuple(topk_probs.shape)}, "
-            f"got {topk_indices.dtype} {tuple(topk_indices.shape)}"
-        )
-    k = topk_probs.shape[-1]
-    if topk_probs.shape[0] != batch or not 1 <= k <= num_classes:
-        raise ValueError(
-            f"topk_probs {tuple(topk_probs.shape)} must be (B={batch}, k) with 1 <= k <= C={num_classes}"
-        )
-
-    log_p_teacher = F.log_softmax(topk_log_probs(topk_probs, topk_indices, num_classes) / temperature, dim=-1)
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
-    return _kl_times_t2(log_p_teacher, log_p_student, temperature)
-
-
-def topk_log_probs(topk_probs: Tensor, topk_indices: Tensor, num_classes: int) -> Tensor:
-    """The full (B, C) T=1 log-distribution :func:`topk_soft_kd_loss` rebuilds from a top-k cache.
-
-    The cached classes get their stored probability, the residual mass is spread uniformly
-    over the other ``C - k`` classes; classes with no mass get ``-inf``. Used as teacher
-    *logits*, it gives :func:`soft_kd_loss` exactly the target of :func:`topk_soft_kd_loss`
-    (``softmax(log p / T)``), so a reader can rebuild it once per sample instead of every step.
+    With ``k == C`` this equals KD on the full logits up to float rounding of the cached
+    probabilities. With ``k < C`` the tail is flattened to its mean. At T=1 that costs little once
+    the top-k hold most of the mass (100 classes, k=10, top-k mass 0.99: within 0.1% of the exact
+    loss). Tempering amplifies the tail, though: the real tail spans orders of magnitude and
+    ``p^(1/T)`` of its mean is much larger than the mean of ``p^(1/T)``, so at T=2..4 the loss can be
+    off by 10-50% for k=10 of 100, and it no longer goes to 0 for a student equal to the teacher. Use
+    a larger k (or T=1) when the tail matters; tests/unit/core/test_losses.py checks that the error
+    shrinks as k grows. The worker rebuilds it once per sample, not every step.
 
     Args:
         topk_probs: (B, k) float16/float32 probabilities.
@@ -416,7 +373,7 @@ class HintAdapter(nn.Module):
         return cls(student_shape, teacher_shape).to(device)
 
 
-def hint_loss(student_feature: Tensor, teacher_feature: Tensor, adapter: nn.Module) -> Tensor:
+def hint_loss(student_feature: Tensor, teacher_feature: Tensor, adapter: nn.Module | None = None) -> Tensor:
     """FitNets hint loss (Romero et al., 2015).
 
     ``loss = mean((adapter(student_feature) - teacher_feature)^2)``, with the teacher
@@ -425,12 +382,14 @@ def hint_loss(student_feature: Tensor, teacher_feature: Tensor, adapter: nn.Modu
     Args:
         student_feature: (B, *student_shape).
         teacher_feature: (B, *teacher_shape).
-        adapter: typically a :class:`HintAdapter` mapping one to the other.
+        adapter: typically a :class:`HintAdapter` mapping one to the other. ``None`` when
+            ``student_feature`` is already mapped (a data-parallel trainer runs the adapter
+            inside the student's forward so that its gradients are synchronized too).
 
     Returns:
-        Scalar tensor.
+        Scalar float32 tensor.
     """
-    mapped = adapter(student_feature)  # (B, *teacher_shape)
+    mapped = adapter(student_feature) if adapter is not None else student_feature  # (B, *teacher_shape)
     if mapped.shape != teacher_feature.shape:
         raise ValueError(
             f"adapter(student_feature) has shape {tuple(mapped.shape)} but teacher_feature has "

@@ -40,7 +40,6 @@ __all__ = [
     "sparsity",
     "ChannelPruner",
     "apply_pruning_plan_",
-    "count_channels",
     "sparsity_schedule",
     "IMPORTANCES",
     "PLAN_KINDS",
@@ -173,7 +172,8 @@ def magnitude_masks(
     if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
         raise ValueError(f"skip must be a sequence of module names, got {skip!r}; write skip=('fc',) not skip='fc'")
 
-    candidates = {name: m for name, m in model.named_modules() if isinstance(m, layer_types) and _weight_of(m) is not None}
+    candidates = {name: m for name, m in model.named_modules()
+                  if isinstance(m, layer_types) and _weight_of(m) is not None}
     unknown = [s for s in skip if s not in candidates]
     if unknown:
         hints = {s: difflib.get_close_matches(s, list(candidates), n=1) for s in unknown}
@@ -300,34 +300,13 @@ def sparsity(model: nn.Module, layer_types: Sequence[type] = (nn.Linear, nn.Conv
             total += w.numel()
     if total == 0:
         raise ValueError(
-            f"model has no weights of layer_types={tuple(t.__name__ for t in layer_types)}; pass the layer classes it uses"
+            f"model has no weights of layer_types={tuple(t.__name__ for t in layer_types)}; "
+            "pass the layer classes it uses"
         )
     return zeros / total
 
 
 # --------------------------------------------------------------------------- structured
-
-
-def count_channels(model: nn.Module, layer_types: Sequence[type] = (nn.Conv2d, nn.Linear)) -> dict[str, int]:
-    """``{module_name: output channels}`` for every module of ``layer_types``.
-
-    Conv: ``out_channels`` (weight dim 0, or dim 1 for transposed convs); Linear:
-    ``out_features``; other layers: ``weight.shape[0]``. Handy to compare widths before and
-    after :meth:`ChannelPruner.remove_`.
-    """
-    _check_model(model)
-    layer_types = _check_layer_types(layer_types)
-    out: dict[str, int] = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, layer_types):
-            continue
-        if isinstance(m, nn.modules.conv._ConvNd):
-            out[name] = m.out_channels
-        elif isinstance(m, nn.Linear):
-            out[name] = m.out_features
-        elif (w := _weight_of(m)) is not None:
-            out[name] = w.shape[0]
-    return out
 
 
 def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
@@ -627,10 +606,10 @@ class ChannelPruner:
 
         Masked producer rows get zero gradient (nothing downstream reads the channel),
         but BatchNorm gamma/beta and the consumers' input columns can get non-zero
-        gradients, and momentum, Adam moments and weight decay can move any masked entry. Re-zeroing after every step is enough:
-        the forward never sees a revived value, and the stale optimizer state only
-        touches slices that stay zero and are finally removed. Cost: one ``index_fill_``
-        per masked tensor.
+        gradients, and momentum, Adam moments and weight decay can move any masked
+        entry. Re-zeroing after every step is enough: the forward never sees a revived
+        value, and the stale optimizer state only touches slices that stay zero and are
+        finally removed. Cost: one ``index_fill_`` per masked tensor.
         """
         if self._removed:
             return

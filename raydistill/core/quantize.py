@@ -42,11 +42,9 @@ from torch import Tensor, nn
 __all__ = [
     "DEFAULT_SCHEME",
     "SCHEMES",
-    "bytes_by_dtype",
     "int8_fraction",
     "load_quantized",
     "quantize_int8",
-    "quantized_state_bytes",
 ]
 
 SCHEMES: dict[str, str] = {
@@ -129,7 +127,9 @@ def _pt2e_x86(model: nn.Module, calibration_data: Tensor | Iterable[Tensor]) -> 
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
 
     batches = _calibration_batches(calibration_data)
     example = batches[0][:2] if batches[0].shape[0] >= 2 else batches[0].repeat(2, *([1] * (batches[0].dim() - 1)))
@@ -168,8 +168,12 @@ def quantize_int8(model: nn.Module, scheme: str = DEFAULT_SCHEME, *,
     if scheme == "pt2e_x86" and calibration_data is None:
         raise ValueError("scheme 'pt2e_x86' needs calibration_data (a few batches of real inputs); "
                          "pass calibration_data=x_val[:256] or use scheme 'weight_only'")
-    from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
-                                      IntxWeightOnlyConfig, quantize_)
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        quantize_,
+    )
 
     quantized = copy.deepcopy(model).cpu().eval()
     if scheme == "pt2e_x86":
@@ -202,18 +206,6 @@ def _inner_tensors(tensor: Tensor) -> list[Tensor]:
     return out
 
 
-def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
-    """Bytes of the model's state, per stored dtype (torchao subclasses counted by their parts)."""
-    totals: dict[str, int] = {}
-    for value in model.state_dict().values():
-        if not isinstance(value, Tensor):
-            continue
-        for inner in _inner_tensors(value):
-            key = str(inner.dtype).removeprefix("torch.")
-            totals[key] = totals.get(key, 0) + inner.numel() * inner.element_size()
-    return totals
-
-
 def int8_fraction(model: nn.Module) -> float:
     """Fraction of the model's stored tensor elements that are int8 (0.0 for an fp32 model)."""
     elements = {"int8": 0, "all": 0}
@@ -225,24 +217,18 @@ def int8_fraction(model: nn.Module) -> float:
     return elements["int8"] / elements["all"] if elements["all"] else 0.0
 
 
-def quantized_state_bytes(model: nn.Module) -> bytes:
-    """``torch.save`` bytes of a quantized model's state dict (write them atomically yourself)."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getvalue()
-
-
 def load_quantized(source: str | os.PathLike | bytes | Mapping[str, Tensor], model: nn.Module,
                    scheme: str) -> nn.Module:
-    """Rebuild a quantized model from ``quantized_state_bytes`` output, weights only.
+    """Rebuild a quantized model from its saved state dict (``torch.save(q.state_dict())``), weights only.
 
     ``source`` is a file path, the bytes, or an already loaded state dict (e.g. the
     ``state_dict`` entry of a checkpoint payload). ``model`` is an fp32 model of the same
     architecture (its values are irrelevant); it is quantized with ``scheme`` to get the
-    structure, then the saved int8 state is assigned. Loading uses ``torch.load(weights_only=True)``: importing torchao makes its
-    tensor subclasses loadable that way, no ``add_safe_globals`` needed (checked on
-    torchao 0.18). ``pt2e_x86`` models bake activation scales into the graph and cannot be
-    rebuilt from a state dict: save them with ``raydistill.export.export_model``.
+    structure, then the saved int8 state is assigned. Loading uses
+    ``torch.load(weights_only=True)``: importing torchao makes its tensor subclasses
+    loadable that way, no ``add_safe_globals`` needed (checked on torchao 0.18).
+    ``pt2e_x86`` models bake activation scales into the graph and cannot be rebuilt
+    from a state dict: save them with ``raydistill.export.export_model``.
     """
     _check_scheme(scheme)
     if scheme == "pt2e_x86":

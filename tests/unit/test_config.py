@@ -93,5 +93,5 @@ def test_doc_table_lists_every_key():
 def test_digits_job_is_the_embedded_default():
     from pathlib import Path
 
-    job = Path(__file__).resolve().parents[1] / "jobs" / "digits.yaml"
+    job = Path(__file__).resolve().parents[2] / "jobs" / "digits.yaml"
     assert config.load(job).to_dict() == config.load().to_dict()

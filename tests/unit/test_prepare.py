@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from raydistill import data
-from raydistill.prepare import prepare, read_parquet_ray
+from raydistill.prepare import prepare
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _assert_same_splits(a: data.Splits, b: data.Splits) -> None:
@@ -125,35 +125,3 @@ def test_cli_prepare_and_errors(image_folder, tmp_path):
     assert bad.returncode == 2 and "cifar10 needs --root" in bad.stderr
     usage = _cli("digits", "--rows-per-file", "many", "--out", str(tmp_path / "d"), cwd=tmp_path)
     assert usage.returncode == 2 and "invalid int value" in usage.stderr
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A small local Ray of our own (address='local' never joins another cluster)."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING", log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.mark.ray
-def test_read_parquet_ray_reads_prepared_shards(local_ray, digits_shards, tmp_path):
-    out, _ = digits_shards
-    dataset = read_parquet_ray(str(out))
-    assert dataset.count() == 1797
-    assert set(dataset.schema().names) == {"id", "label", "features"}
-    rows = dataset.to_pandas().sort_values("id")
-    np.testing.assert_array_equal(rows["id"].to_numpy(), np.arange(1797))
-    expected = data.load_splits("digits")
-    labels, features = np.empty(1797, dtype=np.int64), np.empty((1797, 64), dtype=np.float32)
-    for part in (expected.train, expected.val, expected.test):
-        labels[part.ids], features[part.ids] = part.y, part.x.reshape(len(part), -1)
-    np.testing.assert_array_equal(rows["label"].to_numpy(), labels)
-    np.testing.assert_array_equal(np.stack(rows["features"].to_numpy()), features)
-
-    uri_out = (tmp_path / "uri").as_uri()
-    prepare("digits", uri_out, rows_per_file=600)
-    assert read_parquet_ray(uri_out, columns=["id"]).count() == 1797
-    with pytest.raises(ValueError, match="run `raydistill data prepare` first"):
-        read_parquet_ray(str(tmp_path / "missing"))

@@ -26,7 +26,7 @@ def _cmd(out: Path) -> list[str]:
 
 def _journal(out: Path) -> list[dict]:
     path = out / "journal.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _wait(pred, proc, timeout, what):

@@ -8,7 +8,8 @@ import sys
 sys.modules["ray"] = None  # any `import ray` now raises ImportError
 import raydistill.core.losses, raydistill.core.pruning, raydistill.core.metrics, raydistill.core.surgery
 import raydistill.augment  # not core, but the cache actors and the worker share it: plain torch too
-assert not any(m == "ray" or m.startswith("ray.") for m in sys.modules if sys.modules[m] is not None), "ray got imported"
+assert not any(m == "ray" or m.startswith("ray.")
+               for m in sys.modules if sys.modules[m] is not None), "ray got imported"
 print("ok")
 """
 

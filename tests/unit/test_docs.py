@@ -4,7 +4,7 @@ from pathlib import Path
 
 from raydistill import config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_config_reference_is_current():

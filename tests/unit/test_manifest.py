@@ -5,8 +5,15 @@ import json
 
 import pytest
 
-from raydistill.manifest import (MANIFEST_NAME, IntegrityError, add_verify_parser, cmd_verify, verify_file,
-                                 verify_run, write_manifest)
+from raydistill.manifest import (
+    MANIFEST_NAME,
+    IntegrityError,
+    add_verify_parser,
+    cmd_verify,
+    verify_file,
+    verify_run,
+    write_manifest,
+)
 
 CONFIG = {"data": {"source": "digits"}, "seed": 0}
 

@@ -6,9 +6,9 @@ import torch
 from raydistill.augment import make_augment
 from raydistill.cache import CacheError, build_cache, cache_fingerprint, check_cache
 from raydistill.checkpoints import build_from_spec, model_spec
+from raydistill.config import ScaleConfig
 from raydistill.data import fingerprint, load_splits, shard_indices
-from raydistill.teacher import start_teacher_server
-from raydistill.worker import CachedTeacher, InprocessTeacher, LiveTeacher
+from raydistill.teacher import CachedTeacher, InprocessTeacher, LiveTeacher, start_teacher_server
 
 pytestmark = pytest.mark.ray
 
@@ -38,8 +38,8 @@ def setup(ray_local, tmp_path_factory):
                        splits=splits, data_fingerprint=data_fp, views=3, augment="crop_flip", augment_pad=2, seed=3,
                        num_actors=2, batch_size=32)
     caches["views"] = (str(root / "views"), info, aug)
-    return {"teacher": teacher, "state": state, "splits": splits, "shard": shard, "x": x, "expected": expected, "caches": caches,
-            "data_fp": data_fp}
+    return {"teacher": teacher, "state": state, "splits": splits, "shard": shard, "x": x, "expected": expected,
+            "caches": caches, "data_fp": data_fp}
 
 
 def _batches(n):
@@ -55,8 +55,8 @@ def test_inprocess_teacher_returns_teacher_logits(setup):
 
 
 def test_live_teacher_returns_teacher_logits(setup, ray_local):
-    actor = start_teacher_server("teacher-modes-test", SPEC, setup["state"], num_cpus=0.25, num_gpus=0,
-                                 batch_window_ms=1.0, max_batch=4096, num_threads=1)
+    actor = start_teacher_server("teacher-modes-test", SPEC, setup["state"],
+                                 ScaleConfig(teacher_cpus=0.25, teacher_batch_window_ms=1.0, teacher_max_batch=4096))
     t = LiveTeacher("teacher-modes-test", torch.device("cpu"), rank=1)
     batches = _batches(len(setup["x"]))
     pending = t.request(batches[0], setup["x"][batches[0]], None)

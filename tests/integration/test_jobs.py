@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 MODELS = {"teacher", "student_baseline", "student_kd", "student_pruned"}  # at least these (int8 may follow)
 
@@ -216,7 +216,8 @@ class BackgroundRun:
             if self.proc.poll() is None:
                 self.proc.kill()
         output = self.log.read_text()
-        assert self.proc.returncode == 0, f"{shlex.join(self.cmd)} exited with {self.proc.returncode}:\n{output[-4000:]}"
+        assert self.proc.returncode == 0, \
+            f"{shlex.join(self.cmd)} exited with {self.proc.returncode}:\n{output[-4000:]}"
         return output
 
 
@@ -296,8 +297,8 @@ def test_every_job_is_documented():
         assert f"## {path.name}" in text, f"jobs/README.md has no section for {path.name}"
         section = text.split(f"## {path.name}", 1)[1].split("\n## ", 1)[0]
         command = "tune" if path.name == "sweep.yaml" else "run"
-        assert f"ray job submit --address http://127.0.0.1:8265 --working-dir . -- raydistill {command} jobs/{path.name}" \
-            in section
+        assert ("ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
+                f"raydistill {command} jobs/{path.name}") in section
         words = smoke_overrides(path.name)
         assert words and all(w == "--set" or "=" in w for w in words)
     readme = (REPO / "README.md").read_text()

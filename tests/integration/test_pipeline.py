@@ -3,12 +3,11 @@
 import json
 
 import pytest
+from smoke import SMOKE
 
 from raydistill import config
 from raydistill.checkpoints import load_model
 from raydistill.pipeline import RunFolderError, run
-
-from conftest import SMOKE
 
 pytestmark = pytest.mark.ray
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from raydistill.checkpoints import build_from_spec, model_spec
+from raydistill.config import ScaleConfig
 from raydistill.teacher import get_teacher_server, start_teacher_server
 
 pytestmark = pytest.mark.ray
@@ -15,8 +16,8 @@ def server(ray_local):
     spec = model_spec("cnn", {"widths": [8, 16], "hidden": 32}, 10, 1, 8)
     torch.manual_seed(0)
     model = build_from_spec(spec).eval()
-    actor = start_teacher_server("teacher-test", spec, model.state_dict(), num_cpus=0.5, num_gpus=0,
-                                 batch_window_ms=20.0, max_batch=4096, num_threads=1)
+    actor = start_teacher_server("teacher-test", spec, model.state_dict(),
+                                 ScaleConfig(teacher_cpus=0.5, teacher_batch_window_ms=20.0, teacher_max_batch=4096))
     yield actor, model
     ray_local.kill(actor)
 
@@ -54,6 +55,7 @@ def test_reachable_by_name_and_reused(server, ray_local):
     same = get_teacher_server("teacher-test")
     pid = ray_local.get(actor.pid.remote())
     assert ray_local.get(same.pid.remote()) == pid
-    again = start_teacher_server("teacher-test", {}, {}, num_cpus=0.5, num_gpus=0, batch_window_ms=1,
-                                 max_batch=1, num_threads=1)  # get_if_exists: no second teacher
+    # get_if_exists: no second teacher
+    again = start_teacher_server("teacher-test", {}, {}, ScaleConfig(teacher_cpus=0.5, teacher_batch_window_ms=1,
+                                                                     teacher_max_batch=1))
     assert ray_local.get(again.pid.remote()) == pid

@@ -21,7 +21,6 @@ from raydistill.core.pruning import (
     ChannelPruner,
     apply_masks_,
     apply_pruning_plan_,
-    count_channels,
     magnitude_masks,
     remove_masks_,
     sparsity,
@@ -104,7 +103,8 @@ def _backward(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def _masked_tensors_zero(pruner: ChannelPruner) -> bool:
-    return all(bool((getattr(m, p).index_select(d, i) == 0).all()) for s in pruner._zero_plan.values() for m, p, d, i in s)
+    return all(bool((getattr(m, p).index_select(d, i) == 0).all())
+               for s in pruner._zero_plan.values() for m, p, d, i in s)
 
 
 # --------------------------------------------------------------------------- unstructured
@@ -112,7 +112,8 @@ def _masked_tensors_zero(pruner: ChannelPruner) -> bool:
 
 def _mlp_conv() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 7), nn.ReLU(), nn.Linear(7, 3))
+    return nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 7), nn.ReLU(),
+                         nn.Linear(7, 3))
 
 
 def test_magnitude_masks_layer_exact_and_smallest():
@@ -502,3 +503,9 @@ def test_sparsity_schedule_bad_args(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         sparsity_schedule(**args)
+
+
+def count_channels(model: nn.Module, layer_types=(nn.Conv2d, nn.Linear)) -> dict[str, int]:
+    """{module name: output channels} of every Conv2d / Linear: the widths before and after remove_()."""
+    return {name: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+            for name, m in model.named_modules() if isinstance(m, tuple(layer_types))}

@@ -21,7 +21,7 @@ class PickColumns(nn.Module):
 
 def test_accuracy_matches_known_predictions_across_batches_and_restores_modes():
     torch.manual_seed(0)
-    n, k = 10, 3
+    k = 3
     predictions = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     x = torch.nn.functional.one_hot(predictions, k).float()
     y = predictions.clone()

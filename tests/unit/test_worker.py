@@ -6,17 +6,22 @@ import torch.nn.functional as F
 
 from raydistill import config
 from raydistill.core.losses import soft_kd_loss
-from raydistill.worker import TeacherOut, train_step
+from raydistill.job import Phase, TeacherSource
+from raydistill.teacher import InprocessTeacher, TeacherOut, make_teacher
+from raydistill.worker import train_step
+
+
+def _phase(batch_size=16):
+    return Phase("distill", epochs=1, lr=0.1, batch_size=batch_size, weight_decay=0.0, alpha=0.5)
 
 
 def _setup(**overrides):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-    cfg = config.load(None, overrides).to_dict()
+    cfg = config.load(None, overrides)
     x, y = torch.randn(16, 1, 8, 8) * 50, torch.randint(0, 10, (16,))
     teacher = TeacherOut(torch.randn(16, 10) * 5)
-    phase = {"name": "distill", "alpha": 0.5, "beta": 0.0, "lr": 0.1}
-    return model, cfg, x, y, teacher, phase
+    return model, cfg, x, y, teacher, _phase()
 
 
 class NormRecorder(torch.optim.SGD):
@@ -90,7 +95,8 @@ class RecordingTeacher:
 
 @pytest.mark.parametrize("depth", [1, 3, 50])
 def test_prefetched_teacher_answers_reach_their_own_batch(depth, monkeypatch):
-    """Each step must be trained against the teacher output requested for its own samples, whatever the prefetch depth."""
+    """Each step must be trained against the teacher output requested for its own samples,
+    whatever the prefetch depth."""
     from raydistill import worker
 
     model, cfg, *_ = _setup(**{"scale.teacher_prefetch": depth})
@@ -105,7 +111,7 @@ def test_prefetched_teacher_answers_reach_their_own_batch(depth, monkeypatch):
     teacher = RecordingTeacher()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
-    phase = {"name": "distill", "alpha": 0.5, "beta": 0.0, "lr": 0.1, "batch_size": 16}
+    phase = _phase(16)
     worker.run_epoch(model, opt, sched, teacher, x, y, torch.arange(100), phase, cfg, 0, None, torch.device("cpu"))
     assert len(seen) == 7 and teacher.in_flight == 0
     groups = -(-7 // depth)  # one request per group of `depth` batches (16 samples each), the last one shorter
@@ -125,7 +131,7 @@ def _write_cache(root, ids, V, K, transform):
     import numpy as np
     import pyarrow.parquet as pq
 
-    from raydistill.cache import CacheInfo, _to_table
+    from raydistill.cache import CacheInfo, _to_table, cache_fingerprint
 
     n = np.repeat(np.arange(len(ids)), V)
     v = np.tile(np.arange(V), len(ids))
@@ -135,8 +141,8 @@ def _write_cache(root, ids, V, K, transform):
     table = _to_table([{"id": ids[n][order], "view": v[order].astype(np.int16), "logits": logits[order]}])
     root.mkdir()
     pq.write_table(table, root / "part-00000.parquet")
-    info = CacheInfo(fingerprint="f", format="full", k=None, views=V, num_classes=K, rows=len(n),
-                     teacher_sha256="t", data_fingerprint="d", transform=transform)
+    info = CacheInfo(fingerprint=cache_fingerprint("t", "d", None, V, transform), format="full", k=None, views=V,
+                     num_classes=K, rows=len(n), teacher_sha256="t", data_fingerprint="d", transform=transform)
     (root / "cache.json").write_text(json.dumps(info.__dict__))
     return info
 
@@ -155,19 +161,19 @@ def test_student_trains_on_exactly_the_cached_views(kind, tmp_path, monkeypatch)
     ids = torch.arange(N) * 7 + 1000  # sample ids, not positions, define the views
     pad = 3  # 49 crops (x2 flips): a sample's V views rarely coincide, so a wrong view id shows
     info = _write_cache(tmp_path / "cache", ids.numpy(), V, 10, make_augment(kind, pad, seed, 8).transform)
-    teacher = worker.make_teacher({"cfg": cfg, "teacher": {"mode": "cache", "uri": str(tmp_path / "cache"),
-                                                           "info": info.__dict__}},
-                                  torch.device("cpu"), 0, ids.numpy(), image_size=8)
+    teacher = make_teacher(TeacherSource("cache", uri=str(tmp_path / "cache"), info=info.__dict__), cfg,
+                           torch.device("cpu"), 0, ids.numpy(), image_size=8)
     # every sample's V candidate views, computed independently of the worker: (V, N, C, H, W)
     candidates = torch.stack([augment_batch(x, *view_params(ids.numpy(), v, seed, pad, kind == "crop_flip"), pad)
                               for v in range(V)])
     distinct = sum(len({candidates[v, n].numpy().tobytes() for v in range(V)}) == V for n in range(N))
     assert distinct > N * 0.8  # the views really differ
     steps = []
-    monkeypatch.setattr(worker, "train_step", lambda m, o, xb, yb, t_out, *a, **k: steps.append((xb, t_out)) or (0.0, 0))
+    monkeypatch.setattr(worker, "train_step",
+                        lambda m, o, xb, yb, t_out, *a, **k: steps.append((xb, t_out)) or (0.0, 0))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
-    phase = {"name": "distill", "alpha": 0.5, "beta": 0.0, "lr": 0.1, "batch_size": 8}
+    phase = _phase(8)
     shown = {n: [] for n in range(N)}  # the views each sample was trained on, epoch by epoch
     for epoch in range(V):
         steps.clear()
@@ -190,14 +196,15 @@ def test_live_teachers_see_the_students_pixels_and_a_fresh_view_every_epoch(monk
 
     spec = model_spec("cnn", {"widths": [4, 8], "hidden": 16}, 10, 1, 8)
     model, cfg, *_ = _setup(**{"data.augment": "crop_flip", "seed": 2})
-    teacher = worker.InprocessTeacher(spec, build_from_spec(spec).state_dict(), torch.device("cpu"))
+    teacher = InprocessTeacher(spec, build_from_spec(spec).state_dict(), torch.device("cpu"))
     x, y, ids = torch.randn(32, 1, 8, 8), torch.arange(32) % 10, torch.arange(32) + 50
     aug = make_augment("crop_flip", 0, 2, 8)
     steps = []
-    monkeypatch.setattr(worker, "train_step", lambda m, o, xb, yb, t_out, *a, **k: steps.append((xb, t_out)) or (0.0, 0))
+    monkeypatch.setattr(worker, "train_step",
+                        lambda m, o, xb, yb, t_out, *a, **k: steps.append((xb, t_out)) or (0.0, 0))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
-    phase = {"name": "distill", "alpha": 0.5, "beta": 0.0, "lr": 0.1, "batch_size": 32}
+    phase = _phase(32)
     epochs = []
     for epoch in range(2):
         steps.clear()

@@ -9,42 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
+from smoke import SMOKE
 
 from raydistill import config
-from raydistill.sweep import label_only_points, pareto_front, run_sweep
-
-from conftest import SMOKE
+from raydistill.sweep import run_sweep
 
 SWEEP = {**SMOKE, "data.limit": 240, "distill.epochs": 2, "tune.grace_period": 2, "tune.num_trials": 4,
          "tune.max_concurrent": 2}
 
 
-def test_pareto_front_matches_brute_force():
-    import random
-
-    rng = random.Random(0)
-    pts = [{"accuracy": rng.choice([0.5, 0.6, 0.7, 0.8]), "macs": rng.choice([10, 20, 30, 40])} for _ in range(40)]
-    front = set(pareto_front(pts, "accuracy", "macs"))
-    for i, p in enumerate(pts):
-        beaten = any(q["accuracy"] >= p["accuracy"] and q["macs"] <= p["macs"] and q != p for q in pts)
-        assert (i in front) == (not beaten)
-
-
-def test_label_only_points_cover_every_pruning_ratio():
-    cfg = config.load(None, {"tune.space": {"prune.ratio": {"choice": [0.25, 0.4, 0.5]},
-                                            "distill.alpha": {"choice": [0.0, 0.5]},
-                                            "distill.lr": {"loguniform": [0.001, 0.01]}}})
-    points = label_only_points(cfg)
-    assert [p["prune.ratio"] for p in points] == [0.4, 0.25, 0.5]  # the base ratio first
-    assert all(p["distill.alpha"] == 0.0 and p["distill.lr"] == cfg.distill.lr for p in points)
-    uniform = config.load(None, {"tune.space": {"prune.ratio": {"uniform": [0.2, 0.6]},
-                                                "distill.alpha": {"choice": [0.0, 0.5]}}})
-    assert label_only_points(uniform) == [{"prune.ratio": 0.4, "distill.alpha": 0.0}]
-
-
 @pytest.mark.ray
 def test_small_sweep_end_to_end(ray_local, tmp_path, tiny_teacher):
-    job = Path(__file__).resolve().parents[1] / "jobs" / "sweep.yaml"
+    job = Path(__file__).resolve().parents[2] / "jobs" / "sweep.yaml"
     # the documented sweep job in smoke mode, with a ready teacher (training one is the pipeline tests' job)
     cfg = config.load(job, {**SWEEP, "teacher.checkpoint": tiny_teacher})
     report = run_sweep(cfg, tmp_path, quiet=True)
@@ -105,7 +81,8 @@ def _finished_trials(out: Path) -> dict[str, int]:
 @pytest.mark.ray
 def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, tiny_teacher):
     args = [sys.executable, "-m", "raydistill.cli", "tune", "--out", str(tmp_path), "--quiet",
-            "--set", "tune.max_concurrent=1", "--set", "tune.scheduler=none", "--set", f"teacher.checkpoint={tiny_teacher}"]
+            "--set", "tune.max_concurrent=1", "--set", "tune.scheduler=none",
+            "--set", f"teacher.checkpoint={tiny_teacher}"]
     for k, v in SWEEP.items():
         if k != "tune.max_concurrent":
             args += ["--set", f"{k}={json.dumps(v)}"]

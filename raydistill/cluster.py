@@ -1,0 +1,86 @@
+"""Where a command's Ray comes from: connect to a cluster or start a local one, and check that the
+cluster can do what the config asks before anything is written (fail in seconds, not hang)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from raydistill.config import Config
+from raydistill.errors import ClusterError
+
+
+def init_ray(address: str | None, quiet: bool) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": not quiet,
+                              "logging_level": "WARNING" if quiet else "INFO"}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # On a 2-core laptop, overcommit logical CPUs: Train workers take fractions and the teacher
+        # actor and Train's controller must still fit (measured: otherwise runs wait forever).
+        kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
+        global _started_locally
+        _started_locally = True
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target and target != "auto":
+        check_reachable(target)
+    ray.init(address=address, **kwargs)
+
+
+_started_locally = False  # True when this process started its own Ray (no autoscaler to wait for)
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a Ray address."""
+    import socket
+    from urllib.parse import urlparse
+
+    raw = address if "://" in address else f"ray://{address}"
+    parsed = urlparse(raw)
+    host, port = parsed.hostname, parsed.port or (8265 if parsed.scheme in ("http", "https") else 6379)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start it with "
+                           "`ray start --head` or fix --address / RAY_ADDRESS") from None
+
+
+def check_resources(cfg: Config, wait_s: float | None = None) -> None:
+    """Refuse, instead of waiting forever, a request the cluster can never satisfy.
+
+    On a local Ray (started here) the answer is immediate. On a cluster the request is passed to
+    the autoscaler (``request_resources``) and we wait up to ``scale.resource_wait_s`` for the
+    nodes to join (GPU workers often start at zero), then fail naming what is missing.
+    """
+    import ray
+
+    s = cfg.scale
+    need = {"CPU": s.num_workers * s.cpus_per_worker + (s.teacher_cpus if cfg.distill.teacher_mode == "live" else 0)}
+    need_gpu = (s.num_workers if s.use_gpu else 0) + s.teacher_gpus
+    if need_gpu:
+        need["GPU"] = need_gpu
+    wait_s = (0.0 if _started_locally else s.resource_wait_s) if wait_s is None else wait_s
+    if wait_s > 0 and any(ray.cluster_resources().get(k, 0) < v for k, v in need.items()):
+        from ray.autoscaler.sdk import request_resources
+
+        bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+        request_resources(bundles=[bundle] * s.num_workers)
+        deadline = time.time() + wait_s
+        while time.time() < deadline and any(ray.cluster_resources().get(k, 0) < v for k, v in need.items()):
+            time.sleep(2)
+    have = ray.cluster_resources()
+    if s.use_gpu and have.get("GPU", 0) < s.num_workers:
+        raise ClusterError(f"scale.use_gpu=true with scale.num_workers={s.num_workers} needs {s.num_workers} GPU(s) "
+                           f"but the cluster has {int(have.get('GPU', 0))}; set scale.use_gpu=false or add GPU nodes")
+    if s.teacher_gpus > have.get("GPU", 0):
+        raise ClusterError(f"scale.teacher_gpus={s.teacher_gpus} but the cluster has {int(have.get('GPU', 0))} GPU(s); "
+                           "set scale.teacher_gpus=0 or add a GPU node")
+    if need["CPU"] > have.get("CPU", 0):
+        raise ClusterError(f"scale.num_workers={s.num_workers} x scale.cpus_per_worker={s.cpus_per_worker} needs "
+                           f"{s.num_workers * s.cpus_per_worker:g} CPUs (plus the teacher's) but the cluster has "
+                           f"{have.get('CPU', 0):g}; lower them or add nodes")

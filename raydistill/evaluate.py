@@ -1,0 +1,80 @@
+"""Measuring a model the way every report row is measured: on the held-out test split, one thread.
+
+One owner for the evaluation that the pipeline's report and the sweep's trials both use, so their
+figures are comparable.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raydistill.config import Config
+from raydistill.core.metrics import accuracy, latency_ms, model_summary, weight_sparsity
+from raydistill.data import Splits
+from raydistill.errors import ConfigError
+
+LATENCY_THREADS = 1  # latency measured single-threaded: comparable across machines and runs
+
+
+def test_tensors(splits: Splits) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split as tensors: x (N, C, H, W) float32, y (N,) int64 (copies: the arrays may be read-only)."""
+    return torch.from_numpy(np.array(splits.test.x)), torch.from_numpy(np.array(splits.test.y))
+
+
+def evaluate_on_test(model: torch.nn.Module, splits: Splits) -> dict:
+    """Accuracy, params, MACs, latency at batch 1 and 64, size and sparsity of ``model`` on the test split."""
+    x, y = test_tensors(splits)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(LATENCY_THREADS)
+    try:
+        return model_summary(model.cpu().eval(), x[:1], x, y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def quantize_student(cfg: Config, final: torch.nn.Module, final_name: str, payload_spec: dict, splits: Splits,
+                     out: Path) -> dict:
+    """Post-training int8 of the final student (torchao, ``quantize.scheme``); its report row, measured on the
+    int8 model as saved: ``student_int8.pt`` (a state dict, reloaded here through ``core.quantize.load_quantized``)
+    or, for ``pt2e_x86``, a ``torch.export`` program in ``int8/``."""
+    from raydistill.checkpoints import atomic_write_bytes
+    from raydistill.core.quantize import load_quantized, quantize_int8
+
+    scheme = cfg.quantize.scheme
+    x, y = test_tensors(splits)
+    example, shape = x[:1], tuple(x.shape[1:])
+    calib = torch.from_numpy(np.array(splits.val.x[: cfg.quantize.calibration_samples]))
+    try:
+        q = quantize_int8(final.eval(), scheme, calibration_data=calib)
+    except ValueError as e:  # core's checks and torchao's pattern matching: this scheme does not fit this student
+        raise ConfigError(f"quantize.scheme={scheme} cannot quantize the student ({str(e).splitlines()[0][:160]}); "
+                          "set quantize.scheme to another scheme or none") from e
+    fp32 = model_summary(final.eval(), example, x[:2], y[:2])
+    info = None
+    if scheme == "pt2e_x86":  # an exported graph: saved as a torch.export program
+        from raydistill.export import export_model
+
+        info = export_model(q, example, out / "int8")
+        size = (out / "int8" / "student.pt2").stat().st_size if (out / "int8" / "student.pt2").exists() else 0
+        sparsity = fp32["sparsity"]
+    else:
+        buf = io.BytesIO()
+        torch.save({"spec": payload_spec, "scheme": scheme, "state_dict": q.state_dict()}, buf)
+        atomic_write_bytes(out / "student_int8.pt", buf.getvalue())
+        size = len(buf.getvalue())
+        saved = torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True)
+        q = load_quantized(saved["state_dict"], final, scheme)  # measure what was written, not what is in memory
+        sparsity = weight_sparsity(q)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(LATENCY_THREADS)
+    try:
+        return {"accuracy": accuracy(q, x, y), "params": fp32["params"], "macs": fp32["macs"],
+                "latency_ms_b1": latency_ms(q, shape, batch_size=1),
+                "latency_ms_b64": latency_ms(q, shape, batch_size=64),
+                "size_bytes": size, "sparsity": sparsity, "scheme": scheme, "from": final_name, "export": info}
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,36 @@
+"""Prepared Parquet shards read back through Ray Data (the shared local Ray)."""
+
+import numpy as np
+import pytest
+
+from raydistill import data
+from raydistill.prepare import prepare, read_parquet_ray
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "digits"
+    summary = prepare("digits", str(out), rows_per_file=500)
+    return out, summary
+
+
+@pytest.mark.ray
+def test_read_parquet_ray_reads_prepared_shards(ray_local, digits_shards, tmp_path):
+    out, _ = digits_shards
+    dataset = read_parquet_ray(str(out))
+    assert dataset.count() == 1797
+    assert set(dataset.schema().names) == {"id", "label", "features"}
+    rows = dataset.to_pandas().sort_values("id")
+    np.testing.assert_array_equal(rows["id"].to_numpy(), np.arange(1797))
+    expected = data.load_splits("digits")
+    labels, features = np.empty(1797, dtype=np.int64), np.empty((1797, 64), dtype=np.float32)
+    for part in (expected.train, expected.val, expected.test):
+        labels[part.ids], features[part.ids] = part.y, part.x.reshape(len(part), -1)
+    np.testing.assert_array_equal(rows["label"].to_numpy(), labels)
+    np.testing.assert_array_equal(np.stack(rows["features"].to_numpy()), features)
+
+    uri_out = (tmp_path / "uri").as_uri()
+    prepare("digits", uri_out, rows_per_file=600)
+    assert read_parquet_ray(uri_out, columns=["id"]).count() == 1797
+    with pytest.raises(ValueError, match="run `raydistill data prepare` first"):
+        read_parquet_ray(str(tmp_path / "missing"))

@@ -1,0 +1,28 @@
+"""The sweep's pure parts: the Pareto front and the label-only search points (no Ray)."""
+
+import random
+
+from raydistill import config
+from raydistill.sweep import label_only_points, pareto_front
+
+
+def test_pareto_front_matches_brute_force():
+
+    rng = random.Random(0)
+    pts = [{"accuracy": rng.choice([0.5, 0.6, 0.7, 0.8]), "macs": rng.choice([10, 20, 30, 40])} for _ in range(40)]
+    front = set(pareto_front(pts, "accuracy", "macs"))
+    for i, p in enumerate(pts):
+        beaten = any(q["accuracy"] >= p["accuracy"] and q["macs"] <= p["macs"] and q != p for q in pts)
+        assert (i in front) == (not beaten)
+
+
+def test_label_only_points_cover_every_pruning_ratio():
+    cfg = config.load(None, {"tune.space": {"prune.ratio": {"choice": [0.25, 0.4, 0.5]},
+                                            "distill.alpha": {"choice": [0.0, 0.5]},
+                                            "distill.lr": {"loguniform": [0.001, 0.01]}}})
+    points = label_only_points(cfg)
+    assert [p["prune.ratio"] for p in points] == [0.4, 0.25, 0.5]  # the base ratio first
+    assert all(p["distill.alpha"] == 0.0 and p["distill.lr"] == cfg.distill.lr for p in points)
+    uniform = config.load(None, {"tune.space": {"prune.ratio": {"uniform": [0.2, 0.6]},
+                                                "distill.alpha": {"choice": [0.0, 0.5]}}})
+    assert label_only_points(uniform) == [{"prune.ratio": 0.4, "distill.alpha": 0.0}]
