@@ -46,12 +46,11 @@ class LocalSession:
     def get_checkpoint(self):
         return None
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        self.reports.append(metrics)
-        if checkpoint_dir:
-            import shutil
+    def report(self, metrics: dict, state: dict | None) -> None:
+        self.reports.append(metrics)  # no checkpoints: nothing here resumes
 
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    def progress(self, text: str) -> None:
+        pass
 
     def prepare_model(self, model):
         return model

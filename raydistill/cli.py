@@ -35,7 +35,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, _overrides(args.set))
     out = Path(args.out) if args.out else _default_out(args.config)
-    run(cfg, out, address=args.address, quiet=args.quiet)
+    report = run(cfg, out, address=args.address, quiet=args.quiet, verbose=args.verbose)
+    from raydistill.report import markdown_table
+
+    print(markdown_table(report["models"]))  # the result, also with --quiet
+    if not args.quiet:
+        print(f"report: {Path(out).resolve() / 'report.md'}")
     return 0
 
 
@@ -45,7 +50,7 @@ def cmd_cache_logits(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, _overrides(args.set))
     out = Path(args.out) if args.out else _default_out(args.config)
-    ctx = open_run(cfg, out, args.address, args.quiet, uses_cache=True)
+    ctx = open_run(cfg, out, args.address, args.quiet, uses_cache=True, verbose=args.verbose)
     c = prepare_teacher(ctx, with_cache=True).cache
     print(f"logit cache {c['uri']}: {c['rows']} rows ({c['views']} view(s) per sample, transform {c['transform']}), "
           f"format {c['format']}" + (f" (k={c['k']})" if c["k"] else "")
@@ -66,7 +71,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         overrides["tune.max_latency_ms"] = args.max_latency_ms
     cfg = config.load(args.config, overrides)
     out = Path(args.out) if args.out else _default_out(args.config).with_name(_default_out(args.config).name + "-tune")
-    report = run_sweep(cfg, out, resume=args.resume, address=args.address, quiet=args.quiet)
+    report = run_sweep(cfg, out, resume=args.resume, address=args.address, quiet=args.quiet, verbose=args.verbose)
     best = report["best"]
     if best:
         print(f"best trial: accuracy {best['accuracy']:.4f}, {best['macs']:,} MACs -> {out / 'best_config.yaml'}")
@@ -95,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
     run.add_argument("--out", help="run folder (default: runs/<config name>)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    run.add_argument("--quiet", action="store_true", help="only errors and the final line")
+    run.add_argument("--quiet", action="store_true", help="print only the final table (and errors)")
+    run.add_argument("--verbose", action="store_true", help="also show Ray's and its workers' own log lines")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
@@ -106,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or RUN/logit_cache")
     cache.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     cache.add_argument("--quiet", action="store_true")
+    cache.add_argument("--verbose", action="store_true", help="also show Ray's and its workers' own log lines")
     cache.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     cache.set_defaults(func=cmd_cache_logits)
 
@@ -119,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--out", help="sweep folder (default: runs/<config name>-tune)")
     tn.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     tn.add_argument("--quiet", action="store_true")
+    tn.add_argument("--verbose", action="store_true", help="also show Ray Tune's status tables and Ray's log lines")
     tn.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     tn.set_defaults(func=cmd_tune)
 

@@ -3,6 +3,7 @@ cluster can do what the config asks before anything is written (fail in seconds,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -10,15 +11,35 @@ from typing import Any
 from raydistill.config import Config
 from raydistill.errors import ClusterError
 
+CLUSTER_WORKERS = 2  # scale.num_workers: null on a cluster: data-parallel workers by default
 
-def init_ray(address: str | None, quiet: bool) -> None:
-    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray in-process."""
+
+def joins_cluster(address: str | None) -> bool:
+    """Whether this command joins an existing cluster (``--address`` / ``RAY_ADDRESS``) instead of starting Ray."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def resolve_scale(cfg: Config, address: str | None) -> Config:
+    """``cfg`` with ``scale.num_workers: null`` (auto) made concrete: Ray Train local mode (0) for a command that
+    starts its own local Ray, ``CLUSTER_WORKERS`` data-parallel workers for one that joins a cluster."""
+    if cfg.scale.num_workers is not None:
+        return cfg
+    workers = CLUSTER_WORKERS if joins_cluster(address) else 0
+    return dataclasses.replace(cfg, scale=dataclasses.replace(cfg.scale, num_workers=workers))
+
+
+def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray in-process. Ray's own INFO lines, its
+    workers' forwarded output and its non-actionable warnings are shown only with ``verbose``."""
     import ray
 
+    from raydistill.console import quiet_libraries
+
+    quiet_libraries(verbose)
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": not quiet,
-                              "logging_level": "WARNING" if quiet else "INFO"}
+    kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": verbose,
+                              "logging_level": "INFO" if verbose else "ERROR"}
     if address is None and not os.environ.get("RAY_ADDRESS"):
         # On a 2-core laptop, overcommit logical CPUs: Train workers take fractions and the teacher
         # actor and Train's controller must still fit (measured: otherwise runs wait forever).
@@ -61,7 +82,8 @@ def check_resources(cfg: Config, wait_s: float | None = None) -> None:
 
     s = cfg.scale
     need = {"CPU": s.num_workers * s.cpus_per_worker + (s.teacher_cpus if cfg.distill.teacher_mode == "live" else 0)}
-    need_gpu = (s.num_workers if s.use_gpu else 0) + s.teacher_gpus
+    train_gpus = max(1, s.num_workers) if s.use_gpu else 0  # local mode (0 workers) trains on one GPU here
+    need_gpu = train_gpus + s.teacher_gpus
     if need_gpu:
         need["GPU"] = need_gpu
     wait_s = (0.0 if _started_locally else s.resource_wait_s) if wait_s is None else wait_s
@@ -74,8 +96,8 @@ def check_resources(cfg: Config, wait_s: float | None = None) -> None:
         while time.time() < deadline and any(ray.cluster_resources().get(k, 0) < v for k, v in need.items()):
             time.sleep(2)
     have = ray.cluster_resources()
-    if s.use_gpu and have.get("GPU", 0) < s.num_workers:
-        raise ClusterError(f"scale.use_gpu=true with scale.num_workers={s.num_workers} needs {s.num_workers} GPU(s) "
+    if s.use_gpu and have.get("GPU", 0) < train_gpus:
+        raise ClusterError(f"scale.use_gpu=true with scale.num_workers={s.num_workers} needs {train_gpus} GPU(s) "
                            f"but the cluster has {int(have.get('GPU', 0))}; set scale.use_gpu=false or add GPU nodes")
     if s.teacher_gpus > have.get("GPU", 0):
         raise ClusterError(f"scale.teacher_gpus={s.teacher_gpus} but the cluster has {int(have.get('GPU', 0))} GPU(s); "

@@ -112,7 +112,7 @@ class DeployConfig:
 
 @dataclass
 class ScaleConfig:
-    num_workers: int = 2  # Ray Train data-parallel workers
+    num_workers: int | None = None  # Ray Train data-parallel workers; 0 = Ray Train local mode (training runs in this process, no worker start-up); null = auto: 0 when the command starts its own local Ray, 2 when it joins a cluster (--address / RAY_ADDRESS)
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = 0.5  # fractional CPUs leave room for the teacher actor
     teacher_cpus: float = 0.5  # CPUs reserved for the shared teacher actor
@@ -299,7 +299,8 @@ def validate(cfg: Config) -> Config:
         (cfg.cache.batch_size >= 1, "cache.batch_size must be >= 1", cfg.cache.batch_size),
         (cfg.cache.views >= 1, "cache.views must be >= 1", cfg.cache.views),
         (cfg.data.augment_pad >= 0, "data.augment_pad must be >= 0 (0 = auto)", cfg.data.augment_pad),
-        (s.num_workers >= 1, "scale.num_workers must be >= 1", s.num_workers),
+        (s.num_workers is None or s.num_workers >= 0, "scale.num_workers must be >= 0 (0: local mode) or null",
+         s.num_workers),
         (s.cpus_per_worker > 0, "scale.cpus_per_worker must be > 0", s.cpus_per_worker),
         (s.teacher_cpus >= 0, "scale.teacher_cpus must be >= 0", s.teacher_cpus),
         (s.teacher_gpus >= 0, "scale.teacher_gpus must be >= 0", s.teacher_gpus),

@@ -1,8 +1,81 @@
-"""What a person reads while a command runs: one line per event, prefixed ``[raydistill]``."""
+"""What a person reads while a command runs: one line per event, prefixed ``[raydistill]``.
+
+By default the console shows raydistill's own lines (a line per stage event, one line per epoch from rank 0)
+and the result. Ray's INFO logs, its workers' forwarded output (Train's "Reporting training result" lines),
+Ray Data progress bars and warnings nobody can act on are hidden; ``--verbose`` shows all of them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
+
+# Library log lines that say nothing a user can act on (seen in a default run); hidden unless --verbose.
+_NOISE = {
+    "torch.utils._pytree": "is an Enum subclass and is now natively supported by torch.compile",  # torchao import
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Hide Ray's and torch's chatter from the console (idempotent); ``verbose`` keeps everything."""
+    global _VERBOSE
+    _VERBOSE = verbose
+    if verbose:
+        return
+    for name, text in _NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMessage(text))
+    # Ray Train's local mode logs every report ("Reported metrics: ...") and a notice that it is in local mode
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False  # the logit cache build shows one line instead
+    except ImportError:  # pragma: no cover - ray[data] is a dependency
+        pass
+
+
+_VERBOSE = False
+
+
+@contextlib.contextmanager
+def native_stderr_muted():
+    """Mute what native code (Ray's C++ core worker) writes to stderr during a short call, unless --verbose.
+    Python's own stderr is flushed first and restored after; nothing else should write in that window."""
+    if _VERBOSE:
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
 
 def log(msg: str, quiet: bool = False) -> None:
+    """One ``[raydistill]`` line (written in one call, so lines from two threads never interleave)."""
     if not quiet:
-        print(f"[raydistill] {msg}", flush=True)
+        sys.stdout.write(f"[raydistill] {msg}\n")
+        sys.stdout.flush()
+
+
+def line(text: str) -> None:
+    """A progress line as is (one epoch of one stage)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()

@@ -80,6 +80,9 @@ class StageJob:
     init_state: Any = None  # ray.ObjectRef of a state dict to start from (None: fresh init from the seed)
     journal: str | None = None  # JSON-lines file of finished epochs (fault tests read it)
     verbose: bool = True  # rank 0 prints one line per epoch
+    first_epoch: int = 0  # global number of its first epoch: a stage that continues another keeps its data order
+    checkpoint_dir: str | None = None  # local mode: where the loop keeps its epoch checkpoints (Train keeps none)
+    progress: Any = None  # multi-worker: a ray.util.queue.Queue that rank 0's epoch lines go to (the driver prints)
 
     @property
     def total_epochs(self) -> int:
@@ -91,7 +94,8 @@ class StageJob:
         return {"stage": self.stage, "config": self.config.to_dict(), "spec": self.spec, "data": self.data,
                 "phases": [dataclasses.asdict(p) for p in self.phases],
                 "teacher": _fields(self.teacher) if self.teacher else None, "init_state": self.init_state,
-                "journal": self.journal, "verbose": self.verbose}
+                "journal": self.journal, "verbose": self.verbose, "first_epoch": self.first_epoch,
+                "checkpoint_dir": self.checkpoint_dir, "progress": self.progress}
 
     @classmethod
     def from_plain(cls, plain: dict[str, Any]) -> StageJob:
@@ -100,7 +104,8 @@ class StageJob:
         teacher = TeacherSource(**plain["teacher"]) if plain["teacher"] else None
         return cls(stage=plain["stage"], config=from_dict(plain["config"]), spec=plain["spec"], data=plain["data"],
                    phases=phases, teacher=teacher, init_state=plain["init_state"], journal=plain["journal"],
-                   verbose=plain["verbose"])
+                   verbose=plain["verbose"], first_epoch=plain["first_epoch"], checkpoint_dir=plain["checkpoint_dir"],
+                   progress=plain["progress"])
 
 
 def _fields(obj) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import inspect
 import re
 from collections.abc import Callable, Sequence
 
-import torchvision
 from torch import nn
 
 from raydistill.errors import ModelError, UserError
@@ -140,6 +139,8 @@ BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"cnn": cnn, "mlp": mlp}
 
 
 def _torchvision_names() -> list[str]:
+    import torchvision  # only when a torchvision model is asked for: importing it costs seconds at start-up
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -279,6 +280,8 @@ def _build_torchvision(
     kwargs["weights"] = None
     if name.startswith("vit_") and "image_size" not in kwargs:
         kwargs["image_size"] = image_size  # ViT's position embedding is sized to the input
+    import torchvision
+
     builder = torchvision.models.get_model_builder(name)
     model = _call(builder, repr(name), {"num_classes": num_classes, **kwargs})
     _adapt_torchvision(model, name, in_channels, cifar_stem)

@@ -31,7 +31,7 @@ import torch
 from raydistill import config as config_mod
 from raydistill import job as jobs
 from raydistill.checkpoints import atomic_write_text, build_from_spec, load_model, load_payload, model_spec, save_model
-from raydistill.cluster import check_resources, init_ray
+from raydistill.cluster import check_resources, init_ray, resolve_scale
 from raydistill.config import Config
 from raydistill.console import log
 from raydistill.data import Splits, fingerprint, load_splits
@@ -87,9 +87,12 @@ class Teacher:
 
 
 # ---- opening a run: validate everything the user gave, before writing anything -------------------------------
-def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, uses_cache: bool) -> RunContext:
-    """Check the run folder, data, models, a given cache and the cluster; then start Ray and write config.yaml."""
+def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, uses_cache: bool,
+             verbose: bool = False) -> RunContext:
+    """Check the run folder, data, models, a given cache and the cluster; then start Ray and write config.yaml
+    (with ``scale.num_workers`` resolved: the config a run folder holds is the one that ran)."""
     out = Path(out).resolve()
+    cfg = resolve_scale(cfg, address)
     check_run_folder(out, cfg)
     t0 = time.perf_counter()
     splits = load_data(cfg)
@@ -102,8 +105,13 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     validate_models(cfg, K, C, H)
     if uses_cache:
         check_given_cache(cfg, data_fp, H)
-    init_ray(address, quiet)
+    t0 = time.perf_counter()
+    init_ray(address, quiet, verbose)
     check_resources(cfg)
+    ray_s = time.perf_counter() - t0
+    s = cfg.scale
+    log("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0 else
+        f"Ray Train: {s.num_workers} data-parallel workers per stage", quiet)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     import ray
@@ -111,41 +119,44 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     return RunContext(cfg=cfg, out=out, quiet=quiet, splits=splits, data_fp=data_fp, data_ref=ray.put(splits),
                       t_spec=model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, C, H),
                       s_spec=model_spec(cfg.student.model, cfg.student.kwargs, K, C, H),
-                      stages=StageCache(out), timings={"data": {"seconds": data_s}})
+                      stages=StageCache(out), timings={"data": {"seconds": data_s}, "ray_start": {"seconds": ray_s}})
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------------
-def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = False) -> dict:
+def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = False,
+        verbose: bool = False) -> dict:
     """The whole pipeline; returns the report (also written to report.json/.md/.png in ``out``)."""
     t_start = time.perf_counter()
-    ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache")
+    ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache", verbose=verbose)
+    cfg = ctx.cfg
 
-    # 1. teacher and 2. the label-only student. The baseline does not need the teacher unless it starts from
-    # its tensors, so then the two Train runs go side by side: on a small machine most of a stage's wall
-    # time is Train's fixed start-up, which then overlaps.
-    if cfg.student.init_from_teacher:
-        teacher = prepare_teacher(ctx)
-        init_state = init_state_from_teacher(ctx, teacher)
-        train_baseline(ctx, init_state, teacher.sha256)
+    # 1. teacher (and its logit cache) and 2. the label-only student. With Train workers the two Train runs go
+    # side by side (most of a stage's wall time on a small machine is Train's fixed start-up, which then
+    # overlaps), unless the baseline starts from the teacher's tensors. Local mode trains here, a stage at a time.
+    cached = cfg.distill.teacher_mode == "cache"
+    sequential = cfg.student.init_from_teacher or cfg.scale.num_workers == 0
+    if sequential:
+        teacher = prepare_teacher(ctx, with_cache=cached)
     else:
         with ThreadPoolExecutor(max_workers=1) as pool:
             baseline = pool.submit(train_baseline, ctx, None, "")
             teacher = prepare_teacher(ctx)
             baseline.result()
-        init_state = None
-    if cfg.distill.teacher_mode == "cache":
-        teacher = with_logit_cache(ctx, teacher)
-
-    # 3. KD and 4. prune while distilling, with the teacher source the config asks for
+        teacher = with_logit_cache(ctx, teacher) if cached else teacher
     kd_key, prune_key = student_keys(ctx, teacher)
-    needs_teacher = not (ctx.stages.done("student_kd", kd_key, ctx.out / "student_kd.pt")
-                         and (cfg.prune.ratio == 0 or ctx.stages.done("student_pruned", prune_key,
-                                                                      ctx.out / "student_pruned.pt")))
-    source, server = open_teacher_source(ctx, teacher, cfg.distill.teacher_mode, start_actor=needs_teacher)
+    # the teacher source the config asks for; a live actor's process starts while the baseline trains
+    source, server = open_teacher_source(ctx, teacher, cfg.distill.teacher_mode,
+                                         start_actor=students_to_train(ctx, kd_key, prune_key))
+    init_state = init_state_from_teacher(ctx, teacher) if cfg.student.init_from_teacher else None
+    if sequential:
+        train_baseline(ctx, init_state, teacher.sha256 if cfg.student.init_from_teacher else "")
+
+    # 3. KD and 4. prune while distilling
+    wait_for_teacher_server(ctx, source, server)
     train_kd(ctx, kd_key, source, init_state)
     if cfg.prune.ratio > 0:
         prune_student(ctx, prune_key, source)
-    server_stats = stop_teacher_server(server)
+    server_stats = stop_teacher_server(source, server)
 
     # 5. evaluate every model on the held-out test split, then int8 and the deploy gate
     models = evaluate_models(ctx, teacher)
@@ -154,7 +165,7 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     if cfg.quantize.scheme != "none":
         models["student_int8"] = timed(ctx, "quantize", quantize_student, cfg, final, final_name,
                                        final_payload["spec"], ctx.splits, ctx.out)
-    deploy = deploy_student(ctx, final, final_name, models)
+    deploy = timed(ctx, "deploy", deploy_student, ctx, final, final_name, models)
     ctx.timings["total"] = {"seconds": time.perf_counter() - t_start}
 
     report = build_report(ctx, models, server_stats, teacher, deploy)
@@ -167,6 +178,11 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
 
 
 # ---- the stages -----------------------------------------------------------------------------------------------
+def where(cfg: Config) -> str:
+    n = cfg.scale.num_workers
+    return "Ray Train local mode" if n == 0 else f"{n} Ray Train workers"
+
+
 def timed(ctx: RunContext, name: str, fn, *args):
     t0 = time.perf_counter()
     result = fn(*args)
@@ -190,7 +206,7 @@ def prepare_teacher(ctx: RunContext, with_cache: bool = False) -> Teacher:
             ctx.timings["teacher"] = {"seconds": ctx.stages.records["teacher"]["seconds"], "skipped": True}
             ctx.log("stage teacher: up to date, skipped")
         else:
-            ctx.log(f"stage teacher: training {cfg.teacher.model} on {cfg.scale.num_workers} Ray Train workers")
+            ctx.log(f"stage teacher: training {cfg.teacher.model} ({where(cfg)})")
             train_model(ctx, "teacher", key, path, ctx.stage_job("teacher", ctx.t_spec, jobs.teacher_phases(cfg)))
             ctx.timings["teacher"] = {"seconds": time.perf_counter() - t0}
         model, spec, _ = load_model(path)
@@ -232,8 +248,9 @@ def prune_student(ctx: RunContext, key: str, source: TeacherSource | None) -> No
         train_student(ctx, "student_pruned", key, None)  # records the skip
         return
     kd_state = ray.put(load_payload(ctx.out / "student_kd.pt")["state_dict"])
-    train_student(ctx, "student_pruned", key, ctx.stage_job("student_pruned", ctx.s_spec, jobs.prune_phases(ctx.cfg),
-                                                            teacher=source, init_state=kd_state))
+    job = ctx.stage_job("student_pruned", ctx.s_spec, jobs.prune_phases(ctx.cfg), teacher=source, init_state=kd_state)
+    # it continues the KD student: its epochs follow KD's, as in a sweep trial that runs both in one loop
+    train_student(ctx, "student_pruned", key, dataclasses.replace(job, first_epoch=ctx.cfg.distill.epochs))
 
 
 def train_student(ctx: RunContext, stage: str, key: str, job: StageJob | None) -> None:
@@ -243,7 +260,7 @@ def train_student(ctx: RunContext, stage: str, key: str, job: StageJob | None) -
         ctx.timings[stage] = {"seconds": ctx.stages.records[stage]["seconds"], "skipped": True}
         ctx.log(f"stage {stage}: up to date, skipped")
         return
-    ctx.log(f"stage {stage}: {ctx.cfg.scale.num_workers} Ray Train workers")
+    ctx.log(f"stage {stage}: training {ctx.cfg.student.model} ({where(ctx.cfg)})")
     train_model(ctx, stage, key, path, job)
     ctx.timings[stage] = {"seconds": time.perf_counter() - t0}
 
@@ -302,10 +319,17 @@ def with_logit_cache(ctx: RunContext, teacher: Teacher) -> Teacher:
     return dataclasses.replace(teacher, cache={**info.__dict__, "uri": uri})
 
 
+def students_to_train(ctx: RunContext, kd_key: str, prune_key: str) -> bool:
+    """Whether the KD or the pruned student still has to be trained (else no teacher actor is needed)."""
+    done = ctx.stages.done("student_kd", kd_key, ctx.out / "student_kd.pt")
+    return not (done and (ctx.cfg.prune.ratio == 0
+                          or ctx.stages.done("student_pruned", prune_key, ctx.out / "student_pruned.pt")))
+
+
 def open_teacher_source(ctx: RunContext, teacher: Teacher, mode: str, start_actor: bool = True):
     """The teacher source for ``mode`` (``distill.teacher_mode``, or ``tune.teacher_mode`` for a sweep's trials),
-    and the TeacherServer actor when one was started (``live``, unless ``start_actor`` is false because every
-    student stage is up to date)."""
+    and the TeacherServer actor when one is started (``live``, unless ``start_actor`` is false because every
+    student stage is up to date). The actor's process starts in the background: ``wait_for_teacher_server``."""
     import ray
 
     from raydistill.teacher import start_teacher_server
@@ -317,24 +341,35 @@ def open_teacher_source(ctx: RunContext, teacher: Teacher, mode: str, start_acto
     name = f"teacher-{teacher.sha256[:12]}"
     if not start_actor:
         return jobs.live_teacher(name), None
-    t0 = time.perf_counter()
-    server = start_teacher_server(name, teacher.spec, teacher.state(), ctx.cfg.scale)
-    ctx.timings["teacher_server_start"] = {"seconds": time.perf_counter() - t0}
-    atomic_write_text(ctx.out / "teacher_server.json", json.dumps(
-        {"name": name, "pid": ray.get(server.pid.remote()), "node": ray.get_runtime_context().get_node_id()}))
-    ctx.log(f"teacher actor '{name}' is serving logits")
-    return jobs.live_teacher(name), server
+    ctx.timings["teacher_server_start"] = {"seconds": 0.0, "started": time.perf_counter()}
+    return jobs.live_teacher(name), start_teacher_server(name, teacher.spec, teacher.state(), ctx.cfg.scale,
+                                                         wait=False)
 
 
-def stop_teacher_server(server) -> dict | None:
+def wait_for_teacher_server(ctx: RunContext, source: TeacherSource, server) -> None:
+    """Wait until the actor is ready; its start time (from the request, overlapping the baseline) is recorded."""
+    if server is None:
+        return
+    import ray
+
+    from raydistill.teacher import wait_ready
+
+    wait_ready(server)
+    started = ctx.timings["teacher_server_start"].pop("started")
+    ctx.timings["teacher_server_start"]["seconds"] = time.perf_counter() - started
+    where = {"name": source.actor_name, "pid": ray.get(server.pid.remote()),
+             "node": ray.get_runtime_context().get_node_id()}
+    atomic_write_text(ctx.out / "teacher_server.json", json.dumps(where))
+    ctx.log(f"teacher actor '{source.actor_name}' is serving logits")
+
+
+def stop_teacher_server(source: TeacherSource | None, server) -> dict | None:
     """The actor's statistics (requests, merged forward passes), then stop it."""
     if server is None:
         return None
-    import ray
+    from raydistill import teacher as teachers
 
-    stats = ray.get(server.get_stats.remote())
-    ray.kill(server)
-    return stats
+    return teachers.stop_teacher_server(source.actor_name, server)
 
 
 def evaluate_models(ctx: RunContext, teacher: Teacher) -> dict[str, dict]:

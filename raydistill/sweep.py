@@ -109,7 +109,7 @@ def label_only_points(cfg: Config) -> list[dict]:
 
 
 def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: str | None = None,
-              quiet: bool = False) -> dict:
+              quiet: bool = False, verbose: bool = False) -> dict:
     import dataclasses
 
     import ray
@@ -118,22 +118,31 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
 
     from raydistill.job import trial_phases
     from raydistill.manifest import digest
-    from raydistill.pipeline import open_run, open_teacher_source, prepare_teacher
+    from raydistill.pipeline import (
+        open_run,
+        open_teacher_source,
+        prepare_teacher,
+        stop_teacher_server,
+        wait_for_teacher_server,
+    )
 
     t = cfg.tune
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # Teacher once (trained or loaded) and its logit cache once, through the pipeline's cached stages.
     ctx = open_run(cfg, out, address, quiet,
-                   uses_cache=t.teacher_mode == "cache" or cfg.distill.teacher_mode == "cache")
+                   uses_cache=t.teacher_mode == "cache" or cfg.distill.teacher_mode == "cache",
+                   verbose=verbose)
+    cfg = ctx.cfg  # scale.num_workers resolved
     teacher = prepare_teacher(ctx, with_cache=t.teacher_mode == "cache")
     timings["teacher_and_cache_s" if t.teacher_mode == "cache" else "teacher_s"] = time.perf_counter() - t0
     out, splits = ctx.out, ctx.splits
     # every trial reads the cache (default), asks one shared actor, or loads its own copy (inprocess: the cost the
     # others save, kept so that it can be measured)
     source, server = open_teacher_source(ctx, teacher, t.teacher_mode)
+    wait_for_teacher_server(ctx, source, server)
     if server is not None:
-        ray.get(server.reset_stats.remote())
+        ray.get(server.reset_stats.remote())  # count this sweep's requests only (a same-named actor is reused)
 
     base = cfg.to_dict()
     trainable = tune.with_resources(
@@ -170,7 +179,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
             trainable, param_space=search_space(t.space),
             tune_config=tune.TuneConfig(num_samples=t.num_trials, search_alg=search_alg, scheduler=scheduler,
                                         max_concurrent_trials=t.max_concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0 if quiet else 1,
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1 if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     t0 = time.perf_counter()
@@ -194,15 +203,27 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     elif t.teacher_mode == "inprocess":
         teacher_passes = sum(r["teacher_forward_samples"] or 0 for r in rows)
     if server is not None:
-        teacher_passes = ray.get(server.get_stats.remote())["samples"]
-        ray.kill(server)
-    report = write_results(cfg, out, rows, teacher_passes, teacher.cache, timings, len(splits.train))
+        teacher_passes = stop_teacher_server(source, server)["samples"]
+    report = write_results(cfg, out, rows, teacher_passes, teacher.cache, timings, len(splits.train),
+                           rerun=rerun_overrides(cfg, teacher))
     log(f"sweep done: {len(rows)} trials, best accuracy {report['best']['accuracy'] if report['best'] else 'n/a'}; "
         f"results in {out}", quiet)
     return report
 
 
-def write_results(cfg: Config, out: Path, rows: list[dict], teacher_passes, cache_info, timings, n_train) -> dict:
+def rerun_overrides(cfg: Config, teacher) -> dict[str, Any]:
+    """What best_config.yaml needs besides the trial's keys to rerun it exactly with ``raydistill run``: the
+    execution shape a trial has (one process: local mode), its teacher source, and this sweep's teacher (and
+    logit cache), so the rerun's student reads the very teacher outputs the trial read."""
+    overrides = {"scale.num_workers": 0, "distill.teacher_mode": cfg.tune.teacher_mode,
+                 "teacher.checkpoint": str(teacher.path)}
+    if cfg.tune.teacher_mode == "cache":
+        overrides["cache.path"] = teacher.cache["uri"]
+    return overrides
+
+
+def write_results(cfg: Config, out: Path, rows: list[dict], teacher_passes, cache_info, timings, n_train,
+                  rerun: dict[str, Any] | None = None) -> dict:
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -223,7 +244,9 @@ def write_results(cfg: Config, out: Path, rows: list[dict], teacher_passes, cach
     # chosen on validation accuracy (ties: fewer MACs, then the earlier trial); the test set only reports
     best = max(eligible, key=lambda r: (r["val_acc"], -r["macs"])) if eligible else None
     if best is not None:
-        best_cfg = trial_config(cfg.to_dict(), {k: best[k] for k in t.space}, cfg.distill.teacher_mode)
+        rerun = rerun or {}
+        best_cfg = trial_config(cfg.to_dict(), {**{k: best[k] for k in t.space}, **rerun},
+                                rerun.get("distill.teacher_mode", cfg.distill.teacher_mode))
         atomic_write_text(out / "best_config.yaml",
                           f"# best trial {best['trial_id']}: test accuracy {best['accuracy']:.4f}, "
                           f"{best['macs']:,} MACs\n# reproduce: raydistill run best_config.yaml\n" + best_cfg.to_yaml())

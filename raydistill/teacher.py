@@ -38,10 +38,12 @@ NAMESPACE = "raydistill"
 class TeacherServer:
     """Async actor: ``await logits(x)`` with x (B, C, H, W) float32 numpy → (B, K) float32 numpy."""
 
-    def __init__(self, spec: dict[str, Any], state: dict[str, torch.Tensor], batch_window_ms: float = 2.0,
+    def __init__(self, spec: dict[str, Any], state: dict[str, torch.Tensor] | list, batch_window_ms: float = 2.0,
                  max_batch: int = 4096, num_threads: int = 1, device: str | None = None):
         if num_threads > 0:
             torch.set_num_threads(num_threads)
+        if isinstance(state, list):  # [ObjectRef]: the weights stay in the object store while the actor may restart
+            state = ray.get(state[0])
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_from_spec(spec, state).to(self.device).eval()
         self.window_s = batch_window_ms / 1000.0
@@ -121,15 +123,43 @@ class TeacherServer:
         return os.getpid()
 
 
-def start_teacher_server(name: str, spec: dict[str, Any], state: dict[str, torch.Tensor], scale: ScaleConfig):
-    """Create (or reuse, by name) a shared teacher actor sized by ``scale`` and wait until it is ready.
-    Every caller (the pipeline, the sweep, the benchmarks) starts it here."""
-    actor = TeacherServer.options(
-        name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=scale.teacher_cpus, num_gpus=scale.teacher_gpus,
-        max_concurrency=1000,
-    ).remote(spec, state, scale.teacher_batch_window_ms, scale.teacher_max_batch, scale.torch_threads)
-    ray.get(actor.get_stats.remote())  # surfaces construction errors here, not in a worker
+_WEIGHTS: dict[str, Any] = {}  # actor name -> ObjectRef of its weights, kept alive for the actor's restarts
+
+
+def start_teacher_server(name: str, spec: dict[str, Any], state: dict[str, torch.Tensor], scale: ScaleConfig,
+                         wait: bool = True):
+    """Create (or reuse, by name) a shared teacher actor sized by ``scale``; with ``wait``, wait until it is
+    ready (else call ``wait_ready`` before using it: its process starts meanwhile). Every caller (the
+    pipeline, the sweep, the benchmarks) starts it here.
+
+    The weights go to the actor as an object ref inside a list; this process keeps the ref (``_WEIGHTS``) so
+    that a restarted actor (``max_restarts``) finds them again."""
+    from raydistill.console import native_stderr_muted
+
+    _WEIGHTS[name] = ray.put(state)
+    # Ray's core worker logs at every creation of a restartable actor with object-store arguments that they may
+    # be lost on a restart; ours cannot be (this process holds them), so the line is muted unless --verbose.
+    with native_stderr_muted():
+        actor = TeacherServer.options(
+            name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=scale.teacher_cpus,
+            num_gpus=scale.teacher_gpus, max_concurrency=1000,
+        ).remote(spec, [_WEIGHTS[name]], scale.teacher_batch_window_ms, scale.teacher_max_batch, scale.torch_threads)
+    if wait:
+        wait_ready(actor)
     return actor
+
+
+def wait_ready(actor) -> None:
+    """Block until the actor is constructed; its construction errors surface here, not in a worker."""
+    ray.get(actor.get_stats.remote())
+
+
+def stop_teacher_server(name: str, actor) -> dict[str, Any]:
+    """The actor's statistics (requests, merged forward passes), then stop it and drop its weights."""
+    stats = ray.get(actor.get_stats.remote())
+    ray.kill(actor)
+    _WEIGHTS.pop(name, None)
+    return stats
 
 
 def get_teacher_server(name: str):

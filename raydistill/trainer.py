@@ -7,17 +7,25 @@ out of Ray Train's wrappers; anything else is re-raised as the bug it is.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from raydistill.console import line
 from raydistill.errors import first_user_error
 from raydistill.job import StageJob
 
 
 def fit(job: StageJob, key: str, out: Path):
-    """Train ``job`` with ``job.config.scale`` workers; returns (final train state, ray.train.Result)."""
+    """Train ``job`` on Ray Train; returns (final train state, ray.train.Result).
+
+    ``scale.num_workers: 0`` is Ray Train's local mode: the loop runs in this process with the same
+    ``ray.train`` API and no worker start-up. Local mode keeps no checkpoints of its own, so the loop keeps its
+    epoch checkpoints in ``ray_train/<run name>/local`` and a rerun resumes from the last one, as a multi-worker
+    run resumes from Train's storage. With workers, rank 0's epoch lines come back through a queue and are
+    printed here, once (workers' own output is shown only with ``--verbose``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -29,29 +37,83 @@ def fit(job: StageJob, key: str, out: Path):
     # this variable to its controller; a value the user set wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     s = job.config.scale
+    name = f"{job.stage}-{key[:12]}"  # deterministic: a rerun resumes from the last epoch checkpoint
+    storage = (Path(out) / "ray_train").resolve()
+    local = s.num_workers == 0
+    progress = None
+    if local:
+        job = dataclasses.replace(job, checkpoint_dir=str(storage / name / "local"))
+    elif job.verbose:
+        from ray.util.queue import Queue
+
+        progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+        job = dataclasses.replace(job, progress=progress)
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=job.to_plain(),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu and not local,
+                                     resources_per_worker=None if local else resources),
         run_config=RunConfig(
-            name=f"{job.stage}-{key[:12]}",  # deterministic: a rerun resumes from the last epoch checkpoint
-            storage_path=str((Path(out) / "ray_train").resolve()),
+            name=name,
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch line is the progress
         ),
     )
+    printer = ProgressPrinter(progress) if progress is not None else None
     try:
-        result = off_main_thread(trainer.fit)
+        # local mode runs the loop right here: on the main thread Ctrl-C interrupts it at once
+        result = trainer.fit() if local else off_main_thread(trainer.fit)
     except Exception as e:  # Train V2 raises TrainingFailedError from fit()
         user_error = first_user_error(e)
         if user_error is None:
             raise
         raise user_error from None
+    finally:
+        if printer is not None:
+            printer.stop()
     if result.error is not None:
         raise first_user_error(result.error) or result.error
     return load_train_state(result.checkpoint), result
+
+
+class ProgressPrinter:
+    """Prints the epoch lines rank 0 puts on ``queue`` while a multi-worker stage runs (a driver thread)."""
+
+    def __init__(self, queue):
+        self.queue, self.done = queue, threading.Event()
+        self.thread = threading.Thread(target=self._run, name="raydistill-progress", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self.done.is_set():
+            try:
+                line(self.queue.get(timeout=0.5))
+            except Empty:
+                continue
+            except Exception:  # Ray shutting down (Ctrl-C): the stage is over anyway
+                return
+
+    def stop(self) -> None:
+        from ray.util.queue import Empty
+
+        self.done.set()
+        self.thread.join(timeout=5)
+        try:
+            while True:  # what arrived after the last poll
+                line(self.queue.get_nowait())
+        except Empty:
+            pass
+        except Exception:
+            pass
+        try:
+            self.queue.shutdown()
+        except Exception:
+            pass
 
 
 def off_main_thread(fn: Callable[[], Any]) -> Any:

@@ -8,10 +8,12 @@ functions; the mixing of the losses is written out in ``train_step`` where it ha
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections import deque
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from raydistill.augment import epoch_views, make_augment
 from raydistill.checkpoints import build_from_spec
 from raydistill.config import Config
+from raydistill.console import line
 from raydistill.core.losses import FeatureHooks, HintAdapter, hard_kd_loss, hint_loss, soft_kd_loss
 from raydistill.core.metrics import accuracy
 from raydistill.core.pruning import ChannelPruner, sparsity_schedule
@@ -149,9 +152,9 @@ def run_epoch(model, opt, sched, teacher, x, y, ids, phase: Phase, cfg: Config, 
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
-def save_train_state(state: dict) -> str:
-    """Write the state to a fresh temporary folder (Ray moves it into run storage on report)."""
-    tmp = tempfile.mkdtemp(prefix="raydistill-ckpt-")
+def save_train_state(state: dict, folder: str | None = None) -> str:
+    """Write the state to a fresh folder (a temporary one by default: Ray moves it into run storage on report)."""
+    tmp = tempfile.mkdtemp(prefix="raydistill-ckpt-" if folder is None else ".tmp-", dir=folder)
     torch.save(state, os.path.join(tmp, "state.pt"))
     return tmp
 
@@ -161,6 +164,31 @@ def load_train_state(ckpt) -> dict | None:
         return None
     with ckpt.as_directory() as d:
         return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+
+
+LOCAL_CHECKPOINTS_KEPT = 2  # as CheckpointConfig(num_to_keep=2) for multi-worker stages
+
+
+def keep_local_checkpoint(root: str, state: dict, epoch: int) -> str:
+    """Local mode: write the epoch's state as ``root/checkpoint_<epoch>`` (complete or absent: written aside,
+    then renamed) and drop all but the newest ``LOCAL_CHECKPOINTS_KEPT``."""
+    os.makedirs(root, exist_ok=True)
+    tmp = save_train_state(state, folder=root)
+    final = os.path.join(root, f"checkpoint_{epoch:06d}")
+    if os.path.exists(final):  # an epoch redone after a resume
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in sorted(glob.glob(os.path.join(root, "checkpoint_*")))[:-LOCAL_CHECKPOINTS_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def last_local_checkpoint(root: str):
+    """The newest complete local-mode checkpoint under ``root`` (a ray.train.Checkpoint), or None."""
+    for tmp in glob.glob(os.path.join(root, ".tmp-*")):  # left by a process killed mid-write
+        shutil.rmtree(tmp, ignore_errors=True)
+    done = sorted(glob.glob(os.path.join(root, "checkpoint_*")))
+    return ray.train.Checkpoint.from_directory(done[-1]) if done else None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -181,21 +209,38 @@ def check_same_masks(pruner: ChannelPruner, world: int) -> None:
 
 # ---- where the loop runs: a Ray Train worker, or a single-process Ray Tune trial -------------------------
 class TrainSession:
-    """The loop as one of a TorchTrainer's data-parallel workers."""
+    """The loop as one of a TorchTrainer's data-parallel workers, or alone in Ray Train's local mode
+    (``job.checkpoint_dir`` set: this process, its own epoch checkpoints)."""
 
-    def __init__(self):
+    def __init__(self, job: StageJob):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.local_dir, self.queue = job.checkpoint_dir, job.progress
+        if self.local_dir:
+            self.device = torch.device("cuda" if job.config.scale.use_gpu and torch.cuda.is_available() else "cpu")
+        else:
+            self.device = ray.train.torch.get_device()
 
     def get_checkpoint(self):
-        return ray.train.get_checkpoint()
+        return last_local_checkpoint(self.local_dir) if self.local_dir else ray.train.get_checkpoint()
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        ray.train.report(metrics,
-                         checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+    def report(self, metrics: dict, state: dict | None) -> None:
+        checkpoint = None
+        if state is not None:
+            path = (keep_local_checkpoint(self.local_dir, state, metrics["epoch"]) if self.local_dir
+                    else save_train_state(state))
+            checkpoint = ray.train.Checkpoint.from_directory(path)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def progress(self, text: str) -> None:
+        if self.queue is not None:
+            self.queue.put(text)  # the driver prints it (workers' own output reaches the console only with --verbose)
+        else:
+            line(text)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.local_dir:
+            return model.to(self.device)
         return ray.train.torch.prepare_model(model)  # DDP when world > 1
 
 
@@ -212,10 +257,13 @@ class TuneSession:
 
         return tune.get_checkpoint()
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict, state: dict | None) -> None:
         from ray import tune
 
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(save_train_state(state)) if state else None)
+
+    def progress(self, text: str) -> None:
+        pass  # a sweep's console shows trials, not epochs
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
@@ -262,7 +310,8 @@ def prune_step_(pruner: ChannelPruner | None, phase: Phase, epoch_in_phase: int,
 # ---- the worker loop ----------------------------------------------------------------------------------
 def train_fn_per_worker(plain_job: dict) -> dict:
     """Ray Train entry point: returns (on rank 0, to Result.return_value) the epoch history and plan."""
-    summary, _ = run_loop(StageJob.from_plain(plain_job), TrainSession())
+    job = StageJob.from_plain(plain_job)
+    summary, _ = run_loop(job, TrainSession(job))
     return summary
 
 
@@ -288,15 +337,18 @@ def run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
     else:
         model = build_from_spec(spec, ray.get(job.init_state) if job.init_state is not None else None)
     model.to(device)
-    start_epoch = resumed["epoch"] + 1 if resumed else 0
+    start_epoch = resumed["epoch"] + 1 if resumed else job.first_epoch
     example = x[:2].to(device)
 
-    history, e0 = [], 0
+    history, e0 = [], job.first_epoch  # epochs are numbered globally: they seed the data order and the views
     for phase_idx, phase in enumerate(job.phases):
         e1 = e0 + phase.epochs
         if start_epoch >= e1:  # finished before a restart
             e0 = e1
             continue
+        # each phase starts from a seed of its own: a stage that continues another (the pipeline's prune stage
+        # after KD) runs exactly as the same phase inside one loop (a sweep trial)
+        torch.manual_seed(cfg.seed * 1_000_003 + e0)
         pruner = ChannelPruner(model, example, importance=phase.prune.importance) if phase.prune else None
         ddp = session.prepare_model(with_hint_adapter(model, teacher, cfg, example, device))
         opt = torch.optim.AdamW(ddp.parameters(), lr=phase.lr, weight_decay=phase.weight_decay)
@@ -321,15 +373,16 @@ def run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
             if rank == 0:
                 metrics["val_acc"] = accuracy(unwrap(ddp), x_val.to(device), y_val.to(device))
                 if job.verbose:
-                    print(f"[{job.stage}] epoch {epoch + 1}/{job.total_epochs} "
-                          f"{phase.name}: loss {stats['loss']:.4f} train_acc {stats['train_acc']:.3f} "
-                          f"val_acc {metrics['val_acc']:.3f} {metrics['samples_per_s_global']:.0f} samples/s"
-                          + (f" sparsity {ratio:.2f}" if pruner is not None else ""), flush=True)
+                    session.progress(
+                        f"[{job.stage}] epoch {epoch - job.first_epoch + 1}/{job.total_epochs} "
+                        f"{phase.name}: loss {stats['loss']:.4f} train_acc {stats['train_acc']:.3f} "
+                        f"val_acc {metrics['val_acc']:.3f} {metrics['samples_per_s_global']:.0f} samples/s"
+                        + (f" sparsity {ratio:.2f}" if pruner is not None else ""))
                 state = {"model": {k: v.detach().cpu() for k, v in unwrap(ddp).state_dict().items()},
                          "plan": plan, "epoch": epoch, "phase": phase_idx if not removed else phase_idx + 1,
                          "opt": None if removed else opt.state_dict(),
                          "sched": None if removed else sched.state_dict()}
-                session.report(metrics, save_train_state(state))
+                session.report(metrics, state)
                 journal(job.journal, {"stage": job.stage, "epoch": epoch, "pid": os.getpid(), "rank": rank})
             else:
                 session.report(metrics, None)

@@ -1,5 +1,7 @@
 """`raydistill run` on a real local Ray with 2 Train workers and a tiny config."""
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -16,14 +18,18 @@ FIELDS = {"accuracy", "params", "macs", "latency_ms_b1", "latency_ms_b64", "size
 
 @pytest.fixture(scope="module")
 def first_run(ray_local, tmp_path_factory):
+    """A run on two Ray Train workers (the multi-worker path: DDP, the actor serving both ranks, progress lines
+    from rank 0 through a queue); its console output is kept for the console test."""
     out = tmp_path_factory.mktemp("run")
     cfg = config.load(None, {**SMOKE, "scale.num_workers": 2, "prune.ratio": 0.5})
-    report = run(cfg, out, quiet=True)
-    return cfg, out, report
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        report = run(cfg, out)
+    return cfg, out, report, console.getvalue()
 
 
 def test_report_has_every_model_and_stage(first_run):
-    cfg, out, report = first_run
+    cfg, out, report, _ = first_run
     on_disk = json.loads((out / "report.json").read_text())
     assert set(on_disk["models"]) == {"teacher", "student_baseline", "student_kd", "student_pruned", "student_int8"}
     for name, m in on_disk["models"].items():
@@ -37,7 +43,7 @@ def test_report_has_every_model_and_stage(first_run):
 
 
 def test_pruned_student_is_physically_smaller(first_run):
-    _, out, report = first_run
+    _, out, report, _ = first_run
     kd, pruned = report["models"]["student_kd"], report["models"]["student_pruned"]
     # ratio 0.5 on both conv widths and the hidden layer: well under half the MACs and params.
     assert pruned["macs"] < 0.5 * kd["macs"] and pruned["params"] < 0.5 * kd["params"]
@@ -51,7 +57,7 @@ def test_artifacts_are_signed_exported_and_tamper_proof(first_run, tmp_path):
     from raydistill.checkpoints import CheckpointError
     from raydistill.manifest import verify_run
 
-    _, out, report = first_run
+    _, out, report, _ = first_run
     assert verify_run(out) == []
     assert report["deploy"]["gate"]["passed"] and (out / "deploy" / "student.pt2").exists()  # no bounds set
     assert report["models"]["student_int8"]["size_bytes"] < report["models"]["student_pruned"]["size_bytes"]
@@ -68,18 +74,20 @@ def test_artifacts_are_signed_exported_and_tamper_proof(first_run, tmp_path):
 def test_one_teacher_actor_served_both_workers(first_run, ray_local):
     from ray.util.state import list_actors
 
-    _, _, report = first_run
+    _, _, report, _ = first_run
     stats = report["teacher_server"]
     assert set(stats["requests_by_rank"]) == {0, 1}  # both Train workers asked the same actor
     assert stats["forward_passes"] <= stats["requests"]
     # address: this test's own cluster, even when other Ray instances run on the machine
     address = ray_local.get_runtime_context().gcs_address
-    actors = list_actors(address=address, filters=[("class_name", "=", "TeacherServer")], detail=False)
+    name = json.loads((first_run[1] / "teacher_server.json").read_text())["name"]
+    actors = list_actors(address=address, filters=[("class_name", "=", "TeacherServer"), ("name", "=", name)],
+                         detail=False)
     assert len(actors) == 1  # created once for the run (KD and prune stages reuse it)
 
 
 def test_rerun_skips_finished_stages(first_run):
-    cfg, out, _ = first_run
+    cfg, out, _, _ = first_run
     stages = ("teacher", "student_baseline", "student_kd", "student_pruned")
     before = {s: (out / f"{s}.pt").stat().st_mtime_ns for s in stages}
     report = run(cfg, out, quiet=True)
@@ -90,9 +98,20 @@ def test_rerun_skips_finished_stages(first_run):
 
 
 def test_run_folder_of_another_config_is_refused(first_run):
-    cfg, out, _ = first_run
+    cfg, out, _, _ = first_run
     other = config.load(None, {**SMOKE, "distill.alpha": 0.9})
     before = (out / "report.json").read_bytes()
     with pytest.raises(RunFolderError, match="another config"):
         run(other, out, quiet=True)
     assert (out / "report.json").read_bytes() == before
+
+
+def test_multi_worker_progress_lines_come_once(first_run):
+    """Two Train workers: rank 0's epoch lines reach the console once each, without Ray's worker prefix."""
+    text = first_run[3]
+    epochs = [line for line in text.splitlines() if "] epoch " in line]
+    stages = {"teacher": 1, "student_baseline": 1, "student_kd": 1, "student_pruned": 2}  # SMOKE epochs
+    assert sorted(epochs) == sorted(set(epochs)) and len(epochs) == sum(stages.values()), text
+    for stage, n in stages.items():
+        assert sum(line.startswith(f"[{stage}] epoch ") for line in epochs) == n, stage
+    assert "RayTrainWorker" not in text and "TrainingReport" not in text

@@ -47,6 +47,16 @@ def test_small_sweep_end_to_end(ray_local, tmp_path, tiny_teacher):
     if vs is not None:  # a label-only trial at the best trial's ratio finished
         assert vs["prune_ratio"] == report["best"]["prune.ratio"] and vs["best_val_acc"] >= vs["label_only_val_acc"]
 
+    # `raydistill run best_config.yaml` reproduces the best trial exactly: the config carries the trial's execution
+    # shape (one process: local mode), its teacher source and this sweep's teacher and logit cache
+    assert best.scale.num_workers == 0 and best.distill.teacher_mode == "cache" and best.cache.path
+    from raydistill.pipeline import run
+
+    rerun = run(best, tmp_path / "rerun", quiet=True)
+    final = rerun["models"]["student_pruned" if best.prune.ratio > 0 else "student_kd"]
+    assert final["accuracy"] == report["best"]["accuracy"]
+    assert final["macs"] == report["best"]["macs"] and final["params"] == report["best"]["params"]
+
 
 @pytest.mark.ray
 def test_per_trial_teacher_counts_its_own_forward_passes(ray_local, tmp_path, tiny_teacher):

@@ -1,0 +1,57 @@
+"""Ray Train local mode (the laptop default): a console a person can read, and reproducible results."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from smoke import SMOKE
+
+from raydistill import config
+from raydistill.pipeline import run
+
+pytestmark = pytest.mark.ray
+
+SMOKE_ARGS = [a for k, v in SMOKE.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "raydistill.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def _epoch_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "] epoch " in line]
+
+
+def test_default_run_console_is_one_line_per_event(tmp_path):
+    """No Ray internals (TrainingReport lines, worker prefixes, core-worker warnings), one line per epoch,
+    and the run ends with the report table and the path of report.md."""
+    res = _cli("run", "--out", str(tmp_path / "run"), *SMOKE_ARGS, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = res.stdout + res.stderr
+    for noise in ("TrainingReport", "Reporting training result", "Reported metrics", "RayTrainWorker",
+                  "core_worker.cc", "PYTHON worker processes", "Started a local Ray instance", "Traceback"):
+        assert noise not in text, noise
+    epochs = _epoch_lines(res.stdout)
+    assert epochs and len(epochs) == len(set(epochs))  # no progress line twice
+    for stage in ("teacher", "student_baseline", "student_kd", "student_pruned"):
+        assert any(line.startswith(f"[{stage}] epoch ") for line in epochs), stage
+    assert "Ray Train local mode" in res.stdout
+    tail = res.stdout.strip().splitlines()
+    assert tail[-1] == f"report: {tmp_path / 'run' / 'report.md'}"
+    assert tail[-8].startswith("| model |") and any(line.startswith("| student_pruned |") for line in tail[-8:])
+
+    quiet = _cli("run", "--quiet", "--out", str(tmp_path / "run"), *SMOKE_ARGS, cwd=tmp_path)  # resumes: all done
+    assert quiet.returncode == 0 and quiet.stdout.splitlines()[0].startswith("| model |"), quiet.stdout
+    assert all(line.startswith("|") for line in quiet.stdout.strip().splitlines()), quiet.stdout
+
+
+def test_local_mode_is_reproducible(ray_local, tmp_path, tiny_teacher):
+    """Same config, same seed, two run folders: the same accuracies for every model."""
+    cfg = config.load(None, {**SMOKE, "teacher.checkpoint": tiny_teacher})
+    assert cfg.scale.num_workers is None  # auto: local mode for a run that starts its own Ray
+    first, second = run(cfg, tmp_path / "a", quiet=True), run(cfg, tmp_path / "b", quiet=True)
+    assert first["config"]["scale"]["num_workers"] == 0
+    accuracies = {name: m["accuracy"] for name, m in first["models"].items()}
+    assert accuracies == {name: m["accuracy"] for name, m in second["models"].items()}
