@@ -37,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--modes", nargs="+", default=["cache", "inprocess"], choices=["cache", "live", "inprocess"])
+    from raydistill.job import TEACHER_MODES
+
+    ap.add_argument("--modes", nargs="+", default=["cache", "inprocess"], choices=TEACHER_MODES)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep.json"))

@@ -40,13 +40,16 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
         return
     kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": verbose,
                               "logging_level": "INFO" if verbose else "ERROR"}
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    if not joins_cluster(address):
+        # A private local Ray: address="local" never joins a cluster that `ray start` left on this machine, nor
+        # follows a stale `ray_current_cluster` file a crashed one left (ray.init() with no address would).
+        address = "local"
         # On a 2-core laptop, overcommit logical CPUs: Train workers take fractions and the teacher
         # actor and Train's controller must still fit (measured: otherwise runs wait forever).
         kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
         global _started_locally
         _started_locally = True
-    target = address or os.environ.get("RAY_ADDRESS")
+    target = None if address == "local" else address or os.environ.get("RAY_ADDRESS")
     if target and target != "auto":
         check_reachable(target)
     ray.init(address=address, **kwargs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ import torch
 from raydistill import config as config_mod
 from raydistill import job as jobs
 from raydistill.checkpoints import atomic_write_text, build_from_spec, load_model, load_payload, model_spec, save_model
-from raydistill.cluster import check_resources, init_ray, resolve_scale
+from raydistill.cluster import check_resources, init_ray, joins_cluster, resolve_scale
 from raydistill.config import Config
 from raydistill.console import log
 from raydistill.data import Splits, fingerprint, load_splits
@@ -110,8 +111,10 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     check_resources(cfg)
     ray_s = time.perf_counter() - t0
     s = cfg.scale
-    log("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0 else
-        f"Ray Train: {s.num_workers} data-parallel workers per stage", quiet)
+    ray_where = ("a private local Ray (pass --address to use a running cluster)" if not joins_cluster(address)
+                 else f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}")
+    log(("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0 else
+         f"Ray Train: {s.num_workers} data-parallel workers per stage") + f", on {ray_where}", quiet)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     import ray

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from smoke import SMOKE
@@ -55,3 +56,22 @@ def test_local_mode_is_reproducible(ray_local, tmp_path, tiny_teacher):
     assert first["config"]["scale"]["num_workers"] == 0
     accuracies = {name: m["accuracy"] for name, m in first["models"].items()}
     assert accuracies == {name: m["accuracy"] for name, m in second["models"].items()}
+
+
+def test_a_stale_cluster_address_file_never_blocks_a_run(tmp_path, tiny_teacher):
+    """A crashed `ray start` leaves Ray's `ray_current_cluster` file behind (plain `ray.init()` would follow it and
+    fail): `raydistill run` with no address starts its own private Ray and says so."""
+    marker = Path("/tmp/ray/ray_current_cluster")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    saved = marker.read_bytes() if marker.exists() else None
+    marker.write_text("127.0.0.1:1")  # nothing listens there
+    try:
+        res = _cli("run", "--out", str(tmp_path / "run"), *SMOKE_ARGS, "--set", f"teacher.checkpoint={tiny_teacher}",
+                   "--set", "prune.ratio=0", "--set", "quantize.scheme=none", cwd=tmp_path)
+    finally:
+        if saved is None:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.write_bytes(saved)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "on a private local Ray" in res.stdout
