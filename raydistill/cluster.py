@@ -36,6 +36,9 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
     from raydistill.console import quiet_libraries
 
     quiet_libraries(verbose)
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target and target not in ("auto", "local"):
+        check_reachable(target)  # also when Ray is already up here: a wrong address is refused, never ignored
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": verbose,
@@ -49,9 +52,6 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
         kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
         global _started_locally
         _started_locally = True
-    target = None if address == "local" else address or os.environ.get("RAY_ADDRESS")
-    if target and target != "auto":
-        check_reachable(target)
     ray.init(address=address, **kwargs)
 
 
