@@ -67,6 +67,12 @@ class DistillConfig:
     alpha: float = 0.5  # weight of the soft KD loss; (1 - alpha) weighs label cross-entropy
     beta: float = 0.0  # weight of the hard-label (teacher argmax, DeiT) loss
     temperature: float = 4.0  # softmax temperature T of the soft loss (> 0)
+    loss: str = "kd"  # kd (Hinton) | dkd (decoupled, Zhao 2022) | dist (Pearson, Huang 2022): the soft loss weighted by distill.alpha
+    dkd_alpha: float = 1.0  # DKD: weight of the target-class term (TCKD)
+    dkd_beta: float = 8.0  # DKD: weight of the non-target-class term (NCKD)
+    dist_beta: float = 1.0  # DIST: weight of the inter-class term
+    dist_gamma: float = 1.0  # DIST: weight of the intra-class term
+    logit_standardize: bool = False  # z-score student and teacher logits before the temperature softmax (Sun 2024); kd and dkd
     lr: float = 0.003  # AdamW learning rate for the student (baseline and KD alike)
     epochs: int = 20  # student epochs: the baseline gets the same budget
     batch_size: int = 64  # per-worker batch size
@@ -96,6 +102,7 @@ class CacheConfig:
     num_actors: int = 1  # teacher replicas in the Ray Data actor pool that builds the cache
     batch_size: int = 512  # teacher batch size while building the cache
     views: int = 1  # augmented views per sample stored in the cache (FKD); the student trains on exactly these; > 1 needs data.augment
+    topk_loss: str = "tail_filled"  # top-k caches: tail_filled (residual mass spread over the other classes) | sparse (KL over the teacher's top-k classes only, renormalised)
 
 
 @dataclass
@@ -128,7 +135,7 @@ class ScaleConfig:
 @dataclass
 class TuneConfig:
     # search space over any run keys: {key: {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}
-    # | {randint: [lo, hi]} | {grid: [...]}}
+    # | {randint: [lo, hi]} | {grid: [...]}}, e.g. distill.loss: {choice: [kd, dkd, dist]}
     space: dict[str, Any] = field(default_factory=lambda: {
         "prune.ratio": {"choice": [0.25, 0.4, 0.5]},
         "distill.alpha": {"choice": [0.0, 0.3, 0.5, 0.7, 0.9]},
@@ -265,7 +272,7 @@ def validate(cfg: Config) -> Config:
     Every choice list comes from the module that implements the choices (one owner: a new data source,
     pruning importance or search algorithm is accepted here as soon as its module lists it)."""
     from raydistill import augment, data, job, sweep
-    from raydistill.core import pruning, quantize
+    from raydistill.core import losses, pruning, quantize
 
     d, p, s = cfg.distill, cfg.prune, cfg.scale
     _choice("data.source", cfg.data.source, data.SOURCES)
@@ -273,6 +280,8 @@ def validate(cfg: Config) -> Config:
     _choice("data.augment", cfg.data.augment, augment.AUGMENTS)
     _choice("distill.teacher_mode", d.teacher_mode, job.TEACHER_MODES)
     _choice("distill.precision", d.precision, tuple(job.PRECISIONS))
+    _choice("distill.loss", d.loss, losses.LOGIT_LOSSES)
+    _choice("cache.topk_loss", cfg.cache.topk_loss, tuple(losses.TOPK_LOSSES))
     if d.precision == "fp16" and not cfg.scale.use_gpu:
         raise ConfigError("distill.precision=fp16 needs scale.use_gpu=true (CPU fp16 autocast is slow and unscaled); "
                           "use bf16 on CPU")
@@ -286,6 +295,10 @@ def validate(cfg: Config) -> Config:
         (d.epochs >= 1, "distill.epochs must be >= 1", d.epochs),
         (d.batch_size >= 1, "distill.batch_size must be >= 1", d.batch_size),
         (d.hint_weight >= 0.0, "distill.hint_weight must be >= 0", d.hint_weight),
+        (d.dkd_alpha >= 0.0, "distill.dkd_alpha must be >= 0", d.dkd_alpha),  # NaN fails >= too
+        (d.dkd_beta >= 0.0, "distill.dkd_beta must be >= 0", d.dkd_beta),
+        (d.dist_beta >= 0.0, "distill.dist_beta must be >= 0", d.dist_beta),
+        (d.dist_gamma >= 0.0, "distill.dist_gamma must be >= 0", d.dist_gamma),
         (d.grad_clip is None or d.grad_clip > 0, "distill.grad_clip must be > 0 or null", d.grad_clip),
         (0.0 <= p.ratio < 1.0, "prune.ratio must be in [0, 1)", p.ratio),
         (p.epochs >= 1, "prune.epochs must be >= 1", p.epochs),
@@ -357,6 +370,22 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"tune.space searches {', '.join(view_keys)}, but with tune.teacher_mode=cache "
                           "every trial reads the one logit cache, whose augmented views are fixed; "
                           "remove it from tune.space or set tune.teacher_mode=live")
+    if "distill.loss" in t.space:  # a misspelt or impossible loss would fail every trial that draws it
+        kind, values = next(iter(t.space["distill.loss"].items()))
+        for value in values if kind in ("choice", "grid") else ():
+            _choice("tune.space['distill.loss']", value, losses.LOGIT_LOSSES)
+        if d.logit_standardize and "dist" in values:
+            raise ConfigError("tune.space['distill.loss'] includes dist, which does not take "
+                              "distill.logit_standardize=true; remove dist from it or set "
+                              "distill.logit_standardize=false")
+    if d.logit_standardize and d.loss == "dist":
+        raise ConfigError("distill.logit_standardize is for the KL losses (kd, dkd); DIST's Pearson correlation "
+                          "already ignores the scale and shift of the probabilities; set "
+                          "distill.logit_standardize=false or distill.loss=kd or dkd")
+    if d.logit_standardize and d.teacher_mode == "cache" and cfg.cache.k is not None:
+        raise ConfigError(f"distill.logit_standardize needs the teacher's logits, but a top-k cache "
+                          f"(cache.k={cfg.cache.k}) holds only its k largest probabilities; set cache.k=null "
+                          "(full logits) or distill.logit_standardize=false")
     if (d.hint_student_layer is None) != (d.hint_teacher_layer is None):
         raise ConfigError(
             "distill.hint_student_layer and distill.hint_teacher_layer must be set together; set both or neither"

@@ -234,7 +234,8 @@ def student_keys(ctx: RunContext, teacher: Teacher) -> tuple[str, str]:
                             teacher.sha256 if cfg.student.init_from_teacher else "")
     kd_key = digest(student_common, teacher.sha256, cfg.section_hash("distill"), cfg.cache.k if cached else None,
                     # views only when > 1, so the keys of runs made before cache.views existed still match
-                    *([cfg.cache.views] if cached and cfg.cache.views > 1 else []))
+                    *([cfg.cache.views] if cached and cfg.cache.views > 1 else []),
+                    cfg.cache.topk_loss if cached and cfg.cache.k else None)  # how the top-k became the target
     return kd_key, digest(kd_key, cfg.section_hash("prune"))
 
 

@@ -27,7 +27,7 @@ import torch
 from raydistill.augment import make_augment
 from raydistill.checkpoints import build_from_spec
 from raydistill.config import Config, ScaleConfig
-from raydistill.core.losses import FeatureHooks, topk_log_probs
+from raydistill.core.losses import TOPK_LOSSES, FeatureHooks
 from raydistill.errors import CacheError
 from raydistill.job import TeacherSource
 
@@ -191,7 +191,7 @@ def check_cache_for_run(cfg: Config, uri: str, teacher_sha: str, data_fp: str, i
 # label x itself and ignore it). ``views`` on a teacher is how many views it holds per sample (the
 # cache) or None (any view: a fresh one every epoch). result() returns a TeacherOut.
 class TeacherOut(NamedTuple):
-    logits: torch.Tensor  # (B, K); from a top-k cache, the log of the distribution rebuilt from its top-k
+    logits: torch.Tensor  # (B, K); from a top-k cache, the log-distribution rebuilt from it (cache.topk_loss)
     feature: torch.Tensor | None = None  # the teacher's hint feature when the hint loss is on
 
 
@@ -237,12 +237,15 @@ class CachedTeacher:
 
     No teacher is in memory at all; a step costs one gather from a (N, V, K) float32 array: the row of
     each sample in the view the student is shown (V cached views, FKD; V = 1 without augmentation).
-    A top-k cache is expanded here, once, to the full log-distribution its loss targets
-    (``core.losses.topk_log_probs``), so its steps cost the same as a full cache's: rebuilding it
-    every step made top-5 KD 0.86x as fast as full-logit KD (benchmarks/throughput.py).
+    A top-k cache is expanded here, once, to the full log-distribution its loss targets, by
+    ``cache.topk_loss``: ``tail_filled`` (``core.losses.topk_log_probs``: the residual mass spread over
+    the other classes) or ``sparse`` (``core.losses.sparse_topk_log_probs``: the top-k renormalised, the
+    other classes at -inf, so the soft loss is ``sparse_topk_kd_loss``). Its steps cost the same as a
+    full cache's: rebuilding it every step made top-5 KD 0.86x as fast as full-logit KD
+    (benchmarks/throughput.py).
     """
 
-    def __init__(self, uri: str, info: dict, ids: np.ndarray, device: torch.device):
+    def __init__(self, uri: str, info: dict, ids: np.ndarray, device: torch.device, topk_loss: str = "tail_filled"):
         from raydistill.cache import CacheInfo, load_for_ids
 
         cached = load_for_ids(uri, ids, CacheInfo(**info))  # rows aligned with this shard's samples
@@ -253,8 +256,8 @@ class CachedTeacher:
             probs = torch.from_numpy(cached["topk_probs"])  # (N, V, k)
             classes = torch.from_numpy(cached["topk_idx"].astype(np.int64))
             n, v, k = probs.shape
-            self.logits = topk_log_probs(probs.reshape(n * v, k), classes.reshape(n * v, k),
-                                         info["num_classes"]).reshape(n, v, -1)
+            self.logits = TOPK_LOSSES[topk_loss](probs.reshape(n * v, k), classes.reshape(n * v, k),
+                                              info["num_classes"]).reshape(n, v, -1)
 
     def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor) -> TeacherOut:
         return TeacherOut(self.logits[idx, views].to(self.device))  # (B, K)
@@ -277,5 +280,5 @@ def make_teacher(source: TeacherSource | None, cfg: Config, device: torch.device
                                 image_size)
         except CacheError as e:
             raise CacheError(f"{e} (this stage trains on {cache_settings(cfg, image_size)})") from None
-        return CachedTeacher(source.uri, source.info, shard_ids, device)
+        return CachedTeacher(source.uri, source.info, shard_ids, device, cfg.cache.topk_loss)
     return InprocessTeacher(source.spec, ray.get(source.state), device, cfg.distill.hint_teacher_layer)

@@ -27,9 +27,18 @@ import torch.nn.functional as F
 
 from raydistill.augment import epoch_views, make_augment
 from raydistill.checkpoints import build_from_spec
-from raydistill.config import Config
+from raydistill.config import Config, DistillConfig
 from raydistill.console import line
-from raydistill.core.losses import FeatureHooks, HintAdapter, hard_kd_loss, hint_loss, soft_kd_loss
+from raydistill.core.losses import (
+    FeatureHooks,
+    HintAdapter,
+    dist_loss,
+    dkd_loss,
+    hard_kd_loss,
+    hint_loss,
+    soft_kd_loss,
+    standardize_logits,
+)
 from raydistill.core.metrics import accuracy
 from raydistill.core.pruning import ChannelPruner, sparsity_schedule
 from raydistill.data import shard_indices
@@ -53,6 +62,20 @@ class HintStudent(torch.nn.Module):
 
 
 # ---- the step and the epoch ---------------------------------------------------------------------------
+def soft_term(s_logits: torch.Tensor, t_logits: torch.Tensor, yb: torch.Tensor, d: DistillConfig) -> torch.Tensor:
+    """The soft loss ``distill.alpha`` weighs, picked by ``distill.loss`` (core.losses.LOGIT_LOSSES), on the
+    student's and teacher's (B, K) logits; yb (B,) are the labels (DKD splits off the target class)."""
+    if d.logit_standardize:  # Sun et al. 2024: z-scored logits into the temperature softmax (kd, dkd)
+        s_logits, t_logits = standardize_logits(s_logits), standardize_logits(t_logits)
+    if d.loss == "kd":
+        return soft_kd_loss(s_logits, t_logits, d.temperature)
+    if d.loss == "dkd":
+        return dkd_loss(s_logits, t_logits, yb, d.temperature, d.dkd_alpha, d.dkd_beta)
+    if d.loss == "dist":
+        return dist_loss(s_logits, t_logits, d.temperature, d.dist_beta, d.dist_gamma)
+    raise AssertionError(f"distill.loss {d.loss!r} passed config.validate but has no branch here")
+
+
 def train_step(model, opt, xb, yb, teacher_out: TeacherOut | None, phase: Phase, cfg: Config, step: int,
                scaler: torch.amp.GradScaler | None = None) -> tuple[float, int]:
     """One optimizer step on the mixed objective; returns (loss, correct predictions).
@@ -72,7 +95,7 @@ def train_step(model, opt, xb, yb, teacher_out: TeacherOut | None, phase: Phase,
 
     loss = (1 - alpha) * F.cross_entropy(s_logits, yb)
     if alpha > 0:
-        loss = loss + alpha * soft_kd_loss(s_logits, t.logits, d.temperature)
+        loss = loss + alpha * soft_term(s_logits, t.logits, yb, d)  # distill.loss: kd | dkd | dist
     if beta > 0:
         loss = loss + beta * hard_kd_loss(s_logits, t.logits)  # DeiT: the teacher's argmax as the label
     if s_feat is not None and d.hint_weight > 0:

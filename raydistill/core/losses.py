@@ -5,6 +5,12 @@ mixes them itself, visibly::
 
     loss = (1 - alpha) * ce + alpha * soft_kd_loss(s, t, T) + beta * hard_kd_loss(s, t) + gamma * hint
 
+The soft term is one of ``LOGIT_LOSSES`` (``distill.loss``): Hinton's KD (:func:`soft_kd_loss`),
+decoupled KD (:func:`dkd_loss`) or DIST (:func:`dist_loss`), optionally on standardized logits
+(:func:`standardize_logits`). A top-k logit cache becomes the teacher's distribution in one of
+the ``TOPK_LOSSES`` ways (``cache.topk_loss``): :func:`topk_log_probs` (tail filled) or
+:func:`sparse_topk_log_probs` (tail ignored).
+
 Shapes: ``B`` batch, ``C`` classes, ``k`` cached top-k classes of the teacher.
 All losses compute in float32 whatever the logits' dtype (fp16 logits would
 overflow in ``exp`` and lose the small probabilities that KD is about).
@@ -21,15 +27,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "LOGIT_LOSSES",
+    "TOPK_LOSSES",
     "soft_kd_loss",
     "hard_kd_loss",
+    "dkd_loss",
+    "dist_loss",
+    "standardize_logits",
     "teacher_topk",
     "topk_log_probs",
+    "sparse_topk_log_probs",
+    "sparse_topk_kd_loss",
     "average_teacher_logits",
     "FeatureHooks",
     "HintAdapter",
     "hint_loss",
 ]
+
+LOGIT_LOSSES = ("kd", "dkd", "dist")  # distill.loss: the soft term distill.alpha weighs (worker.soft_term)
 
 
 # --------------------------------------------------------------------------- checks
@@ -49,6 +64,31 @@ def _check_logits(name: str, logits: Tensor) -> None:
         )
     if not logits.is_floating_point():
         raise ValueError(f"{name} must be floating point, got {logits.dtype}")
+
+
+def _check_classes(name: str, logits: Tensor, at_least: int = 2) -> None:
+    if logits.shape[-1] < at_least:
+        raise ValueError(f"{name} has {logits.shape[-1]} classes; this loss needs at least {at_least}")
+
+
+def _check_target(target: Tensor, logits: Tensor) -> None:
+    if not isinstance(target, Tensor) or target.shape != logits.shape[:1] or target.is_floating_point():
+        shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
+        raise ValueError(f"target must be a ({logits.shape[0]},) integer tensor of class indices, got {shape}")
+
+
+def _check_topk(topk_probs: Tensor, topk_indices: Tensor, num_classes: int, batch: int | None = None) -> None:
+    if not (isinstance(topk_probs, Tensor) and topk_probs.ndim == 2 and topk_probs.is_floating_point()):
+        raise ValueError("topk_probs must be a (B, k) floating-point tensor of the teacher's top-k probabilities")
+    if not (isinstance(topk_indices, Tensor) and topk_indices.shape == topk_probs.shape
+            and not topk_indices.is_floating_point()):
+        raise ValueError(f"topk_indices must be a {tuple(topk_probs.shape)} integer tensor like topk_probs")
+    if batch is not None and topk_probs.shape[0] != batch:
+        raise ValueError(f"the top-k cache has {topk_probs.shape[0]} rows for a batch of {batch} samples")
+    if not 1 <= topk_probs.shape[1] <= num_classes:
+        raise ValueError(f"k must be in [1, C={num_classes}], got {topk_probs.shape[1]}")
+    if topk_indices.numel() and not 0 <= int(topk_indices.min()) <= int(topk_indices.max()) < num_classes:
+        raise ValueError(f"topk_indices must be class indices in [0, {num_classes})")
 
 
 def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
@@ -130,6 +170,134 @@ def hard_kd_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return F.cross_entropy(student_logits.float(), teacher_labels)
 
 
+def _binary_log_probs(scaled_logits: Tensor, is_target: Tensor) -> Tensor:
+    """(B, C) tempered logits → (B, 2) log-probabilities of (the target class, all other classes)."""
+    neg_inf = torch.tensor(-float("inf"), dtype=scaled_logits.dtype, device=scaled_logits.device)
+    log_z = scaled_logits.logsumexp(dim=-1)  # (B,)
+    log_target = torch.where(is_target, scaled_logits, neg_inf).logsumexp(dim=-1) - log_z  # (B,)
+    log_other = torch.where(is_target, neg_inf, scaled_logits).logsumexp(dim=-1) - log_z  # (B,)
+    return torch.stack([log_target, log_other], dim=-1)  # (B, 2)
+
+
+def dkd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float, alpha: float, beta: float
+) -> Tensor:
+    """Decoupled KD of Zhao et al. (CVPR 2022), "Decoupled Knowledge Distillation".
+
+    Hinton's loss is ``KD = TCKD + (1 - p_T[target]) * NCKD``: the target-class term couples the
+    non-target one to the teacher's confidence. DKD weighs the two terms independently::
+
+        b_T = (p_T[target], 1 - p_T[target])                 # binary: target vs the rest
+        p_hat_T = softmax(z / T - 1000 * onehot(target))     # over the non-target classes
+        TCKD = T^2 * mean_b KL(b_T(teacher)[b] || b_T(student)[b])
+        NCKD = T^2 * mean_b KL(p_hat_T(teacher)[b] || p_hat_T(student)[b])
+        loss = alpha * TCKD + beta * NCKD
+
+    as in mdistiller's reference implementation (``-1000`` masks the target logit at temperature T;
+    the paper's CIFAR-100 setting is alpha=1, beta=8, T=4, next to a CE term of weight 1; mdistiller
+    also ramps the DKD term up over the first 20 epochs, which is the caller's business). With
+    ``alpha == beta == 1`` and a teacher at ``p_T[target] = 0`` it is Hinton's KD. A sample whose
+    teacher puts no mass on any non-target class (possible only with ``-inf`` teacher logits, e.g. a
+    top-k cache) has no non-target distribution: its NCKD is 0.
+
+    Args:
+        student_logits: (B, C) raw student scores, C >= 2.
+        teacher_logits: (B, C) raw teacher scores; may contain ``-inf`` (a top-k expansion).
+        target: (B,) integer ground-truth classes.
+        temperature: T > 0.
+        alpha: weight of TCKD.
+        beta: weight of NCKD.
+
+    Returns:
+        Scalar float32 tensor.
+    """
+    _check_pair(student_logits, teacher_logits)
+    _check_classes("student_logits", student_logits)
+    _check_target(target, student_logits)
+    _check_temperature(temperature)
+    s = student_logits.float() / temperature  # (B, C)
+    t = teacher_logits.float() / temperature  # (B, C)
+    is_target = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, target.long().unsqueeze(-1), True)  # (B, C)
+    tckd = _kl_times_t2(_binary_log_probs(t, is_target), _binary_log_probs(s, is_target), temperature)
+
+    log_p_teacher = F.log_softmax(t - 1000.0 * is_target, dim=-1)  # (B, C), ~0 mass on the target
+    log_p_student = F.log_softmax(s - 1000.0 * is_target, dim=-1)  # (B, C)
+    has_other = (t.masked_fill(is_target, -float("inf")) > -float("inf")).any(dim=-1, keepdim=True)  # (B, 1)
+    log_p_teacher = log_p_teacher.masked_fill(~has_other, -float("inf"))  # such a row contributes 0
+    nckd = _kl_times_t2(log_p_teacher, log_p_student, temperature)
+    return alpha * tckd + beta * nckd
+
+
+def _pearson_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
+    """(N, M), (N, M) → (N,) Pearson correlation of each row pair: cosine similarity of the centred rows."""
+    a = a - a.mean(dim=-1, keepdim=True)
+    b = b - b.mean(dim=-1, keepdim=True)
+    return (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
+
+
+def dist_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, beta: float, gamma: float, *, eps: float = 1e-8
+) -> Tensor:
+    """DIST of Huang et al. (NeurIPS 2022), "Knowledge Distillation from A Stronger Teacher".
+
+    Matches predictions by correlation, not by KL, so a much stronger (sharper) teacher is matched
+    up to the scale and shift of its probabilities. With ``Y = softmax(z / T)`` (B, C)::
+
+        inter = T^2 * (1 - mean_b rho(Y_s[b, :], Y_t[b, :]))    # each sample's class ranking
+        intra = T^2 * (1 - mean_c rho(Y_s[:, c], Y_t[:, c]))    # each class across the batch
+        loss = beta * inter + gamma * intra
+
+    where ``rho(u, v) = <u - mean u, v - mean v> / (|u - mean u| |v - mean v| + eps)``, as in the
+    authors' code (whose defaults are beta = gamma = T = 1). The intra-class term needs B >= 2:
+    with one sample each column is constant and the term is T^2.
+
+    Args:
+        student_logits: (B, C) raw student scores.
+        teacher_logits: (B, C) raw teacher scores; ``-inf`` classes get probability 0.
+        temperature: T > 0.
+        beta: weight of the inter-class term.
+        gamma: weight of the intra-class term.
+        eps: added to the product of the norms.
+
+    Returns:
+        Scalar float32 tensor; 0 (up to eps) when the student's probabilities equal the teacher's.
+    """
+    _check_pair(student_logits, teacher_logits)
+    _check_temperature(temperature)
+    y_s = F.softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
+    y_t = F.softmax(teacher_logits.float() / temperature, dim=-1)  # (B, C)
+    inter = temperature**2 * (1 - _pearson_rows(y_s, y_t, eps).mean())
+    intra = temperature**2 * (1 - _pearson_rows(y_s.T, y_t.T, eps).mean())  # (C, B) rows: the classes
+    return beta * inter + gamma * intra
+
+
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Logit standardization of Sun et al. (CVPR 2024), "Logit Standardization in Knowledge Distillation".
+
+    Z-scores each sample's logits over the classes::
+
+        z_std[b] = (z[b] - mean_c z[b]) / (std_c z[b] + eps)
+
+    (``std`` with Bessel's correction, ``torch.std`` as in the authors' code). Applied to both the
+    student's and the teacher's logits before the temperature softmax of KD or DKD, the student only
+    has to match the teacher's logit *relations*, not their range. The result is invariant to adding a
+    constant to a row and to scaling it by a positive factor.
+
+    Args:
+        logits: (B, C) finite raw scores, C >= 2 (a top-k expansion with ``-inf`` classes is not).
+        eps: added to the standard deviation (a constant row maps to 0).
+
+    Returns:
+        (B, C) float32 standardized logits.
+    """
+    _check_logits("logits", logits)
+    _check_classes("logits", logits)
+    z = logits.float()  # (B, C)
+    mean = z.mean(dim=-1, keepdim=True)  # (B, 1)
+    std = z.std(dim=-1, keepdim=True)  # (B, 1)
+    return (z - mean) / (std + eps)
+
+
 def teacher_topk(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """What a logit cache stores per sample: the teacher's k most likely classes at T=1.
 
@@ -186,6 +354,70 @@ def topk_log_probs(topk_probs: Tensor, topk_indices: Tensor, num_classes: int) -
     full = fill.expand(batch, num_classes).clone()  # (B, C) uniform tail
     full.scatter_(-1, topk_indices.long(), probs)  # (B, C) cached head
     return full.log()  # log(0) = -inf: log_softmax and _kl_times_t2 handle it
+
+
+def sparse_topk_log_probs(topk_probs: Tensor, topk_indices: Tensor, num_classes: int) -> Tensor:
+    """The (B, C) T=1 log-distribution of a top-k cache *without* its tail, to use as teacher logits.
+
+    The cached probabilities are renormalised over the k classes and every other class gets ``-inf``
+    (probability 0). Passed to :func:`soft_kd_loss` as the teacher's logits it gives exactly
+    :func:`sparse_topk_kd_loss` (``softmax(log p / T)`` is ``p^(1/T)`` renormalised over the k classes,
+    and the ``-inf`` classes contribute 0); the worker builds it once per sample for
+    ``cache.topk_loss: sparse``. :func:`topk_log_probs` is the tail-filled alternative.
+
+    Args:
+        topk_probs: (B, k) float16/float32 probabilities.
+        topk_indices: (B, k) integer class indices.
+        num_classes: C >= k.
+
+    Returns:
+        (B, C) float32 log-probabilities, ``-inf`` outside the top-k.
+    """
+    _check_topk(topk_probs, topk_indices, num_classes)
+    probs = topk_probs.float()  # (B, k)
+    head = probs / probs.sum(dim=-1, keepdim=True)  # (B, k), sums to 1
+    full = torch.full((probs.shape[0], num_classes), -float("inf"), dtype=torch.float32, device=probs.device)
+    return full.scatter_(-1, topk_indices.long(), head.log())  # (B, C)
+
+
+def sparse_topk_kd_loss(
+    student_logits: Tensor, topk_probs: Tensor, topk_indices: Tensor, temperature: float
+) -> Tensor:
+    """Sparse top-k KD: the KL over the teacher's k cached classes only, as large-model KD stacks compute it.
+
+    With ``p`` the cached top-k probabilities (B, k) and ``idx`` their classes::
+
+        p_T = p^(1/T) / sum_k p^(1/T)                          # tempered, renormalised over the k classes
+        log q_T = log_softmax(student_logits / T)[:, idx]      # student over ALL C classes, gathered at idx
+        loss = T^2 * mean_b sum_k p_T[b, k] * (log p_T[b, k] - log q_T[b, k])
+
+    Unlike :func:`topk_log_probs`, which spreads the residual mass ``1 - sum_k p`` uniformly over the
+    other ``C - k`` classes, this ignores the tail: the student is not pulled towards a flattened tail
+    (whose tempered mass :func:`topk_log_probs` overstates at T > 1); the student's own tail mass only
+    falls as its probabilities at the k classes rise (at the minimum its tail is empty). With
+    ``k == C`` it equals :func:`soft_kd_loss` on the teacher's logits up to rounding of the cached
+    probabilities. Used as ``soft_kd_loss(s, sparse_topk_log_probs(p, idx, C), T)``, which is equal.
+
+    Args:
+        student_logits: (B, C) raw student scores.
+        topk_probs: (B, k) float16/float32 teacher probabilities at T=1 (:func:`teacher_topk`).
+        topk_indices: (B, k) integer class indices.
+        temperature: T > 0.
+
+    Returns:
+        Scalar float32 tensor.
+    """
+    _check_logits("student_logits", student_logits)
+    _check_topk(topk_probs, topk_indices, student_logits.shape[-1], batch=student_logits.shape[0])
+    _check_temperature(temperature)
+    log_p_teacher = F.log_softmax(topk_probs.float().log() / temperature, dim=-1)  # (B, k), p^(1/T) renormalised
+    log_q_student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
+    log_q_student = log_q_student.gather(-1, topk_indices.long())  # (B, k)
+    return _kl_times_t2(log_p_teacher, log_q_student, temperature)
+
+
+# cache.topk_loss → how a top-k cache becomes the teacher's (B, C) log-distribution (teacher.CachedTeacher)
+TOPK_LOSSES = {"tail_filled": topk_log_probs, "sparse": sparse_topk_log_probs}
 
 
 def average_teacher_logits(

@@ -42,6 +42,13 @@ def test_int_accepted_for_float_but_not_bool():
     ("data.augment_pad", -1, "data.augment_pad must be >= 0"),
     ("cache.views", 0, "cache.views must be >= 1"),
     ("cache.views", 4, "cache.views > 1 needs data.augment.*set data.augment=crop or cache.views=1"),
+    ("distill.loss", "dkdd", "distill.loss must be one of kd, dkd, dist, got 'dkdd'; did you mean 'dkd'"),
+    ("distill.loss", "kl", "distill.loss must be one of kd, dkd, dist"),
+    ("distill.dkd_alpha", -0.5, "distill.dkd_alpha must be >= 0"),
+    ("distill.dkd_beta", float("nan"), "distill.dkd_beta must be >= 0, got nan"),
+    ("distill.dist_beta", -1, "distill.dist_beta must be >= 0"),
+    ("distill.dist_gamma", "nan", "distill.dist_gamma must be >= 0, got nan"),  # YAML `nan` is the string
+    ("cache.topk_loss", "spares", "cache.topk_loss must be one of tail_filled, sparse.*did you mean 'sparse'"),
 ])
 def test_bad_values_name_the_key_and_the_fix(key, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -61,6 +68,30 @@ def test_sweep_over_the_views_needs_a_live_teacher(key, values):
     with pytest.raises(ConfigError, match=f"tune.space searches {key}.*tune.teacher_mode=live"):
         config.load(None, base)
     assert config.load(None, {**base, "tune.teacher_mode": "live"}).tune.space[key] == {"choice": values}
+
+
+def test_logit_losses_config():
+    cfg = config.load(None, {"distill.loss": "dkd", "distill.logit_standardize": True, "distill.dkd_beta": 2})
+    assert (cfg.distill.loss, cfg.distill.logit_standardize, cfg.distill.dkd_beta) == ("dkd", True, 2.0)
+    assert config.load(None, {"cache.topk_loss": "sparse", "cache.k": 5}).cache.topk_loss == "sparse"
+    space = {"distill.alpha": {"choice": [0.0, 0.5]}, "distill.loss": {"choice": ["kd", "dkd", "dist"]}}
+    assert config.load(None, {"tune.space": space}).tune.space == space  # the losses are a search key
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"distill.loss": "dist", "distill.logit_standardize": True},
+     "logit_standardize is for the KL losses.*set distill.logit_standardize=false or distill.loss=kd or dkd"),
+    ({"distill.logit_standardize": True, "distill.teacher_mode": "cache", "cache.k": 5},
+     r"top-k cache \(cache.k=5\).*set cache.k=null"),
+    ({"tune.space": {"distill.alpha": {"choice": [0.0, 0.5]}, "distill.loss": {"choice": ["kd", "dkdd"]}}},
+     r"tune.space\['distill.loss'\] must be one of kd, dkd, dist, got 'dkdd'; did you mean 'dkd'"),
+    ({"distill.logit_standardize": True,
+      "tune.space": {"distill.alpha": {"choice": [0.0, 0.5]}, "distill.loss": {"grid": ["kd", "dist"]}}},
+     "includes dist, which does not take distill.logit_standardize=true"),
+])
+def test_logit_loss_combinations_that_cannot_run_are_refused(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        config.load(None, overrides)
 
 
 def test_hint_needs_inprocess_teacher():

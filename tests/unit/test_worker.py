@@ -5,7 +5,16 @@ import torch
 import torch.nn.functional as F
 
 from raydistill import config
-from raydistill.core.losses import soft_kd_loss
+from raydistill.core.losses import (
+    dist_loss,
+    dkd_loss,
+    soft_kd_loss,
+    sparse_topk_kd_loss,
+    sparse_topk_log_probs,
+    standardize_logits,
+    teacher_topk,
+    topk_log_probs,
+)
 from raydistill.job import Phase, TeacherSource
 from raydistill.teacher import InprocessTeacher, TeacherOut, make_teacher
 from raydistill.worker import train_step
@@ -58,6 +67,28 @@ def test_loss_is_the_visible_mix():
     with torch.no_grad():
         logits = model(x)
     expected = 0.5 * F.cross_entropy(logits, y) + 0.5 * soft_kd_loss(logits, teacher.logits, 4.0)
+    loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, teacher, phase, cfg, 0)
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides,soft", [
+    ({"distill.loss": "dkd", "distill.dkd_alpha": 0.5, "distill.dkd_beta": 3.0},
+     lambda s, t, y: dkd_loss(s, t, y, 4.0, 0.5, 3.0)),
+    ({"distill.loss": "dist", "distill.dist_beta": 2.0, "distill.dist_gamma": 0.5},
+     lambda s, t, y: dist_loss(s, t, 4.0, 2.0, 0.5)),
+    ({"distill.logit_standardize": True},
+     lambda s, t, y: soft_kd_loss(standardize_logits(s), standardize_logits(t), 4.0)),
+    ({"distill.loss": "dkd", "distill.logit_standardize": True},
+     lambda s, t, y: dkd_loss(standardize_logits(s), standardize_logits(t), y, 4.0, 1.0, 8.0)),
+])
+def test_distill_loss_picks_the_soft_term_of_the_visible_mix(overrides, soft):
+    """distill.loss / logit_standardize replace only the soft term: (1 - alpha) * CE + alpha * <the core loss>."""
+    model, cfg, x, y, teacher, phase = _setup(**overrides)
+    with torch.no_grad():
+        logits = model(x)
+    expected = 0.5 * F.cross_entropy(logits, y) + 0.5 * soft(logits, teacher.logits, y)
+    assert float(expected) != pytest.approx(
+        float(0.5 * F.cross_entropy(logits, y) + 0.5 * soft_kd_loss(logits, teacher.logits, 4.0)), rel=1e-3)
     loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, teacher, phase, cfg, 0)
     assert loss == pytest.approx(float(expected), rel=1e-5)
 
@@ -216,3 +247,48 @@ def test_live_teachers_see_the_students_pixels_and_a_fresh_view_every_epoch(monk
         assert torch.equal(xb, aug(x[order], ids[order], epoch))  # view id = epoch
         epochs.append(xb[torch.argsort(torch.tensor(order))])
     assert not torch.equal(epochs[0], epochs[1])  # a fresh view in the next epoch
+
+
+# ---- top-k caches: the teacher distribution the step is given (cache.topk_loss) ----------------------------
+def _write_topk_cache(root, ids, teacher_logits, k):
+    """A real top-k cache folder (one view) written without Ray, as cache.LogitCacheActor stores it."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from raydistill.cache import CacheInfo, _to_table, cache_fingerprint
+
+    probs, idx = teacher_topk(teacher_logits, k)
+    table = _to_table([{"id": ids, "view": np.zeros(len(ids), np.int16),
+                        "topk_probs": probs.numpy().astype(np.float16), "topk_idx": idx.numpy().astype(np.int16)}])
+    root.mkdir()
+    pq.write_table(table, root / "part-00000.parquet")
+    info = CacheInfo(fingerprint=cache_fingerprint("t", "d", k, 1, "none"), format="topk", k=k, views=1,
+                     num_classes=teacher_logits.shape[1], rows=len(ids), teacher_sha256="t", data_fingerprint="d",
+                     transform="none")
+    (root / "cache.json").write_text(json.dumps(info.__dict__))
+    return info, probs.half(), idx
+
+
+@pytest.mark.parametrize("topk_loss", ["tail_filled", "sparse"])
+def test_topk_cache_gives_the_step_the_chosen_target(topk_loss, tmp_path):
+    """cache.topk_loss: sparse makes the step's soft term sparse_topk_kd_loss; tail_filled keeps topk_log_probs."""
+    model, cfg, x, y, _, phase = _setup(**{"distill.teacher_mode": "cache", "cache.k": 3,
+                                           "cache.topk_loss": topk_loss})
+    ids = torch.arange(16) + 100
+    info, probs, idx = _write_topk_cache(tmp_path / "cache", ids.numpy(), torch.randn(16, 10) * 4, 3)
+    teacher = make_teacher(TeacherSource("cache", uri=str(tmp_path / "cache"), info=info.__dict__), cfg,
+                           torch.device("cpu"), 0, ids.numpy(), image_size=8)
+    out = teacher.result(teacher.request(torch.arange(16), x, torch.zeros(16, dtype=torch.long)))
+    expand = sparse_topk_log_probs if topk_loss == "sparse" else topk_log_probs
+    torch.testing.assert_close(out.logits, expand(probs, idx, 10))
+    with torch.no_grad():
+        logits = model(x)
+    if topk_loss == "sparse":
+        soft = sparse_topk_kd_loss(logits, probs, idx, 4.0)
+    else:
+        soft = soft_kd_loss(logits, topk_log_probs(probs, idx, 10), 4.0)
+    expected = 0.5 * F.cross_entropy(logits, y) + 0.5 * soft
+    loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, out, phase, cfg, 0)
+    assert loss == pytest.approx(float(expected), rel=1e-5)

@@ -2,18 +2,26 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from raydistill.core.losses import (
+    LOGIT_LOSSES,
+    TOPK_LOSSES,
     FeatureHooks,
     HintAdapter,
     average_teacher_logits,
+    dist_loss,
+    dkd_loss,
     hard_kd_loss,
     hint_loss,
     soft_kd_loss,
+    sparse_topk_kd_loss,
+    sparse_topk_log_probs,
+    standardize_logits,
     teacher_topk,
     topk_log_probs,
 )
@@ -355,3 +363,270 @@ def test_topk_log_probs_as_logits_give_the_topk_loss(k, temperature):
     assert got.item() == pytest.approx(_naive_topk_kd(student, probs.half(), indices, temperature), rel=1e-4, abs=1e-6)
     if k == 10:
         torch.testing.assert_close(got, soft_kd_loss(student, teacher, temperature), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the owners of the choice lists
+
+
+def test_choice_lists():
+    assert LOGIT_LOSSES == ("kd", "dkd", "dist")
+    assert TOPK_LOSSES == {"tail_filled": topk_log_probs, "sparse": sparse_topk_log_probs}
+
+
+# --------------------------------------------------------------------------- DKD
+
+
+def _naive_dkd(student, teacher, target, temperature, alpha, beta):
+    """DKD one sample at a time in float64: the binary (target, rest) distributions and the non-target
+    distribution renormalised explicitly (p_c / (1 - p_target)), where the loss masks the target logit."""
+
+    def probs(row):
+        m = max(v / temperature for v in row)
+        e = [math.exp(v / temperature - m) for v in row]
+        return [v / sum(e) for v in e]
+
+    def kl(p, q):
+        return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+    tckd = nckd = 0.0
+    for s_row, t_row, y in zip(student.tolist(), teacher.tolist(), target.tolist()):
+        p_s, p_t = probs(s_row), probs(t_row)
+        tckd += kl([p_t[y], 1 - p_t[y]], [p_s[y], 1 - p_s[y]])
+        rest = [c for c in range(len(s_row)) if c != y]
+        nckd += kl([p_t[c] / (1 - p_t[y]) for c in rest], [p_s[c] / (1 - p_s[y]) for c in rest])
+    scale = temperature**2 / len(student)
+    return alpha * tckd * scale + beta * nckd * scale
+
+
+@pytest.mark.parametrize("temperature,alpha,beta", [(1.0, 1.0, 1.0), (4.0, 1.0, 8.0), (2.0, 0.5, 2.0)])
+def test_dkd_matches_naive_reference(temperature, alpha, beta):
+    student, teacher = _logits(6, 7, seed=20), _logits(6, 7, seed=21)
+    target = torch.tensor([0, 3, 6, 2, 2, 5])
+    got = dkd_loss(student.float(), teacher.float(), target, temperature, alpha, beta)
+    assert got.ndim == 0 and got.dtype == torch.float32
+    expected = _naive_dkd(student, teacher, target, temperature, alpha, beta)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dkd_terms_are_separate_and_add_up_to_kd():
+    student, teacher = _logits(5, 6, seed=22).float(), _logits(5, 6, seed=23).float()
+    target = torch.tensor([1, 0, 5, 3, 1])
+    tckd = dkd_loss(student, teacher, target, 3.0, 1.0, 0.0)
+    nckd = dkd_loss(student, teacher, target, 3.0, 0.0, 1.0)
+    torch.testing.assert_close(dkd_loss(student, teacher, target, 3.0, 0.7, 0.0), 0.7 * tckd)  # beta=0: alpha*TCKD
+    torch.testing.assert_close(dkd_loss(student, teacher, target, 3.0, 0.7, 2.5), 0.7 * tckd + 2.5 * nckd)
+    # Zhao et al., eq. (1): per sample KD = TCKD + (1 - p_T[target]) * NCKD
+    for b in range(5):
+        s, t, y = student[b:b + 1], teacher[b:b + 1], target[b:b + 1]
+        p_target = F.softmax(t / 3.0, dim=-1)[0, y]
+        decomposed = dkd_loss(s, t, y, 3.0, 1.0, 0.0) + (1 - p_target) * dkd_loss(s, t, y, 3.0, 0.0, 1.0)
+        torch.testing.assert_close(decomposed, soft_kd_loss(s, t, 3.0).reshape(1))
+
+
+def test_dkd_of_a_student_equal_to_the_teacher_is_zero():
+    logits = _logits(4, 9, seed=24).float()
+    assert dkd_loss(logits, logits.clone(), torch.tensor([0, 1, 2, 8]), 4.0, 1.0, 8.0).abs().item() < 1e-5
+
+
+def test_dkd_with_a_top_k_teacher_is_finite():
+    """-inf teacher classes (a top-k expansion): the target outside the top-k, or no mass besides the target."""
+    student = (_logits(4, 6, seed=25).float() * 3).requires_grad_()
+    teacher = _logits(4, 6, seed=26).float()
+    one_hot = topk_log_probs(torch.ones(4, 1), teacher.argmax(1, keepdim=True), 6)  # residual 0: the rest -inf
+    sparse = sparse_topk_log_probs(*teacher_topk(teacher, 2), 6)
+    for t, target in ((one_hot, teacher.argmax(1)), (one_hot, (teacher.argmax(1) + 1) % 6),
+                      (sparse, teacher.argmin(1))):
+        loss = dkd_loss(student, t, target, 4.0, 1.0, 8.0)
+        (grad,) = torch.autograd.grad(loss, student)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    # no non-target mass: NCKD has nothing to match and is 0 (mdistiller's -1000 mask alone would give ~1000 T^2)
+    assert dkd_loss(student, one_hot, teacher.argmax(1), 4.0, 0.0, 1.0).item() == 0.0
+
+
+def test_dkd_extreme_logits_and_fp16_inputs():
+    student = torch.tensor([[1e4, -1e4, 0.0, 5.0], [-1e4, 1e4, 1e4, -1e4]], requires_grad=True)
+    teacher = torch.tensor([[-1e4, 1e4, 0.0, 3.0], [0.0, 2.0, 1e4, -1e4]])
+    loss = dkd_loss(student, teacher, torch.tensor([0, 2]), 2.0, 1.0, 8.0)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    s, t, y = _logits(3, 5, seed=27), _logits(3, 5, seed=28), torch.tensor([4, 0, 1])
+    half = dkd_loss(s.half(), t.half(), y, 4.0, 1.0, 8.0)
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(_naive_dkd(s.half().double(), t.half().double(), y, 4.0, 1.0, 8.0), rel=1e-4)
+
+
+def test_dkd_rejects_bad_inputs():
+    s, t = torch.zeros(2, 3), torch.zeros(2, 3)
+    for target in (torch.zeros(3, dtype=torch.long), torch.zeros(2), torch.zeros(2, 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match="target must be"):
+            dkd_loss(s, t, target, 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        dkd_loss(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        dkd_loss(s, t, torch.zeros(2, dtype=torch.long), 0.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="same"):
+        dkd_loss(s, t[:, :2], torch.zeros(2, dtype=torch.long), 1.0, 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- DIST
+
+
+def _naive_dist(student, teacher, temperature, beta, gamma):
+    """DIST with numpy's own Pearson correlation (np.corrcoef, no eps) over rows and over columns."""
+    def softmax(z):
+        e = np.exp(z / temperature - (z / temperature).max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    y_s, y_t = softmax(student.numpy()), softmax(teacher.numpy())
+    inter = np.mean([np.corrcoef(y_s[b], y_t[b])[0, 1] for b in range(y_s.shape[0])])
+    intra = np.mean([np.corrcoef(y_s[:, c], y_t[:, c])[0, 1] for c in range(y_s.shape[1])])
+    return temperature**2 * (beta * (1 - inter) + gamma * (1 - intra))
+
+
+@pytest.mark.parametrize("temperature,beta,gamma", [(1.0, 1.0, 1.0), (4.0, 1.0, 2.0), (2.0, 0.0, 1.0)])
+def test_dist_matches_numpy_reference(temperature, beta, gamma):
+    student, teacher = _logits(8, 6, seed=30), _logits(8, 6, seed=31)
+    got = dist_loss(student.float(), teacher.float(), temperature, beta, gamma)
+    assert got.ndim == 0 and got.dtype == torch.float32
+    assert got.item() == pytest.approx(_naive_dist(student, teacher, temperature, beta, gamma), rel=1e-4)
+
+
+def test_dist_of_a_student_equal_to_the_teacher_is_zero():
+    logits = _logits(8, 10, seed=32).float()
+    for temperature in (1.0, 4.0):
+        assert abs(dist_loss(logits, logits.clone(), temperature, 1.0, 1.0).item()) < 1e-3
+
+
+def test_dist_gradients_fp16_and_a_batch_of_one():
+    student = (_logits(6, 5, seed=33).float() * 10).requires_grad_()
+    teacher = _logits(6, 5, seed=34).float()
+    teacher[:, 0] = -float("inf")  # a class the teacher rules out (top-k expansion)
+    loss = dist_loss(student, teacher, 2.0, 1.0, 1.0)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    half = dist_loss(student.detach().half(), teacher.half(), 2.0, 1.0, 1.0)
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(loss.item(), rel=1e-2)
+    # one sample: each class column is a single value, its correlation 0, so the intra-class term is T^2
+    one = student[:1]
+    loss1 = dist_loss(one, teacher[:1], 2.0, 0.0, 1.0)
+    (grad1,) = torch.autograd.grad(loss1, one)
+    assert loss1.item() == pytest.approx(4.0) and torch.isfinite(grad1).all()
+
+
+def test_dist_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="same"):
+        dist_loss(torch.zeros(2, 3), torch.zeros(3, 3), 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        dist_loss(torch.zeros(2, 3), torch.zeros(2, 3), float("nan"), 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- logit standardization
+
+
+def test_standardize_logits_matches_numpy_and_is_a_z_score():
+    logits = _logits(5, 9, seed=40)
+    got = standardize_logits(logits.half())
+    assert got.dtype == torch.float32 and got.shape == (5, 9)
+    z = logits.half().double().numpy()
+    expected = (z - z.mean(axis=1, keepdims=True)) / z.std(axis=1, ddof=1, keepdims=True)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.mean(dim=1), torch.zeros(5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.std(dim=1), torch.ones(5))
+
+
+def test_standardize_logits_ignores_shift_and_scale():
+    logits = _logits(4, 7, seed=41).float()
+    shifted_scaled = 3.5 * logits + torch.tensor([[10.0], [-4.0], [0.0], [100.0]])
+    torch.testing.assert_close(standardize_logits(shifted_scaled), standardize_logits(logits), rtol=1e-5, atol=1e-5)
+    # so KD on standardized logits does not see a teacher's logit range, only its logit relations
+    s = standardize_logits(_logits(4, 7, seed=42).float())
+    torch.testing.assert_close(soft_kd_loss(s, standardize_logits(shifted_scaled), 2.0),
+                               soft_kd_loss(s, standardize_logits(logits), 2.0))
+
+
+def test_standardize_logits_constant_row_gradients_and_bad_inputs():
+    logits = torch.cat([torch.full((1, 4), 3.0), _logits(1, 4, seed=43).float()]).requires_grad_()
+    out = standardize_logits(logits)
+    assert (out[0] == 0).all()  # a constant row: (z - mean) = 0, std 0 + eps
+    (grad,) = torch.autograd.grad(soft_kd_loss(out, torch.randn(2, 4), 2.0), logits)
+    assert torch.isfinite(grad).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        standardize_logits(torch.zeros(3, 1))
+    with pytest.raises(ValueError, match=r"\(B, C\)"):
+        standardize_logits(torch.zeros(3))
+
+
+# --------------------------------------------------------------------------- sparse top-k
+
+
+def _naive_sparse_topk_kd(student, probs, indices, temperature):
+    """Reference, one sample at a time: the cached classes' p^(1/T) renormalised over those k classes, against the
+    student's full softmax at T read at the same classes; the other classes do not appear."""
+    total = 0.0
+    for b in range(student.shape[0]):
+        tempered = [float(q) ** (1.0 / temperature) for q in probs[b].float()]
+        p_t = [q / sum(tempered) for q in tempered]
+        s = [float(v) / temperature for v in student[b]]
+        log_z = math.log(sum(math.exp(v) for v in s))
+        total += sum(p * (math.log(p) - (s[int(c)] - log_z)) for p, c in zip(p_t, indices[b]) if p > 0)
+    return total / student.shape[0] * temperature**2
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_sparse_topk_matches_naive_reference_and_its_expansion(k, temperature):
+    student, teacher = _logits(6, 10, seed=50).float(), _logits(6, 10, seed=51).float()
+    probs, indices = teacher_topk(teacher, k)
+    probs = probs.half()  # as the cache stores them
+    got = sparse_topk_kd_loss(student, probs, indices, temperature)
+    assert got.ndim == 0 and got.dtype == torch.float32
+    assert got.item() == pytest.approx(_naive_sparse_topk_kd(student, probs, indices, temperature), rel=1e-5, abs=1e-6)
+    # the worker's path (cache.topk_loss: sparse): soft_kd_loss on the -inf-tailed expansion is the same loss
+    expansion = sparse_topk_log_probs(probs, indices, 10)
+    assert torch.isneginf(expansion).sum() == 6 * (10 - k)
+    torch.testing.assert_close(expansion.exp().sum(dim=1), torch.ones(6))
+    torch.testing.assert_close(soft_kd_loss(student, expansion, temperature), got, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_sparse_topk_with_all_classes_equals_soft_kd(temperature):
+    student, teacher = _logits(5, 8, seed=52).float(), _logits(5, 8, seed=53).float()
+    probs, indices = teacher_topk(teacher, 8)
+    got = sparse_topk_kd_loss(student, probs, indices, temperature)
+    torch.testing.assert_close(got, soft_kd_loss(student, teacher, temperature), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_topk_ignores_the_tail_unlike_tail_filled():
+    """The tail-filled loss differs from the sparse one when the top-k leave residual mass; the sparse one sees
+    the student's tail classes only through its softmax normaliser."""
+    student = _logits(4, 10, seed=54).float()
+    probs, indices = teacher_topk(_logits(4, 10, seed=55).float(), 3)
+    sparse = sparse_topk_kd_loss(student, probs, indices, 2.0)
+    tail_filled = soft_kd_loss(student, topk_log_probs(probs, indices, 10), 2.0)
+    assert abs(sparse.item() - tail_filled.item()) > 1e-3
+    # the student's tail matters only through its normalisation: move mass among tail classes, same loss
+    tail = torch.ones(4, 10, dtype=torch.bool).scatter_(1, indices, False)
+    moved = student.clone()
+    for b in range(4):
+        cls = torch.nonzero(tail[b]).flatten()
+        moved[b, cls] = torch.logsumexp(student[b, cls], 0) - math.log(len(cls))  # same tail mass, spread evenly
+    torch.testing.assert_close(sparse_topk_kd_loss(moved, probs, indices, 1.0),
+                               sparse_topk_kd_loss(student, probs, indices, 1.0))
+
+
+def test_sparse_topk_gradients_zero_probabilities_and_bad_inputs():
+    student = (_logits(3, 6, seed=56).float() * 5).requires_grad_()
+    probs = torch.tensor([[0.9, 0.1, 0.0], [1.0, 0.0, 0.0], [0.5, 0.3, 0.2]]).half()  # fp16 underflow: zeros
+    indices = torch.tensor([[0, 1, 2], [5, 4, 3], [2, 0, 1]])
+    loss = sparse_topk_kd_loss(student, probs, indices, 4.0)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert loss.item() == pytest.approx(_naive_sparse_topk_kd(student.detach(), probs, indices, 4.0), rel=1e-5)
+    bad = [(probs[:2], indices[:2], "rows for a batch"), (probs, indices[:, :2], "topk_indices must be"),
+           (probs, indices.float(), "topk_indices must be"), (probs, indices + 4, "class indices in"),
+           (torch.ones(3, 7), torch.zeros(3, 7, dtype=torch.long), "k must be")]
+    for p, i, match in bad:
+        with pytest.raises(ValueError, match=match):
+            sparse_topk_kd_loss(student, p, i, 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        sparse_topk_kd_loss(student, probs, indices, 0.0)
