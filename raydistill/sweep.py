@@ -108,6 +108,28 @@ def label_only_points(cfg: Config) -> list[dict]:
     return [{**point, "prune.ratio": r} for r in ordered]
 
 
+def trial_lines(keys: list[str], total: int, quiet: bool):
+    """A Tune callback printing one line per finished trial (Tune's own status tables need --verbose)."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            params = ", ".join(f"{k}={_fmt(trial.config.get(k))}" for k in keys)
+            if r.get("evaluated"):
+                log(f"trial {trial.trial_id} ({done}/{total}) {params}: test accuracy {r['accuracy']:.4f}, "
+                    f"{r['macs']:,} MACs, val_acc {r['val_acc']:.4f}", quiet)
+            else:
+                log(f"trial {trial.trial_id} ({done}/{total}) {params}: stopped early after "
+                    f"{r.get('training_iteration', 0)} epoch(s), val_acc {r.get('val_acc', float('nan')):.4f}", quiet)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log(f"trial {trial.trial_id} failed; its error is in results.csv", quiet)
+
+    return TrialLines()
+
+
 def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: str | None = None,
               quiet: bool = False, verbose: bool = False) -> dict:
     import dataclasses
@@ -181,7 +203,8 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
                                         max_concurrent_trials=t.max_concurrent),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1 if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=1),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      callbacks=[trial_lines(list(t.space), t.num_trials, quiet)]))
     t0 = time.perf_counter()
     grid = tuner.fit()
     timings["sweep_s"] = time.perf_counter() - t0
