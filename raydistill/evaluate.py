@@ -6,6 +6,7 @@ figures are comparable.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -25,22 +26,30 @@ def test_tensors(splits: Splits) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.array(splits.test.x)), torch.from_numpy(np.array(splits.test.y))
 
 
-def evaluate_on_test(model: torch.nn.Module, splits: Splits) -> dict:
-    """Accuracy, params, MACs, latency at batch 1 and 64, size and sparsity of ``model`` on the test split."""
-    x, y = test_tensors(splits)
+@contextlib.contextmanager
+def latency_threads():
+    """torch on ``LATENCY_THREADS`` threads for the measurement, the caller's setting restored after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(LATENCY_THREADS)
     try:
-        return model_summary(model.cpu().eval(), x[:1], x, y)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def quantize_student(cfg: Config, final: torch.nn.Module, final_name: str, payload_spec: dict, splits: Splits,
-                     out: Path) -> dict:
+def evaluate_on_test(model: torch.nn.Module, splits: Splits) -> dict:
+    """Accuracy, params, MACs, latency at batch 1 and 64, size and sparsity of ``model`` on the test split."""
+    x, y = test_tensors(splits)
+    with latency_threads():
+        return model_summary(model.cpu().eval(), x[:1], x, y)
+
+
+def quantize_student(cfg: Config, final: torch.nn.Module, final_name: str, final_row: dict, spec: dict,
+                     splits: Splits, out: Path) -> dict:
     """Post-training int8 of the final student (torchao, ``quantize.scheme``); its report row, measured on the
     int8 model as saved: ``student_int8.pt`` (a state dict, reloaded here through ``core.quantize.load_quantized``)
-    or, for ``pt2e_x86``, a ``torch.export`` program in ``int8/``."""
+    or, for ``pt2e_x86``, a ``torch.export`` program in ``int8/``. ``final_row`` is the fp32 student's row
+    (``evaluate_on_test``): params and MACs are the fp32 model's."""
     from raydistill.checkpoints import atomic_write_bytes
     from raydistill.core.quantize import load_quantized, quantize_int8
 
@@ -53,28 +62,23 @@ def quantize_student(cfg: Config, final: torch.nn.Module, final_name: str, paylo
     except ValueError as e:  # core's checks and torchao's pattern matching: this scheme does not fit this student
         raise ConfigError(f"quantize.scheme={scheme} cannot quantize the student ({str(e).splitlines()[0][:160]}); "
                           "set quantize.scheme to another scheme or none") from e
-    fp32 = model_summary(final.eval(), example, x[:2], y[:2])
     info = None
     if scheme == "pt2e_x86":  # an exported graph: saved as a torch.export program
         from raydistill.export import export_model
 
         info = export_model(q, example, out / "int8")
         size = (out / "int8" / "student.pt2").stat().st_size if (out / "int8" / "student.pt2").exists() else 0
-        sparsity = fp32["sparsity"]
+        sparsity = final_row["sparsity"]
     else:
         buf = io.BytesIO()
-        torch.save({"spec": payload_spec, "scheme": scheme, "state_dict": q.state_dict()}, buf)
+        torch.save({"spec": spec, "scheme": scheme, "state_dict": q.state_dict()}, buf)
         atomic_write_bytes(out / "student_int8.pt", buf.getvalue())
         size = len(buf.getvalue())
         saved = torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True)
         q = load_quantized(saved["state_dict"], final, scheme)  # measure what was written, not what is in memory
         sparsity = weight_sparsity(q)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(LATENCY_THREADS)
-    try:
-        return {"accuracy": accuracy(q, x, y), "params": fp32["params"], "macs": fp32["macs"],
+    with latency_threads():
+        return {"accuracy": accuracy(q, x, y), "params": final_row["params"], "macs": final_row["macs"],
                 "latency_ms_b1": latency_ms(q, shape, batch_size=1),
                 "latency_ms_b64": latency_ms(q, shape, batch_size=64),
                 "size_bytes": size, "sparsity": sparsity, "scheme": scheme, "from": final_name, "export": info}
-    finally:
-        torch.set_num_threads(threads)

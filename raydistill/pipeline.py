@@ -40,7 +40,7 @@ from raydistill.errors import CacheError, CheckpointError, DataError, ModelError
 from raydistill.evaluate import evaluate_on_test, quantize_student
 from raydistill.job import StageJob, TeacherSource
 from raydistill.manifest import digest, sha256_file, write_manifest
-from raydistill.teacher import check_cache_for_run
+from raydistill.teacher import cache_settings, check_cache_for_run
 
 
 # ---- the run context and what the stages hand each other ---------------------------------------------------
@@ -162,12 +162,12 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     server_stats = stop_teacher_server(source, server)
 
     # 5. evaluate every model on the held-out test split, then int8 and the deploy gate
-    models = evaluate_models(ctx, teacher)
+    models = timed(ctx, "evaluate", evaluate_models, ctx, teacher)
     final_name = "student_pruned" if "student_pruned" in models else "student_kd"
-    final, final_payload = load_model(ctx.out / f"{final_name}.pt")[0], load_payload(ctx.out / f"{final_name}.pt")
+    final, final_spec, _ = load_model(ctx.out / f"{final_name}.pt")
     if cfg.quantize.scheme != "none":
-        models["student_int8"] = timed(ctx, "quantize", quantize_student, cfg, final, final_name,
-                                       final_payload["spec"], ctx.splits, ctx.out)
+        models["student_int8"] = timed(ctx, "quantize", quantize_student, cfg, final, final_name, models[final_name],
+                                       final_spec, ctx.splits, ctx.out)
     deploy = timed(ctx, "deploy", deploy_student, ctx, final, final_name, models)
     ctx.timings["total"] = {"seconds": time.perf_counter() - t_start}
 
@@ -176,7 +176,7 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
 
     write_report(ctx.out, report)
     write_manifest(ctx.out, config=cfg.to_dict())  # sha256 of every artifact: `raydistill verify RUN`
-    ctx.log(f"done in {ctx.timings['total']['seconds']:.0f} s; report in {ctx.out / 'report.md'}")
+    ctx.log(f"done in {ctx.timings['total']['seconds']:.0f} s")  # the CLI prints the table and report.md's path
     return report
 
 
@@ -298,7 +298,6 @@ def init_state_from_teacher(ctx: RunContext, teacher: Teacher):
 def with_logit_cache(ctx: RunContext, teacher: Teacher) -> Teacher:
     """The teacher with its logit cache: reused if it matches this teacher, data, k and augmented views; built
     (one teacher pass by a Ray Data actor pool) when absent. A user-given cache that does not match is refused."""
-    from raydistill.augment import make_augment
     from raydistill.cache import build_cache
 
     cfg, t0 = ctx.cfg, time.perf_counter()
@@ -310,7 +309,7 @@ def with_logit_cache(ctx: RunContext, teacher: Teacher) -> Teacher:
     except CacheError:
         if cfg.cache.path and cache_exists(uri):
             raise  # a user-given cache that does not match is refused, never overwritten
-        transform = make_augment(cfg.data.augment, cfg.data.augment_pad, cfg.seed, ctx.splits.shape[1]).transform
+        transform = cache_settings(cfg, ctx.splits.shape[1])["transform"]
         ctx.log(f"logit cache: one teacher pass over {len(ctx.splits.train)} samples x {cfg.cache.views} view(s) "
                 f"({transform}) with {cfg.cache.num_actors} actor(s)")
         info = build_cache(uri, teacher_spec=teacher.spec, teacher_state=teacher.state(), teacher_sha256=teacher.sha256,
@@ -378,13 +377,11 @@ def stop_teacher_server(source: TeacherSource | None, server) -> dict | None:
 
 def evaluate_models(ctx: RunContext, teacher: Teacher) -> dict[str, dict]:
     """One report row per model, measured on the held-out test split (``evaluate.evaluate_on_test``)."""
-    t0 = time.perf_counter()
     models = {"teacher": evaluate_on_test(teacher.model, ctx.splits)}
     for name in ("student_baseline", "student_kd", "student_pruned"):
         if name == "student_pruned" and ctx.cfg.prune.ratio == 0:
             continue
         models[name] = evaluate_on_test(load_model(ctx.out / f"{name}.pt")[0], ctx.splits)
-    ctx.timings["evaluate"] = {"seconds": time.perf_counter() - t0}
     return models
 
 
