@@ -92,14 +92,13 @@ def main() -> None:
         splits = dataclasses.replace(splits, train=Arrays(
             np.concatenate([tr.x] * args.tile), np.concatenate([tr.y] * args.tile),
             np.concatenate([tr.ids + c * span for c in range(args.tile)]), tr.num_classes, tr.shape))
-    C, H, _ = splits.shape
     K = splits.num_classes
-    t_spec = model_spec(cfg0.teacher.model, cfg0.teacher.kwargs, K, C, H)
-    s_spec = model_spec(cfg0.student.model, cfg0.student.kwargs, K, C, H)
+    t_spec = model_spec(cfg0.teacher.model, cfg0.teacher.kwargs, K, splits.shape)
+    s_spec = model_spec(cfg0.student.model, cfg0.student.kwargs, K, splits.shape)
     torch.manual_seed(0)
     teacher = build_from_spec(t_spec)  # throughput does not depend on the teacher being trained
     t_state = teacher.state_dict()
-    example = torch.zeros(1, C, H, H)
+    example = torch.zeros(1, *splits.shape)
     macs = {"teacher": count_macs(teacher, example), "student": count_macs(build_from_spec(s_spec), example)}
 
     init_ray(None, quiet=True)

@@ -82,13 +82,12 @@ def main() -> None:
     overrides = dict(config.parse_override(s) for s in args.set) if args.set else {}
     cfg0 = config.load(None, overrides)
     splits = load_data(cfg0)
-    C, H, _ = splits.shape
     K = splits.num_classes
     for k in args.k:
         if not 1 <= k < K:
             sys.exit(f"--k {k}: must be in [1, {K - 1}] (k={K} is the full distribution)")
-    t_spec = model_spec(cfg0.teacher.model, cfg0.teacher.kwargs, K, C, H)
-    s_spec = model_spec(cfg0.student.model, cfg0.student.kwargs, K, C, H)
+    t_spec = model_spec(cfg0.teacher.model, cfg0.teacher.kwargs, K, splits.shape)
+    s_spec = model_spec(cfg0.student.model, cfg0.student.kwargs, K, splits.shape)
     x_test, y_test = torch.from_numpy(splits.test.x), torch.from_numpy(splits.test.y)
 
     init_ray(None, quiet=True)

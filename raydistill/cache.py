@@ -40,6 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydistill.augment import Augment, make_augment
+from raydistill.data import image_side
 from raydistill.errors import CacheError
 
 
@@ -148,7 +149,7 @@ def build_cache(uri: str, *, teacher_spec: dict, teacher_state: dict, teacher_sh
         raise CacheError(f"cache top-k must be in [1, {num_classes}], got {k}; set k to at most the class count")
     if views < 1 or (views > 1 and augment == "none"):
         raise CacheError(f"a cache of {views} views needs random augmentation; set data.augment=crop or cache.views=1")
-    aug = make_augment(augment, augment_pad, seed, splits.shape[1])
+    aug = make_augment(augment, augment_pad, seed, image_side(splits.shape))
     t0 = time.perf_counter()
     n = len(splits.train) * views  # one teacher forward per (sample, view)
     state_ref, data_ref = ray.put(teacher_state), ray.put(splits)

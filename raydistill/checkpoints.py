@@ -20,11 +20,19 @@ import torch
 from raydistill.errors import CheckpointError
 
 
-def model_spec(name: str, kwargs: dict[str, Any], num_classes: int, in_channels: int, image_size: int,
-               plan: list | None = None) -> dict[str, Any]:
-    """Everything (plain data) needed to rebuild a model's architecture."""
+def model_spec(name: str, kwargs: dict[str, Any], num_classes: int, input_shape, plan: list | None = None
+               ) -> dict[str, Any]:
+    """Everything (plain data) needed to rebuild a model's architecture; ``input_shape`` is one sample's
+    shape, (F,), (C, L) or (C, H, W)."""
     return {"name": name, "kwargs": dict(kwargs), "num_classes": int(num_classes),
-            "in_channels": int(in_channels), "image_size": int(image_size), "plan": plan or []}
+            "input_shape": [int(s) for s in input_shape], "plan": plan or []}
+
+
+def spec_input_shape(spec: dict[str, Any]) -> tuple[int, ...]:
+    """One sample's shape for ``spec``; checkpoints written before input_shape existed held square images."""
+    if "input_shape" in spec:
+        return tuple(spec["input_shape"])
+    return (spec["in_channels"], spec["image_size"], spec["image_size"])
 
 
 def build_from_spec(spec: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
@@ -32,11 +40,10 @@ def build_from_spec(spec: dict[str, Any], state: dict[str, torch.Tensor] | None 
     from raydistill.core.pruning import apply_pruning_plan_
     from raydistill.models import build_model
 
-    model = build_model(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                        image_size=spec["image_size"], **spec.get("kwargs", {}))
+    shape = spec_input_shape(spec)
+    model = build_model(spec["name"], num_classes=spec["num_classes"], input_shape=shape, **spec.get("kwargs", {}))
     if spec.get("plan"):
-        example = torch.zeros(1, spec["in_channels"], spec["image_size"], spec["image_size"])
-        model = apply_pruning_plan_(model, spec["plan"], example)
+        model = apply_pruning_plan_(model, spec["plan"], torch.zeros(1, *shape))
     if state is not None:
         model.load_state_dict(state)
     return model

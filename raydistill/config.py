@@ -29,19 +29,23 @@ class DataConfig:
     source: str = "digits"  # digits | cifar10 | imagefolder | parquet
     root: str | None = None  # folder for cifar10 / imagefolder
     path: str | None = None  # parquet file, folder, glob or pyarrow URI (s3://, gs://, ...)
+    train: str | None = None  # parquet: the training split's file, folder, glob or URI (instead of path)
+    val: str | None = None  # parquet: a declared validation split (else carved from train, seeded)
+    test: str | None = None  # parquet: a declared test split, used as is (else carved at random)
+    split_column: str | None = None  # parquet: a column of train/val/test naming each row's split
     label_column: str = "label"  # parquet: integer class column (0..K-1)
     feature_column: str = "features"  # parquet: flat float-list column (needs data.shape)
     image_column: str | None = None  # parquet: encoded image bytes column instead of features
     id_column: str = "id"  # parquet: stable sample id column (row order when absent)
-    shape: list[int] | None = None  # parquet: C,H,W of the flat feature column
+    shape: list[int] | None = None  # parquet: one sample's shape, [F], [C, L] or [C, H, W], of the flat feature column
     image_size: int | None = None  # resize decoded images to this square size (default 32)
     val_fraction: float = 0.1  # share of the training pool held out for validation
-    test_fraction: float = 0.2  # share held out for test (cifar10 uses its official test set)
+    test_fraction: float = 0.2  # share held out for test when no test split is declared (cifar10: official)
     seed: int = 0  # split seed: same seed, same ids in each split
     limit: int | None = None  # keep at most this many samples per split (smoke runs)
     shard: str = "random"  # how training data is split across workers: random | classwise
-    augment: str = "none"  # training inputs: none | crop (random crop after zero padding) | crop_flip (+ horizontal flip: right for CIFAR, wrong for digits); val/test never augmented
-    augment_pad: int = 0  # zero padding in pixels before the random crop; 0 = auto, max(1, image_size // 8)
+    augment: str = "none"  # training inputs (images only): none | crop (random crop after zero padding) | crop_flip (+ horizontal flip: right for CIFAR, wrong for digits); val/test never augmented
+    augment_pad: int = 0  # zero padding in pixels before the random crop; 0 = auto, max(1, min(H, W) // 8)
 
 
 @dataclass

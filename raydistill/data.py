@@ -1,13 +1,20 @@
 """Datasets held in memory as numpy arrays, deterministic splits, and worker shards.
 
 Every source ends up as ``Splits`` of three ``Arrays`` (train/val/test) whose ``x`` is
-(N, C, H, W) float32 and already normalized, so training code never needs transforms:
+(N, *shape) float32 and already normalized, so training code never needs transforms. A sample's
+shape has 1 to 3 dims: a feature vector (F,), a signal (C, L) or an image (C, H, W), H != W allowed.
 
 * ``digits`` (default): scikit-learn's bundled 8x8 digits, works offline anywhere;
 * ``cifar10``: an already-extracted CIFAR-10 under ``root`` (never downloaded);
 * ``imagefolder``: ``root/<class>/<image>`` decoded with PIL;
 * ``parquet``: local or remote parquet with a label column and either flat float
   features plus a ``shape`` or encoded image bytes.
+
+Splits. A source may declare its splits: cifar10 its official test batch; parquet a file, folder, glob or
+URI per split (``train``, ``val``, ``test``) or one ``split_column`` whose values are train/val/test (a
+folder written by ``raydistill data prepare`` names its split column in the schema metadata, so it is used
+by default). A declared split is used as is; test is carved (seeded, stratified) from the training pool
+only when not declared, val from train only when not declared. ``Splits.origin`` says where each came from.
 
 Image sources (digits, cifar10, imagefolder, parquet images) are scaled to [0, 1] and
 standardized per channel with statistics of the train split only, so no information
@@ -53,21 +60,24 @@ _CIFAR_HINT = (
 # Schema metadata written by write_parquet, so a prepared file needs no --shape.
 _META_SHAPE = b"raydistill.shape"
 _META_NUM_CLASSES = b"raydistill.num_classes"
+_META_SPLIT_COLUMN = b"raydistill.split_column"
+SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass
 class Arrays:
     """One split in memory.
 
-    x: (N, C, H, W) float32, normalized; y: (N,) int64 labels in [0, num_classes);
-    ids: (N,) int64, stable and unique per sample (survive splitting and sharding).
+    x: (N, *shape) float32, normalized; y: (N,) int64 labels in [0, num_classes);
+    ids: (N,) int64, stable and unique per sample (survive splitting and sharding);
+    shape: one sample's shape, (F,), (C, L) or (C, H, W).
     """
 
     x: np.ndarray
     y: np.ndarray
     ids: np.ndarray
     num_classes: int
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -87,14 +97,31 @@ class Arrays:
 
 @dataclass
 class Splits:
-    """Train/val/test ``Arrays`` of one data source; ``shape`` is (C, H, W)."""
+    """Train/val/test ``Arrays`` of one data source; ``shape`` is one sample's shape (1 to 3 dims);
+    ``origin`` says, per split, where it came from (declared by the source, or carved and how)."""
 
     train: Arrays
     val: Arrays
     test: Arrays
     num_classes: int
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
     name: str
+    origin: dict[str, str] | None = None
+
+    def describe(self) -> dict[str, dict]:
+        """Per split: where it came from and its size (report.json's ``data.splits``)."""
+        origin = self.origin or {}
+        return {name: {"from": origin.get(name, "?"), "size": len(getattr(self, name))} for name in SPLIT_NAMES}
+
+
+def is_image(shape: Sequence[int]) -> bool:
+    """Whether samples of ``shape`` are images (C, H, W): what crop/flip augmentation and 2-D CNNs need."""
+    return len(shape) == 3
+
+
+def image_side(shape: Sequence[int]) -> int:
+    """The shorter side of an image shape (C, H, W), which sizes the crop padding; 1 for other shapes."""
+    return min(int(shape[1]), int(shape[2])) if is_image(shape) else 1
 
 
 # ---------------------------------------------------------------------------------
@@ -127,13 +154,14 @@ def _labels(values: np.ndarray, where: str) -> np.ndarray:
     return labels
 
 
-def _shape3(shape: Sequence[int]) -> tuple[int, int, int]:
+def sample_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """``data.shape`` checked: 1 to 3 positive ints, (F,), (C, L) or (C, H, W)."""
     try:
         dims = tuple(int(s) for s in shape)
     except (TypeError, ValueError):
         dims = ()
-    if len(dims) != 3 or min(dims) < 1:
-        raise DataError(f"shape must be three positive integers [C, H, W], got {shape!r}")
+    if not 1 <= len(dims) <= 3 or min(dims) < 1:
+        raise DataError(f"data.shape must be 1 to 3 positive integers ([F], [C, L] or [C, H, W]), got {shape!r}")
     return dims
 
 
@@ -302,8 +330,9 @@ def _require_columns(names: list[str], wanted: list[str], path) -> None:
         )
 
 
-def _flat_features(column, shape: tuple[int, int, int], feature_column: str) -> np.ndarray:
+def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: str) -> np.ndarray:
     """(N,) list column of floats -> (N, *shape) float32, checking every row's length."""
+    shape = tuple(shape)
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -326,38 +355,63 @@ def _flat_features(column, shape: tuple[int, int, int], feature_column: str) -> 
     if len(lengths) != 1 or lengths[0] != need:
         found = ", ".join(str(n) for n in lengths[:5])
         raise DataError(
-            f"feature column {feature_column!r} has length {found} per row but shape "
-            f"{list(shape)} needs {need}; fix shape or the data"
+            f"feature column {feature_column!r} of {where} has length {found} per row but data.shape "
+            f"{list(shape)} needs {need}; fix data.shape or the data"
         )
     values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     return values.reshape(len(column), *shape)
 
 
-def _load_parquet(
-    path, label_column, feature_column, image_column, id_column, shape, image_size
-):
+@dataclass
+class _Part:
+    """The rows read from one parquet location, plus what the split checks compare."""
+
+    x: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+    has_ids: bool  # False: ids are row numbers (no id column)
+    normalize: bool  # decoded images are standardized; flat features are taken as they are
+    hint: int  # class count from the schema metadata (0: none)
+    schema: dict[str, str]  # column -> type, of the columns read
+    split: np.ndarray | None  # values of the split column, when one is used
+    split_column: str | None
+
+    def take(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.x[mask], self.y[mask], self.ids[mask]
+
+
+def _load_parquet(path, label_column, feature_column, image_column, id_column, shape, image_size,
+                  split_column: str | None = None, split_from_metadata: bool = False) -> _Part:
+    """Read one parquet location. ``split_column`` (or, with ``split_from_metadata``, the column that
+    ``raydistill data prepare`` named in the schema metadata) is read too, for the caller to split on."""
+    import pyarrow as pa
+
     dataset = _parquet_dataset(path)
     names = dataset.schema.names
+    metadata = dataset.schema.metadata or {}
+    if split_column is None and split_from_metadata and _META_SPLIT_COLUMN in metadata:
+        split_column = metadata[_META_SPLIT_COLUMN].decode()
     data_column = image_column if image_column is not None else feature_column
-    _require_columns(names, [label_column, data_column], path)
+    _require_columns(names, [label_column, data_column] + ([split_column] if split_column else []), path)
     columns = [label_column, data_column] + ([id_column] if id_column in names else [])
-    table = dataset.to_table(columns=columns)
+    columns += [split_column] if split_column else []
+    try:
+        table = dataset.to_table(columns=columns)
+    except (pa.ArrowInvalid, OSError) as error:  # a corrupt or truncated file: pyarrow names it in the message
+        raise DataError(f"cannot read parquet data at {path} ({str(error).splitlines()[0][:200]}); "
+                        "replace or remove the unreadable file") from None
     if table.num_rows == 0:
         raise DataError(f"parquet data at {path} has no rows; point path at non-empty data")
 
-    metadata = dataset.schema.metadata or {}
     label_values = table[label_column]
     if label_values.null_count:
         raise DataError(f"label column {label_column!r} has missing values; drop those rows")
-    y = _labels(label_values.to_numpy(), f"column {label_column!r}")
-    ids = (
-        table[id_column].to_numpy().astype(np.int64)
-        if id_column in names
-        else np.arange(table.num_rows, dtype=np.int64)
-    )
+    y = _labels(label_values.to_numpy(), f"column {label_column!r} of {path}")
+    has_ids = id_column in names
+    ids = table[id_column].to_numpy().astype(np.int64) if has_ids else np.arange(table.num_rows, dtype=np.int64)
     if len(np.unique(ids)) != len(ids):
         raise DataError(
-            f"id column {id_column!r} has duplicate ids; make ids unique or drop the column"
+            f"id column {id_column!r} has duplicate ids in {path}; make ids unique or drop the column"
         )
 
     if image_column is not None:
@@ -378,13 +432,41 @@ def _load_parquet(
             shape = metadata[_META_SHAPE].decode().split(",")
         if shape is None:
             raise DataError(
-                f"flat feature column {feature_column!r} needs shape=[C, H, W] (e.g. [1, 8, 8]); "
-                "pass shape, or image_column for encoded images"
+                f"flat feature column {feature_column!r} needs data.shape ([F], [C, L] or [C, H, W], e.g. "
+                "[1, 8, 8]); pass data.shape, or data.image_column for encoded images"
             )
-        x = _flat_features(table[feature_column], _shape3(shape), feature_column)
+        x = _flat_features(table[feature_column], sample_shape(shape), feature_column, str(path))
         normalize = False
+    split = None
+    if split_column:
+        split = np.asarray(table[split_column].to_pylist(), dtype=object)
+        unknown = sorted({str(v) for v in set(split.tolist())} - set(SPLIT_NAMES))
+        if unknown:
+            raise DataError(f"split column {split_column!r} of {path} holds {', '.join(map(repr, unknown[:3]))}; "
+                            f"its values must be {', '.join(SPLIT_NAMES)}")
     hint = int(metadata[_META_NUM_CLASSES]) if _META_NUM_CLASSES in metadata else 0
-    return x, y, ids, normalize, hint
+    schema = {c: str(dataset.schema.field(c).type) for c in columns if c != split_column}
+    return _Part(x, y, ids, has_ids, normalize, hint, schema, split, split_column)
+
+
+def _check_same_schema(name: str, part: _Part, train: _Part, location) -> None:
+    """A declared split file must have the training data's columns and types."""
+    for column, kind in train.schema.items():
+        if part.schema.get(column, "missing") != kind:
+            raise DataError(f"declared {name} split {location} has a different schema: column {column!r} is "
+                            f"{part.schema.get(column, 'missing')} there but {kind} in the training data; "
+                            "write every split with the same columns and types")
+
+
+def _check_disjoint(parts: dict[str, np.ndarray]) -> None:
+    """No sample id in two splits (``parts``: split name -> ids)."""
+    names = list(parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = np.intersect1d(parts[a], parts[b])
+            if len(both):
+                raise DataError(f"{len(both)} sample ids are in both the {a} and the {b} split (e.g. ids "
+                                f"{both[:3].tolist()}); a sample must be in one split only: fix the split files")
 
 
 # ---------------------------------------------------------------------------------
@@ -396,6 +478,10 @@ def load_splits(
     *,
     root=None,
     path=None,
+    train=None,
+    val=None,
+    test=None,
+    split_column: str | None = None,
     label_column: str = "label",
     feature_column: str = "features",
     image_column: str | None = None,
@@ -414,12 +500,14 @@ def load_splits(
     ``cifar10``: ``root``, ``image_size`` (default native 32); test is the official
     test set, val is carved from the official train set and ``test_fraction`` is unused;
     ``imagefolder``: ``root``, ``image_size`` (default 32), images decoded to RGB;
-    ``parquet``: ``path``, ``label_column``, ``id_column`` (used when present, else row
-    order), and either ``feature_column`` + ``shape`` or ``image_column`` + ``image_size``.
+    ``parquet``: ``path`` (or ``train``), ``label_column``, ``id_column`` (used when present, else row
+    order), and either ``feature_column`` + ``shape`` (1 to 3 dims) or ``image_column`` + ``image_size``;
+    declared splits ``val`` / ``test`` (file, folder, glob or URI each) or ``split_column``.
 
-    Same ``seed`` -> identical ids in every split. Splits are stratified by class when
-    every class has >= 2 samples. ``limit`` keeps the first ``limit`` samples of each
-    split after splitting and normalizing (for smoke tests). Class count = max label + 1.
+    A declared split is used as is. Otherwise test is carved from the training pool and val from what
+    is left, stratified by class when every class has >= 2 samples; same ``seed`` -> identical ids in
+    every split. ``limit`` keeps the first ``limit`` samples of each split after splitting and
+    normalizing (for smoke tests). Class count = max label of the training pool + 1 (or the schema's).
     """
     source = str(source).strip().lower()
     if source not in SOURCES:
@@ -433,26 +521,66 @@ def load_splits(
         raise DataError(f"limit must be a positive integer or None, got {limit!r}")
     if not isinstance(seed, int) or seed < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed!r}")
+    if source != "parquet" and (train or val or test or split_column):
+        raise DataError(f"data.train/val/test and data.split_column declare splits of parquet data; the {source} "
+                        "source has its own; remove them or use data.source=parquet")
 
-    fixed_test = None
+    declared: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # split name -> (x, y, ids)
+    origin: dict[str, str] = {}
     hint = 0
     if source == "digits":
-        x, y, ids = _load_digits(image_size)
+        pool, where = _load_digits(image_size), "scikit-learn's digits"
         normalize = True
     elif source == "cifar10":
-        (x, y, ids), fixed_test = _load_cifar10(root, image_size)
+        (pool, declared["test"]), where = _load_cifar10(root, image_size), "the official CIFAR-10 training batches"
+        origin["test"] = "declared: the official CIFAR-10 test batch"
         normalize = True
     elif source == "imagefolder":
-        x, y, ids, hint = _load_imagefolder(root, image_size or 32)
-        normalize = True
+        *pool, hint = _load_imagefolder(root, image_size or 32)
+        where, normalize = f"the image folder {root}", True
     else:
-        x, y, ids, normalize, hint = _load_parquet(
-            path, label_column, feature_column, image_column, id_column, shape, image_size or 32
-        )
+        if split_column and (train or val or test):
+            raise DataError("declare splits either as files (data.train/val/test) or with data.split_column, "
+                            "not both; remove one")
+        if train and path and os.fspath(train) != os.fspath(path):
+            raise DataError("data.train and data.path both name the training data; set only one")
+        location = train or path
+        if location is None and (val or test):
+            raise DataError("data.val / data.test need the training data too; set data.train (or data.path)")
+        read = dict(label_column=label_column, feature_column=feature_column, image_column=image_column,
+                    id_column=id_column, shape=shape, image_size=image_size or 32)
+        part = _load_parquet(location, **read, split_column=split_column, split_from_metadata=not (val or test))
+        normalize, hint, where = part.normalize, part.hint, f"{location}"
+        if part.split is not None:
+            for name in ("val", "test"):
+                mask = part.split == name
+                if mask.any():
+                    declared[name] = part.take(mask)
+                    origin[name] = f"declared: rows with {part.split_column} == '{name}' in {location}"
+            pool = part.take(part.split == "train")
+            where = f"rows with {part.split_column} == 'train' in {location}"
+            if not len(pool[1]):
+                raise DataError(f"split column {part.split_column!r} of {location} marks no row 'train'; "
+                                "mark the training rows")
+        else:
+            pool = (part.x, part.y, part.ids)
+        offset = int(part.ids.max()) + 1
+        for name, loc in (("val", val), ("test", test)):
+            if not loc:
+                continue
+            other = _load_parquet(loc, **read)
+            _check_same_schema(name, other, part, loc)
+            if not (other.has_ids and part.has_ids):  # row numbers: each file numbered after the last
+                other.ids = other.ids + offset
+            offset = max(offset, int(other.ids.max()) + 1)
+            declared[name] = (other.x, other.y, other.ids)
+            origin[name] = f"declared: data.{name}={loc}"
+            hint = max(hint, other.hint)
 
+    x, y, ids = pool
     n = len(y)
-    n_test = 0 if fixed_test is not None else int(round(test_fraction * n))
-    n_val = int(round(val_fraction * n))
+    n_test = 0 if "test" in declared else int(round(test_fraction * n))
+    n_val = 0 if "val" in declared else int(round(val_fraction * n))
     if n - n_test - n_val < 1:
         raise DataError(
             f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training "
@@ -461,28 +589,38 @@ def load_splits(
     index = np.arange(n)
     rest, test_index = _split_off(index, y, n_test, seed)
     train_index, val_index = _split_off(rest, y, n_val, seed + 1)
-
-    parts = [(x[i], y[i], ids[i]) for i in (train_index, val_index)]
-    parts.append(
-        fixed_test if fixed_test is not None else (x[test_index], y[test_index], ids[test_index])
-    )
-    all_labels = np.concatenate([p[1] for p in parts])
-    num_classes = max(int(all_labels.max()) + 1, hint)
+    carved = {"test": (test_index, f"data.test_fraction={test_fraction}"),
+              "val": (val_index, f"data.val_fraction={val_fraction}")}
+    num_classes = max(int(y.max()) + 1, hint)
+    parts = [(x[train_index], y[train_index], ids[train_index])]
+    for name in ("val", "test"):
+        if name in declared:
+            labels = declared[name][1]
+            if labels.size and labels.max() >= num_classes:
+                raise DataError(f"the declared {name} split has label {int(labels.max())} but the training data "
+                                f"has classes 0..{num_classes - 1}; fix the labels or the split files")
+            parts.append(declared[name])
+        else:
+            index_out, fraction = carved[name]
+            parts.append((x[index_out], y[index_out], ids[index_out]))
+            origin[name] = f"carved at random from {where} ({fraction}, data.seed={seed})"
+    origin["train"] = where + (" less the carved splits" if n_test or n_val else "")
+    _check_disjoint({name: p[2] for name, p in zip(SPLIT_NAMES, parts)})
     xs = [p[0] for p in parts]
     if normalize:
         xs = _standardize(xs[0], xs[1:])
-    sample_shape = tuple(int(s) for s in xs[0].shape[1:])
+    sample = tuple(int(s) for s in xs[0].shape[1:])
     arrays = [
         Arrays(
             np.ascontiguousarray(xi[:limit], dtype=np.float32),
             np.ascontiguousarray(yi[:limit], dtype=np.int64),
             np.ascontiguousarray(ii[:limit], dtype=np.int64),
             num_classes,
-            sample_shape,
+            sample,
         )
         for xi, (_, yi, ii) in zip(xs, parts)
     ]
-    return Splits(*arrays, num_classes=num_classes, shape=sample_shape, name=source)
+    return Splits(*arrays, num_classes=num_classes, shape=sample, name=source, origin=origin)
 
 
 def shard_indices(
@@ -539,15 +677,18 @@ def shard_indices(
     return np.sort(keep)
 
 
-def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None) -> list[str]:
+def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None, split: np.ndarray | None = None
+                  ) -> list[str]:
     """Write ``arrays`` as parquet with columns ``id`` (int64), ``label`` (int64) and
     ``features`` (list<float32>, x flattened per row); returns the files written.
 
     ``rows_per_file=None`` writes the single file ``path``; otherwise ``path`` is a
     folder of ``part-NNNNN.parquet`` files (it must not exist or be empty). The shape
     and class count go into the schema metadata, so ``load_splits("parquet", path=...)``
-    needs no ``shape``. Atomic: everything is written under a temporary name in the same
-    folder (hidden, so readers skip it) and moved into place with ``os.replace``.
+    needs no ``shape``. ``split`` (N,) of "train"/"val"/"test" adds a ``split`` column, named in the
+    metadata as the split column, so the loader keeps exactly these splits. Atomic: everything is
+    written under a temporary name in the same folder (hidden, so readers skip it) and moved into
+    place with ``os.replace``.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -563,18 +704,19 @@ def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None) -> lis
         features = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
     else:  # more than 2**31 floats need 64-bit offsets
         features = pa.LargeListArray.from_arrays(pa.array(offsets), values)
-    table = pa.table(
-        {
-            "id": pa.array(np.asarray(arrays.ids, dtype=np.int64)),
-            "label": pa.array(np.asarray(arrays.y, dtype=np.int64)),
-            "features": features,
-        }
-    ).replace_schema_metadata(
-        {
-            _META_SHAPE: ",".join(str(s) for s in arrays.shape).encode(),
-            _META_NUM_CLASSES: str(int(arrays.num_classes)).encode(),
-        }
-    )
+    columns = {
+        "id": pa.array(np.asarray(arrays.ids, dtype=np.int64)),
+        "label": pa.array(np.asarray(arrays.y, dtype=np.int64)),
+        "features": features,
+    }
+    metadata = {
+        _META_SHAPE: ",".join(str(s) for s in arrays.shape).encode(),
+        _META_NUM_CLASSES: str(int(arrays.num_classes)).encode(),
+    }
+    if split is not None:
+        columns["split"] = pa.array([str(v) for v in split], type=pa.string())
+        metadata[_META_SPLIT_COLUMN] = b"split"
+    table = pa.table(columns).replace_schema_metadata(metadata)
 
     path = os.path.abspath(os.fspath(path))
     parent, base = os.path.split(path)

@@ -1,7 +1,8 @@
 """Model registry: built-in small nets, torchvision classifiers, and user factories.
 
-``build_model(name, num_classes, in_channels, image_size, **kwargs)`` resolves ``name``
-in this order:
+``build_model(name, num_classes, input_shape=(C, H, W), **kwargs)`` resolves ``name`` in this
+order (``input_shape`` is one sample's shape: (F,), (C, L) or (C, H, W); the older
+``in_channels, image_size`` arguments mean a square image (C, S, S)):
 
 1. a built-in from ``BUILTIN_MODELS`` (plain functions, callable directly);
 2. a torchvision classifier (``resnet18``, ``mobilenet_v2``, ...), always with
@@ -17,6 +18,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 import re
 from collections.abc import Callable, Sequence
 
@@ -50,6 +52,33 @@ def _check_dims(num_classes: int, in_channels: int, image_size: int) -> None:
             raise ModelError(f"{label} must be a positive integer, got {value!r}")
 
 
+def input_dims(input_shape: Sequence[int]) -> dict:
+    """What a model builder may ask for, from one sample's shape: ``input_shape`` itself, ``in_channels``
+    (C; 1 for a feature vector) and ``image_size`` (S of a square image (C, S, S), else None)."""
+    shape = tuple(int(s) for s in input_shape)
+    square = len(shape) == 3 and shape[1] == shape[2]
+    return {"in_channels": shape[0] if len(shape) > 1 else 1, "image_size": shape[1] if square else None,
+            "input_shape": shape}
+
+
+def _check_shape(num_classes: int, input_shape) -> tuple[int, ...]:
+    _check_dims(num_classes, 1, 1)
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        shape = ()
+    if not 1 <= len(shape) <= 3 or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in shape):
+        raise ModelError(f"input_shape must be 1 to 3 positive integers, got {input_shape!r}")
+    return shape
+
+
+def _needs_image(name: str, input_shape: tuple[int, ...] | None) -> tuple[int, int, int] | None:
+    if input_shape is not None and len(input_shape) != 3:
+        raise ModelError(f"model {name!r} takes images (C, H, W) but the samples have shape {tuple(input_shape)}; "
+                         "use the built-in 'mlp' or a model of your own ('package.module:function')")
+    return input_shape
+
+
 def _positive_ints(label: str, values: int | Sequence[int]) -> tuple[int, ...]:
     """Normalize ``values`` (an int or a sequence of ints) to a tuple of positive ints."""
     values = (values,) if isinstance(values, int) else tuple(values)
@@ -66,12 +95,14 @@ def _check_dropout(dropout: float) -> None:
 def cnn(
     num_classes: int,
     in_channels: int,
-    image_size: int,
+    image_size: int | None,
     widths: Sequence[int] = (32, 64),
     hidden: int = 128,
     dropout: float = 0.0,
+    input_shape: Sequence[int] | None = None,
 ) -> nn.Module:
-    """Small VGG-style CNN: input (B, in_channels, S, S) -> logits (B, num_classes).
+    """Small VGG-style CNN: input (B, in_channels, S, S), or (B, C, H, W) given ``input_shape`` (C, H, W),
+    -> logits (B, num_classes).
 
     One block per entry of ``widths``: Conv3x3(pad 1)-BN-ReLU, followed by MaxPool2d(2)
     while the spatial size is >= 2 (8x8 input: 8 -> 4 -> 2). Then flatten (keeps the
@@ -83,27 +114,29 @@ def cnn(
     student ``cnn(10, 1, 8, widths=(16, 32), hidden=64)`` (``STUDENT_CNN``); the teacher
     costs about 15x the student's MACs.
     """
-    _check_dims(num_classes, in_channels, image_size)
+    shape = _needs_image("cnn", input_shape) or (in_channels, image_size, image_size)
+    _check_dims(num_classes, *shape[:2])
+    _check_dims(num_classes, 1, shape[2])
     widths = _positive_ints("widths", widths)
     if not widths:
         raise ModelError("widths must name at least one block width, e.g. widths=(32, 64)")
     (hidden,) = _positive_ints("hidden", hidden)
     _check_dropout(dropout)
     layers: list[nn.Module] = []
-    channels, size = in_channels, image_size
+    channels, height, width_px = shape
     for width in widths:
         layers += [
             nn.Conv2d(channels, width, kernel_size=3, padding=1, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
         ]
-        if size >= 2:
+        if min(height, width_px) >= 2:
             layers.append(nn.MaxPool2d(2))
-            size //= 2
+            height, width_px = height // 2, width_px // 2
         channels = width
     layers += [
         nn.Flatten(),
-        nn.Linear(channels * size * size, hidden),
+        nn.Linear(channels * height * width_px, hidden),
         nn.ReLU(inplace=True),
         nn.Dropout(dropout),
         nn.Linear(hidden, num_classes),
@@ -114,20 +147,23 @@ def cnn(
 def mlp(
     num_classes: int,
     in_channels: int,
-    image_size: int,
+    image_size: int | None,
     hidden: int | Sequence[int] = (256,),
     dropout: float = 0.0,
+    input_shape: Sequence[int] | None = None,
 ) -> nn.Module:
-    """Multi-layer perceptron: input (B, in_channels, S, S) -> logits (B, num_classes).
+    """Multi-layer perceptron for samples of any shape: input (B, *input_shape), or (B, in_channels, S, S)
+    without it, -> logits (B, num_classes).
 
     Flatten, then Linear-ReLU-Dropout per entry of ``hidden`` (an int means one hidden
     layer; ``()`` gives a linear classifier), then Linear(num_classes).
     """
-    _check_dims(num_classes, in_channels, image_size)
+    shape = tuple(input_shape) if input_shape is not None else (in_channels, image_size, image_size)
+    _check_shape(num_classes, shape)
     hidden = _positive_ints("hidden", hidden)
     _check_dropout(dropout)
     layers: list[nn.Module] = [nn.Flatten()]
-    features = in_channels * image_size * image_size
+    features = math.prod(shape)
     for width in hidden:
         layers += [nn.Linear(features, width), nn.ReLU(inplace=True), nn.Dropout(dropout)]
         features = width
@@ -288,9 +324,7 @@ def _build_torchvision(
     return model
 
 
-def _build_factory(
-    spec: str, num_classes: int, in_channels: int, image_size: int, kwargs: dict
-) -> nn.Module:
+def _build_factory(spec: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict) -> nn.Module:
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise ModelError(
@@ -314,8 +348,9 @@ def _build_factory(
             f"module {module_name!r} has no function {function_name!r}; "
             "check the name after ':' in the model name"
         )
-    # Pass the data dimensions only to factories that ask for them (by name or **kwargs).
-    dims = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    # Pass the data dimensions only to factories that ask for them (by name or **kwargs): num_classes,
+    # in_channels, image_size (None unless the samples are square images), input_shape.
+    dims = {"num_classes": num_classes, **input_dims(input_shape)}
     try:
         params = inspect.signature(factory).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -332,27 +367,33 @@ def _build_factory(
 
 
 def build_model(
-    name: str, num_classes: int, in_channels: int, image_size: int, **kwargs
+    name: str, num_classes: int, in_channels: int | None = None, image_size: int | None = None, *,
+    input_shape: Sequence[int] | None = None, **kwargs
 ) -> nn.Module:
-    """Build a classifier for (B, in_channels, image_size, image_size) inputs -> (B, num_classes).
+    """Build a classifier for (B, *input_shape) inputs -> (B, num_classes); without ``input_shape``,
+    for square images (B, in_channels, image_size, image_size).
 
-    ``name`` is a built-in (``cnn``, ``mlp``), a torchvision classifier (``resnet18``,
-    ``mobilenet_v3_small``, ...; random init, extra option ``cifar_stem=True`` for small
-    images), or ``"package.module:function"``. ``kwargs`` are the model's own options,
-    e.g. ``build_model("cnn", 10, 1, 8, widths=(16, 32), hidden=64)``.
+    ``name`` is a built-in (``cnn`` for images, ``mlp`` for any shape), a torchvision classifier
+    (``resnet18``, ``mobilenet_v3_small``, ...; images only; random init, extra option
+    ``cifar_stem=True`` for small images), or ``"package.module:function"``. ``kwargs`` are the
+    model's own options, e.g. ``build_model("cnn", 10, input_shape=(1, 8, 8), widths=(16, 32), hidden=64)``.
     """
     if not isinstance(name, str) or not name.strip():
         raise ModelError(f"model name must be a non-empty string, got {name!r}")
     name = name.strip()
-    _check_dims(num_classes, in_channels, image_size)
+    if input_shape is None:
+        _check_dims(num_classes, in_channels, image_size)
+        input_shape = (in_channels, image_size, image_size)
+    input_shape = _check_shape(num_classes, input_shape)
     if name in BUILTIN_MODELS:
-        dims = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+        dims = {"num_classes": num_classes, **input_dims(input_shape)}
         return _call(BUILTIN_MODELS[name], repr(name), {**dims, **kwargs})
     if ":" in name:
-        return _build_factory(name, num_classes, in_channels, image_size, kwargs)
+        return _build_factory(name, num_classes, input_shape, kwargs)
     torchvision_names = _torchvision_names()
     if name in torchvision_names:
-        return _build_torchvision(name, num_classes, in_channels, image_size, kwargs)
+        channels, height, width = _needs_image(name, input_shape)
+        return _build_torchvision(name, num_classes, channels, min(height, width), kwargs)
     close = difflib.get_close_matches(name, list(BUILTIN_MODELS) + torchvision_names, n=3)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else (
         "run `list_models()` to see the choices"

@@ -35,8 +35,8 @@ from raydistill.checkpoints import atomic_write_text, build_from_spec, load_mode
 from raydistill.cluster import check_resources, init_ray, joins_cluster, resolve_scale
 from raydistill.config import Config
 from raydistill.console import log
-from raydistill.data import Splits, fingerprint, load_splits
-from raydistill.errors import CacheError, CheckpointError, DataError, ModelError, RunFolderError
+from raydistill.data import Splits, fingerprint, image_side, is_image, load_splits
+from raydistill.errors import CacheError, CheckpointError, ConfigError, DataError, ModelError, RunFolderError
 from raydistill.evaluate import evaluate_on_test, quantize_student
 from raydistill.job import StageJob, TeacherSource
 from raydistill.manifest import digest, sha256_file, write_manifest
@@ -98,14 +98,17 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     t0 = time.perf_counter()
     splits = load_data(cfg)
     data_fp = fingerprint(splits)
-    C, H, _ = splits.shape
     K = splits.num_classes
     data_s = time.perf_counter() - t0
     log(f"data {splits.name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
-        f"{K} classes, shape {splits.shape}", quiet)
-    validate_models(cfg, K, C, H)
+        f"{K} classes, sample shape {splits.shape}", quiet)
+    for name, part in splits.describe().items():
+        if part["from"].startswith("declared"):
+            log(f"data {name} split: {part['from']}", quiet)
+    check_augment(cfg, splits.shape)
+    validate_models(cfg, K, splits.shape)
     if uses_cache:
-        check_given_cache(cfg, data_fp, H)
+        check_given_cache(cfg, data_fp, image_side(splits.shape))
     t0 = time.perf_counter()
     init_ray(address, quiet, verbose)
     check_resources(cfg)
@@ -120,8 +123,8 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     import ray
 
     return RunContext(cfg=cfg, out=out, quiet=quiet, splits=splits, data_fp=data_fp, data_ref=ray.put(splits),
-                      t_spec=model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, C, H),
-                      s_spec=model_spec(cfg.student.model, cfg.student.kwargs, K, C, H),
+                      t_spec=model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape),
+                      s_spec=model_spec(cfg.student.model, cfg.student.kwargs, K, splits.shape),
                       stages=StageCache(out), timings={"data": {"seconds": data_s}, "ray_start": {"seconds": ray_s}})
 
 
@@ -303,13 +306,13 @@ def with_logit_cache(ctx: RunContext, teacher: Teacher) -> Teacher:
     cfg, t0 = ctx.cfg, time.perf_counter()
     uri = cfg.cache.path or str(ctx.out / "logit_cache")
     try:
-        info = check_cache_for_run(cfg, uri, teacher.sha256, ctx.data_fp, ctx.splits.shape[1])
+        info = check_cache_for_run(cfg, uri, teacher.sha256, ctx.data_fp, image_side(ctx.splits.shape))
         ctx.timings["logit_cache"] = {"seconds": time.perf_counter() - t0, "skipped": True}
         ctx.log(f"logit cache {uri}: up to date ({info.rows} rows), reused")
     except CacheError:
         if cfg.cache.path and cache_exists(uri):
             raise  # a user-given cache that does not match is refused, never overwritten
-        transform = cache_settings(cfg, ctx.splits.shape[1])["transform"]
+        transform = cache_settings(cfg, image_side(ctx.splits.shape))["transform"]
         ctx.log(f"logit cache: one teacher pass over {len(ctx.splits.train)} samples x {cfg.cache.views} view(s) "
                 f"({transform}) with {cfg.cache.num_actors} actor(s)")
         info = build_cache(uri, teacher_spec=teacher.spec, teacher_state=teacher.state(), teacher_sha256=teacher.sha256,
@@ -411,7 +414,7 @@ def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teach
 
     return {"models": models, "timings": ctx.timings, "gains": gains,
             "data": {"name": s.name, "fingerprint": ctx.data_fp, "train": len(s.train), "val": len(s.val),
-                     "test": len(s.test)},
+                     "test": len(s.test), "sample_shape": list(s.shape), "splits": s.describe()},
             "throughput": {k: v.get("samples_per_s_median") for k, v in ctx.stages.records.items()},
             "teacher_server": server_stats, "latency_threads": LATENCY_THREADS,
             **({"logit_cache": teacher.cache} if teacher.cache else {}), "deploy": deploy, "config": ctx.cfg.to_dict()}
@@ -420,7 +423,8 @@ def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teach
 # ---- checks at the edge ---------------------------------------------------------------------------------------
 def load_data(cfg: Config) -> Splits:
     d = cfg.data
-    splits = load_splits(d.source, root=d.root, path=d.path, label_column=d.label_column,
+    splits = load_splits(d.source, root=d.root, path=d.path, train=d.train, val=d.val, test=d.test,
+                         split_column=d.split_column, label_column=d.label_column,
                        feature_column=d.feature_column, image_column=d.image_column, id_column=d.id_column,
                        shape=d.shape, image_size=d.image_size, val_fraction=d.val_fraction,
                        test_fraction=d.test_fraction, seed=d.seed, limit=d.limit)
@@ -434,23 +438,31 @@ def load_data(cfg: Config) -> Splits:
     return splits
 
 
-def validate_models(cfg: Config, num_classes: int, in_channels: int, image_size: int) -> None:
-    """Build the student (and teacher, or load its checkpoint) once on the driver: bad factories,
-    kwargs or checkpoints fail here with one line, before any Ray worker starts."""
-    x = torch.zeros(2, in_channels, image_size, image_size)
+def check_augment(cfg: Config, shape: tuple[int, ...]) -> None:
+    """Crop and flip move pixels: they apply to images (C, H, W) only."""
+    if cfg.data.augment != "none" and not is_image(shape):
+        raise ConfigError(f"data.augment={cfg.data.augment} crops and flips images (C, H, W), but the samples have "
+                          f"shape {tuple(shape)}; set data.augment: none")
+
+
+def validate_models(cfg: Config, num_classes: int, shape: tuple[int, ...]) -> None:
+    """Build the student (and teacher, or load its checkpoint) once on the driver, on the data's true sample
+    ``shape``: bad factories, kwargs or checkpoints fail here with one line, before any Ray worker starts."""
+    x = torch.zeros(2, *shape)
     roles = [("student", cfg.student.model, cfg.student.kwargs)]
     if cfg.teacher.checkpoint:
         check_teacher_classes(cfg, load_model(cfg.teacher.checkpoint)[1], num_classes)
     else:
         roles.append(("teacher", cfg.teacher.model, cfg.teacher.kwargs))
     for role, name, kwargs in roles:
-        model = build_from_spec(model_spec(name, kwargs, num_classes, in_channels, image_size)).eval()
+        model = build_from_spec(model_spec(name, kwargs, num_classes, shape)).eval()
         try:
             with torch.no_grad():
                 out = model(x)
         except Exception as e:
             raise ModelError(f"{role} model '{name}' fails on input {tuple(x.shape[1:])}: "
-                             f"{str(e).splitlines()[0][:120]}; check {role}.kwargs and data.image_size") from None
+                             f"{str(e).splitlines()[0][:120]}; check {role}.kwargs, data.shape or data.image_size"
+                             ) from None
         if not (isinstance(out, torch.Tensor) and out.shape == (2, num_classes)):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelError(f"{role} model '{name}' returns {shape} for a batch of 2, expected (2, {num_classes}) "

@@ -6,18 +6,17 @@
 
 Layout: OUT is one folder of ``part-NNNNN.parquet`` files holding every sample of the source
 (train, val and test together) sorted by id, with columns ``id`` (int64, the source's own
-sample id), ``label`` (int64) and ``features`` (flat float32 list); the shape (C, H, W) and
-the class count are in the Parquet schema metadata. Point a run at it with
+sample id), ``label`` (int64), ``features`` (flat float32 list) and ``split`` (train | val |
+test: the split the source gave with ``--seed``, ``--val-fraction``, ``--test-fraction``); the
+shape, the class count and the name of the split column are in the Parquet schema metadata.
+Point a run at it with
 
     --set data.source=parquet --set data.path=OUT
 
-The parquet loader splits the rows itself. Because the rows keep the source's order and ids,
-the same ``data.seed`` / ``data.val_fraction`` / ``data.test_fraction`` as given to
-``prepare`` reproduce exactly the split (and the arrays) that the source itself gives for
-digits and imagefolder. The features are stored already standardized, with the statistics of
-that train split only (flat parquet features are model-ready and not re-normalized on load).
-CIFAR-10 is the exception: its official test set is part of OUT, and the loader carves the
-test split at random from all 60,000 rows (``data.test_fraction``), not the official one.
+The loader keeps the written splits (the schema names the split column), so a run on OUT trains,
+validates and tests on exactly the samples (and arrays) the source itself gives; CIFAR-10 keeps its
+official test batch. The features are stored already standardized, with the statistics of that
+train split only (flat parquet features are model-ready and not re-normalized on load).
 
 OUT may be a local folder or any pyarrow filesystem URI (``s3://``, ``gs://``, ``hdfs://``,
 ``file://``); it must not exist or be empty. Shards are written locally first (atomically,
@@ -63,14 +62,16 @@ def _check_args(source: str, root, out, rows_per_file, image_size, val_fraction,
             raise DataError(f"{name} must be in (0, 1), got {value!r}; use the same value as the run's data config")
 
 
-def pool_of(splits: Splits) -> Arrays:
-    """All samples of ``splits`` (train, val, test) in one ``Arrays``, sorted by id."""
+def pool_of(splits: Splits) -> tuple[Arrays, np.ndarray]:
+    """All samples of ``splits`` (train, val, test) in one ``Arrays``, sorted by id, and each row's split
+    name (N,)."""
     parts = (splits.train, splits.val, splits.test)
     ids = np.concatenate([p.ids for p in parts])
     order = np.argsort(ids, kind="stable")
     x = np.concatenate([p.x for p in parts])[order]
     y = np.concatenate([p.y for p in parts])[order]
-    return Arrays(x, y, ids[order], splits.num_classes, splits.shape)
+    names = np.concatenate([np.full(len(p), name, dtype=object) for name, p in zip(("train", "val", "test"), parts)])
+    return Arrays(x, y, ids[order], splits.num_classes, splits.shape), names[order]
 
 
 def _check_empty_local(out: str) -> None:
@@ -95,13 +96,13 @@ def _remote_target(out: str):
     return filesystem, base
 
 
-def write_shards(pool: Arrays, out: str, rows_per_file: int) -> list[str]:
+def write_shards(pool: Arrays, out: str, rows_per_file: int, split: np.ndarray | None = None) -> list[str]:
     """Write ``pool`` as ``part-NNNNN.parquet`` shards under ``out`` (folder or URI); returns
     the files written (as URIs when ``out`` is one)."""
     out = os.fspath(out)
     if not _is_uri(out):
         _check_empty_local(out)
-        return write_parquet(pool, out, rows_per_file=rows_per_file)
+        return write_parquet(pool, out, rows_per_file=rows_per_file, split=split)
 
     import pyarrow.fs as pafs
 
@@ -109,7 +110,7 @@ def write_shards(pool: Arrays, out: str, rows_per_file: int) -> list[str]:
     staging = tempfile.mkdtemp(prefix="raydistill-prepare-")
     try:
         local = os.path.join(staging, "shards")
-        files = write_parquet(pool, local, rows_per_file=rows_per_file)
+        files = write_parquet(pool, local, rows_per_file=rows_per_file, split=split)
         filesystem.create_dir(base, recursive=True)
         pafs.copy_files(local, base, destination_filesystem=filesystem)
     finally:
@@ -136,8 +137,8 @@ def prepare(
         _check_empty_local(os.fspath(out))  # fail before the (possibly slow) load
     splits = load_splits(source, root=root, image_size=image_size, seed=seed,
                          val_fraction=val_fraction, test_fraction=test_fraction)
-    pool = pool_of(splits)
-    files = write_shards(pool, os.fspath(out), rows_per_file)
+    pool, split = pool_of(splits)
+    files = write_shards(pool, os.fspath(out), rows_per_file, split)
     return {
         "source": source,
         "out": os.fspath(out),
@@ -176,8 +177,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"wrote {summary['rows']} rows of {summary['source']} (shape {summary['shape']}, "
           f"{summary['num_classes']} classes) in {len(summary['files'])} file(s) to {summary['out']}; "
           f"use --set data.source=parquet --set data.path={summary['out']} "
-          f"(split {split['train']}/{split['val']}/{split['test']} with data.seed={split['seed']}, "
-          f"data.val_fraction={split['val_fraction']}, data.test_fraction={split['test_fraction']})")
+          f"(its split column keeps the splits {split['train']}/{split['val']}/{split['test']} of --seed "
+          f"{split['seed']})")
     return 0
 
 

@@ -41,7 +41,7 @@ from raydistill.core.losses import (
 )
 from raydistill.core.metrics import accuracy
 from raydistill.core.pruning import ChannelPruner, sparsity_schedule
-from raydistill.data import shard_indices
+from raydistill.data import image_side, shard_indices
 from raydistill.errors import NonFiniteLossError
 from raydistill.job import PRECISIONS, Phase, StageJob
 from raydistill.teacher import InprocessTeacher, TeacherOut, make_teacher
@@ -123,7 +123,7 @@ def train_step(model, opt, xb, yb, teacher_out: TeacherOut | None, phase: Phase,
 
 def run_epoch(model, opt, sched, teacher, x, y, ids, phase: Phase, cfg: Config, epoch: int, pruner,
               device) -> dict:
-    """One pass over this shard: x (N, C, H, W), y (N,), ids (N,) the samples' ids (they define their views)."""
+    """One pass over this shard: x (N, *shape), y (N,), ids (N,) the samples' ids (they define their views)."""
     bs = phase.batch_size
     scaler = torch.amp.GradScaler(device.type) if cfg.distill.precision == "fp16" else None
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -136,10 +136,10 @@ def run_epoch(model, opt, sched, teacher, x, y, ids, phase: Phase, cfg: Config, 
     depth = cfg.scale.teacher_prefetch if uses_teacher else 0
     # data.augment: every sample is shown in one view per epoch (a cached one in cache mode, else a fresh
     # one), regenerated from (seed, id, view); the teacher is asked about exactly these pixels.
-    augment = make_augment(cfg.data.augment, cfg.data.augment_pad, cfg.seed, x.shape[2])
+    augment = make_augment(cfg.data.augment, cfg.data.augment_pad, cfg.seed, image_side(tuple(x.shape[1:])))
     views = torch.from_numpy(epoch_views(ids, epoch, cfg.seed, getattr(teacher, "views", None)))  # (N,)
 
-    def inputs(b):  # (B, C, H, W): the samples b in their view of this epoch
+    def inputs(b):  # (B, *shape): the samples b in their view of this epoch
         return augment(x[b], ids[b], views[b])
 
     def ask(group):  # one teacher request for a group of batches: (group, its inputs, the request handle)
@@ -347,10 +347,10 @@ def run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
 
     splits = ray.get(job.data)
     shard = shard_indices(splits.train.y, world, rank, cfg.data.shard, cfg.seed)
-    x, y = torch.from_numpy(splits.train.x[shard]), torch.from_numpy(splits.train.y[shard])  # (N, C, H, W), (N,)
+    x, y = torch.from_numpy(splits.train.x[shard]), torch.from_numpy(splits.train.y[shard])  # (N, *shape), (N,)
     ids = torch.from_numpy(splits.train.ids[shard])  # (N,) sample ids: with the seed they define the augmented views
     x_val, y_val = torch.from_numpy(np.array(splits.val.x)), torch.from_numpy(np.array(splits.val.y))  # never augmented
-    teacher = make_teacher(job.teacher, cfg, device, rank, ids.numpy(), image_size=x.shape[2])
+    teacher = make_teacher(job.teacher, cfg, device, rank, ids.numpy(), image_size=image_side(tuple(x.shape[1:])))
 
     spec = dict(job.spec)
     resumed = load_train_state(session.get_checkpoint())

@@ -35,7 +35,7 @@ def tiny_teacher(tmp_path_factory) -> str:
 
     torch.manual_seed(0)
     splits = load_splits("digits", limit=SMOKE["data.limit"])
-    spec = model_spec("cnn", SMOKE["teacher.kwargs"], splits.num_classes, 1, 8)
+    spec = model_spec("cnn", SMOKE["teacher.kwargs"], splits.num_classes, (1, 8, 8))
     model = build_from_spec(spec)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y)

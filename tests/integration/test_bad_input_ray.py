@@ -19,7 +19,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     ten = build_model("cnn", num_classes=10, in_channels=1, image_size=8)
     good = d / "good.pt"
-    save_model(good, ten, model_spec("cnn", {}, 10, 1, 8))
+    save_model(good, ten, model_spec("cnn", {}, 10, (1, 8, 8)))
     return {"good_teacher": str(good)}
 
 
@@ -53,7 +53,7 @@ def test_cache_built_by_another_teacher_is_refused(ray_local, files, tmp_path, c
     splits = load_splits("digits", limit=SMOKE["data.limit"])
     other = build_model("cnn", num_classes=10, in_channels=1, image_size=8)
     uri = str(tmp_path / "cache")
-    build_cache(uri, teacher_spec=model_spec("cnn", {}, 10, 1, 8), teacher_state=other.state_dict(),
+    build_cache(uri, teacher_spec=model_spec("cnn", {}, 10, (1, 8, 8)), teacher_state=other.state_dict(),
                 teacher_sha256="0" * 64, splits=splits, data_fingerprint=fingerprint(splits))
     code, err = _run_cli(capsys, ["run", "--out", str(tmp_path / "r"), *SMOKE_ARGS,
                                   "--set", f"teacher.checkpoint={files['good_teacher']}",

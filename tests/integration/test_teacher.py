@@ -13,7 +13,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def server(ray_local):
-    spec = model_spec("cnn", {"widths": [8, 16], "hidden": 32}, 10, 1, 8)
+    spec = model_spec("cnn", {"widths": [8, 16], "hidden": 32}, 10, (1, 8, 8))
     torch.manual_seed(0)
     model = build_from_spec(spec).eval()
     actor = start_teacher_server("teacher-test", spec, model.state_dict(),

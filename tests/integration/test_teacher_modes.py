@@ -12,7 +12,7 @@ from raydistill.teacher import CachedTeacher, InprocessTeacher, LiveTeacher, sta
 
 pytestmark = pytest.mark.ray
 
-SPEC = model_spec("cnn", {"widths": [8, 16], "hidden": 32}, 10, 1, 8)
+SPEC = model_spec("cnn", {"widths": [8, 16], "hidden": 32}, 10, (1, 8, 8))
 
 
 @pytest.fixture(scope="module")

@@ -134,7 +134,7 @@ def test_parquet_missing_label_column_lists_columns(digits, tmp_path):
 def test_parquet_wrong_feature_length_names_both_numbers(digits, tmp_path):
     path = tmp_path / "d.parquet"
     data.write_parquet(digits.val, path)
-    with pytest.raises(ValueError, match=r"length 64 per row but shape \[3, 8, 8\] needs 192"):
+    with pytest.raises(ValueError, match=r"length 64 per row but data.shape \[3, 8, 8\] needs 192"):
         data.load_splits("parquet", path=path, shape=[3, 8, 8])
 
 

@@ -96,6 +96,7 @@ def test_user_factory_with_var_kwargs_gets_all_dims(user_module):
         "num_classes": 5,
         "in_channels": 1,
         "image_size": 8,
+        "input_shape": (1, 8, 8),
     }
 
 

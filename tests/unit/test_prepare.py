@@ -17,12 +17,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _assert_same_splits(a: data.Splits, b: data.Splits) -> None:
+    """Same samples (ids, labels, arrays) in every split; prepared shards hold each split in id order."""
     assert a.shape == b.shape and a.num_classes == b.num_classes
     for part in ("train", "val", "test"):
         x, y = getattr(a, part), getattr(b, part)
-        np.testing.assert_array_equal(x.ids, y.ids)
-        np.testing.assert_array_equal(x.y, y.y)
-        np.testing.assert_array_equal(x.x, y.x)
+        ox, oy = np.argsort(x.ids), np.argsort(y.ids)
+        np.testing.assert_array_equal(x.ids[ox], y.ids[oy])
+        np.testing.assert_array_equal(x.y[ox], y.y[oy])
+        np.testing.assert_array_equal(x.x[ox], y.x[oy])
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +54,13 @@ def test_digits_roundtrip_same_arrays_and_ids(digits_shards):
     assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(4)]  # 1797 rows / 500
     assert summary["rows"] == 1797 and summary["shape"] == [1, 8, 8] and summary["num_classes"] == 10
     table = pq.read_table(out)
-    assert table.column_names == ["id", "label", "features"]
+    assert table.column_names == ["id", "label", "features", "split"]
     np.testing.assert_array_equal(table["id"].to_numpy(), np.arange(1797))  # sorted by id, unique
-    _assert_same_splits(data.load_splits("parquet", path=str(out)), data.load_splits("digits"))
-    # another split seed still loads every row exactly once
-    other = data.load_splits("parquet", path=str(out), seed=3)
-    ids = np.concatenate([other.train.ids, other.val.ids, other.test.ids])
-    assert sorted(ids.tolist()) == list(range(1797))
+    loaded = data.load_splits("parquet", path=str(out))
+    _assert_same_splits(loaded, data.load_splits("digits"))
+    assert loaded.origin["test"].startswith("declared: rows with split == 'test'")
+    # the written splits are declared: another split seed keeps them as they are
+    _assert_same_splits(data.load_splits("parquet", path=str(out), seed=3), loaded)
 
 
 def test_imagefolder_roundtrip(image_folder, tmp_path):

@@ -225,7 +225,7 @@ def test_live_teachers_see_the_students_pixels_and_a_fresh_view_every_epoch(monk
     from raydistill.augment import make_augment
     from raydistill.checkpoints import build_from_spec, model_spec
 
-    spec = model_spec("cnn", {"widths": [4, 8], "hidden": 16}, 10, 1, 8)
+    spec = model_spec("cnn", {"widths": [4, 8], "hidden": 16}, 10, (1, 8, 8))
     model, cfg, *_ = _setup(**{"data.augment": "crop_flip", "seed": 2})
     teacher = InprocessTeacher(spec, build_from_spec(spec).state_dict(), torch.device("cpu"))
     x, y, ids = torch.randn(32, 1, 8, 8), torch.arange(32) % 10, torch.arange(32) + 50
