@@ -400,9 +400,9 @@ def validate(cfg: Config) -> Config:
         )
     if d.hint_weight > 0 and d.hint_student_layer is None:
         raise ConfigError("distill.hint_weight > 0 needs distill.hint_student_layer and distill.hint_teacher_layer")
-    if cfg.data.source == "parquet" and not cfg.data.path:
-        raise ConfigError("data.source is parquet but data.path is not set; "
-                          "set data.path to the parquet file or folder")
+    if cfg.data.source == "parquet" and not (cfg.data.path or cfg.data.train):
+        raise ConfigError("data.source is parquet but neither data.path nor data.train is set; "
+                          "set data.path (or data.train) to the parquet file or folder")
     if cfg.data.source in ("cifar10", "imagefolder") and not cfg.data.root:
         raise ConfigError(f"data.source is {cfg.data.source} but data.root is not set; set data.root to its folder")
     return cfg

@@ -61,7 +61,23 @@ def files(tmp_path_factory):
     sys.path.insert(0, str(d))
     (d / "bad.yaml").write_text("distill: {alpha: [unclosed\n")
     f["bad_yaml"] = str(d / "bad.yaml")
+    sig = rng.standard_normal((40, 40)).astype(np.float32)  # a (2, 20) signal set and broken split files
+    f["sig_train"] = _parquet(d / "sig_train.parquet", {"id": np.arange(40), "label": np.arange(40) % 4,
+                                                        "features": list(sig)})
+    f["sig_overlap"] = _parquet(d / "sig_overlap.parquet", {"id": np.arange(30, 50), "label": np.arange(20) % 4,
+                                                            "features": list(sig[:20])})
+    f["sig_labels"] = _parquet(d / "sig_labels.parquet", {"id": np.arange(100, 120), "label": np.arange(20) % 7,
+                                                          "features": list(sig[:20])})
+    f["sig_schema"] = _parquet(d / "sig_schema.parquet", {"id": np.arange(100, 120), "label": np.arange(20) % 4,
+                                                          "features": list(sig[:20].astype(np.float64))})
+    f["sig_short"] = _parquet(d / "sig_short.parquet", {"id": np.arange(100, 120), "label": np.arange(20) % 4,
+                                                        "features": list(sig[:20, :30])})
     return f
+
+
+SIGNAL = ["--set", "data.source=parquet", "--set", "data.train=@sig_train", "--set", "data.shape=[2,20]",
+          "--set", "student.model=mlp", "--set", "student.kwargs={}", "--set", "teacher.model=mlp",
+          "--set", "teacher.kwargs={}"]
 
 
 CASES = [  # (id, args, words the one-line message must contain)
@@ -99,6 +115,17 @@ CASES = [  # (id, args, words the one-line message must contain)
                                                                 "set data.augment=crop or cache.views=1"]),
     ("unknown augmentation", ["--set", "data.augment=crop_flp"], ["data.augment must be one of",
                                                                   "did you mean 'crop_flip'"]),
+    ("declared splits overlap", [*SIGNAL, "--set", "data.test=@sig_overlap"],
+     ["sample ids are in both the train and the test split", "fix the split files"]),
+    ("row length differs from data.shape", [*SIGNAL, "--set", "data.test=@sig_short"],
+     ["sig_short.parquet has length 30 per row but data.shape [2, 20] needs 40"]),
+    ("labels outside 0..K-1 in a declared split", [*SIGNAL, "--set", "data.test=@sig_labels"],
+     ["declared test split has label 6", "classes 0..3"]),
+    ("split file with another schema", [*SIGNAL, "--set", "data.val=@sig_schema"],
+     ["sig_schema.parquet has a different schema", "'features'"]),
+    ("augmentation on a non-image shape", [*SIGNAL, "--set", "data.augment=crop"],
+     ["data.augment=crop", "shape (2, 20)", "set data.augment: none"]),
+    ("image model on a signal", [*SIGNAL, "--set", "student.model=cnn"], ["takes images (C, H, W)", "'mlp'"]),
 ]
 
 

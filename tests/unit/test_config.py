@@ -36,7 +36,7 @@ def test_int_accepted_for_float_but_not_bool():
     ("distill.epochs", "ten", "distill.epochs must be an integer"),
     ("prune.importance", "l2", "prune.importance must be one of"),
     ("distill.teacher_mode", "liev", "did you mean 'live'"),
-    ("data.source", "parquet", "data.path is not set"),
+    ("data.source", "parquet", "neither data.path nor data.train is set"),
     ("data.augment", "crop_flp", "did you mean 'crop_flip'"),
     ("data.augment", "flip", "data.augment must be one of none, crop, crop_flip"),
     ("data.augment_pad", -1, "data.augment_pad must be >= 0"),
