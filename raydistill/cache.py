@@ -87,7 +87,7 @@ class TeacherLogits:
     """Ray Data callable class: one teacher replica per actor, loaded once in its constructor."""
 
     def __init__(self, spec: dict, state_ref, data_ref, k: int | None, views: int = 1, augment: Augment = Augment(),
-                 num_threads: int = 1):
+                 num_threads: int = 1, stream=None):
         import ray
         import torch
 
@@ -97,18 +97,26 @@ class TeacherLogits:
             torch.set_num_threads(num_threads)
         # refs arrive wrapped in a list so Ray does not resolve them into copies per call
         self.model = build_from_spec(spec, ray.get(state_ref[0])).eval()
-        self.train = ray.get(data_ref[0]).train  # zero-copy numpy from the object store
-        self.k, self.views, self.augment = k, views, augment
+        # in memory: zero-copy numpy from the object store, rows picked by position; streamed: rows arrive in the batch
+        self.train = ray.get(data_ref[0]).train if stream is None else None
+        self.k, self.views, self.augment, self.stream = k, views, augment, stream
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         from raydistill.core.losses import teacher_topk
 
-        i = batch["id"]  # positions in range(samples x views)
-        rows, views = i // self.views, i % self.views  # (B,) position in the training split, (B,) view id
-        ids = self.train.ids[rows].astype(np.int64)
-        x = self.augment(torch.from_numpy(np.ascontiguousarray(self.train.x[rows])), ids, views)  # (B, C, H, W)
+        if self.stream is None:
+            i = batch["id"]  # positions in range(samples x views)
+            rows, views = i // self.views, i % self.views  # (B,) position in the training split, (B,) view id
+            ids, x = self.train.ids[rows].astype(np.int64), self.train.x[rows]
+        else:  # streamed rows, each labelled in every view
+            from raydistill.stream import to_arrays
+
+            x, _, ids = to_arrays(self.stream, batch)
+            rows, views = np.repeat(np.arange(len(ids)), self.views), np.tile(np.arange(self.views), len(ids))
+            ids, x = ids[rows], x[rows]
+        x = self.augment(torch.from_numpy(np.ascontiguousarray(x)), ids, views)  # (B, *shape)
         with torch.inference_mode():
             logits = self.model(x)  # (B, K)
         out = {"id": ids, "view": views.astype(np.int16)}
@@ -151,12 +159,20 @@ def build_cache(uri: str, *, teacher_spec: dict, teacher_state: dict, teacher_sh
         raise CacheError(f"a cache of {views} views needs random augmentation; set data.augment=crop or cache.views=1")
     aug = make_augment(augment, augment_pad, seed, image_side(splits.shape))
     t0 = time.perf_counter()
-    n = len(splits.train) * views  # one teacher forward per (sample, view)
-    state_ref, data_ref = ray.put(teacher_state), ray.put(splits)
-    ds = ray.data.range(n, override_num_blocks=max(1, min(n // batch_size + 1, 4 * num_actors)))
+    n = splits.rows("train") * views  # one teacher forward per (sample, view)
+    state_ref = ray.put(teacher_state)
+    kwargs = {"spec": teacher_spec, "state_ref": [state_ref], "k": k, "views": views, "augment": aug,
+              "num_threads": num_threads}
+    from raydistill.stream import StreamData, train_dataset
+
+    if isinstance(splits, StreamData):  # the training rows stream through the actors, each labelled in every view
+        ds, kwargs = train_dataset(splits, seed, shuffle_files=False), {**kwargs, "data_ref": None, "stream": splits}
+        batch_size = max(1, batch_size // views)
+    else:
+        ds = ray.data.range(n, override_num_blocks=max(1, min(n // batch_size + 1, 4 * num_actors)))
+        kwargs["data_ref"] = [ray.put(splits)]
     out = ds.map_batches(
-        TeacherLogits, fn_constructor_kwargs={"spec": teacher_spec, "state_ref": [state_ref], "data_ref": [data_ref],
-                                              "k": k, "views": views, "augment": aug, "num_threads": num_threads},
+        TeacherLogits, fn_constructor_kwargs=kwargs,
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor, num_gpus=num_gpus_per_actor)
     parts = [dict(b) for b in out.iter_batches(batch_size=None, batch_format="numpy")]
@@ -212,9 +228,10 @@ def check_cache(uri: str, expected_fingerprint: str, *, teacher_sha256: str, dat
                      "rebuild it with `raydistill cache-logits` or point cache.path elsewhere")
 
 
-def load_for_ids(uri: str, ids: np.ndarray, info: CacheInfo) -> dict[str, np.ndarray]:
-    """Teacher outputs for ``ids`` (N,), in that order, every view: {"logits": (N, V, K)} or
-    {"topk_probs": (N, V, k), "topk_idx": (N, V, k)}; [n, v] is sample ids[n] in view v."""
+def load_for_ids(uri: str, ids: np.ndarray | None, info: CacheInfo) -> dict[str, np.ndarray]:
+    """Teacher outputs for ``ids`` (N,) (None: every cached sample), in that order, every view: {"ids": (N,),
+    "logits": (N, V, K)} or {"ids", "topk_probs": (N, V, k), "topk_idx": (N, V, k)}; [n, v] is sample ids[n] in
+    view v."""
     fs, root = _fs(uri)
     path = f"{root}/part-00000.parquet"
     try:
@@ -233,13 +250,14 @@ def load_for_ids(uri: str, ids: np.ndarray, info: CacheInfo) -> dict[str, np.nda
         raise CacheError(f"logit cache {uri} does not hold views 0..{V - 1} of every sample; "
                          "rebuild it with `raydistill cache-logits`")
     sample_ids = cached_ids[order[:, 0]]  # (samples,) ascending
+    ids = sample_ids if ids is None else np.asarray(ids)
     pos = np.clip(np.searchsorted(sample_ids, ids), 0, len(sample_ids) - 1)
     found = sample_ids[pos] == ids
     if not found.all():
         missing = ids[~found][:3].tolist()
         raise CacheError(f"logit cache {uri} has no entry for sample ids {missing}...; rebuild it for this data")
     rows = order[pos]  # (N, V) table rows
-    out = {}
+    out = {"ids": ids}
     for name in ("logits", "topk_probs", "topk_idx"):
         if name in table.column_names:
             col = table.column(name).combine_chunks()

@@ -39,6 +39,8 @@ def quiet_libraries(verbose: bool) -> None:
             logger.addFilter(_DropMessage(text))
     # Ray Train's local mode logs every report ("Reported metrics: ...") and a notice that it is in local mode
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray Data logs the start, plan and end of every execution: once per epoch with streamed data
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         from ray.data import DataContext
 

@@ -113,6 +113,22 @@ class Splits:
         origin = self.origin or {}
         return {name: {"from": origin.get(name, "?"), "size": len(getattr(self, name))} for name in SPLIT_NAMES}
 
+    # the reading interface Splits shares with a streamed run's ``stream.StreamData``
+    def rows(self, split: str) -> int:
+        return len(getattr(self, split))
+
+    def batches(self, split: str, batch_size: int = 1024):
+        """(x, y, ids) numpy batches of ``split`` in order."""
+        part = getattr(self, split)
+        for start in range(0, len(part), batch_size):
+            rows = slice(start, start + batch_size)  # copies: object-store arrays are read-only
+            yield np.array(part.x[rows]), np.array(part.y[rows]), np.array(part.ids[rows])
+
+    def head(self, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` rows of ``split`` (x, y), as copies (object-store arrays are read-only)."""
+        part = getattr(self, split)
+        return np.array(part.x[:n]), np.array(part.y[:n])
+
 
 def is_image(shape: Sequence[int]) -> bool:
     """Whether samples of ``shape`` are images (C, H, W): what crop/flip augmentation and 2-D CNNs need."""

@@ -10,20 +10,24 @@ import contextlib
 import io
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from raydistill.config import Config
-from raydistill.core.metrics import accuracy, latency_ms, model_summary, weight_sparsity
-from raydistill.data import Splits
+from raydistill.core.metrics import accuracy_over, latency_ms, model_costs, weight_sparsity
 from raydistill.errors import ConfigError
 
 LATENCY_THREADS = 1  # latency measured single-threaded: comparable across machines and runs
 
 
-def test_tensors(splits: Splits) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test split as tensors: x (N, C, H, W) float32, y (N,) int64 (copies: the arrays may be read-only)."""
-    return torch.from_numpy(np.array(splits.test.x)), torch.from_numpy(np.array(splits.test.y))
+def test_example(data) -> torch.Tensor:
+    """One test sample (1, *shape): the example input that sizes MACs, latency and export."""
+    return torch.from_numpy(data.head("test", 1)[0])
+
+
+def test_accuracy(model: torch.nn.Module, data) -> float:
+    """Top-1 accuracy on the test split, read batch by batch (``data``: in-memory Splits or a streamed run's
+    StreamData)."""
+    return accuracy_over(model, ((x, y) for x, y, _ in data.batches("test")))
 
 
 @contextlib.contextmanager
@@ -37,15 +41,15 @@ def latency_threads():
         torch.set_num_threads(threads)
 
 
-def evaluate_on_test(model: torch.nn.Module, splits: Splits) -> dict:
+def evaluate_on_test(model: torch.nn.Module, data) -> dict:
     """Accuracy, params, MACs, latency at batch 1 and 64, size and sparsity of ``model`` on the test split."""
-    x, y = test_tensors(splits)
+    model = model.cpu().eval()
     with latency_threads():
-        return model_summary(model.cpu().eval(), x[:1], x, y)
+        return {"accuracy": test_accuracy(model, data), **model_costs(model, test_example(data))}
 
 
 def quantize_student(cfg: Config, final: torch.nn.Module, final_name: str, final_row: dict, spec: dict,
-                     splits: Splits, out: Path) -> dict:
+                     data, out: Path) -> dict:
     """Post-training int8 of the final student (torchao, ``quantize.scheme``); its report row, measured on the
     int8 model as saved: ``student_int8.pt`` (a state dict, reloaded here through ``core.quantize.load_quantized``)
     or, for ``pt2e_x86``, a ``torch.export`` program in ``int8/``. ``final_row`` is the fp32 student's row
@@ -54,9 +58,9 @@ def quantize_student(cfg: Config, final: torch.nn.Module, final_name: str, final
     from raydistill.core.quantize import load_quantized, quantize_int8
 
     scheme = cfg.quantize.scheme
-    x, y = test_tensors(splits)
-    example, shape = x[:1], tuple(x.shape[1:])
-    calib = torch.from_numpy(np.array(splits.val.x[: cfg.quantize.calibration_samples]))
+    example = test_example(data)
+    shape = tuple(example.shape[1:])
+    calib = torch.from_numpy(data.head("val", cfg.quantize.calibration_samples)[0])
     try:
         q = quantize_int8(final.eval(), scheme, calibration_data=calib)
     except ValueError as e:  # core's checks and torchao's pattern matching: this scheme does not fit this student
@@ -78,7 +82,7 @@ def quantize_student(cfg: Config, final: torch.nn.Module, final_name: str, final
         q = load_quantized(saved["state_dict"], final, scheme)  # measure what was written, not what is in memory
         sparsity = weight_sparsity(q)
     with latency_threads():
-        return {"accuracy": accuracy(q, x, y), "params": final_row["params"], "macs": final_row["macs"],
+        return {"accuracy": test_accuracy(q, data), "params": final_row["params"], "macs": final_row["macs"],
                 "latency_ms_b1": latency_ms(q, shape, batch_size=1),
                 "latency_ms_b64": latency_ms(q, shape, batch_size=64),
                 "size_bytes": size, "sparsity": sparsity, "scheme": scheme, "from": final_name, "export": info}

@@ -40,6 +40,7 @@ from raydistill.errors import CacheError, CheckpointError, ConfigError, DataErro
 from raydistill.evaluate import evaluate_on_test, quantize_student
 from raydistill.job import StageJob, TeacherSource
 from raydistill.manifest import digest, sha256_file, write_manifest
+from raydistill.stream import StreamData, plan_stream, streams
 from raydistill.teacher import cache_settings, check_cache_for_run
 
 
@@ -51,9 +52,9 @@ class RunContext:
     cfg: Config
     out: Path
     quiet: bool
-    splits: Splits
+    splits: Splits | StreamData  # in memory, or streamed from Parquet (raydistill/stream.py): same reading interface
     data_fp: str
-    data_ref: Any  # ray.ObjectRef of ``splits``: workers read it zero-copy from the object store
+    data_ref: Any  # ray.ObjectRef of in-memory ``splits`` (workers read it zero-copy), or the StreamData itself
     t_spec: dict  # model specs (checkpoints.model_spec) of the teacher and the student
     s_spec: dict
     stages: StageCache
@@ -96,12 +97,14 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     cfg = resolve_scale(cfg, address)
     check_run_folder(out, cfg)
     t0 = time.perf_counter()
-    splits = load_data(cfg)
-    data_fp = fingerprint(splits)
+    streamed = streams(cfg.data)
+    splits = plan_stream(cfg.data) if streamed else load_data(cfg)
+    data_fp = splits.fingerprint if streamed else fingerprint(splits)
     K = splits.num_classes
     data_s = time.perf_counter() - t0
-    log(f"data {splits.name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
-        f"{K} classes, sample shape {splits.shape}", quiet)
+    log(f"data {splits.name}: {splits.rows('train')} train / {splits.rows('val')} val / {splits.rows('test')} test, "
+        f"{K} classes, sample shape {splits.shape}"
+        + (", streamed from Parquet (Ray Data into the Train workers)" if streamed else ", in memory"), quiet)
     for name, part in splits.describe().items():
         if part["from"].startswith("declared"):
             log(f"data {name} split: {part['from']}", quiet)
@@ -122,7 +125,8 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     import ray
 
-    return RunContext(cfg=cfg, out=out, quiet=quiet, splits=splits, data_fp=data_fp, data_ref=ray.put(splits),
+    return RunContext(cfg=cfg, out=out, quiet=quiet, splits=splits, data_fp=data_fp,
+                      data_ref=splits if streamed else ray.put(splits),
                       t_spec=model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape),
                       s_spec=model_spec(cfg.student.model, cfg.student.kwargs, K, splits.shape),
                       stages=StageCache(out), timings={"data": {"seconds": data_s}, "ray_start": {"seconds": ray_s}})
@@ -313,7 +317,7 @@ def with_logit_cache(ctx: RunContext, teacher: Teacher) -> Teacher:
         if cfg.cache.path and cache_exists(uri):
             raise  # a user-given cache that does not match is refused, never overwritten
         transform = cache_settings(cfg, image_side(ctx.splits.shape))["transform"]
-        ctx.log(f"logit cache: one teacher pass over {len(ctx.splits.train)} samples x {cfg.cache.views} view(s) "
+        ctx.log(f"logit cache: one teacher pass over {ctx.splits.rows('train')} samples x {cfg.cache.views} view(s) "
                 f"({transform}) with {cfg.cache.num_actors} actor(s)")
         info = build_cache(uri, teacher_spec=teacher.spec, teacher_state=teacher.state(), teacher_sha256=teacher.sha256,
                            splits=ctx.splits, data_fingerprint=ctx.data_fp, k=cfg.cache.k, views=cfg.cache.views,
@@ -390,12 +394,12 @@ def evaluate_models(ctx: RunContext, teacher: Teacher) -> dict[str, dict]:
 
 def deploy_student(ctx: RunContext, final: torch.nn.Module, final_name: str, models: dict) -> dict:
     """Export the final student (``deploy/``) if it passes the deploy gate; what happened, for the report."""
-    from raydistill.evaluate import test_tensors
+    from raydistill.evaluate import test_example
     from raydistill.export import deploy_gate, export_if_gate_passes
 
     gate = deploy_gate(models[final_name]["accuracy"], models["teacher"]["accuracy"], ctx.cfg.deploy.min_accuracy,
                        ctx.cfg.deploy.min_ratio_to_teacher)
-    exported = export_if_gate_passes(final.eval(), test_tensors(ctx.splits)[0][:1], ctx.out / "deploy", gate)
+    exported = export_if_gate_passes(final.eval(), test_example(ctx.splits), ctx.out / "deploy", gate)
     ctx.log(f"deploy gate: {gate['message']}")
     return {"model": final_name, "gate": gate, "export": exported}
 
@@ -413,8 +417,9 @@ def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teach
     from raydistill.evaluate import LATENCY_THREADS
 
     return {"models": models, "timings": ctx.timings, "gains": gains,
-            "data": {"name": s.name, "fingerprint": ctx.data_fp, "train": len(s.train), "val": len(s.val),
-                     "test": len(s.test), "sample_shape": list(s.shape), "splits": s.describe()},
+            "data": {"name": s.name, "fingerprint": ctx.data_fp, "train": s.rows("train"), "val": s.rows("val"),
+                     "test": s.rows("test"), "sample_shape": list(s.shape), "splits": s.describe(),
+                     "streamed": isinstance(s, StreamData)},
             "throughput": {k: v.get("samples_per_s_median") for k, v in ctx.stages.records.items()},
             "teacher_server": server_stats, "latency_threads": LATENCY_THREADS,
             **({"logit_cache": teacher.cache} if teacher.cache else {}), "deploy": deploy, "config": ctx.cfg.to_dict()}

@@ -73,11 +73,11 @@ def trial_config(base: dict, params: dict, teacher_mode: str) -> Config:
 # ---- the trial ---------------------------------------------------------------------------------------------
 def trial(params: dict, *, base: dict, data_ref, s_spec: dict, teacher: list[dict], teacher_mode: str) -> None:
     """One Tune trial: the pipeline's student stages with this trial's keys; the last report carries test metrics."""
-    import ray
     from ray import tune
 
     from raydistill.evaluate import evaluate_on_test
     from raydistill.job import StageJob, TeacherSource, trial_phases
+    from raydistill.stream import resolve
     from raydistill.worker import TuneSession, run_loop
 
     cfg = trial_config(base, params, teacher_mode)
@@ -85,7 +85,7 @@ def trial(params: dict, *, base: dict, data_ref, s_spec: dict, teacher: list[dic
     job = StageJob(stage="trial", config=cfg, spec=s_spec, data=data_ref, phases=trial_phases(cfg), teacher=source,
                    verbose=False)
     summary, model = run_loop(job, TuneSession())
-    final = evaluate_on_test(model, ray.get(data_ref))
+    final = evaluate_on_test(model, resolve(data_ref))
     last = summary["history"][-1] if summary["history"] else {}
     # "evaluated", not "done": Tune sets its own "done" on a trial's last result, early-stopped or not
     tune.report({**final, "val_acc": last.get("val_acc", float("nan")), "evaluated": True,
@@ -227,7 +227,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
         teacher_passes = sum(r["teacher_forward_samples"] or 0 for r in rows)
     if server is not None:
         teacher_passes = stop_teacher_server(source, server)["samples"]
-    report = write_results(cfg, out, rows, teacher_passes, teacher.cache, timings, len(splits.train),
+    report = write_results(cfg, out, rows, teacher_passes, teacher.cache, timings, splits.rows("train"),
                            rerun=rerun_overrides(cfg, teacher))
     log(f"sweep done: {len(rows)} trials, best accuracy {report['best']['accuracy'] if report['best'] else 'n/a'}; "
         f"results in {out}", quiet)

@@ -186,7 +186,7 @@ def check_cache_for_run(cfg: Config, uri: str, teacher_sha: str, data_fp: str, i
 
 
 # ---- teacher sources: same interface, request(idx, x, views) now → result(handle) one step later ----------
-# idx are positions in this worker's shard (the cache looks them up), x the batch (B, C, H, W) as the
+# ids are the samples' ids (the cache looks them up), x the batch (B, *shape) as the
 # student sees it (augmented), views (B,) the view id of each sample (the cache's row; live teachers
 # label x itself and ignore it). ``views`` on a teacher is how many views it holds per sample (the
 # cache) or None (any view: a fresh one every epoch). result() returns a TeacherOut.
@@ -202,7 +202,7 @@ class LiveTeacher:
         self.actor, self.device, self.rank = get_teacher_server(actor_name), device, rank
         self.views = None
 
-    def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor):
+    def request(self, ids: torch.Tensor, xb: torch.Tensor, views: torch.Tensor):
         return self.actor.logits.remote(xb.numpy(), self.rank)  # a future: the student step runs meanwhile
 
     def result(self, ref) -> TeacherOut:
@@ -221,7 +221,7 @@ class InprocessTeacher:
         self.samples = 0  # teacher forward samples so far (a per-trial teacher's cost, for the sweep report)
         self.views = None
 
-    def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor) -> TeacherOut:
+    def request(self, ids: torch.Tensor, xb: torch.Tensor, views: torch.Tensor) -> TeacherOut:
         self.samples += len(xb)
         with torch.inference_mode():
             logits = self.model(xb.to(self.device))  # (B, K)
@@ -233,10 +233,13 @@ class InprocessTeacher:
 
 
 class CachedTeacher:
-    """Teacher outputs read from the Parquet logit cache, joined to this shard by sample id once.
+    """Teacher outputs read from the Parquet logit cache, joined to the batches by sample id.
 
-    No teacher is in memory at all; a step costs one gather from a (N, V, K) float32 array: the row of
-    each sample in the view the student is shown (V cached views, FKD; V = 1 without augmentation).
+    No teacher is in memory at all; a step costs a sorted-id lookup and one gather from a (N, V, K) float32
+    array: the row of each sample in the view the student is shown (V cached views, FKD; V = 1 without
+    augmentation). With in-memory data N is this worker's shard; with streamed data (any id may come) it is
+    every cached sample: N x V x K x 4 bytes per worker (a top-k cache is expanded to K too), so for many
+    classes the cache grows with the data where the training data itself does not.
     A top-k cache is expanded here, once, to the full log-distribution its loss targets, by
     ``cache.topk_loss``: ``tail_filled`` (``core.losses.topk_log_probs``: the residual mass spread over
     the other classes) or ``sparse`` (``core.losses.sparse_topk_log_probs``: the top-k renormalised, the
@@ -245,10 +248,13 @@ class CachedTeacher:
     (benchmarks/throughput.py).
     """
 
-    def __init__(self, uri: str, info: dict, ids: np.ndarray, device: torch.device, topk_loss: str = "tail_filled"):
+    def __init__(self, uri: str, info: dict, ids: np.ndarray | None, device: torch.device,
+                 topk_loss: str = "tail_filled"):
         from raydistill.cache import CacheInfo, load_for_ids
 
-        cached = load_for_ids(uri, ids, CacheInfo(**info))  # rows aligned with this shard's samples
+        cached = load_for_ids(uri, ids, CacheInfo(**info))  # rows aligned with ``ids`` (None: every cached id)
+        self.order = np.argsort(cached["ids"], kind="stable")  # sample id -> row by binary search
+        self.sorted_ids = cached["ids"][self.order]
         self.device, self.views = device, info["views"]
         if "logits" in cached:
             self.logits = torch.from_numpy(cached["logits"]).float()  # (N, V, K)
@@ -259,15 +265,21 @@ class CachedTeacher:
             self.logits = TOPK_LOSSES[topk_loss](probs.reshape(n * v, k), classes.reshape(n * v, k),
                                               info["num_classes"]).reshape(n, v, -1)
 
-    def request(self, idx: torch.Tensor, xb: torch.Tensor, views: torch.Tensor) -> TeacherOut:
-        return TeacherOut(self.logits[idx, views].to(self.device))  # (B, K)
+    def request(self, ids: torch.Tensor, xb: torch.Tensor, views: torch.Tensor) -> TeacherOut:
+        wanted = ids.numpy()
+        pos = np.clip(np.searchsorted(self.sorted_ids, wanted), 0, len(self.sorted_ids) - 1)
+        if not np.array_equal(self.sorted_ids[pos], wanted):
+            missing = wanted[self.sorted_ids[pos] != wanted][:3].tolist()
+            raise CacheError(f"the logit cache has no entry for sample ids {missing}; rebuild it for this data")
+        rows = torch.from_numpy(self.order[pos])
+        return TeacherOut(self.logits[rows, views].to(self.device))  # (B, K)
 
     def result(self, handle: TeacherOut) -> TeacherOut:
         return handle
 
 
 def make_teacher(source: TeacherSource | None, cfg: Config, device: torch.device, rank: int,
-                 shard_ids: np.ndarray, image_size: int):
+                 shard_ids: np.ndarray | None, image_size: int):
     """Open ``source`` inside a worker: a LiveTeacher, InprocessTeacher or CachedTeacher (None: no teacher)."""
     if source is None:
         return None

@@ -49,9 +49,14 @@ def fit(job: StageJob, key: str, out: Path):
         progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         job = dataclasses.replace(job, progress=progress)
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    from raydistill.stream import StreamData, train_dataset
+
+    # streamed data: Ray Data reads the train split and Train gives every worker an equal shard of it
+    datasets = {"train": train_dataset(job.data, job.config.seed)} if isinstance(job.data, StreamData) else None
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=job.to_plain(),
+        datasets=datasets,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu and not local,
                                      resources_per_worker=None if local else resources),
         run_config=RunConfig(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -18,7 +19,6 @@ import tempfile
 import time
 from collections import deque
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -39,7 +39,7 @@ from raydistill.core.losses import (
     soft_kd_loss,
     standardize_logits,
 )
-from raydistill.core.metrics import accuracy
+from raydistill.core.metrics import accuracy_over
 from raydistill.core.pruning import ChannelPruner, sparsity_schedule
 from raydistill.data import image_side, shard_indices
 from raydistill.errors import NonFiniteLossError
@@ -121,14 +121,55 @@ def train_step(model, opt, xb, yb, teacher_out: TeacherOut | None, phase: Phase,
     return loss.item(), int((s_logits.argmax(1) == yb).sum())
 
 
-def run_epoch(model, opt, sched, teacher, x, y, ids, phase: Phase, cfg: Config, epoch: int, pruner,
-              device) -> dict:
-    """One pass over this shard: x (N, *shape), y (N,), ids (N,) the samples' ids (they define their views)."""
+class InMemoryTrain:
+    """This worker's shard of in-memory training data: x (N, *shape), y (N,), ids (N,) tensors; every epoch a
+    seeded permutation of the whole shard (a full shuffle)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor):
+        self.x, self.y, self.ids = x, y, ids
+        self.shape, self.rows = tuple(x.shape[1:]), len(x)
+
+    def batches(self, epoch: int, batch_size: int, seed: int):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(self.rows, generator=g)
+        for i in range(0, self.rows, batch_size):  # same count on every rank (equal shards)
+            b = perm[i:i + batch_size]
+            yield self.x[b], self.y[b], self.ids[b]
+
+    def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[:n], self.y[:n]
+
+
+class StreamedTrain:
+    """This worker's shard of a streamed training split (``ray.train.get_dataset_shard``, or the whole Ray
+    Dataset in a Tune trial): read batch by batch, shuffled by the file order (reshuffled per epoch by Ray
+    Data) and a local shuffle buffer of ``data.shuffle_buffer`` rows seeded by the epoch."""
+
+    def __init__(self, shard, data, world: int, shuffle_buffer: int):
+        from raydistill.stream import head
+
+        self.shard, self.data, self.buffer = shard, data, shuffle_buffer
+        self.shape, self.rows = tuple(data.shape), data.train.rows // world  # Ray Data splits rows equally
+        self._head = head(data, "train", 64)
+
+    def batches(self, epoch: int, batch_size: int, seed: int):
+        from raydistill.stream import to_arrays
+
+        for batch in self.shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                             local_shuffle_buffer_size=self.buffer,
+                                             local_shuffle_seed=seed * 100_003 + epoch):
+            x, y, ids = to_arrays(self.data, batch)
+            yield torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)
+
+    def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(self._head[0][:n]), torch.from_numpy(self._head[1][:n])
+
+
+def run_epoch(model, opt, sched, teacher, data, phase: Phase, cfg: Config, epoch: int, pruner, device) -> dict:
+    """One pass over this worker's training data (``InMemoryTrain`` or ``StreamedTrain``): batches of x
+    (B, *shape), y (B,) and the samples' ids (B,), which define their augmented views."""
     bs = phase.batch_size
     scaler = torch.amp.GradScaler(device.type) if cfg.distill.precision == "fp16" else None
-    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    perm = torch.randperm(len(x), generator=g)
-    batches = [perm[i:i + bs] for i in range(0, len(perm), bs)]  # same count on every rank (equal shards)
     uses_teacher = teacher is not None and (phase.uses_teacher_logits or cfg.distill.hint_weight > 0)
     # Ask the teacher for `teacher_prefetch` batches in one request, and keep the next such group in flight
     # while stepping on this one: with the live actor a round trip (serialization, scheduling, the merged
@@ -136,42 +177,43 @@ def run_epoch(model, opt, sched, teacher, x, y, ids, phase: Phase, cfg: Config, 
     depth = cfg.scale.teacher_prefetch if uses_teacher else 0
     # data.augment: every sample is shown in one view per epoch (a cached one in cache mode, else a fresh
     # one), regenerated from (seed, id, view); the teacher is asked about exactly these pixels.
-    augment = make_augment(cfg.data.augment, cfg.data.augment_pad, cfg.seed, image_side(tuple(x.shape[1:])))
-    views = torch.from_numpy(epoch_views(ids, epoch, cfg.seed, getattr(teacher, "views", None)))  # (N,)
+    augment = make_augment(cfg.data.augment, cfg.data.augment_pad, cfg.seed, image_side(data.shape))
+    cached_views = getattr(teacher, "views", None)
 
-    def inputs(b):  # (B, *shape): the samples b in their view of this epoch
-        return augment(x[b], ids[b], views[b])
+    def in_view(batch):  # (x (B, *shape) in this epoch's view, y, ids, views (B,))
+        x, y, ids = batch
+        views = torch.from_numpy(epoch_views(ids.numpy(), epoch, cfg.seed, cached_views))
+        return augment(x, ids, views), y, ids, views
 
-    def ask(group):  # one teacher request for a group of batches: (group, its inputs, the request handle)
-        b = torch.cat(group)
-        xb = inputs(b)
-        return group, xb, teacher.request(b, xb, views[b])
+    batches = (in_view(b) for b in data.batches(epoch, bs, cfg.seed))
 
-    def with_teacher():  # (idx, xb, teacher output) per batch, in order, the next group always requested
-        groups = [batches[j:j + depth] for j in range(0, len(batches), depth)]
-        pending = deque(ask(g) for g in groups[:2])
-        for k in range(len(groups)):
-            group, xb, handle = pending.popleft()
-            out, start = teacher.result(handle), 0  # group k+1 is in flight meanwhile
-            if k + 2 < len(groups):  # and k+2 goes out before the steps on group k
-                pending.append(ask(groups[k + 2]))
-            for b in group:
-                part = slice(start, start + len(b))
-                yield b, xb[part], TeacherOut(out.logits[part], None if out.feature is None else out.feature[part])
-                start += len(b)
+    def ask(group):  # one teacher request for a group of batches: (group, the request handle)
+        return group, teacher.request(torch.cat([g[2] for g in group]), torch.cat([g[0] for g in group]),
+                                      torch.cat([g[3] for g in group]))
 
-    steps = with_teacher() if uses_teacher else ((b, inputs(b), None) for b in batches)
-    t0, total_loss, correct = time.perf_counter(), 0.0, 0
-    for i, (idx, xb, t_out) in enumerate(steps):
-        loss, c = train_step(model, opt, xb.to(device), y[idx].to(device), t_out, phase, cfg, step=i,
-                             scaler=scaler)
+    def with_teacher():  # (x, y, teacher output) per batch, in order, the next group always requested
+        groups = iter(lambda: list(itertools.islice(batches, depth)), [])
+        pending = deque(ask(g) for g in itertools.islice(groups, 2))
+        while pending:
+            group, handle = pending.popleft()
+            out, start = teacher.result(handle), 0  # the next group is in flight meanwhile
+            pending.extend(ask(g) for g in itertools.islice(groups, 1))  # and the one after goes out now
+            for x, y, _, _ in group:
+                part = slice(start, start + len(y))
+                yield x, y, TeacherOut(out.logits[part], None if out.feature is None else out.feature[part])
+                start += len(y)
+
+    steps = with_teacher() if uses_teacher else ((x, y, None) for x, y, _, _ in batches)
+    t0, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
+    for i, (xb, yb, t_out) in enumerate(steps):
+        loss, c = train_step(model, opt, xb.to(device), yb.to(device), t_out, phase, cfg, step=i, scaler=scaler)
         sched.step()
         if pruner is not None:
             pruner.reapply_masks_()  # masked channels stay exactly zero through every optimizer step
-        total_loss, correct = total_loss + loss * len(idx), correct + c
+        total_loss, correct, seen = total_loss + loss * len(yb), correct + c, seen + len(yb)
     seconds = time.perf_counter() - t0
-    return {"loss": total_loss / len(x), "train_acc": correct / len(x), "epoch_s": seconds,
-            "samples_per_s": len(x) / seconds}
+    return {"loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "epoch_s": seconds,
+            "samples_per_s": seen / seconds, "samples": seen}
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
@@ -247,6 +289,9 @@ class TrainSession:
     def get_checkpoint(self):
         return last_local_checkpoint(self.local_dir) if self.local_dir else ray.train.get_checkpoint()
 
+    def dataset_shard(self, data, seed: int):
+        return ray.train.get_dataset_shard("train")  # TorchTrainer(datasets={"train": ...}), split per worker
+
     def report(self, metrics: dict, state: dict | None) -> None:
         checkpoint = None
         if state is not None:
@@ -279,6 +324,11 @@ class TuneSession:
         from ray import tune
 
         return tune.get_checkpoint()
+
+    def dataset_shard(self, data, seed: int):
+        from raydistill.stream import train_dataset
+
+        return train_dataset(data, seed)  # a trial is one process: the whole stream is its shard
 
     def report(self, metrics: dict, state: dict | None) -> None:
         from ray import tune
@@ -316,6 +366,7 @@ def with_hint_adapter(model, teacher, cfg: Config, example, device):
 
 def prune_step_(pruner: ChannelPruner | None, phase: Phase, epoch_in_phase: int, ddp, x, y, device,
                 world: int) -> float:
+    """x (B, *shape), y (B,): a batch of training samples for Taylor importance's gradients."""
     """Raise the sparsity to this epoch's point of the schedule (masks); returns the ratio (0 without pruning)."""
     if pruner is None:
         return 0.0
@@ -328,6 +379,22 @@ def prune_step_(pruner: ChannelPruner | None, phase: Phase, epoch_in_phase: int,
     pruner.mask_(ratio)
     check_same_masks(pruner, world)
     return ratio
+
+
+def open_train_data(job: StageJob, session):
+    """This worker's training data and the data its validation reads (``.batches("val")``): an in-memory shard
+    of the Splits behind ``job.data``, or, for a streamed run (a StreamData), the worker's Ray Data shard."""
+    cfg = job.config
+    from raydistill.stream import StreamData
+
+    if isinstance(job.data, StreamData):
+        shard = session.dataset_shard(job.data, cfg.seed)
+        return StreamedTrain(shard, job.data, session.world, cfg.data.shuffle_buffer), job.data
+    splits = ray.get(job.data)
+    shard = shard_indices(splits.train.y, session.world, session.rank, cfg.data.shard, cfg.seed)
+    x, y = torch.from_numpy(splits.train.x[shard]), torch.from_numpy(splits.train.y[shard])  # (N, *shape), (N,)
+    ids = torch.from_numpy(splits.train.ids[shard])  # (N,) sample ids: with the seed they define the augmented views
+    return InMemoryTrain(x, y, ids), splits
 
 
 # ---- the worker loop ----------------------------------------------------------------------------------
@@ -345,12 +412,9 @@ def run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
     torch.manual_seed(cfg.seed)
     rank, world, device = session.rank, session.world, session.device
 
-    splits = ray.get(job.data)
-    shard = shard_indices(splits.train.y, world, rank, cfg.data.shard, cfg.seed)
-    x, y = torch.from_numpy(splits.train.x[shard]), torch.from_numpy(splits.train.y[shard])  # (N, *shape), (N,)
-    ids = torch.from_numpy(splits.train.ids[shard])  # (N,) sample ids: with the seed they define the augmented views
-    x_val, y_val = torch.from_numpy(np.array(splits.val.x)), torch.from_numpy(np.array(splits.val.y))  # never augmented
-    teacher = make_teacher(job.teacher, cfg, device, rank, ids.numpy(), image_size=image_side(tuple(x.shape[1:])))
+    data, val = open_train_data(job, session)
+    shard_ids = data.ids.numpy() if isinstance(data, InMemoryTrain) else None  # None: a stream, any id may come
+    teacher = make_teacher(job.teacher, cfg, device, rank, shard_ids, image_side(data.shape))
 
     spec = dict(job.spec)
     resumed = load_train_state(session.get_checkpoint())
@@ -361,7 +425,7 @@ def run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
         model = build_from_spec(spec, ray.get(job.init_state) if job.init_state is not None else None)
     model.to(device)
     start_epoch = resumed["epoch"] + 1 if resumed else job.first_epoch
-    example = x[:2].to(device)
+    example = data.head(2)[0].to(device)
 
     history, e0 = [], job.first_epoch  # epochs are numbered globally: they seed the data order and the views
     for phase_idx, phase in enumerate(job.phases):
@@ -375,15 +439,15 @@ def run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
         pruner = ChannelPruner(model, example, importance=phase.prune.importance) if phase.prune else None
         ddp = session.prepare_model(with_hint_adapter(model, teacher, cfg, example, device))
         opt = torch.optim.AdamW(ddp.parameters(), lr=phase.lr, weight_decay=phase.weight_decay)
-        steps = phase.epochs * math.ceil(len(x) / phase.batch_size)
+        steps = phase.epochs * math.ceil(data.rows / phase.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
         if resumed is not None and resumed["phase"] == phase_idx and resumed["opt"] is not None:
             opt.load_state_dict(resumed["opt"])
             sched.load_state_dict(resumed["sched"])
 
         for epoch in range(max(start_epoch, e0), e1):
-            ratio = prune_step_(pruner, phase, epoch - e0, ddp, x, y, device, world)
-            stats = run_epoch(ddp, opt, sched, teacher, x, y, ids, phase, cfg, epoch, pruner, device)
+            ratio = prune_step_(pruner, phase, epoch - e0, ddp, *data.head(phase.batch_size), device, world)
+            stats = run_epoch(ddp, opt, sched, teacher, data, phase, cfg, epoch, pruner, device)
             plan = spec.get("plan") or []
             removed = False
             if pruner is not None and phase.remove_after and epoch == e1 - 1:
@@ -394,7 +458,7 @@ def run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
             if isinstance(teacher, InprocessTeacher):
                 metrics["teacher_forward_samples"] = teacher.samples
             if rank == 0:
-                metrics["val_acc"] = accuracy(unwrap(ddp), x_val.to(device), y_val.to(device))
+                metrics["val_acc"] = accuracy_over(unwrap(ddp), ((x, y) for x, y, _ in val.batches("val")))  # as is
                 if job.verbose:
                     session.progress(
                         f"[{job.stage}] epoch {epoch - job.first_epoch + 1}/{job.total_epochs} "

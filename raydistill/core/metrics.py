@@ -80,6 +80,21 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
     return correct / x.shape[0]
 
 
+def accuracy_over(model: nn.Module, batches) -> float:
+    """Top-1 accuracy of ``model`` over an iterable of (x (B, ...), y (B,)) batches (array-likes), in [0, 1]:
+    for data that is read batch by batch and never held whole. Eval mode, ``no_grad``, modes restored."""
+    device = _device_of(model)
+    correct = total = 0
+    with _eval_mode(model), torch.no_grad():
+        for xb, yb in batches:
+            xb, yb = torch.as_tensor(xb).to(device), torch.as_tensor(yb).to(device)
+            correct += int((model(xb).argmax(dim=1) == yb).sum().item())
+            total += len(yb)
+    if total == 0:
+        raise ValueError("accuracy got an empty evaluation set; pass at least one sample")
+    return correct / total
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameter entries (trainable or not; shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -197,10 +212,15 @@ def model_summary(
     ``x_test`` (N, C, H, W), ``y_test`` (N,). Keys: accuracy, params, macs (batch 1),
     latency_ms_b1, latency_ms_b64 (CPU), size_bytes, sparsity.
     """
+    return {"accuracy": accuracy(model, x_test, y_test), **model_costs(model, example_input)}
+
+
+def model_costs(model: nn.Module, example_input: Tensor) -> dict:
+    """What ``model`` costs: params, macs (batch 1), latency_ms_b1, latency_ms_b64 (CPU), size_bytes, sparsity;
+    ``example_input`` (B, ...) gives the sample shape."""
     example_input = torch.as_tensor(example_input)
     input_shape = tuple(example_input.shape[1:])
     return {
-        "accuracy": accuracy(model, x_test, y_test),
         "params": count_params(model),
         "macs": count_macs(model, example_input),
         "latency_ms_b1": latency_ms(model, input_shape, batch_size=1),

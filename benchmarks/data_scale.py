@@ -1,0 +1,163 @@
+"""Does memory stay flat as the data grows? Streamed (Ray Data) against in-memory, same data, same run.
+
+    python benchmarks/data_scale.py --base-rows 6250 --scales 1 4 16     # writes benchmarks/results/data_scale.json
+
+A synthetic CIFAR-shaped set (3 x 32 x 32 float32 features, 10 classes, a learnable class signal plus noise) is
+written as Parquet (4,096 rows a file) at each scale; at 1x the in-memory path (``data.stream: false``) runs too.
+Each run is `raydistill run` in a fresh process with 2 Ray Train workers, the logit cache teacher (one teacher
+pass, then the cache joined by sample id), a pre-trained teacher checkpoint (`teacher.checkpoint`), one epoch of
+label-only and one of KD training, no pruning or int8. While it runs a sampler reads every 0.2 s the RSS of the
+driver (the `raydistill` process) and of each Ray Train worker (`RayTrainWorker` processes) from /proc;
+the table gives each one's peak, and the KD stage's samples/s (report.json's throughput, global, median epoch).
+
+Goals (issue 13): every process's peak RSS at 16x <= 1.3x its peak at 1x; streamed samples/s at 1x >= 0.8x the
+in-memory path's. The accuracy columns compare the streamed shuffle (a per-epoch file order plus a local shuffle
+buffer) with the in-memory path's full permutation on the same data and epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (3, 32, 32)
+
+
+def write_data(folder: Path, rows: int, seed: int = 0, rows_per_file: int = 4096) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((10, SHAPE[0], 1, 1)).astype(np.float32)  # a class signal per channel
+    for part, start in enumerate(range(0, rows, rows_per_file)):
+        n = min(rows_per_file, rows - start)
+        ids = np.arange(start, start + n)
+        y = ids % 10
+        x = (means[y] + 2.0 * rng.standard_normal((n, *SHAPE)).astype(np.float32)).reshape(n, -1)
+        table = pa.table({"id": ids, "label": y, "features": pa.FixedSizeListArray.from_arrays(
+            pa.array(x.reshape(-1)), x.shape[1])})
+        pq.write_table(table, folder / f"part-{part:05d}.parquet")
+
+
+def _rss_mb(pid: str) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Sampler(threading.Thread):
+    """Peak RSS (MB) of the driver process and of each Ray Train worker, polled from /proc (Linux)."""
+
+    def __init__(self, driver_pid: int):
+        super().__init__(daemon=True)
+        self.driver_pid, self.stop, self.peaks = driver_pid, threading.Event(), {}
+
+    def run(self):
+        while not self.stop.is_set():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+                    if int(pid) == self.driver_pid:
+                        key = "driver"
+                    elif "RayTrainWorker" in cmd:
+                        key = f"worker-{pid}"
+                    else:
+                        continue
+                    self.peaks[key] = max(self.peaks.get(key, 0.0), _rss_mb(pid))
+                except OSError:  # the process ended meanwhile
+                    continue
+            time.sleep(0.2)
+
+
+def run_one(data: Path, out: Path, teacher: Path, stream: bool, epochs: int) -> dict:
+    sets = {"data.source": "parquet", "data.path": str(data), "data.shape": list(SHAPE), "data.stream": stream,
+            "teacher.model": "cnn", "teacher.kwargs": {"widths": [16, 32], "hidden": 64},
+            "teacher.checkpoint": str(teacher), "student.model": "cnn",
+            "student.kwargs": {"widths": [8, 16], "hidden": 32}, "distill.epochs": epochs, "prune.ratio": 0.0,
+            "quantize.scheme": "none", "distill.teacher_mode": "cache", "scale.num_workers": 2,
+            "distill.batch_size": 128}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "run", "--quiet", "--out", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = Sampler(proc.pid)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    sampler.stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({data}, stream={stream}):\n{stderr[-3000:]}")
+    report = json.loads((out / "report.json").read_text())
+    workers = sorted(v for k, v in sampler.peaks.items() if k.startswith("worker-"))
+    return {"rows": report["data"]["train"], "stream": stream, "wall_s": time.perf_counter() - t0,
+            "driver_peak_mb": sampler.peaks.get("driver"), "worker_peaks_mb": workers,
+            "kd_samples_per_s": report["throughput"]["student_kd"],
+            "kd_accuracy": report["models"]["student_kd"]["accuracy"],
+            "baseline_accuracy": report["models"]["student_baseline"]["accuracy"]}
+
+
+def train_teacher(data: Path, work: Path) -> Path:
+    """A teacher checkpoint trained once (in memory, local mode) on the 1x data."""
+    sets = {"data.source": "parquet", "data.path": str(data), "data.shape": list(SHAPE), "data.stream": False,
+            "teacher.model": "cnn", "teacher.kwargs": {"widths": [16, 32], "hidden": 64}, "teacher.epochs": 2,
+            "distill.epochs": 1, "prune.ratio": 0.0, "quantize.scheme": "none", "scale.num_workers": 0}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    subprocess.run([sys.executable, "-m", "raydistill.cli", "run", "--quiet", "--out", str(work / "teacher_run"),
+                    *args], check=True, capture_output=True)
+    return work / "teacher_run" / "teacher.pt"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base-rows", type=int, default=6250)
+    ap.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_scale.json"))
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="raydistill-data-scale-"))
+    rows = []
+    teacher = None
+    for scale in args.scales:
+        data = work / f"data{scale}"
+        write_data(data, args.base_rows * scale, seed=scale)
+        if teacher is None:
+            teacher = train_teacher(data, work)
+        variants = [True, False] if scale == args.scales[0] else [True]
+        for stream in variants:
+            row = {"scale": scale, **run_one(data, work / f"run{scale}-{stream}", teacher, stream, args.epochs)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    base = {r["stream"]: r for r in rows if r["scale"] == args.scales[0]}
+    print("\n| scale | rows | path | driver peak MB | worker peaks MB | KD samples/s | KD acc | baseline acc |")
+    print("| ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['scale']}x | {r['rows']:,} | {'streamed' if r['stream'] else 'in memory'} | "
+              f"{r['driver_peak_mb']:.0f} | {', '.join(f'{w:.0f}' for w in r['worker_peaks_mb'])} | "
+              f"{r['kd_samples_per_s']:.0f} | {r['kd_accuracy']:.4f} | {r['baseline_accuracy']:.4f} |")
+    top = [r for r in rows if r["stream"] and r["scale"] == args.scales[-1]][0]
+    ratios = {"driver_peak_top_vs_base": top["driver_peak_mb"] / base[True]["driver_peak_mb"],
+              "worker_peak_top_vs_base": max(top["worker_peaks_mb"]) / max(base[True]["worker_peaks_mb"]),
+              "streamed_vs_in_memory_samples_per_s": base[True]["kd_samples_per_s"] / base[False]["kd_samples_per_s"],
+              "streamed_minus_in_memory_kd_accuracy": base[True]["kd_accuracy"] - base[False]["kd_accuracy"]}
+    print("\n" + "\n".join(f"{k}: {v:.3f}" for k, v in ratios.items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "ratios": ratios, "args": vars(args),
+                                          "cpus": os.cpu_count()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

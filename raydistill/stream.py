@@ -1,0 +1,333 @@
+"""Parquet data that is streamed, never loaded: Ray Data into the Train workers, pyarrow batches elsewhere.
+
+``data.stream`` (auto: on for a Parquet source with a flat feature column; digits, CIFAR-10 and image
+folders stay in memory, or go through ``raydistill data prepare`` first) describes the data as a
+``StreamData``: per split the Parquet files and a row filter, plus the sample shape, the class count,
+the split sizes and a fingerprint. Building it reads only the id, label and split columns (8–20 bytes
+a row); the features are read batch by batch where they are used:
+
+* training: ``stream.train_dataset`` is a Ray Data ``read_parquet`` over the train split's files (file
+  order shuffled every epoch from ``seed`` with ``FileShuffleConfig(seed, reseed_after_execution=True)``),
+  handed to ``TorchTrainer(datasets={"train": ...})``; each worker reads its ``get_dataset_shard`` with
+  ``iter_batches(local_shuffle_buffer_size=..., local_shuffle_seed=seed + epoch)``: a shuffled file
+  order plus a local shuffle buffer, not a full shuffle (benchmarks/data_scale.py measures what that
+  costs in accuracy against the in-memory path's full per-epoch permutation). Rows keep a
+  deterministic order (``preserve_order``), so a run is reproducible.
+* validation, test, calibration and the example input: ``iter_split`` yields pyarrow record batches of
+  one split as numpy (x, y, ids), so the driver and rank 0 never hold a whole split either.
+
+Splits: declared files (``data.train/val/test``) or a split column are used as they are. A split that is
+not declared is carved from the training files by a hash of (``data.seed``, sample id) into 10,000
+buckets, test first, then val (``data.test_fraction``, ``data.val_fraction``): deterministic for a
+seed and decidable row by row while streaming (not stratified by class, unlike the in-memory carving).
+
+Written here, not taken from Ray Data: the carving rule (Ray Data's ``train_test_split`` needs the
+whole dataset materialized, ``split_proportionately`` is by position, not by id) and the fingerprint
+(a cheap one over file sizes, row counts and each file's head and footer bytes, not every byte).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from raydistill.augment import _hash
+from raydistill.errors import DataError
+
+CARVE_BUCKETS = 10_000
+_CARVE_SALT = 0x5EED_5B17  # the carving hash differs from the augmentation's (same splitmix64 family)
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Where one split's rows are, without reading them: Parquet files and a row filter."""
+
+    files: tuple[str, ...]
+    split_column: str | None = None  # keep rows whose split column ...
+    split_value: str | None = None  # ... equals this
+    carve: tuple[int, int] | None = None  # keep rows whose id bucket is in [lo, hi) of CARVE_BUCKETS
+    seed: int = 0
+    rows: int = 0  # after ``limit``
+    limit: int | None = None  # data.limit: only the first rows (in file order), for smoke runs
+
+
+@dataclass(frozen=True)
+class StreamData:
+    """The data of a streamed run: what the driver, the workers and the cache builder need to read it."""
+
+    name: str
+    shape: tuple[int, ...]
+    num_classes: int
+    train: SplitPlan
+    val: SplitPlan
+    test: SplitPlan
+    label_column: str
+    feature_column: str
+    id_column: str
+    fingerprint: str
+    origin: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, dict]:
+        return {name: {"from": self.origin.get(name, "?"), "size": getattr(self, name).rows} for name in SPLIT_NAMES}
+
+    def plan(self, split: str) -> SplitPlan:
+        return getattr(self, split)
+
+    def rows(self, split: str) -> int:
+        return self.plan(split).rows
+
+    def batches(self, split: str, batch_size: int = 1024):
+        """(x, y, ids) numpy batches of ``split``, read from the files batch by batch."""
+        return iter_split(self, split, batch_size)
+
+    def head(self, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return head(self, split, n)
+
+
+def resolve(data):
+    """A stage job's ``data``: a StreamData as it is, or the in-memory Splits behind an object ref."""
+    if isinstance(data, StreamData):
+        return data
+    import ray
+
+    return ray.get(data)
+
+
+def streams(d) -> bool:
+    """Whether ``data`` (a config's DataConfig) is streamed: ``data.stream``, or auto for flat Parquet."""
+    if d.stream is not None:
+        return bool(d.stream) and d.source == "parquet" and d.image_column is None
+    return d.source == "parquet" and d.image_column is None
+
+
+def _files(location) -> tuple[str, ...]:
+    from raydistill.data import _parquet_dataset
+
+    return tuple(_parquet_dataset(location).files)
+
+
+def _bucket(ids: np.ndarray, seed: int) -> np.ndarray:
+    return (_hash(seed, _CARVE_SALT, ids) % np.uint64(CARVE_BUCKETS)).astype(np.int64)
+
+
+def _keep(plan: SplitPlan, ids: np.ndarray, split: np.ndarray | None) -> np.ndarray:
+    """(N,) bool: which of these rows belong to ``plan``'s split."""
+    keep = np.ones(len(ids), bool)
+    if plan.split_column is not None:
+        keep &= split == plan.split_value
+    if plan.carve is not None:
+        b = _bucket(ids, plan.seed)
+        keep &= (b >= plan.carve[0]) & (b < plan.carve[1])
+    return keep
+
+
+def _columns_of(files: tuple[str, ...], columns: list[str], location) -> dict[str, np.ndarray]:
+    """Only ``columns`` (ids, labels, the split column) of ``files``, as numpy."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    try:
+        table = ds.dataset(list(files), format="parquet").to_table(columns=columns)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"cannot read parquet data at {location} ({str(error).splitlines()[0][:200]}); "
+                        "replace or remove the unreadable file") from None
+    return {c: np.asarray(table[c].to_pylist(), dtype=object) if pa.types.is_string(table[c].type)
+            else table[c].to_numpy() for c in columns}
+
+
+def _file_digest(path: str) -> str:
+    """Size, row count and the first and last 64 KiB of one Parquet file (its footer holds the statistics)."""
+    import pyarrow.parquet as pq
+
+    from raydistill.data import _parquet_dataset
+
+    fs = _parquet_dataset(path).filesystem
+    size = fs.get_file_info(path).size
+    with fs.open_input_file(path) as f:
+        head = f.read(65536)
+        f.seek(max(0, size - 65536))
+        tail = f.read()
+        rows = pq.ParquetFile(f).metadata.num_rows
+    return hashlib.sha256(f"{size}:{rows}:".encode() + head + tail).hexdigest()
+
+
+def plan_stream(d, seed: int | None = None) -> StreamData:
+    """``StreamData`` for a config's ``data`` section: files, filters, sizes, shape, classes, fingerprint.
+
+    Reads the id, label and split columns and the schema, never the features."""
+    from raydistill.data import _META_NUM_CLASSES, _META_SHAPE, _META_SPLIT_COLUMN, _labels, _parquet_dataset
+    from raydistill.data import sample_shape as check_shape
+
+    seed = d.seed if seed is None else seed
+    location = d.train or d.path
+    if location is None:
+        raise DataError("data.source is parquet but neither data.path nor data.train is set; set one")
+    dataset = _parquet_dataset(location)
+    meta = dataset.schema.metadata or {}
+    names = dataset.schema.names
+    split_column = d.split_column
+    if split_column is None and not (d.val or d.test) and _META_SPLIT_COLUMN in meta:
+        split_column = meta[_META_SPLIT_COLUMN].decode()
+    for column in [d.label_column, d.feature_column] + ([split_column] if split_column else []):
+        if column not in names:
+            raise DataError(f"column {column!r} not in parquet {location}; available columns: {', '.join(names)}")
+    if d.id_column not in names:
+        raise DataError(f"streamed parquet data needs an id column ({d.id_column!r} is not in {location}); "
+                        "add one (unique integers) or set data.stream: false")
+    shape = d.shape if d.shape is not None else (meta[_META_SHAPE].decode().split(",") if _META_SHAPE in meta
+                                                 else None)
+    if shape is None:
+        raise DataError(f"flat feature column {d.feature_column!r} needs data.shape ([F], [C, L] or [C, H, W]); "
+                        "pass data.shape")
+    shape = check_shape(shape)
+    hint = int(meta[_META_NUM_CLASSES]) if _META_NUM_CLASSES in meta else 0
+    files = tuple(dataset.files)
+
+    wanted = [d.id_column, d.label_column] + ([split_column] if split_column else [])
+    cols = _columns_of(files, wanted, location)
+    ids, labels = cols[d.id_column].astype(np.int64), _labels(cols[d.label_column], f"column {d.label_column!r}")
+    split = cols.get(split_column) if split_column else None
+    if len(np.unique(ids)) != len(ids):
+        raise DataError(f"id column {d.id_column!r} has duplicate ids in {location}; make ids unique")
+
+    plans: dict[str, SplitPlan] = {}
+    origin: dict[str, str] = {}
+    kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if split_column:
+        unknown = sorted({str(v) for v in set(split.tolist())} - set(SPLIT_NAMES))
+        if unknown:
+            raise DataError(f"split column {split_column!r} of {location} holds {', '.join(map(repr, unknown[:3]))}; "
+                            f"its values must be {', '.join(SPLIT_NAMES)}")
+    declared = {name: loc for name, loc in (("val", d.val), ("test", d.test)) if loc}
+    for name, loc in declared.items():
+        other = _files(loc)
+        c = _columns_of(other, [d.id_column, d.label_column], loc)
+        plans[name] = SplitPlan(other, rows=len(c[d.id_column]))
+        kept[name] = (c[d.id_column].astype(np.int64), _labels(c[d.label_column], f"column {d.label_column!r}"))
+        origin[name] = f"declared: data.{name}={loc}"
+    if split_column:
+        for name in ("val", "test"):
+            mask = split == name
+            if mask.any():
+                plans[name] = SplitPlan(files, split_column, name, rows=int(mask.sum()))
+                kept[name] = (ids[mask], labels[mask])
+                origin[name] = f"declared: rows with {split_column} == '{name}' in {location}"
+    # the training pool, and what is carved from it by id bucket (test first, then val)
+    base = dict(split_column=split_column, split_value="train" if split_column else None, seed=seed)
+    pool = split == "train" if split_column else np.ones(len(ids), bool)
+    lo = 0
+    bucket = _bucket(ids, seed)
+    for name, fraction in (("test", d.test_fraction), ("val", d.val_fraction)):
+        if name in plans:
+            continue
+        hi = lo + int(round(fraction * CARVE_BUCKETS))
+        mask = pool & (bucket >= lo) & (bucket < hi)
+        plans[name] = SplitPlan(files, **base, carve=(lo, hi), rows=int(mask.sum()))
+        kept[name] = (ids[mask], labels[mask])
+        origin[name] = f"carved from {location} by a hash of (data.seed={seed}, id) (data.{name}_fraction={fraction})"
+        lo = hi
+    mask = pool & (bucket >= lo) if lo else pool
+    plans["train"] = SplitPlan(files, **base, carve=(lo, CARVE_BUCKETS) if lo else None, rows=int(mask.sum()))
+    kept["train"] = (ids[mask], labels[mask])
+    origin["train"] = f"{location}" + (" less the carved splits" if lo else "")
+    if plans["train"].rows == 0:
+        raise DataError(f"no training rows left in {location}; lower data.val_fraction / data.test_fraction")
+
+    num_classes = max(int(labels[pool].max()) + 1, hint)
+    for name in ("val", "test"):
+        y = kept[name][1]
+        if y.size and y.max() >= num_classes:
+            raise DataError(f"the declared {name} split has label {int(y.max())} but the training data has classes "
+                            f"0..{num_classes - 1}; fix the labels or the split files")
+    from raydistill.data import _check_disjoint
+
+    _check_disjoint({name: kept[name][0] for name in SPLIT_NAMES})
+    if d.limit is not None:
+        plans = {name: dataclasses.replace(p, rows=min(p.rows, d.limit), limit=d.limit) for name, p in plans.items()}
+    digest = hashlib.sha256(f"stream-v1 {list(shape)} {num_classes} {d.feature_column}".encode())
+    for name in SPLIT_NAMES:
+        p = plans[name]
+        digest.update(f"{name} {p.split_column} {p.split_value} {p.carve} {p.seed} {p.rows}".encode())
+        for f in p.files:
+            digest.update(_file_digest(f).encode())
+    return StreamData(name="parquet", shape=shape, num_classes=num_classes, train=plans["train"], val=plans["val"],
+                      test=plans["test"], label_column=d.label_column, feature_column=d.feature_column,
+                      id_column=d.id_column, fingerprint=digest.hexdigest(), origin=origin)
+
+
+def to_arrays(data: StreamData, batch: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A numpy batch (columns as read) -> x (B, *shape) float32, y (B,) int64, ids (B,) int64."""
+    features = batch[data.feature_column]
+    if features.dtype == object:  # a list column arrives as an array of arrays
+        features = np.stack(features) if len(features) else np.zeros((0, math.prod(data.shape)), np.float32)
+    n, need = len(features), math.prod(data.shape)
+    if features.size != n * need:
+        raise DataError(f"feature column {data.feature_column!r} has rows of length {features.size // max(n, 1)} but "
+                        f"data.shape {list(data.shape)} needs {need}; fix data.shape or the data")
+    x = np.ascontiguousarray(features, dtype=np.float32).reshape(n, *data.shape)
+    return x, np.asarray(batch[data.label_column], np.int64), np.asarray(batch[data.id_column], np.int64)
+
+
+def _read_columns(data: StreamData, plan: SplitPlan) -> list[str]:
+    return [data.id_column, data.label_column, data.feature_column] + ([plan.split_column] if plan.split_column
+                                                                       else [])
+
+
+def iter_split(data: StreamData, split: str, batch_size: int = 1024,
+               limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The rows of ``split`` in file order as (x, y, ids) numpy batches, read with pyarrow batch by batch."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    plan = data.plan(split)
+    columns = _read_columns(data, plan)
+    left = min(x for x in (limit, plan.limit, plan.rows) if x is not None)
+    try:
+        for file in plan.files:
+            for record in ds.dataset(file, format="parquet").to_batches(columns=columns, batch_size=batch_size):
+                batch = {c: record.column(c).to_numpy(zero_copy_only=False) for c in columns}
+                keep = _keep(plan, batch[data.id_column].astype(np.int64), batch.get(plan.split_column))
+                x, y, ids = to_arrays(data, {c: v[keep] for c, v in batch.items()})
+                x, y, ids = x[:left], y[:left], ids[:left]
+                left -= len(y)
+                if len(y):
+                    yield x, y, ids
+                if left <= 0:
+                    return
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"cannot read parquet data in the {split} split ({str(error).splitlines()[0][:200]}); "
+                        "replace or remove the unreadable file") from None
+
+
+def head(data: StreamData, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` rows of ``split`` (x, y): an example input, calibration samples."""
+    parts = list(iter_split(data, split, batch_size=max(1, n), limit=n))
+    if not parts:
+        return np.zeros((0, *data.shape), np.float32), np.zeros(0, np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _filter_rows(batch: dict, data: StreamData, plan: SplitPlan) -> dict:
+    """Ray Data ``map_batches`` step: keep a split's rows (split column / id bucket), as numpy."""
+    keep = _keep(plan, np.asarray(batch[data.id_column], np.int64), batch.get(plan.split_column))
+    return {c: batch[c][keep] for c in (data.id_column, data.label_column, data.feature_column)}
+
+
+def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True):
+    """The train split as a Ray Data ``Dataset`` (lazy): file order reshuffled every epoch from ``seed``."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # reproducible row order
+    plan = data.train
+    shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle_files else None
+    ds = ray.data.read_parquet(list(plan.files), columns=_read_columns(data, plan), shuffle=shuffle)
+    if plan.split_column is not None or plan.carve is not None:
+        ds = ds.map_batches(_filter_rows, fn_args=(data, plan), batch_format="numpy", zero_copy_batch=True)
+    return ds.limit(plan.limit) if plan.limit is not None else ds

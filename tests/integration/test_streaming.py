@@ -1,0 +1,100 @@
+"""Parquet data streamed through Ray Data into the training loop (issue 13): every teacher mode on streamed
+batches, the prepared split kept, evaluation read batch by batch, and a process whose memory does not grow with
+the data set."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raydistill import config
+from raydistill.pipeline import run
+from raydistill.prepare import prepare
+
+pytestmark = pytest.mark.ray
+
+TINY = {"teacher.epochs": 1, "distill.epochs": 1, "prune.epochs": 1, "prune.finetune_epochs": 1,
+        "teacher.kwargs": {"widths": [16, 32], "hidden": 64}}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream") / "digits"
+    prepare("digits", str(out), rows_per_file=300)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def cached_run(ray_local, shards, tmp_path_factory):
+    """A streamed run with the logit cache (built by a teacher pass over the streamed rows)."""
+    out = tmp_path_factory.mktemp("cached")
+    cfg = config.load(None, {**TINY, "data.source": "parquet", "data.path": shards,
+                             "distill.teacher_mode": "cache"})
+    return cfg, out, run(cfg, out, quiet=True)
+
+
+def test_streamed_run_with_the_cache_keeps_the_prepared_split(cached_run):
+    cfg, out, report = cached_run
+    data = report["data"]
+    assert data["streamed"] is True
+    assert (data["train"], data["val"], data["test"]) == (1258, 180, 359)  # digits' own split, kept by prepare
+    assert data["splits"]["test"]["from"].startswith("declared: rows with split == 'test'")
+    assert report["logit_cache"]["rows"] == 1258
+    for name in ("teacher", "student_baseline", "student_kd", "student_pruned"):
+        assert report["models"][name]["accuracy"] > 0.3, name  # 10 classes: every model learned from the stream
+
+
+@pytest.mark.parametrize("mode", ["live", "inprocess"])
+def test_streamed_kd_with_a_teacher_that_labels_each_batch(mode, cached_run, shards, tmp_path):
+    _, first, _ = cached_run
+    cfg = config.load(None, {**TINY, "data.source": "parquet", "data.path": shards, "distill.teacher_mode": mode,
+                             "teacher.checkpoint": str(first / "teacher.pt"), "prune.ratio": 0.0})
+    report = run(cfg, tmp_path / "run", quiet=True)
+    assert report["models"]["student_kd"]["accuracy"] > 0.3
+    if mode == "live":
+        assert report["teacher_server"]["samples"] >= 1258  # the actor labelled every streamed training row
+
+
+PEAK = textwrap.dedent("""
+    import json, resource, sys
+    from raydistill import config
+    from raydistill.pipeline import run
+    cfg = config.load(None, json.loads(sys.argv[1]))
+    run(cfg, sys.argv[2], quiet=True)
+    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""")
+
+
+def _table(path, rows, seed):
+    rng = np.random.default_rng(seed)
+    y = np.arange(rows) % 4
+    x = rng.standard_normal((rows, 3 * 16 * 16)).astype(np.float32) + y[:, None]
+    for part in range(4):  # four files, so Ray Data reads them as separate blocks
+        sl = slice(part * rows // 4, (part + 1) * rows // 4)
+        pq.write_table(pa.table({"id": np.arange(rows)[sl], "label": y[sl], "features": list(x[sl])}),
+                       path / f"part-{part}.parquet")
+
+
+def test_streamed_run_memory_does_not_grow_with_the_data(tmp_path):
+    """The local-mode training loop runs in the command's own process: its peak RSS with 24x the rows (3 KiB
+    each: 141 MB more data) must not grow by more than a third of the extra data."""
+    peaks = {}
+    for rows in (2_000, 48_000):
+        folder = tmp_path / f"d{rows}"
+        folder.mkdir()
+        _table(folder, rows, seed=rows)
+        overrides = {"data.source": "parquet", "data.path": str(folder), "data.shape": [3, 16, 16],
+                     "teacher.model": "mlp", "teacher.kwargs": {"hidden": [32]}, "student.model": "mlp",
+                     "student.kwargs": {"hidden": [16]}, "teacher.epochs": 1, "distill.epochs": 1,
+                     "prune.ratio": 0.0, "quantize.scheme": "none", "distill.teacher_mode": "cache"}
+        res = subprocess.run([sys.executable, "-c", PEAK, json.dumps(overrides), str(tmp_path / f"run{rows}")],
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        peaks[rows] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+    extra_data_mb = (48_000 - 2_000) * 3 * 16 * 16 * 4 / 2**20
+    assert peaks[48_000] - peaks[2_000] < extra_data_mb / 3, (peaks, extra_data_mb)
