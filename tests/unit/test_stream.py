@@ -1,0 +1,72 @@
+"""stream.py without Ray: planning streamed splits from the id/label columns, and reading them batch by batch."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raydistill import config
+from raydistill.errors import DataError
+from raydistill.prepare import prepare
+from raydistill.stream import iter_split, plan_stream, streams
+
+
+def _folder(path, rows=400, files=4, width=6, seed=0):
+    path.mkdir()
+    rng = np.random.default_rng(seed)
+    for part in range(files):
+        ids = np.arange(part * rows // files, (part + 1) * rows // files)
+        pq.write_table(pa.table({"id": ids, "label": ids % 5, "features": list(rng.standard_normal((len(ids), width)))}),
+                       path / f"part-{part}.parquet")
+    return str(path)
+
+
+def _data(**sets):
+    return config.load(None, {"data.source": "parquet", **sets}).data
+
+
+def test_carved_splits_are_disjoint_cover_the_rows_and_follow_the_seed(tmp_path):
+    d = _data(**{"data.path": _folder(tmp_path / "a"), "data.shape": [6], "data.val_fraction": 0.2,
+                 "data.test_fraction": 0.25})
+    assert streams(d) and not streams(_data(**{"data.path": "x", "data.stream": False}))
+    s = plan_stream(d)
+    ids = {name: np.concatenate([b[2] for b in iter_split(s, name, batch_size=37)]) for name in ("train", "val", "test")}
+    assert sorted(np.concatenate(list(ids.values()))) == list(range(400))  # every row in exactly one split
+    assert {name: len(v) for name, v in ids.items()} == {name: s.rows(name) for name in ids}
+    assert 60 < len(ids["test"]) < 140 and 40 < len(ids["val"]) < 120  # ~25% and ~20% by the id hash
+    assert s.origin["test"].startswith("carved from") and "data.seed=0" in s.origin["test"]
+    x, y, _ = next(iter_split(s, "train", batch_size=8))
+    assert x.shape[1:] == (6,) and 0 < len(x) <= 8 and x.dtype == np.float32 and y.dtype == np.int64
+    again, other = plan_stream(d), plan_stream(_data(**{"data.path": d.path, "data.shape": [6], "data.seed": 1}))
+    assert again.fingerprint == s.fingerprint and other.fingerprint != s.fingerprint
+    other_test = np.concatenate([b[2] for b in iter_split(other, "test")])
+    assert set(other_test) != set(ids["test"])
+
+
+def test_prepared_split_column_is_kept_and_the_limit_applies(tmp_path):
+    prepare("digits", str(tmp_path / "digits"), rows_per_file=500)
+    s = plan_stream(_data(**{"data.path": str(tmp_path / "digits")}))
+    assert (s.rows("train"), s.rows("val"), s.rows("test"), s.shape, s.num_classes) == (1258, 180, 359, (1, 8, 8), 10)
+    from raydistill.data import load_splits
+
+    in_memory = load_splits("parquet", path=str(tmp_path / "digits"))
+    streamed_test = np.concatenate([b[2] for b in iter_split(s, "test")])
+    assert sorted(streamed_test) == sorted(in_memory.test.ids)
+    limited = plan_stream(_data(**{"data.path": str(tmp_path / "digits"), "data.limit": 50}))
+    assert limited.rows("train") == 50 and sum(len(b[1]) for b in iter_split(limited, "train", 16)) == 50
+
+
+def test_stream_errors_are_one_line_data_errors(tmp_path):
+    folder = _folder(tmp_path / "b")
+    with pytest.raises(DataError, match="needs data.shape"):
+        plan_stream(_data(**{"data.path": folder}))
+    (tmp_path / "b" / "part-9.parquet").write_bytes(b"PAR1" + b"\0" * 40 + b"PAR1")
+    with pytest.raises(DataError, match=r"cannot read parquet data .*part-9.parquet"):
+        plan_stream(_data(**{"data.path": folder, "data.shape": [6]}))
+    noid = tmp_path / "noid.parquet"
+    pq.write_table(pa.table({"label": [0, 1], "features": [[0.0] * 6] * 2}), noid)
+    with pytest.raises(DataError, match="needs an id column"):
+        plan_stream(_data(**{"data.path": str(noid), "data.shape": [6]}))
+    s = plan_stream(_data(**{"data.path": _folder(tmp_path / "c"), "data.shape": [2, 4]}))
+    with pytest.raises(DataError, match=r"rows of length 6 but data.shape \[2, 4\] needs 8"):
+        next(iter_split(s, "train"))
