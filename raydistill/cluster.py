@@ -52,7 +52,20 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
         kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
         global _started_locally
         _started_locally = True
+        # Ray gives its local raylet a fixed 30 s to register; on a machine loaded far beyond its cores that is
+        # not always enough (measured here at load average 30-45 on 2 cores), and a second try then succeeds.
+        for attempt in range(LOCAL_START_ATTEMPTS):
+            try:
+                ray.init(address=address, **kwargs)
+                return
+            except Exception as e:  # Ray raises a bare Exception for this
+                if "timed out during startup" not in str(e) or attempt == LOCAL_START_ATTEMPTS - 1:
+                    raise
+                ray.shutdown()
     ray.init(address=address, **kwargs)
+
+
+LOCAL_START_ATTEMPTS = 3
 
 
 _started_locally = False  # True when this process started its own Ray (no autoscaler to wait for)

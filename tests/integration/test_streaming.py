@@ -3,9 +3,12 @@ batches, the prepared split kept, evaluation read batch by batch, and a process 
 the data set."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -99,3 +102,35 @@ def test_streamed_run_memory_does_not_grow_with_the_data(tmp_path):
         peaks[rows] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
     extra_data_mb = (8_000 - 1_000) * 3 * 32 * 32 * 4 / 2**20
     assert peaks[8_000] - peaks[1_000] < extra_data_mb / 2, (peaks, extra_data_mb)
+
+
+def test_streamed_run_killed_mid_kd_resumes_with_the_stream_at_that_epoch(shards, tmp_path):
+    """SIGKILL the command (local mode: the loop is this process) during KD on streamed data; the same command
+    resumes KD from its last epoch checkpoint, the stream restarted at that epoch, at most one epoch redone."""
+    sets = {**TINY, "data.source": "parquet", "data.path": shards, "distill.epochs": 6, "prune.ratio": 0.0,
+            "quantize.scheme": "none"}
+    cmd = [sys.executable, "-m", "raydistill.cli", "run", "--out", str(tmp_path / "run")]
+    cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    journal = tmp_path / "run" / "journal.jsonl"
+
+    def kd():
+        lines = journal.read_text().splitlines() if journal.exists() else []
+        return [e for e in map(json.loads, filter(None, lines)) if e["stage"] == "student_kd"]
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while len(kd()) < 2:
+            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before two KD epochs"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray it started, mid-stage
+        proc.wait(timeout=60)
+    done_before = {e["epoch"] for e in kd()}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    epochs = [e["epoch"] for e in kd()]
+    assert sorted(set(epochs)) == list(range(6))
+    resumed = [e for e in kd() if e["pid"] != proc.pid]
+    assert min(e["epoch"] for e in resumed) >= max(done_before) - 1 and len(epochs) - len(set(epochs)) <= 1
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["data"]["streamed"] is True
