@@ -100,10 +100,15 @@ def resolve(data):
 
 
 def streams(d) -> bool:
-    """Whether ``data`` (a config's DataConfig) is streamed: ``data.stream``, or auto for flat Parquet."""
+    """Whether ``data`` (a config's DataConfig) is streamed: ``data.stream``, or auto: Parquet with a feature
+    column and an id column (rows are joined to the cache and carved into splits by id; without ids, in memory)."""
+    if d.source != "parquet" or d.image_column is not None:
+        return False
     if d.stream is not None:
-        return bool(d.stream) and d.source == "parquet" and d.image_column is None
-    return d.source == "parquet" and d.image_column is None
+        return bool(d.stream)
+    from raydistill.data import _parquet_dataset
+
+    return d.id_column in _parquet_dataset(d.train or d.path).schema.names
 
 
 def _files(location) -> tuple[str, ...]:

@@ -366,8 +366,8 @@ def with_hint_adapter(model, teacher, cfg: Config, example, device):
 
 def prune_step_(pruner: ChannelPruner | None, phase: Phase, epoch_in_phase: int, ddp, x, y, device,
                 world: int) -> float:
-    """x (B, *shape), y (B,): a batch of training samples for Taylor importance's gradients."""
-    """Raise the sparsity to this epoch's point of the schedule (masks); returns the ratio (0 without pruning)."""
+    """Raise the sparsity to this epoch's point of the schedule (masks); returns the ratio (0 without pruning).
+    x (B, *shape), y (B,): a batch of training samples for Taylor importance's gradients."""
     if pruner is None:
         return 0.0
     p = phase.prune

@@ -16,8 +16,8 @@ def _folder(path, rows=400, files=4, width=6, seed=0):
     rng = np.random.default_rng(seed)
     for part in range(files):
         ids = np.arange(part * rows // files, (part + 1) * rows // files)
-        pq.write_table(pa.table({"id": ids, "label": ids % 5, "features": list(rng.standard_normal((len(ids), width)))}),
-                       path / f"part-{part}.parquet")
+        features = list(rng.standard_normal((len(ids), width)))
+        pq.write_table(pa.table({"id": ids, "label": ids % 5, "features": features}), path / f"part-{part}.parquet")
     return str(path)
 
 
@@ -30,7 +30,8 @@ def test_carved_splits_are_disjoint_cover_the_rows_and_follow_the_seed(tmp_path)
                  "data.test_fraction": 0.25})
     assert streams(d) and not streams(_data(**{"data.path": "x", "data.stream": False}))
     s = plan_stream(d)
-    ids = {name: np.concatenate([b[2] for b in iter_split(s, name, batch_size=37)]) for name in ("train", "val", "test")}
+    ids = {name: np.concatenate([b[2] for b in iter_split(s, name, batch_size=37)])
+           for name in ("train", "val", "test")}
     assert sorted(np.concatenate(list(ids.values()))) == list(range(400))  # every row in exactly one split
     assert {name: len(v) for name, v in ids.items()} == {name: s.rows(name) for name in ids}
     assert 60 < len(ids["test"]) < 140 and 40 < len(ids["val"]) < 120  # ~25% and ~20% by the id hash
