@@ -228,8 +228,8 @@ class BackgroundRun:
 
 @pytest.fixture(scope="module")
 def cifar_smoke_run(ray_head, tmp_path_factory):
-    """The CIFAR-10 job in its documented smoke mode, started in the background on the shared head via the
-    real CLI, so its Ray Train start-up overlaps the digits submission; test_cifar10_job_smoke_on_cpu checks it."""
+    """The CIFAR-10 job in its documented smoke mode (local mode), started in the background on the shared head
+    via the real CLI, so it runs while the digits job is submitted; test_cifar10_job_smoke_on_cpu checks it."""
     base = tmp_path_factory.mktemp("cifar")
     data = base / "cifar-synthetic"
     _write_synthetic_cifar(data)

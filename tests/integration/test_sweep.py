@@ -99,10 +99,12 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, tiny_teache
     args = [sys.executable, "-m", "raydistill.cli", "tune", "--out", str(tmp_path), "--quiet"]
     for k, v in settings.items():
         args += ["--set", f"{k}={json.dumps(v)}"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "first.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 400
     while time.time() < deadline and not _finished_trials(tmp_path):
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        assert proc.poll() is None, f"the sweep ended before it could be interrupted:\n{log.read_text()[-3000:]}"
         time.sleep(0.2)
     before = _finished_trials(tmp_path)
     assert before, "no trial finished in time"
