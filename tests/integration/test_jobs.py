@@ -2,6 +2,11 @@
 the `ray job submit` line exactly as README.md documents it, and the CIFAR-10 job in smoke mode on CPU on a
 synthetic CIFAR-shaped Parquet set. The smoke overrides are read from jobs/README.md, so the docs are what runs.
 
+The digits submission is the suite's one run of the whole pipeline on 2 Ray Train workers (DDP): it also checks
+what only several workers do (both ranks served by the one teacher actor, rank 0's epoch lines reaching the console
+once). The CIFAR-10 smoke mode runs in Ray Train local mode: what it checks (the job's models, Parquet data and
+in-process teacher on CPU) does not depend on the number of workers, and ResNet-18 on two workers costs minutes.
+
 The head is isolated from any other Ray on the machine: free ports (GCS, dashboard, dashboard agent, client
 server), its own short --temp-dir (so `ray_current_cluster` is written there and a plain `ray.init()` elsewhere
 never joins it) and its own HOME (so the auth token it generates is not the user's). It is stopped by signalling
@@ -188,7 +193,7 @@ def _report(out: Path) -> dict:
     return report
 
 
-def _write_synthetic_cifar(path: Path, n: int = 200) -> None:
+def _write_synthetic_cifar(path: Path, n: int = 100) -> None:
     """A learnable CIFAR-shaped set: 3x32x32 float features, 10 classes, ids, as Parquet shards."""
     from raydistill.data import Arrays, write_parquet
 
@@ -223,14 +228,15 @@ class BackgroundRun:
 
 @pytest.fixture(scope="module")
 def cifar_smoke_run(ray_head, tmp_path_factory):
-    """The CIFAR-10 job in its documented smoke mode, started in the background on the shared head via the
-    real CLI, so its Ray Train start-up overlaps the digits submission; test_cifar10_job_smoke_on_cpu checks it."""
+    """The CIFAR-10 job in its documented smoke mode (local mode), started in the background on the shared head
+    via the real CLI, so it runs while the digits job is submitted; test_cifar10_job_smoke_on_cpu checks it."""
     base = tmp_path_factory.mktemp("cifar")
     data = base / "cifar-synthetic"
     _write_synthetic_cifar(data)
     overrides = [w.replace("DIR", str(data)) if w.startswith("data.path=") else w
                  for w in smoke_overrides("cifar10_resnet18.yaml")]
     assert f"data.path={data}" in overrides and "scale.use_gpu=false" in overrides
+    assert "scale.num_workers=0" in overrides  # local mode: see the module docstring
     out, log = base / "cifar10", base / "run.log"
     cmd = ["raydistill", "run", "jobs/cifar10_resnet18.yaml", "--out", str(out), "--address", ray_head.gcs, *overrides]
     with open(log, "w") as sink:
@@ -257,6 +263,18 @@ def test_ray_job_submit_digits_as_documented(ray_head, cifar_smoke_run, tmp_path
     assert re.search(r"Job 'raysubmit_\w+' succeeded", output), output[-2000:]
     report = _report(out)
     assert report["data"]["train"] == 200  # the smoke overrides reached the job
+    # a submitted job joins the cluster (RAY_ADDRESS): 2 data-parallel workers per stage by default
+    assert report["config"]["scale"]["num_workers"] == 2
+    stats = report["teacher_server"]
+    assert set(stats["requests_by_rank"]) == {"0", "1"}  # both Train workers asked the same actor (JSON keys)
+    assert stats["forward_passes"] <= stats["requests"]
+    # two Train workers: rank 0's epoch lines reach the console once each, without Ray's worker prefix
+    epochs = [line for line in output.splitlines() if "] epoch " in line]
+    stages = {"teacher": 1, "student_baseline": 1, "student_kd": 1, "student_pruned": 2}  # the smoke epochs
+    assert sorted(epochs) == sorted(set(epochs)) and len(epochs) == sum(stages.values()), output[-3000:]
+    for stage, n in stages.items():
+        assert sum(line.startswith(f"[{stage}] epoch ") for line in epochs) == n, stage
+    assert "RayTrainWorker" not in output and "TrainingReport" not in output
 
 
 @pytest.mark.ray
@@ -264,13 +282,14 @@ def test_cifar10_job_smoke_on_cpu(cifar_smoke_run):
     cifar_smoke_run.wait()
     out = cifar_smoke_run.out
     report = _report(out)
-    assert report["data"]["name"] == "parquet" and report["data"]["test"] == 40
+    assert report["data"]["name"] == "parquet" and report["data"]["test"] == 20
     models = report["models"]
     assert models["teacher"]["macs"] >= 10 * models["student_kd"]["macs"]
     assert models["student_pruned"]["macs"] < models["student_kd"]["macs"]
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["teacher"]["model"] == "resnet18" and config["student"]["model"] == "mobilenet_v2"
     assert config["data"]["path"] == str(cifar_smoke_run.data) and config["scale"]["use_gpu"] is False
+    assert config["scale"]["num_workers"] == 0 and config["distill"]["teacher_mode"] == "inprocess"
 
 
 def test_job_configs_load_and_cifar_student_is_much_smaller():

@@ -92,17 +92,20 @@ def _finished_trials(out: Path) -> dict[str, int]:
 
 @pytest.mark.ray
 def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, tiny_teacher):
-    args = [sys.executable, "-m", "raydistill.cli", "tune", "--out", str(tmp_path), "--quiet",
-            "--set", "tune.max_concurrent=1", "--set", "tune.scheduler=none",
-            "--set", f"teacher.checkpoint={tiny_teacher}"]
-    for k, v in SWEEP.items():
-        if k != "tune.max_concurrent":
-            args += ["--set", f"{k}={json.dumps(v)}"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # one trial at a time, three trials of one epoch per phase: enough to stop after the first and resume the rest
+    trials = 3
+    settings = {**SWEEP, "tune.max_concurrent": 1, "tune.scheduler": "none", "tune.num_trials": trials,
+                "distill.epochs": 1, "teacher.checkpoint": tiny_teacher}
+    args = [sys.executable, "-m", "raydistill.cli", "tune", "--out", str(tmp_path), "--quiet"]
+    for k, v in settings.items():
+        args += ["--set", f"{k}={json.dumps(v)}"]
+    log = tmp_path / "first.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 400
     while time.time() < deadline and not _finished_trials(tmp_path):
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
-        time.sleep(1)
+        assert proc.poll() is None, f"the sweep ended before it could be interrupted:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
     before = _finished_trials(tmp_path)
     assert before, "no trial finished in time"
     os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
@@ -111,11 +114,11 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, tiny_teache
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert len(_finished_trials(tmp_path)) < 4, "the sweep finished before the interrupt"
+    assert len(_finished_trials(tmp_path)) < trials, "the sweep finished before the interrupt"
 
     out = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     after = _finished_trials(tmp_path)
-    assert len(after) == 4
+    assert len(after) == trials
     for trial, n_lines in before.items():
         assert after[trial] == n_lines  # finished trials were kept, not run again

@@ -112,18 +112,31 @@ def _cli(*args, cwd):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def test_cli_prepare_and_errors(image_folder, tmp_path):
+def _cli_in_process(capsys, *args) -> tuple[int, str]:
+    """`raydistill data prepare ARGS` through cli.main in this process: (exit status, stderr)."""
+    from raydistill import cli
+
+    try:
+        code = cli.main(["data", "prepare", *args])
+    except SystemExit as e:  # argparse's usage errors exit from parse_args
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_prepare_and_errors(image_folder, tmp_path, capsys):
     out = tmp_path / "cli"
+    # the real command once, in its own process
     done = _cli("imagefolder", "--root", str(image_folder), "--out", str(out), "--rows-per-file", "4", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"data.path={out}" in done.stdout and "14 rows" in done.stdout
     assert len(list(out.glob("part-*.parquet"))) == 4
     assert len(data.load_splits("parquet", path=str(out)).test) == round(0.2 * 14)
 
-    again = _cli("imagefolder", "--root", str(image_folder), "--out", str(out), cwd=tmp_path)
-    assert again.returncode == 2
-    assert again.stderr.strip().startswith("raydistill: error: output") and len(again.stderr.strip().splitlines()) == 1
-    bad = _cli("cifar10", "--out", str(tmp_path / "c"), cwd=tmp_path)
-    assert bad.returncode == 2 and "cifar10 needs --root" in bad.stderr
-    usage = _cli("digits", "--rows-per-file", "many", "--out", str(tmp_path / "d"), cwd=tmp_path)
-    assert usage.returncode == 2 and "invalid int value" in usage.stderr
+    # the errors through the same entry point in this process (no interpreter start-up each)
+    code, err = _cli_in_process(capsys, "imagefolder", "--root", str(image_folder), "--out", str(out))
+    assert code == 2
+    assert err.strip().startswith("raydistill: error: output") and len(err.strip().splitlines()) == 1
+    code, err = _cli_in_process(capsys, "cifar10", "--out", str(tmp_path / "c"))
+    assert code == 2 and "cifar10 needs --root" in err
+    code, err = _cli_in_process(capsys, "digits", "--rows-per-file", "many", "--out", str(tmp_path / "d"))
+    assert code == 2 and "invalid int value" in err
