@@ -100,8 +100,8 @@ def _stop(proc: subprocess.Popen, temp_dir: str) -> None:
 
 
 @contextmanager
-def ray_head(num_cpus: int = 4):
-    """Start the head, yield its ``Head``, stop it."""
+def ray_head(log_dir: Path, num_cpus: int = 4):
+    """Start the head, yield its ``Head``, stop it. Its log stays in ``log_dir/head.log``."""
     temp_dir = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
     home = Path(temp_dir) / "home"
     home.mkdir()
@@ -115,7 +115,7 @@ def ray_head(num_cpus: int = 4):
     # RAY_ADDRESS for the head's processes (job drivers included): Ray's own helpers look the cluster up by
     # address=None, which is ambiguous while other Ray clusters run on this machine. No SIGTERM drain wait.
     head_env = {**env, "RAY_ADDRESS": gcs, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    log = Path(temp_dir) / "head.log"
+    log = Path(log_dir) / "head.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),

@@ -1,6 +1,6 @@
 """Several commands on one shared Ray cluster (a real `ray start --head` with token auth, real `ray job submit` and
 `ray job stop`), never breaking each other: two runs of the same teacher side by side, one of them stopped mid-KD
-and resubmitted; a second command into a live run's folder; two builds of one logit cache at the same moment;
+and resubmitted; two runs building one logit cache at the same moment; a second command into a live run's folder;
 and a worker whose teacher actor is gone.
 
 Every run trains in Ray Train's local mode (``scale.num_workers=0``): what is tested is what the commands do to
@@ -24,12 +24,12 @@ from raydistill.locks import RUN_LOCK, FileLock
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
-KD_EPOCHS = 10
+KD_EPOCHS = 12
 
 
 @pytest.fixture(scope="module")
-def head():
-    with ray_head() as h:
+def head(tmp_path_factory):
+    with ray_head(tmp_path_factory.mktemp("head")) as h:
         yield h
 
 
@@ -85,39 +85,34 @@ def _complete_report(out: Path) -> dict:
     return report
 
 
+def _preloaded_ray_cli(argv: list[str], env: dict) -> subprocess.Popen:
+    """The `ray` command line (ray.scripts.scripts.main, what the `ray` executable runs), its imports done, running
+    ``argv`` when a line arrives on its stdin: the command then lands within a KD epoch, not after Ray's imports."""
+    code = ("import sys; from ray.scripts.scripts import main; sys.stdin.readline(); "
+            f"sys.argv = {['ray', *argv]!r}; main()")
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def test_job_stop_mid_kd_then_resubmit_beside_a_run_of_the_same_teacher(head, tiny_teacher, tmp_path):
-    """Run B (`raydistill run --address`) and job A (`ray job submit`) use the same teacher at once. A second run
-    and a `tune` into B's folder are refused in one line while B lives. A is stopped with `ray job stop` mid-KD:
-    it stops within seconds, and B goes on. Resubmitted, A resumes KD from its last epoch checkpoint (at most one
-    epoch redone) while B ends; both reports are complete."""
+    """Run B (`raydistill run --address`) and job A (`ray job submit`) use the same teacher at once. A is stopped
+    with `ray job stop` mid-KD: it stops within seconds and B goes on. Resubmitted, A resumes KD from its last epoch
+    checkpoint (at most one epoch redone) while B ends first; both reports are complete."""
     a, b = tmp_path / "a", tmp_path / "b"
     args = _run_args(tiny_teacher)
+    submit = ["ray", "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO)]
+    stopper = _preloaded_ray_cli(["job", "stop", "--address", head.dashboard, "rd-a-1"], head.env)
     run_b = _popen([sys.executable, "-m", "raydistill.cli", "run", "--address", head.gcs, "--out", str(b), *args],
                    head.env, tmp_path / "b.log")
-    submit = ["ray", "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO)]
-    job_a = [*submit, "--no-wait", "--submission-id", "rd-a-1", "--", "raydistill", "run", "--out", str(a), *args]
-    subprocess.run(job_a, env=head.env, check=True, capture_output=True, timeout=300)
     try:
-        # 1. another command into B's live folder: refused at once, one line naming B; B untouched
-        _wait(lambda: (b / RUN_LOCK).exists(), "run B to hold its folder", 300, alive=lambda: run_b.poll() is None)
-        intruders = [subprocess.Popen([sys.executable, "-m", "raydistill.cli", cmd, "--out", str(b), *args],
-                                      cwd=REPO, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True) for cmd in ("run", "tune")]
-        for intruder in intruders:
-            out, err = intruder.communicate(timeout=300)
-            assert intruder.returncode == 2, out + err
-            assert len(err.strip().splitlines()) == 1 and not out.strip(), out + err
-            assert re.match(rf"raydistill: error: run folder {re.escape(str(b))} is in use by another raydistill "
-                            rf"command \(pid {run_b.pid} on ", err), err
-        assert run_b.poll() is None, "run B ended before the second command was refused: raise KD_EPOCHS"
-
-        # 2. `ray job stop` while A is in KD: it stops within seconds
+        subprocess.run([*submit, "--no-wait", "--submission-id", "rd-a-1", "--", "raydistill", "run", "--out", str(a),
+                        *args], env=head.env, check=True, capture_output=True, timeout=300)
+        # 1. `ray job stop` while A is in KD: A's driver is gone within seconds; B goes on
         _wait(lambda: len(_journal(a)) >= 2, "two KD epochs of job A", 400)
         driver_a = _journal(a)[-1]["pid"]
         t0 = time.time()
-        stop = subprocess.run(["ray", "job", "stop", "--address", head.dashboard, "rd-a-1"], env=head.env,
-                              capture_output=True, text=True, timeout=120)
-        assert stop.returncode == 0, stop.stdout + stop.stderr
+        stop_out, _ = stopper.communicate("\n", timeout=120)
+        assert stopper.returncode == 0, stop_out
         _wait(lambda: not Path(f"/proc/{driver_a}").exists(), "job A's driver to exit", 30)
         stop_s = time.time() - t0
         status = subprocess.run(["ray", "job", "status", "--address", head.dashboard, "rd-a-1"], env=head.env,
@@ -125,20 +120,22 @@ def test_job_stop_mid_kd_then_resubmit_beside_a_run_of_the_same_teacher(head, ti
         assert "STOPPED" in status.stdout + status.stderr, status.stdout + status.stderr
         done_before = {e["epoch"] for e in _journal(a)}
         assert len(done_before) < KD_EPOCHS, "job A finished KD before it was stopped"
-        assert run_b.poll() is None, "run B ended with job A's stop"
+        assert run_b.poll() is None, "run B ended with job A's stop (or before it: raise KD_EPOCHS)"
 
-        # 3. resubmitted, A resumes; B, beside it, completes
+        # 2. resubmitted, A resumes; B, beside it, completes
         resubmit = subprocess.run([*submit, "--submission-id", "rd-a-2", "--", "raydistill", "run", "--out", str(a),
                                    *args], env=head.env, capture_output=True, text=True, timeout=600)
         text_a = resubmit.stdout + resubmit.stderr
         assert resubmit.returncode == 0 and "Job 'rd-a-2' succeeded" in text_a, text_a[-4000:]
         text_b = _finish(run_b, tmp_path / "b.log")
     finally:
-        if run_b.poll() is None:
-            run_b.kill()
-        subprocess.run(["ray", "job", "stop", "--address", head.dashboard, "rd-a-2"], env=head.env,
-                       capture_output=True, timeout=120)
+        for proc in (run_b, stopper):
+            if proc.poll() is None:
+                proc.kill()
 
+    logs = subprocess.run(["ray", "job", "logs", "--address", head.dashboard, "rd-a-1"], env=head.env,
+                          capture_output=True, text=True, timeout=120).stdout
+    assert "raydistill: stopped (SIGTERM); rerun the same command to resume" in logs, logs[-2000:]
     assert "stage student_baseline: up to date, skipped" in text_a
     kd_a = _journal(a)
     epochs = [e["epoch"] for e in kd_a]
@@ -149,27 +146,45 @@ def test_job_stop_mid_kd_then_resubmit_beside_a_run_of_the_same_teacher(head, ti
     _complete_report(b)
     assert {e["pid"] for e in _journal(b)} == {run_b.pid}  # B's KD ran once, in B, undisturbed
     assert "Traceback" not in text_b and not (b / RUN_LOCK).exists()
-    print(f"ray job stop: the driver was gone {stop_s:.1f} s after the stop command started")
+    print(f"ray job stop: job A's driver was gone {stop_s:.1f} s after the stop command ran")
 
 
-def test_two_builds_of_one_cache_at_the_same_moment_make_one_cache(head, tiny_teacher, tmp_path):
-    """Two `cache-logits` commands build one user-given cache.path at the same moment (both started while the
-    cache's build lock is held, then let go together): one teacher pass, both end with the same complete cache,
-    and its rows are exactly those of a cache built alone."""
+def test_two_runs_build_one_cache_at_the_same_moment_and_a_third_into_a_busy_folder_is_refused(
+        head, tiny_teacher, tmp_path):
+    """Two runs build one user-given cache.path at the same moment (both started while the cache's build lock is
+    held, then let go together): one teacher pass, both train on the same complete cache, whose rows are exactly
+    those of a cache built alone. While they wait, a `run` and a `tune` into the first run's folder are refused at
+    once with one line naming it, and the first run then completes untouched."""
     shared, alone = tmp_path / "shared_cache", tmp_path / "alone_cache"
     shared.mkdir()
     gate = FileLock(shared / ".build.lock")
     assert gate.try_acquire()  # hold both builders at the lock until both are there
+    small = {"teacher.checkpoint": tiny_teacher, "data.limit": 200, "scale.num_workers": 0, "distill.epochs": 2,
+             "prune.ratio": 0.0, "quantize.scheme": "none", "distill.teacher_mode": "cache"}
+    cli = [sys.executable, "-m", "raydistill.cli"]
     procs = {}
     try:
-        for name, path in (("one", shared), ("two", shared), ("alone", alone)):
-            cmd = [sys.executable, "-m", "raydistill.cli", "cache-logits", "--address", head.gcs,
-                   "--out", str(tmp_path / name), *_sets({"teacher.checkpoint": tiny_teacher, "scale.num_workers": 0,
-                                                          "distill.teacher_mode": "cache", "cache.path": str(path)})]
-            procs[name] = _popen(cmd, head.env, tmp_path / f"{name}.log")
+        for name in ("one", "two"):
+            procs[name] = _popen([*cli, "run", "--address", head.gcs, "--out", str(tmp_path / name),
+                                  *_sets({**small, "cache.path": str(shared)})], head.env, tmp_path / f"{name}.log")
+        procs["alone"] = _popen([*cli, "cache-logits", "--address", head.gcs, "--out", str(tmp_path / "alone"),
+                                 *_sets({**small, "cache.path": str(alone)})], head.env, tmp_path / "alone.log")
         waiting = lambda n: "another command is building it" in (tmp_path / f"{n}.log").read_text()  # noqa: E731
-        _wait(lambda: waiting("one") and waiting("two"), "both builders to wait at the lock", 400,
+        _wait(lambda: waiting("one") and waiting("two"), "both runs to wait at the cache's build lock", 400,
               alive=lambda: procs["one"].poll() is None and procs["two"].poll() is None)
+
+        # a second command into run one's folder while run one lives (it holds its folder while it waits)
+        first = tmp_path / "one"
+        before = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file() and p.name != RUN_LOCK}
+        for command in ("run", "tune"):
+            res = subprocess.run([*cli, command, "--out", str(first), *_sets(small)], cwd=REPO, env=head.env,
+                                 capture_output=True, text=True, timeout=300)
+            assert res.returncode == 2 and not res.stdout.strip(), res.stdout + res.stderr
+            err = res.stderr.strip()
+            assert len(err.splitlines()) == 1, err
+            assert re.match(rf"raydistill: error: run folder {re.escape(str(first))} is in use by another "
+                            rf"raydistill command \(pid {procs['one'].pid} on .*`.*run --address", err), err
+        assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file() and p.name != RUN_LOCK} == before
     finally:
         gate.release()
     texts = {name: _finish(proc, tmp_path / f"{name}.log") for name, proc in procs.items()}
@@ -182,11 +197,13 @@ def test_two_builds_of_one_cache_at_the_same_moment_make_one_cache(head, tiny_te
     info_alone = json.loads((alone / "cache.json").read_text())
     assert info_shared["fingerprint"] == info_alone["fingerprint"] and info_shared["rows"] == info_alone["rows"]
     rows_shared = pq.read_table(shared / "part-00000.parquet")
-    rows_alone = pq.read_table(alone / "part-00000.parquet")
     assert rows_shared.num_rows == info_shared["rows"] > 0
-    assert rows_shared.equals(rows_alone)  # exactly the rows of a single build
-    last = [t.strip().splitlines()[-1] for t in (texts["one"], texts["two"])]
-    assert last[0] == last[1] and f"logit cache {shared}: {info_shared['rows']} rows" in last[0]
+    assert rows_shared.equals(pq.read_table(alone / "part-00000.parquet"))  # exactly the rows of a single build
+    for name in ("one", "two"):  # both runs trained on that one cache, and finished
+        report = _complete_report(tmp_path / name)
+        assert report["logit_cache"]["uri"] == str(shared)
+        assert report["logit_cache"]["fingerprint"] == info_shared["fingerprint"]
+    assert not (tmp_path / "one" / RUN_LOCK).exists()
 
 
 def test_a_worker_whose_teacher_actor_is_gone_gets_a_typed_error(ray_local, tmp_path, tiny_teacher):
