@@ -59,23 +59,26 @@ def pids_naming(text: str) -> list[int]:
     return pids
 
 
-def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+def _wait_until_up(url: str, token: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> bool:
+    """True once the head says it started and its dashboard answers; False if `ray start` gave up (its raylet has
+    30 s to register, which a machine under heavy load can miss)."""
     request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"`ray start --head` exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            return False
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                if response.status == 200:
-                    return
+            if "Ray runtime started" in log.read_text():
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    if response.status == 200:
+                        return True
         except OSError:
             pass
         time.sleep(1)
-    raise RuntimeError(f"the Ray dashboard at {url} did not come up in {timeout} s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"the Ray head at {url} did not come up in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen, temp_dir: str) -> None:
+def _stop(proc: subprocess.Popen, temp_dir: str, keep: bool = False) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -96,7 +99,8 @@ def _stop(proc: subprocess.Popen, temp_dir: str) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.5)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @contextmanager
@@ -116,16 +120,27 @@ def ray_head(log_dir: Path, num_cpus: int = 4):
     # address=None, which is ambiguous while other Ray clusters run on this machine. No SIGTERM drain wait.
     head_env = {**env, "RAY_ADDRESS": gcs, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     log = Path(log_dir) / "head.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-             "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
-             "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(client_port),
-             "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"],
-            env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    for attempt in range(3):
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+                 "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
+                 "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(client_port),
+                 "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"],
+                env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            up = _wait_until_up(dashboard, token, proc, log)
+        except BaseException:
+            _stop(proc, temp_dir)
+            raise
+        if up:
+            break
+        _stop(proc, temp_dir, keep=True)
+    else:
+        _stop(proc, temp_dir)
+        raise RuntimeError(f"`ray start --head` failed 3 times; the last time:\n{log.read_text()[-3000:]}")
     try:
-        dashboard = f"http://127.0.0.1:{dashboard_port}"
-        _wait_for_dashboard(dashboard, token, proc, log)
         yield Head(gcs=gcs, dashboard=dashboard, env=env, log=log)
     finally:
         _stop(proc, temp_dir)
