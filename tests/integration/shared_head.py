@@ -59,9 +59,11 @@ def pids_naming(text: str) -> list[int]:
     return pids
 
 
-def _wait_until_up(url: str, token: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> bool:
-    """True once the head says it started and its dashboard answers; False if `ray start` gave up (its raylet has
-    30 s to register, which a machine under heavy load can miss)."""
+def _wait_until_up(url: str, token: str, client_port: int, proc: subprocess.Popen, log: Path,
+                   timeout: float = 180) -> bool:
+    """True once the head says it started, its dashboard answers and its client server listens (the last process
+    to come up); False if `ray start` gave up (its raylet and client server have 30 s to register, which a machine
+    under heavy load can miss)."""
     request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,6 +73,7 @@ def _wait_until_up(url: str, token: str, proc: subprocess.Popen, log: Path, time
             if "Ray runtime started" in log.read_text():
                 with urllib.request.urlopen(request, timeout=5) as response:
                     if response.status == 200:
+                        socket.create_connection(("127.0.0.1", client_port), timeout=2).close()
                         return True
         except OSError:
             pass
@@ -130,7 +133,7 @@ def ray_head(log_dir: Path, num_cpus: int = 4):
                  "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"],
                 env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            up = _wait_until_up(dashboard, token, proc, log)
+            up = _wait_until_up(dashboard, token, client_port, proc, log)
         except BaseException:
             _stop(proc, temp_dir)
             raise
