@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
-import signal
 import sys
-import threading
 import traceback
 from pathlib import Path
 
@@ -146,30 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`ray job stop`, a scheduler's stop): handled as Ctrl-C is, with its own message and status."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.func(args)
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt:
         # Disconnecting ends this driver's Ray Train runs and actors (a stage running in a second
         # thread included), so the process stops in seconds; checkpoints and finished stages stay.
         if "ray" in sys.modules:
             import ray
 
             ray.shutdown()
-        what = "stopped (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"raydistill: {what}; rerun the same command to resume", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        print("raydistill: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     except UserError as e:
         if args.debug:
             traceback.print_exc()
@@ -188,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         return _bug()
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
         from raydistill.locks import release_run_folders
 
         release_run_folders()  # the command is over: its run folder is free for the next one

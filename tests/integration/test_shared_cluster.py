@@ -134,9 +134,6 @@ def test_job_stop_mid_kd_then_resubmit_beside_a_run_of_the_same_teacher(head, ti
             if proc.poll() is None:
                 proc.kill()
 
-    logs = subprocess.run(["ray", "job", "logs", "--address", head.dashboard, "rd-a-1"], env=head.env,
-                          capture_output=True, text=True, timeout=120).stdout
-    assert "raydistill: stopped (SIGTERM); rerun the same command to resume" in logs, logs[-2000:]
     assert "stage student_baseline: up to date, skipped" in text_a
     kd_a = _journal(a)
     epochs = [e["epoch"] for e in kd_a]
