@@ -20,6 +20,10 @@ Layout of a cache folder (local path or any pyarrow filesystem URI such as s3://
                          #   logits list<float16>            (format "full")
                          #   topk_probs list<float16>, topk_idx list<int16>   (format "topk")
 
+Every file is written under a temporary name of its own and then moved into place, cache.json last, so a
+reader sees a whole cache or none. Several commands building one cache at the same moment take turns on a
+file lock (``build_lock``): the first runs the teacher pass, the others re-check and reuse its cache.
+
 The fingerprint covers the teacher weights (sha256), the data fingerprint, the transform, the number
 of views and k. A cache whose fingerprint does not match what the run expects is refused with a
 message saying what differs; it is never used. Computing it runs the teacher in a Ray Data actor pool
@@ -31,6 +35,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,10 +82,37 @@ def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
+    import os
+    import uuid
+
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # a name of its own: writers never share a temp file
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
+
+
+@contextmanager
+def build_lock(uri: str, on_wait: Callable[[str], None] = lambda who: None) -> Iterator[None]:
+    """Hold ``CACHE/.build.lock`` (``locks.FileLock``, fcntl) while checking and building the cache at ``uri``, so
+    that of several commands building one cache at the same moment one runs the teacher pass and the others,
+    re-checking under the lock, reuse its result. ``on_wait(owner)`` is called when another command holds it.
+    A cache on an object store (s3://, gs://) has no file lock: concurrent builders there each write a whole
+    cache (temp object, then move; cache.json last)."""
+    from raydistill.locks import FileLock, describe
+
+    fs, root = _fs(uri)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        yield
+        return
+    fs.create_dir(root, recursive=True)
+    lock = FileLock(f"{root}/.build.lock")
+    if not lock.try_acquire():
+        on_wait(describe(lock.owner()))
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # ---- building ---------------------------------------------------------------------------------------------

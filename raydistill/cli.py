@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception:
         return _bug()
+    finally:
+        from raydistill.locks import release_run_folders
+
+        release_run_folders()  # the command is over: its run folder is free for the next one
 
 
 def _bug() -> int:

@@ -53,6 +53,14 @@ class TrainingError(UserError):
     """Training stopped on a problem the user can fix; the message says which."""
 
 
+class TeacherUnavailableError(TrainingError):
+    """A worker cannot reach its run's TeacherServer actor (it was stopped or ran out of restarts).
+
+    Raised in the worker instead of Ray's lookup error: Ray Train restarts the worker group from its last
+    checkpoint (``scale.max_failures``); if the actor stays gone, the driver gets this by type and the CLI
+    prints one line."""
+
+
 class NonFiniteLossError(TrainingError):
     """Training produced NaN/inf; the message names the step and the probable cause.
 

@@ -1,10 +1,10 @@
 """Signed run folders: ``manifest.json`` with the sha256 and size of every artifact.
 
 ``write_manifest(run_dir)`` records every regular file of a run folder except
-``manifest.json`` itself, temporary files of atomic writes (``*.tmp``) and ``ray_train/``
-(Ray Train's own checkpoint storage, rewritten by Ray while a stage runs), plus the sha256
-of the resolved config. ``verify_run`` lists what is missing, truncated or modified;
-``verify_file`` checks one file before it is loaded and raises ``IntegrityError``.
+``manifest.json`` itself, temporary files of atomic writes (``*.tmp``), lock files (``*.lock``,
+raydistill/locks.py) and ``ray_train/`` (Ray Train's own checkpoint storage, rewritten by Ray while a
+stage runs), plus the sha256 of the resolved config. ``verify_run`` lists what is missing, truncated
+or modified; ``verify_file`` checks one file before it is loaded and raises ``IntegrityError``.
 Files that are not in the manifest are allowed (a user may add notes to a run folder).
 
 Signing: when the environment variable ``RAYDISTILL_SIGNING_KEY`` is set, the manifest
@@ -89,7 +89,7 @@ def _signature(manifest: dict, key: bytes) -> str:
 def _is_recorded(relpath: str) -> bool:
     """Whether a file (POSIX path relative to the run folder) belongs in the manifest."""
     parts = relpath.split("/")
-    return not (relpath == MANIFEST_NAME or parts[0] in EXCLUDED_DIRS or parts[-1].endswith(".tmp"))
+    return not (relpath == MANIFEST_NAME or parts[0] in EXCLUDED_DIRS or parts[-1].endswith((".tmp", ".lock")))
 
 
 def _run_files(run_dir: Path) -> list[str]:

@@ -95,6 +95,8 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     (with ``scale.num_workers`` resolved: the config a run folder holds is the one that ran)."""
     out = Path(out).resolve()
     cfg = resolve_scale(cfg, address)
+    if out.is_dir():
+        take_run_folder(out, quiet)  # a live command in it refuses this one at once, before anything is loaded
     check_run_folder(out, cfg)
     t0 = time.perf_counter()
     streamed = streams(cfg.data)
@@ -122,6 +124,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     log(("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0 else
          f"Ray Train: {s.num_workers} data-parallel workers per stage") + f", on {ray_where}", quiet)
     out.mkdir(parents=True, exist_ok=True)
+    take_run_folder(out, quiet)  # a new folder: held from its creation on
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     import ray
 
@@ -304,29 +307,46 @@ def init_state_from_teacher(ctx: RunContext, teacher: Teacher):
 
 def with_logit_cache(ctx: RunContext, teacher: Teacher) -> Teacher:
     """The teacher with its logit cache: reused if it matches this teacher, data, k and augmented views; built
-    (one teacher pass by a Ray Data actor pool) when absent. A user-given cache that does not match is refused."""
-    from raydistill.cache import build_cache
+    (one teacher pass by a Ray Data actor pool) when absent. A user-given cache that does not match is refused.
+    Commands building one cache at the same moment take turns (``cache.build_lock``): after waiting, the cache
+    is checked again, so the teacher pass runs once and every command reads the one finished cache."""
+    from raydistill.cache import build_cache, build_lock
 
     cfg, t0 = ctx.cfg, time.perf_counter()
     uri = cfg.cache.path or str(ctx.out / "logit_cache")
-    try:
-        info = check_cache_for_run(cfg, uri, teacher.sha256, ctx.data_fp, image_side(ctx.splits.shape))
-        ctx.timings["logit_cache"] = {"seconds": time.perf_counter() - t0, "skipped": True}
-        ctx.log(f"logit cache {uri}: up to date ({info.rows} rows), reused")
-    except CacheError:
-        if cfg.cache.path and cache_exists(uri):
-            raise  # a user-given cache that does not match is refused, never overwritten
-        transform = cache_settings(cfg, image_side(ctx.splits.shape))["transform"]
-        ctx.log(f"logit cache: one teacher pass over {ctx.splits.rows('train')} samples x {cfg.cache.views} view(s) "
-                f"({transform}) with {cfg.cache.num_actors} actor(s)")
-        info = build_cache(uri, teacher_spec=teacher.spec, teacher_state=teacher.state(), teacher_sha256=teacher.sha256,
-                           splits=ctx.splits, data_fingerprint=ctx.data_fp, k=cfg.cache.k, views=cfg.cache.views,
-                           augment=cfg.data.augment, augment_pad=cfg.data.augment_pad, seed=cfg.seed,
-                           num_actors=cfg.cache.num_actors, cpus_per_actor=cfg.scale.teacher_cpus or 0.5,
-                           num_gpus_per_actor=cfg.scale.teacher_gpus, batch_size=cfg.cache.batch_size,
-                           num_threads=cfg.scale.torch_threads)
-        ctx.timings["logit_cache"] = {"seconds": time.perf_counter() - t0}
+    info = reusable_cache(ctx, uri, teacher)
+    built = False
+    if info is None:
+        with build_lock(uri, lambda who: ctx.log(f"logit cache {uri}: another command is building it ({who}); "
+                                                 "waiting for it")):
+            info = reusable_cache(ctx, uri, teacher)
+            if info is None:
+                transform = cache_settings(cfg, image_side(ctx.splits.shape))["transform"]
+                ctx.log(f"logit cache: one teacher pass over {ctx.splits.rows('train')} samples x {cfg.cache.views} "
+                        f"view(s) ({transform}) with {cfg.cache.num_actors} actor(s)")
+                info = build_cache(uri, teacher_spec=teacher.spec, teacher_state=teacher.state(),
+                                   teacher_sha256=teacher.sha256, splits=ctx.splits, data_fingerprint=ctx.data_fp,
+                                   k=cfg.cache.k, views=cfg.cache.views, augment=cfg.data.augment,
+                                   augment_pad=cfg.data.augment_pad, seed=cfg.seed, num_actors=cfg.cache.num_actors,
+                                   cpus_per_actor=cfg.scale.teacher_cpus or 0.5,
+                                   num_gpus_per_actor=cfg.scale.teacher_gpus, batch_size=cfg.cache.batch_size,
+                                   num_threads=cfg.scale.torch_threads)
+                built = True
+    ctx.timings["logit_cache"] = {"seconds": time.perf_counter() - t0, **({} if built else {"skipped": True})}
     return dataclasses.replace(teacher, cache={**info.__dict__, "uri": uri})
+
+
+def reusable_cache(ctx: RunContext, uri: str, teacher: Teacher):
+    """The cache at ``uri`` (its ``cache.CacheInfo``) if it fits this run; None when there is none to reuse. A
+    user-given cache that does not fit is refused (CacheError), never overwritten."""
+    try:
+        info = check_cache_for_run(ctx.cfg, uri, teacher.sha256, ctx.data_fp, image_side(ctx.splits.shape))
+    except CacheError:
+        if ctx.cfg.cache.path and cache_exists(uri):
+            raise
+        return None
+    ctx.log(f"logit cache {uri}: up to date ({info.rows} rows), reused")
+    return info
 
 
 def students_to_train(ctx: RunContext, kd_key: str, prune_key: str) -> bool:
@@ -342,13 +362,13 @@ def open_teacher_source(ctx: RunContext, teacher: Teacher, mode: str, start_acto
     student stage is up to date). The actor's process starts in the background: ``wait_for_teacher_server``."""
     import ray
 
-    from raydistill.teacher import start_teacher_server
+    from raydistill.teacher import start_teacher_server, teacher_actor_name
 
     if mode == "cache":
         return jobs.cached_teacher(teacher.cache["uri"], {k: v for k, v in teacher.cache.items() if k != "uri"}), None
     if mode == "inprocess":
         return jobs.inprocess_teacher(teacher.spec, ray.put(teacher.state())), None
-    name = f"teacher-{teacher.sha256[:12]}"
+    name = teacher_actor_name(teacher.sha256)  # this run's own actor: another run's end never stops it
     if not start_actor:
         return jobs.live_teacher(name), None
     ctx.timings["teacher_server_start"] = {"seconds": 0.0, "started": time.perf_counter()}
@@ -478,6 +498,16 @@ def check_teacher_classes(cfg: Config, spec: dict, num_classes: int) -> None:
     if spec["num_classes"] != num_classes:
         raise CheckpointError(f"teacher checkpoint {cfg.teacher.checkpoint} predicts {spec['num_classes']} "
                               f"classes but the data has {num_classes}; use a teacher trained on this data")
+
+
+def take_run_folder(out: Path, quiet: bool) -> None:
+    """One live command per run folder (``locks.lock_run_folder``: held until this process exits); another
+    one's live lock refuses this command, a stale one (its process is gone) is taken over, and said so."""
+    from raydistill.locks import describe, lock_run_folder
+
+    stale = lock_run_folder(out)
+    if stale:
+        log(f"run folder {out}: took over the lock of a command that is no longer running ({describe(stale)})", quiet)
 
 
 def check_run_folder(out: Path, cfg: Config) -> None:

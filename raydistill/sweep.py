@@ -134,7 +134,6 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
               quiet: bool = False, verbose: bool = False) -> dict:
     import dataclasses
 
-    import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -163,8 +162,6 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     # others save, kept so that it can be measured)
     source, server = open_teacher_source(ctx, teacher, t.teacher_mode)
     wait_for_teacher_server(ctx, source, server)
-    if server is not None:
-        ray.get(server.reset_stats.remote())  # count this sweep's requests only (a same-named actor is reused)
 
     base = cfg.to_dict()
     trainable = tune.with_resources(

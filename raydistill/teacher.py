@@ -11,6 +11,15 @@ with Ray 2.60), and Ray Serve would add an HTTP/proxy layer we do not need betwe
 the teacher. The batcher is ~30 lines of asyncio: requests that arrive within
 ``batch_window_ms`` of each other are concatenated, run in one forward pass on a single
 executor thread (so the event loop keeps accepting requests meanwhile), and split back.
+
+Lifetime: one actor per run, not per teacher (``teacher_actor_name``: the teacher's hash and the Ray job
+id of the command that starts it). Runs, sweeps and benchmarks that use the same teacher on one cluster
+each get their own actor, so one of them ending (``stop_teacher_server``), being stopped (`ray job stop`)
+or crashing never takes the teacher away from another. The actor is owned by its command's driver, so Ray
+ends it with that driver: nothing outlives a crashed run, and no lease is needed. (A shared actor would
+have to be detached, hold leases that its users renew, and keep its weights alive past the driver that
+put them in the object store; the cost it would save, a teacher copy per concurrent run, is what
+``distill.teacher_mode: cache`` saves for any number of runs: one cache file, see raydistill/cache.py.)
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from raydistill.augment import make_augment
 from raydistill.checkpoints import build_from_spec
 from raydistill.config import Config, ScaleConfig
 from raydistill.core.losses import TOPK_LOSSES, FeatureHooks
-from raydistill.errors import CacheError
+from raydistill.errors import CacheError, TeacherUnavailableError
 from raydistill.job import TeacherSource
 
 NAMESPACE = "raydistill"
@@ -126,6 +135,14 @@ class TeacherServer:
 _WEIGHTS: dict[str, Any] = {}  # actor name -> ObjectRef of its weights, kept alive for the actor's restarts
 
 
+def teacher_actor_name(teacher_sha256: str) -> str:
+    """The TeacherServer name for this command's teacher: per run, not per teacher (the module doc says why).
+    The Ray job id is unique on a cluster for as long as it runs, and every command is one Ray job."""
+    import ray
+
+    return f"teacher-{teacher_sha256[:12]}-{ray.get_runtime_context().get_job_id()}"
+
+
 def start_teacher_server(name: str, spec: dict[str, Any], state: dict[str, torch.Tensor], scale: ScaleConfig,
                          wait: bool = True):
     """Create (or reuse, by name) a shared teacher actor sized by ``scale``; with ``wait``, wait until it is
@@ -155,7 +172,8 @@ def wait_ready(actor) -> None:
 
 
 def stop_teacher_server(name: str, actor) -> dict[str, Any]:
-    """The actor's statistics (requests, merged forward passes), then stop it and drop its weights."""
+    """The actor's statistics (requests, merged forward passes), then stop it and drop its weights (it is this
+    run's own actor: ``teacher_actor_name``)."""
     stats = ray.get(actor.get_stats.remote())
     ray.kill(actor)
     _WEIGHTS.pop(name, None)
@@ -196,18 +214,36 @@ class TeacherOut(NamedTuple):
 
 
 class LiveTeacher:
-    """Logits from the run's shared TeacherServer actor, looked up by name (loaded once there)."""
+    """Logits from the run's shared TeacherServer actor, looked up by name (loaded once there).
+
+    An actor that cannot be found, or that died for good while a request was out, raises
+    ``TeacherUnavailableError`` (never Ray's lookup traceback): Ray Train restarts the workers from their last
+    checkpoint, and if the actor stays gone the driver reports it in one line."""
 
     def __init__(self, actor_name: str, device: torch.device, rank: int):
-        self.actor, self.device, self.rank = get_teacher_server(actor_name), device, rank
+        try:
+            self.actor = get_teacher_server(actor_name)
+        except ValueError as e:  # Ray: "Failed to look up actor with name ..." (none, or it died)
+            raise self.unavailable(actor_name, str(e)) from None
+        self.name, self.device, self.rank = actor_name, device, rank
         self.views = None
+
+    @staticmethod
+    def unavailable(name: str, why: str) -> TeacherUnavailableError:
+        why = why.strip().splitlines()[0][:160] if why.strip() else "no reason given"
+        return TeacherUnavailableError(f"the teacher actor '{name}' of this run is gone ({why}); rerun the same "
+                                       "command to resume from the last epoch checkpoint with a new one")
 
     def request(self, ids: torch.Tensor, xb: torch.Tensor, views: torch.Tensor):
         return self.actor.logits.remote(xb.numpy(), self.rank)  # a future: the student step runs meanwhile
 
     def result(self, ref) -> TeacherOut:
         # The request went out one step earlier, so this get normally finds the answer waiting.
-        return TeacherOut(torch.tensor(ray.get(ref), device=self.device))  # copy: object-store arrays are read-only
+        try:
+            out = ray.get(ref)
+        except ray.exceptions.RayActorError as e:  # died for good (restarts spent, or killed without restart)
+            raise self.unavailable(self.name, type(e).__name__) from None
+        return TeacherOut(torch.tensor(out, device=self.device))  # copy: object-store arrays are read-only
 
 
 class InprocessTeacher:
