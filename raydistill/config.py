@@ -81,6 +81,7 @@ class DistillConfig:
     dist_beta: float = 1.0  # DIST: weight of the inter-class term
     dist_gamma: float = 1.0  # DIST: weight of the intra-class term
     logit_standardize: bool = False  # z-score student and teacher logits before the temperature softmax (Sun 2024); kd and dkd
+    never_worse: bool = True  # the KD or the label-only student, whichever has the better validation accuracy, goes on to pruning, quantization and export; false: always the KD student (a sweep's best_config.yaml: the sweep already chose on validation)
     lr: float = 0.003  # AdamW learning rate for the student (baseline and KD alike)
     epochs: int = 20  # student epochs: the baseline gets the same budget
     batch_size: int = 64  # per-worker batch size

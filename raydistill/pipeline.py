@@ -282,16 +282,17 @@ def train_kd(ctx: RunContext, key: str, source: TeacherSource | None, init_state
 
 def choose_student(ctx: RunContext) -> dict:
     """Never worse than training alone: of the KD student and the label-only student (same budget), the one with
-    the better *validation* accuracy goes on to pruning, quantization and export (a tie keeps the KD student).
-    The test split only reports."""
+    the better *validation* accuracy goes on to pruning, quantization and export (a tie keeps the KD student;
+    ``distill.never_worse: false`` always keeps it). The test split only reports."""
     from raydistill.evaluate import val_accuracy
 
     val = {name: val_accuracy(load_model(ctx.out / f"{name}.pt")[0], ctx.splits)
            for name in ("student_kd", "student_baseline")}
     kd, base = val["student_kd"], val["student_baseline"]
-    chosen = "student_kd" if kd >= base else "student_baseline"
+    chosen = "student_kd" if kd >= base or not ctx.cfg.distill.never_worse else "student_baseline"
     reason = (f"validation accuracy: KD student {kd:.4f} vs label-only student {base:.4f}; "
-              + ("the KD student is not worse, so it goes on" if chosen == "student_kd" else
+              + ("distill.never_worse=false, so the KD student goes on" if not ctx.cfg.distill.never_worse else
+                 "the KD student is not worse, so it goes on" if chosen == "student_kd" else
                  "distillation did not help on validation, so the label-only student goes on"))
     ctx.log(f"chosen student: {chosen} ({reason})")
     return {"chosen": chosen, "val_accuracy": val, "reason": reason}
