@@ -259,7 +259,7 @@ def _load_digits(image_size: int | None):
     return x, y, np.arange(len(y), dtype=np.int64)
 
 
-NOISY_LABEL_RATE = 0.4  # noisy_digits: share of training-pool labels replaced by a wrong class
+NOISY_LABEL_RATE = 0.5  # noisy_digits: share of training-pool labels replaced by a wrong class
 
 
 def _load_noisy_digits(image_size: int | None, test_fraction: float, seed: int):
