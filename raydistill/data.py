@@ -269,7 +269,7 @@ def _load_noisy_digits(image_size: int | None, test_fraction: float, seed: int):
     the rest (train and validation) ``NOISY_LABEL_RATE`` of the labels are replaced by a different class drawn
     uniformly (symmetric label noise, a fixed draw from ``seed``). Labels from crowds or heuristics look like
     this; a student trained on them alone fits the wrong labels, a teacher's soft outputs do not repeat them.
-    Returns ``(pool, fixed_test)`` like ``_load_cifar10``.
+    Returns ``(pool, test)``, each ``(x, y, ids)``, like ``_load_cifar10``.
     """
     x, y, ids = _load_digits(image_size)
     pool, test = _split_off(np.arange(len(y)), y, int(round(test_fraction * len(y))), seed)
@@ -573,7 +573,9 @@ def load_splits(
         origin["test"] = "declared: the official CIFAR-10 test batch"
         normalize = True
     elif source == "noisy_digits":
-        (x, y, ids), fixed_test = _load_noisy_digits(image_size, test_fraction, seed)
+        (pool, declared["test"]), where = (_load_noisy_digits(image_size, test_fraction, seed),
+                                           f"scikit-learn's digits, {NOISY_LABEL_RATE:.0%} of the labels wrong")
+        origin["test"] = f"declared: a stratified {test_fraction} of the digits, true labels (data.seed={seed})"
         normalize = True
     elif source == "imagefolder":
         *pool, hint = _load_imagefolder(root, image_size or 32)

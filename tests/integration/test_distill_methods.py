@@ -27,7 +27,7 @@ def second_teacher(tmp_path_factory) -> str:
     """An MLP teacher for the smoke data, unlike tiny_teacher (a CNN), trained here for one epoch."""
     torch.manual_seed(1)
     splits = load_splits("digits", limit=SMOKE["data.limit"])
-    spec = model_spec("mlp", {"hidden": [64]}, splits.num_classes, 1, 8)
+    spec = model_spec("mlp", {"hidden": [64]}, splits.num_classes, splits.shape)
     model = build_from_spec(spec)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y)

@@ -22,7 +22,7 @@ def teachers(tmp_path_factory):
     for name, classes in (("ten", 10), ("three", 3)):
         torch.manual_seed(0)
         paths[name] = str(d / f"{name}.pt")
-        save_model(paths[name], build_model("cnn", classes, 1, 8), model_spec("cnn", {}, classes, 1, 8))
+        save_model(paths[name], build_model("cnn", classes, 1, 8), model_spec("cnn", {}, classes, (1, 8, 8)))
     return paths
 
 

@@ -82,7 +82,7 @@ def test_low_rank_ranks_by_rank_and_by_energy_against_a_naive_svd():
 def test_factorizing_by_ranks_rebuilds_the_same_structure_for_a_checkpoint():
     from raydistill.checkpoints import build_from_spec, model_spec
 
-    spec = model_spec("cnn", {"widths": [4, 8], "hidden": 32}, 10, 1, 8)
+    spec = model_spec("cnn", {"widths": [4, 8], "hidden": 32}, 10, (1, 8, 8))
     model = build_from_spec(spec)
     ranks = low_rank_ranks(model, rank=3, skip=["12"])
     report = low_rank_factorize_(model, ranks=ranks)
@@ -98,8 +98,8 @@ def test_teacher_ensemble_serves_the_weighted_average_and_rebuilds_from_its_spec
     from raydistill.checkpoints import build_from_spec, model_spec
     from raydistill.ensemble import TeacherEnsemble, ensemble_spec
 
-    specs = [model_spec("cnn", {"widths": [4, 8], "hidden": 16}, 10, 1, 8),
-             model_spec("mlp", {"hidden": [16]}, 10, 1, 8)]
+    specs = [model_spec("cnn", {"widths": [4, 8], "hidden": 16}, 10, (1, 8, 8)),
+             model_spec("mlp", {"hidden": [16]}, 10, (1, 8, 8))]
     torch.manual_seed(0)
     members = [build_from_spec(s).eval() for s in specs]
     ens = TeacherEnsemble(members, [1.0, 3.0]).eval()
