@@ -104,6 +104,23 @@ def tune_best(ctx, teacher, base: dict, out: Path, trials: int) -> dict:
             "trials": report["trials"], "completed": report["completed"]}
 
 
+def start_ray(tries: int = 3) -> None:
+    """Ray's local start gives up after 30 s when the machine is loaded (the shared one often is): try again."""
+    import ray
+
+    from raydistill.cluster import init_ray
+
+    for attempt in range(tries):
+        try:
+            init_ray(None, quiet=True)
+            return
+        except Exception as e:  # Ray raises a bare Exception for "timed out during startup"
+            if attempt == tries - 1:
+                raise
+            print(f"Ray did not start ({str(e).splitlines()[0][:80]}); retrying", flush=True)
+            ray.shutdown()
+
+
 def run_dataset(name: str, job: Path, seeds: list[int], work: Path, epochs: int | None, trials: int) -> dict:
     from raydistill import config as config_mod
     from raydistill.pipeline import open_run, open_teacher_source, prepare_teacher
@@ -114,6 +131,7 @@ def run_dataset(name: str, job: Path, seeds: list[int], work: Path, epochs: int 
         overrides["distill.epochs"] = epochs
     cfg = config_mod.load(job, overrides)
     t0 = time.perf_counter()
+    start_ray()
     ctx = open_run(cfg, work / name, None, quiet=True, uses_cache=True)
     teacher = prepare_teacher(ctx, with_cache=True)
     source, _ = open_teacher_source(ctx, teacher, "cache")
