@@ -104,7 +104,7 @@ def tune_best(ctx, teacher, base: dict, out: Path, trials: int) -> dict:
             "trials": report["trials"], "completed": report["completed"]}
 
 
-def start_ray(tries: int = 3) -> None:
+def start_ray(tries: int = 10) -> None:
     """Ray's local start gives up after 30 s when the machine is loaded (the shared one often is): try again."""
     import ray
 
@@ -119,6 +119,7 @@ def start_ray(tries: int = 3) -> None:
                 raise
             print(f"Ray did not start ({str(e).splitlines()[0][:80]}); retrying", flush=True)
             ray.shutdown()
+            time.sleep(10)
 
 
 def run_dataset(name: str, job: Path, seeds: list[int], work: Path, epochs: int | None, trials: int) -> dict:
