@@ -73,8 +73,7 @@ def train_row(ctx, source, base: dict, overrides: dict, seed: int) -> dict:
     """The job's student trained with ``overrides`` and ``seed``; its validation and test accuracy."""
     from raydistill import config as config_mod
     from raydistill import job as jobs
-    from raydistill.core.metrics import accuracy
-    from raydistill.evaluate import test_tensors, val_accuracy
+    from raydistill.evaluate import test_accuracy, val_accuracy
     from raydistill.worker import run_loop
 
     cfg = config_mod.from_dict(config_mod.apply_overrides(base, {**overrides, "seed": seed}))
@@ -83,8 +82,7 @@ def train_row(ctx, source, base: dict, overrides: dict, seed: int) -> dict:
                         teacher=None if cfg.distill.alpha == 0 else source, verbose=False)
     t0 = time.perf_counter()
     _, model = run_loop(job, LocalSession())
-    x, y = test_tensors(ctx.splits)
-    return {"val": val_accuracy(model, ctx.splits), "test": accuracy(model.eval(), x, y),
+    return {"val": val_accuracy(model, ctx.splits), "test": test_accuracy(model.eval(), ctx.splits),
             "seconds": time.perf_counter() - t0}
 
 
@@ -140,11 +138,10 @@ def run_dataset(name: str, job: Path, seeds: list[int], work: Path, epochs: int 
     ctx = open_run(cfg, work / name, None, quiet=True, uses_cache=True)
     teacher = prepare_teacher(ctx, with_cache=True)
     source, _ = open_teacher_source(ctx, teacher, "cache")
-    from raydistill.core.metrics import accuracy
-    from raydistill.evaluate import test_tensors, val_accuracy
+    from raydistill.evaluate import test_accuracy, val_accuracy
 
-    x, y = test_tensors(ctx.splits)
-    teacher_row = {"test": accuracy(teacher.model.eval(), x, y), "val": val_accuracy(teacher.model, ctx.splits)}
+    teacher_row = {"test": test_accuracy(teacher.model.eval(), ctx.splits),
+                   "val": val_accuracy(teacher.model, ctx.splits)}
     print(f"[{name}] teacher test {teacher_row['test']:.4f} ({time.perf_counter() - t0:.0f} s with its cache)",
           flush=True)
     base = ctx.cfg.to_dict()
