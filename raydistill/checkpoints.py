@@ -44,6 +44,10 @@ def build_from_spec(spec: dict[str, Any], state: dict[str, torch.Tensor] | None 
     model = build_model(spec["name"], num_classes=spec["num_classes"], input_shape=shape, **spec.get("kwargs", {}))
     if spec.get("plan"):
         model = apply_pruning_plan_(model, spec["plan"], torch.zeros(1, *shape))
+    if spec.get("lowrank"):  # the low-rank stage's factorized Linear layers {name: rank}; weights come with state
+        from raydistill.core.surgery import low_rank_factorize_
+
+        low_rank_factorize_(model, ranks=spec["lowrank"])
     if state is not None:
         model.load_state_dict(state)
     return model

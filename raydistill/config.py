@@ -26,7 +26,7 @@ from raydistill.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | cifar10 | imagefolder | parquet
+    source: str = "digits"  # digits | cifar10 | imagefolder | parquet | noisy_digits (digits with 50% wrong training labels, the built-in KD benchmark)
     root: str | None = None  # folder for cifar10 / imagefolder
     path: str | None = None  # parquet file, folder, glob or pyarrow URI (s3://, gs://, ...)
     train: str | None = None  # parquet: the training split's file, folder, glob or URI (instead of path)
@@ -55,6 +55,8 @@ class TeacherConfig:
     model: str = "cnn"  # built-in name, torchvision name, or package.module:function
     kwargs: dict[str, Any] = field(default_factory=lambda: {"widths": [64, 128], "hidden": 256})
     checkpoint: str | None = None  # a teacher.pt to load instead of training one
+    ensemble: list[str] = field(default_factory=list)  # more teacher.pt files: the teacher is then the weighted average of the logits of the run's teacher and these (live actor, cache and in-process alike)
+    weights: list[float] | None = None  # one weight per teacher (the run's teacher first, then teacher.ensemble); null = equal
     epochs: int = 10  # training epochs when no checkpoint is given
     lr: float = 0.003  # AdamW learning rate for the teacher
     batch_size: int = 64  # per-worker batch size for the teacher
@@ -79,6 +81,7 @@ class DistillConfig:
     dist_beta: float = 1.0  # DIST: weight of the inter-class term
     dist_gamma: float = 1.0  # DIST: weight of the intra-class term
     logit_standardize: bool = False  # z-score student and teacher logits before the temperature softmax (Sun 2024); kd and dkd
+    never_worse: bool = True  # the KD or the label-only student, whichever has the better validation accuracy, goes on to pruning, quantization and export; false: always the KD student (a sweep's best_config.yaml: the sweep already chose on validation)
     lr: float = 0.003  # AdamW learning rate for the student (baseline and KD alike)
     epochs: int = 20  # student epochs: the baseline gets the same budget
     batch_size: int = 64  # per-worker batch size
@@ -93,12 +96,22 @@ class DistillConfig:
 
 @dataclass
 class PruneConfig:
-    ratio: float = 0.4  # fraction of channels removed per prunable layer group, in [0, 1); 0 = off
-    importance: str = "l1"  # l1 | bn_scale | taylor
+    ratio: float = 0.4  # fraction of channels removed per prunable layer group (kind unstructured: of weights zeroed per layer), in [0, 1); 0 = off
+    kind: str = "channel"  # channel (channels removed: fewer MACs, faster) | unstructured (smallest |w| zeroed per layer: sparsity and sparse size, no dense speed-up)
+    importance: str = "l1"  # l1 | bn_scale | taylor (channel); unstructured ranks weights by |w| (l1)
     schedule: str = "cubic"  # oneshot | linear | cubic (Zhu & Gupta 2017)
     epochs: int = 8  # KD epochs over which the schedule raises sparsity from 0 to ratio
     lr: float = 0.002  # learning rate while pruning and fine-tuning (cosine-decayed per phase)
     finetune_epochs: int = 10  # KD fine-tuning epochs after physical channel removal
+
+
+@dataclass
+class LowRankConfig:
+    rank: int | None = None  # low-rank (SVD) stage after pruning: this rank for every Linear layer; null with energy null = off
+    energy: float | None = None  # ... or per layer the smallest rank keeping this fraction of the squared singular values, in (0, 1]
+    skip: list[str] | None = None  # Linear layer names left dense; null = the classifier (last Linear)
+    finetune_epochs: int = 5  # KD fine-tuning epochs after the factorization
+    lr: float = 0.001  # learning rate of that fine-tuning (cosine-decayed)
 
 
 @dataclass
@@ -166,6 +179,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
@@ -293,6 +307,10 @@ def validate(cfg: Config) -> Config:
                           "use bf16 on CPU")
     _choice("prune.importance", p.importance, pruning.IMPORTANCES)
     _choice("prune.schedule", p.schedule, pruning.SCHEDULES)
+    _choice("prune.kind", p.kind, pruning.PRUNE_KINDS)
+    if p.kind == "unstructured" and p.importance != "l1":
+        raise ConfigError(f"prune.kind=unstructured ranks single weights by magnitude (l1), got "
+                          f"prune.importance={p.importance}; set prune.importance=l1 or prune.kind=channel")
     checks = [
         (0.0 <= d.alpha <= 1.0, "distill.alpha must be in [0, 1]", d.alpha),
         (d.beta >= 0.0, "distill.beta must be >= 0", d.beta),
@@ -340,6 +358,26 @@ def validate(cfg: Config) -> Config:
                    ("deploy.min_ratio_to_teacher", cfg.deploy.min_ratio_to_teacher)):
         if v is not None and not 0.0 <= v <= 1.5:
             raise ConfigError(f"{key} must be a fraction like 0.95 or null, got {v!r}; "
+                              "fix it in the config or with --set")
+    lr = cfg.lowrank
+    if lr.rank is not None and lr.energy is not None:
+        raise ConfigError(f"lowrank.rank={lr.rank} and lowrank.energy={lr.energy} are both set; set one of them")
+    for ok, msg, value in [
+        (lr.rank is None or lr.rank >= 1, "lowrank.rank must be >= 1 or null", lr.rank),
+        (lr.energy is None or 0.0 < lr.energy <= 1.0, "lowrank.energy must be in (0, 1] or null", lr.energy),
+        (lr.finetune_epochs >= 1, "lowrank.finetune_epochs must be >= 1", lr.finetune_epochs),
+        (lr.lr > 0, "lowrank.lr must be > 0", lr.lr),
+    ]:
+        if not ok:
+            raise ConfigError(f"{msg}, got {value!r}; fix it in the config or with --set")
+    tw, members = cfg.teacher.weights, cfg.teacher.ensemble
+    if tw is not None:
+        if len(tw) != 1 + len(members):
+            raise ConfigError(f"teacher.weights has {len(tw)} entries for {1 + len(members)} teachers (the run's "
+                              f"teacher and {len(members)} in teacher.ensemble); give one weight per teacher, "
+                              "the run's teacher first")
+        if not all(w >= 0.0 for w in tw) or not sum(tw) > 0:  # NaN fails >= too
+            raise ConfigError(f"teacher.weights must be >= 0 (not NaN) with a positive sum, got {tw}; "
                               "fix it in the config or with --set")
     t = cfg.tune
     _choice("tune.search", t.search, sweep.SEARCHES)

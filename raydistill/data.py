@@ -50,7 +50,7 @@ __all__ = [
     "write_parquet",
 ]
 
-SOURCES = ("digits", "cifar10", "imagefolder", "parquet")
+SOURCES = ("digits", "cifar10", "imagefolder", "parquet", "noisy_digits")
 SHARD_MODES = ("random", "classwise")
 
 _CIFAR_HINT = (
@@ -257,6 +257,27 @@ def _load_digits(image_size: int | None):
         x = _resize(x, image_size)
     y = bunch.target.astype(np.int64)
     return x, y, np.arange(len(y), dtype=np.int64)
+
+
+NOISY_LABEL_RATE = 0.5  # noisy_digits: share of training-pool labels replaced by a wrong class
+
+
+def _load_noisy_digits(image_size: int | None, test_fraction: float, seed: int):
+    """``noisy_digits``: the bundled digits with label noise, the built-in benchmark where distillation matters.
+
+    A stratified ``test_fraction`` of the digits is set aside with its true labels (the fixed test part); in
+    the rest (train and validation) ``NOISY_LABEL_RATE`` of the labels are replaced by a different class drawn
+    uniformly (symmetric label noise, a fixed draw from ``seed``). Labels from crowds or heuristics look like
+    this; a student trained on them alone fits the wrong labels, a teacher's soft outputs do not repeat them.
+    Returns ``(pool, test)``, each ``(x, y, ids)``, like ``_load_cifar10``.
+    """
+    x, y, ids = _load_digits(image_size)
+    pool, test = _split_off(np.arange(len(y)), y, int(round(test_fraction * len(y))), seed)
+    rng = np.random.default_rng([seed, 0x6E6F6973])  # its own stream: the split's seed does not repeat it
+    noisy = y[pool].copy()
+    flip = rng.random(len(pool)) < NOISY_LABEL_RATE
+    noisy[flip] = (noisy[flip] + rng.integers(1, 10, int(flip.sum()))) % 10  # never the true class
+    return (x[pool], noisy, ids[pool]), (x[test], y[test], ids[test])
 
 
 def _load_cifar10(root, image_size: int | None):
@@ -550,6 +571,11 @@ def load_splits(
     elif source == "cifar10":
         (pool, declared["test"]), where = _load_cifar10(root, image_size), "the official CIFAR-10 training batches"
         origin["test"] = "declared: the official CIFAR-10 test batch"
+        normalize = True
+    elif source == "noisy_digits":
+        (pool, declared["test"]), where = (_load_noisy_digits(image_size, test_fraction, seed),
+                                           f"scikit-learn's digits, {NOISY_LABEL_RATE:.0%} of the labels wrong")
+        origin["test"] = f"declared: a stratified {test_fraction} of the digits, true labels (data.seed={seed})"
         normalize = True
     elif source == "imagefolder":
         *pool, hint = _load_imagefolder(root, image_size or 32)

@@ -48,6 +48,12 @@ def evaluate_on_test(model: torch.nn.Module, data) -> dict:
         return {"accuracy": test_accuracy(model, data), **model_costs(model, test_example(data))}
 
 
+def val_accuracy(model: torch.nn.Module, data) -> float:
+    """Accuracy on the validation split, read batch by batch: what every choice between models is made on (the
+    test split only reports)."""
+    return accuracy_over(model.cpu().eval(), ((x, y) for x, y, _ in data.batches("val")))
+
+
 def quantize_student(cfg: Config, final: torch.nn.Module, final_name: str, final_row: dict, spec: dict,
                      data, out: Path) -> dict:
     """Post-training int8 of the final student (torchao, ``quantize.scheme``); its report row, measured on the

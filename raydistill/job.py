@@ -30,6 +30,7 @@ class PruneSchedule:
     ratio: float
     importance: str  # core.pruning.IMPORTANCES
     schedule: str  # core.pruning.SCHEDULES
+    kind: str = "channel"  # core.pruning.PRUNE_KINDS: channel (ChannelPruner) | unstructured (MagnitudePruner)
 
 
 @dataclass(frozen=True)
@@ -131,17 +132,29 @@ def kd_phases(cfg: Config) -> tuple[Phase, ...]:
 
 
 def prune_phases(cfg: Config) -> tuple[Phase, ...]:
-    """Prune while distilling (then remove the channels), then fine-tune with KD; () when prune.ratio is 0."""
+    """Prune while distilling (then remove the channels), then fine-tune with KD; () when prune.ratio is 0.
+
+    ``prune.kind: unstructured`` removes nothing: its fine-tune phase holds the mask (a one-shot schedule at
+    the final ratio re-picks exactly the weights already at zero)."""
     d, p = cfg.distill, cfg.prune
     if p.ratio <= 0:
         return ()
     weights = dict(alpha=d.alpha, beta=d.beta)
-    schedule = PruneSchedule(p.ratio, p.importance, p.schedule)
+    channels = p.kind == "channel"
+    schedule = PruneSchedule(p.ratio, p.importance, p.schedule, p.kind)
     phases = [Phase("prune", p.epochs, p.lr, d.batch_size, d.weight_decay, **weights, prune=schedule,
-                    remove_after=True)]
+                    remove_after=channels)]
     if p.finetune_epochs > 0:
-        phases.append(Phase("finetune", p.finetune_epochs, p.lr, d.batch_size, d.weight_decay, **weights))
+        hold = None if channels else PruneSchedule(p.ratio, p.importance, "oneshot", p.kind)
+        phases.append(Phase("finetune", p.finetune_epochs, p.lr, d.batch_size, d.weight_decay, **weights,
+                            prune=hold))
     return tuple(phases)
+
+
+def lowrank_phases(cfg: Config) -> tuple[Phase, ...]:
+    """KD fine-tuning of the student whose Linear layers were factorized by truncated SVD (``lowrank``)."""
+    d, r = cfg.distill, cfg.lowrank
+    return (Phase("finetune", r.finetune_epochs, r.lr, d.batch_size, d.weight_decay, alpha=d.alpha, beta=d.beta),)
 
 
 def trial_phases(cfg: Config) -> tuple[Phase, ...]:

@@ -17,6 +17,7 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import threading
@@ -157,9 +158,10 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
             baseline.result()
         teacher = with_logit_cache(ctx, teacher) if cached else teacher
     kd_key, prune_key = student_keys(ctx, teacher)
+    lowrank_key = digest(prune_key, cfg.section_hash("lowrank")) if lowrank_on(cfg) else None
     # the teacher source the config asks for; a live actor's process starts while the baseline trains
     source, server = open_teacher_source(ctx, teacher, cfg.distill.teacher_mode,
-                                         start_actor=students_to_train(ctx, kd_key, prune_key))
+                                         start_actor=students_to_train(ctx, kd_key, prune_key, lowrank_key))
     init_state = init_state_from_teacher(ctx, teacher) if cfg.student.init_from_teacher else None
     if sequential:
         train_baseline(ctx, init_state, teacher.sha256 if cfg.student.init_from_teacher else "")
@@ -167,13 +169,16 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     # 3. KD and 4. prune while distilling
     wait_for_teacher_server(ctx, source, server)
     train_kd(ctx, kd_key, source, init_state)
+    selection = choose_student(ctx)  # never worse than training alone: the better one on validation goes on
     if cfg.prune.ratio > 0:
-        prune_student(ctx, prune_key, source)
+        prune_student(ctx, prune_key, source, selection["chosen"])
+    if lowrank_key is not None:  # optional: SVD-factorize the Linear layers of the student so far, KD fine-tune
+        lowrank_student(ctx, lowrank_key, source, "student_pruned" if cfg.prune.ratio > 0 else selection["chosen"])
     server_stats = stop_teacher_server(source, server)
 
     # 5. evaluate every model on the held-out test split, then int8 and the deploy gate
     models = timed(ctx, "evaluate", evaluate_models, ctx, teacher)
-    final_name = "student_pruned" if "student_pruned" in models else "student_kd"
+    final_name = next(n for n in ("student_lowrank", "student_pruned", selection["chosen"]) if n in models)
     final, final_spec, _ = load_model(ctx.out / f"{final_name}.pt")
     if cfg.quantize.scheme != "none":
         models["student_int8"] = timed(ctx, "quantize", quantize_student, cfg, final, final_name, models[final_name],
@@ -181,7 +186,7 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     deploy = timed(ctx, "deploy", deploy_student, ctx, final, final_name, models)
     ctx.timings["total"] = {"seconds": time.perf_counter() - t_start}
 
-    report = build_report(ctx, models, server_stats, teacher, deploy)
+    report = build_report(ctx, models, server_stats, teacher, deploy, selection)
     from raydistill.report import write_report
 
     write_report(ctx.out, report)
@@ -224,16 +229,37 @@ def prepare_teacher(ctx: RunContext, with_cache: bool = False) -> Teacher:
             ctx.timings["teacher"] = {"seconds": time.perf_counter() - t0}
         model, spec, _ = load_model(path)
     teacher = Teacher(model=model, spec=spec, sha256=sha256_file(path), path=path)
+    if cfg.teacher.ensemble:
+        teacher = with_ensemble(ctx, teacher)
     return with_logit_cache(ctx, teacher) if with_cache else teacher
+
+
+def with_ensemble(ctx: RunContext, teacher: Teacher) -> Teacher:
+    """``teacher.ensemble``: the run's teacher and those checkpoints as one model that serves the weighted
+    average of their logits (``teacher.weights``); every teacher source (actor, cache, in-process) serves it."""
+    from raydistill.ensemble import TeacherEnsemble, ensemble_spec, load_members
+
+    members = load_members(ctx.cfg.teacher.ensemble)
+    weights = ctx.cfg.teacher.weights or [1.0] * (1 + len(members))
+    model = TeacherEnsemble([teacher.model] + [m for m, _, _ in members], weights).eval()
+    spec = ensemble_spec([teacher.spec] + [s for _, s, _ in members], weights)
+    ctx.log(f"teacher: weighted average of {1 + len(members)} teachers' logits, weights {weights}")
+    return dataclasses.replace(teacher, model=model, spec=spec,
+                               sha256=digest(teacher.sha256, [sha for _, _, sha in members], weights))
+
+
+def baseline_key(ctx: RunContext, teacher_sha: str) -> str:
+    """The label-only student's key: the student, its budget and (with ``student.init_from_teacher``) the teacher."""
+    cfg, d = ctx.cfg, ctx.cfg.distill
+    budget = dict(epochs=d.epochs, lr=d.lr, batch_size=d.batch_size, weight_decay=d.weight_decay)
+    return digest(ctx.common_key, cfg.section_hash("student"), teacher_sha, "baseline", budget)
 
 
 def train_baseline(ctx: RunContext, init_state: Any, teacher_sha: str) -> None:
     """The student on labels only, with the KD student's budget: the reference every gain is measured against."""
-    cfg, d = ctx.cfg, ctx.cfg.distill
-    budget = dict(epochs=d.epochs, lr=d.lr, batch_size=d.batch_size, weight_decay=d.weight_decay)
-    key = digest(ctx.common_key, cfg.section_hash("student"), teacher_sha, "baseline", budget)
-    train_student(ctx, "student_baseline", key, ctx.stage_job("student_baseline", ctx.s_spec, jobs.baseline_phases(cfg),
-                                                               init_state=init_state))
+    key = baseline_key(ctx, teacher_sha)
+    train_student(ctx, "student_baseline", key, ctx.stage_job("student_baseline", ctx.s_spec,
+                                                               jobs.baseline_phases(ctx.cfg), init_state=init_state))
 
 
 def student_keys(ctx: RunContext, teacher: Teacher) -> tuple[str, str]:
@@ -246,7 +272,10 @@ def student_keys(ctx: RunContext, teacher: Teacher) -> tuple[str, str]:
                     # views only when > 1, so the keys of runs made before cache.views existed still match
                     *([cfg.cache.views] if cached and cfg.cache.views > 1 else []),
                     cfg.cache.topk_loss if cached and cfg.cache.k else None)  # how the top-k became the target
-    return kd_key, digest(kd_key, cfg.section_hash("prune"))
+    # the pruned student starts from the KD or the label-only student, whichever choose_student picks: a
+    # function of both checkpoints, so of both keys
+    base_key = baseline_key(ctx, teacher.sha256 if cfg.student.init_from_teacher else "")
+    return kd_key, digest(kd_key, base_key, "chosen on val_acc", cfg.section_hash("prune"))
 
 
 def train_kd(ctx: RunContext, key: str, source: TeacherSource | None, init_state: Any) -> None:
@@ -254,17 +283,90 @@ def train_kd(ctx: RunContext, key: str, source: TeacherSource | None, init_state
                                                         teacher=source, init_state=init_state))
 
 
-def prune_student(ctx: RunContext, key: str, source: TeacherSource | None) -> None:
-    """Prune the KD student while distilling, remove the channels, fine-tune with KD."""
+def choose_student(ctx: RunContext) -> dict:
+    """Never worse than training alone: of the KD student and the label-only student (same budget), the one with
+    the better *validation* accuracy goes on to pruning, quantization and export (a tie keeps the KD student;
+    ``distill.never_worse: false`` always keeps it). The test split only reports."""
+    from raydistill.evaluate import val_accuracy
+
+    val = {name: val_accuracy(load_model(ctx.out / f"{name}.pt")[0], ctx.splits)
+           for name in ("student_kd", "student_baseline")}
+    kd, base = val["student_kd"], val["student_baseline"]
+    chosen = "student_kd" if kd >= base or not ctx.cfg.distill.never_worse else "student_baseline"
+    reason = (f"validation accuracy: KD student {kd:.4f} vs label-only student {base:.4f}; "
+              + ("distill.never_worse=false, so the KD student goes on" if not ctx.cfg.distill.never_worse else
+                 "the KD student is not worse, so it goes on" if chosen == "student_kd" else
+                 "distillation did not help on validation, so the label-only student goes on"))
+    ctx.log(f"chosen student: {chosen} ({reason})")
+    return {"chosen": chosen, "val_accuracy": val, "reason": reason}
+
+
+def prune_student(ctx: RunContext, key: str, source: TeacherSource | None, start: str = "student_kd") -> None:
+    """Prune the chosen student (``start``: ``choose_student``) while distilling, remove the channels, fine-tune
+    with KD."""
     import ray
 
     if ctx.stages.done("student_pruned", key, ctx.out / "student_pruned.pt"):
         train_student(ctx, "student_pruned", key, None)  # records the skip
         return
-    kd_state = ray.put(load_payload(ctx.out / "student_kd.pt")["state_dict"])
-    job = ctx.stage_job("student_pruned", ctx.s_spec, jobs.prune_phases(ctx.cfg), teacher=source, init_state=kd_state)
+    start_state = ray.put(load_payload(ctx.out / f"{start}.pt")["state_dict"])
+    job = ctx.stage_job("student_pruned", ctx.s_spec, jobs.prune_phases(ctx.cfg), teacher=source,
+                        init_state=start_state)
     # it continues the KD student: its epochs follow KD's, as in a sweep trial that runs both in one loop
     train_student(ctx, "student_pruned", key, dataclasses.replace(job, first_epoch=ctx.cfg.distill.epochs))
+
+
+def lowrank_on(cfg: Config) -> bool:
+    return cfg.lowrank.rank is not None or cfg.lowrank.energy is not None
+
+
+def lowrank_ranks(cfg: Config, model: torch.nn.Module) -> dict[str, int]:
+    """The SVD rank of each Linear layer the low-rank stage factorizes (``lowrank.rank`` or ``lowrank.energy``,
+    ``lowrank.skip``); a rank that does not fit a layer is a ConfigError naming it."""
+    from raydistill.core.surgery import low_rank_ranks
+
+    r = cfg.lowrank
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    skip = r.skip if r.skip is not None else linears[-1:]  # by default the classifier keeps its full rank
+    for name in skip:
+        if name not in linears:
+            close = difflib.get_close_matches(name, linears, n=1)
+            raise ConfigError(f"lowrank.skip names '{name}', which is not a Linear layer of the student"
+                              + (f"; did you mean '{close[0]}'?" if close else f"; its Linear layers: {linears}"))
+    try:
+        ranks = low_rank_ranks(model, rank=r.rank, energy=r.energy, skip=skip)
+    except ValueError as e:
+        raise ConfigError(f"lowrank.rank: {e}; lower lowrank.rank, use lowrank.energy, or leave the layer dense "
+                          "with lowrank.skip") from None
+    if not ranks:
+        setting = f"lowrank.rank={r.rank}" if r.rank is not None else f"lowrank.energy={r.energy}"
+        raise ConfigError(f"{setting} leaves no Linear layer of the student with fewer parameters (skipped: "
+                          f"{skip}); lower it, or set lowrank.rank and lowrank.energy to null to turn the stage off")
+    return ranks
+
+
+def lowrank_student(ctx: RunContext, key: str, source: TeacherSource | None, start: str) -> None:
+    """Factorize the Linear layers of the ``start`` student by truncated SVD (core.surgery), fine-tune with KD."""
+    import ray
+
+    from raydistill.core.surgery import low_rank_factorize_
+
+    if ctx.stages.done("student_lowrank", key, ctx.out / "student_lowrank.pt"):
+        train_student(ctx, "student_lowrank", key, None)  # records the skip
+        return
+    cfg = ctx.cfg
+    model, spec, _ = load_model(ctx.out / f"{start}.pt")
+    ranks = lowrank_ranks(cfg, model)
+    report = low_rank_factorize_(model, ranks=ranks)
+    ctx.log(f"low rank: {start}'s Linear layers factorized, " + ", ".join(
+        f"{n} rank {v['rank']} ({v['params_before']:,} -> {v['params_after']:,} params, rel. error "
+        f"{v['rel_error']:.3f})" for n, v in report.items() if n != "skipped"))
+    state = ray.put({k: v.detach().clone() for k, v in model.state_dict().items()})
+    job = ctx.stage_job("student_lowrank", {**spec, "lowrank": ranks}, jobs.lowrank_phases(cfg), teacher=source,
+                        init_state=state)
+    done_epochs = cfg.distill.epochs + (sum(p.epochs for p in jobs.prune_phases(cfg)) if start == "student_pruned"
+                                        else 0)
+    train_student(ctx, "student_lowrank", key, dataclasses.replace(job, first_epoch=done_epochs))
 
 
 def train_student(ctx: RunContext, stage: str, key: str, job: StageJob | None) -> None:
@@ -349,11 +451,13 @@ def reusable_cache(ctx: RunContext, uri: str, teacher: Teacher):
     return info
 
 
-def students_to_train(ctx: RunContext, kd_key: str, prune_key: str) -> bool:
-    """Whether the KD or the pruned student still has to be trained (else no teacher actor is needed)."""
+def students_to_train(ctx: RunContext, kd_key: str, prune_key: str, lowrank_key: str | None = None) -> bool:
+    """Whether the KD, pruned or low-rank student still has to be trained (else no teacher actor is needed)."""
     done = ctx.stages.done("student_kd", kd_key, ctx.out / "student_kd.pt")
     return not (done and (ctx.cfg.prune.ratio == 0
-                          or ctx.stages.done("student_pruned", prune_key, ctx.out / "student_pruned.pt")))
+                          or ctx.stages.done("student_pruned", prune_key, ctx.out / "student_pruned.pt"))
+                and (lowrank_key is None
+                     or ctx.stages.done("student_lowrank", lowrank_key, ctx.out / "student_lowrank.pt")))
 
 
 def open_teacher_source(ctx: RunContext, teacher: Teacher, mode: str, start_actor: bool = True):
@@ -405,10 +509,15 @@ def stop_teacher_server(source: TeacherSource | None, server) -> dict | None:
 def evaluate_models(ctx: RunContext, teacher: Teacher) -> dict[str, dict]:
     """One report row per model, measured on the held-out test split (``evaluate.evaluate_on_test``)."""
     models = {"teacher": evaluate_on_test(teacher.model, ctx.splits)}
-    for name in ("student_baseline", "student_kd", "student_pruned"):
-        if name == "student_pruned" and ctx.cfg.prune.ratio == 0:
+    for name in ("student_baseline", "student_kd", "student_pruned", "student_lowrank"):
+        if (name == "student_pruned" and ctx.cfg.prune.ratio == 0) or (name == "student_lowrank"
+                                                                       and not lowrank_on(ctx.cfg)):
             continue
         models[name] = evaluate_on_test(load_model(ctx.out / f"{name}.pt")[0], ctx.splits)
+    if "student_pruned" in models and ctx.cfg.prune.kind == "unstructured":  # zeros stored dense: say so
+        from raydistill.core.metrics import sparse_size_bytes
+
+        models["student_pruned"]["sparse_size_bytes"] = sparse_size_bytes(load_model(ctx.out / "student_pruned.pt")[0])
     return models
 
 
@@ -424,15 +533,27 @@ def deploy_student(ctx: RunContext, final: torch.nn.Module, final_name: str, mod
     return {"model": final_name, "gate": gate, "export": exported}
 
 
-def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teacher: Teacher, deploy: dict) -> dict:
+def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teacher: Teacher, deploy: dict,
+                 selection: dict | None = None) -> dict:
     kd, base = models["student_kd"], models["student_baseline"]
     gains: dict[str, Any] = {"kd_accuracy_gain_vs_baseline": kd["accuracy"] - base["accuracy"],
                              "student_macs_vs_teacher": kd["macs"] / models["teacher"]["macs"]}
+    if selection is not None:
+        gains["chosen_accuracy_gain_vs_baseline"] = models[selection["chosen"]]["accuracy"] - base["accuracy"]
     if "student_pruned" in models:
         pr = models["student_pruned"]
         gains.update({"pruned_macs_vs_kd": pr["macs"] / kd["macs"], "pruned_params_vs_kd": pr["params"] / kd["params"],
                       "pruned_accuracy_change_vs_kd": pr["accuracy"] - kd["accuracy"],
                       "pruned_latency_b64_vs_kd": pr["latency_ms_b64"] / kd["latency_ms_b64"]})
+        if "sparse_size_bytes" in pr:  # unstructured: same dense shapes and MACs; smaller only when stored sparse
+            gains.update({"pruned_sparsity": pr["sparsity"],
+                          "pruned_sparse_size_vs_kd_dense_size": pr["sparse_size_bytes"] / kd["size_bytes"]})
+    if "student_lowrank" in models:
+        lr, before = models["student_lowrank"], models["student_pruned" if "student_pruned" in models else
+                                                       (selection or {}).get("chosen", "student_kd")]
+        gains.update({"lowrank_params_vs_its_input": lr["params"] / before["params"],
+                      "lowrank_macs_vs_its_input": lr["macs"] / before["macs"],
+                      "lowrank_accuracy_change_vs_its_input": lr["accuracy"] - before["accuracy"]})
     s = ctx.splits
     from raydistill.evaluate import LATENCY_THREADS
 
@@ -442,7 +563,8 @@ def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teach
                      "streamed": isinstance(s, StreamData)},
             "throughput": {k: v.get("samples_per_s_median") for k, v in ctx.stages.records.items()},
             "teacher_server": server_stats, "latency_threads": LATENCY_THREADS,
-            **({"logit_cache": teacher.cache} if teacher.cache else {}), "deploy": deploy, "config": ctx.cfg.to_dict()}
+            **({"logit_cache": teacher.cache} if teacher.cache else {}), "deploy": deploy,
+            **({"selection": selection} if selection else {}), "config": ctx.cfg.to_dict()}
 
 
 # ---- checks at the edge ---------------------------------------------------------------------------------------
@@ -475,10 +597,19 @@ def validate_models(cfg: Config, num_classes: int, shape: tuple[int, ...]) -> No
     ``shape``: bad factories, kwargs or checkpoints fail here with one line, before any Ray worker starts."""
     x = torch.zeros(2, *shape)
     roles = [("student", cfg.student.model, cfg.student.kwargs)]
+    if cfg.teacher.ensemble:
+        from raydistill.ensemble import check_member_classes
+
+        main = load_model(cfg.teacher.checkpoint)[1]["num_classes"] if cfg.teacher.checkpoint else num_classes
+        check_member_classes(("teacher", {"num_classes": main}),
+                             [(f"teacher.ensemble[{i}] ({p})", load_model(p)[1]) for i, p in
+                              enumerate(cfg.teacher.ensemble)], num_classes)
     if cfg.teacher.checkpoint:
         check_teacher_classes(cfg, load_model(cfg.teacher.checkpoint)[1], num_classes)
     else:
         roles.append(("teacher", cfg.teacher.model, cfg.teacher.kwargs))
+    if cfg.lowrank.rank is not None:  # a rank larger than a layer fails here; an energy needs trained weights
+        lowrank_ranks(cfg, build_from_spec(model_spec(cfg.student.model, cfg.student.kwargs, num_classes, shape)))
     for role, name, kwargs in roles:
         model = build_from_spec(model_spec(name, kwargs, num_classes, shape)).eval()
         try:
@@ -527,8 +658,8 @@ def check_run_folder(out: Path, cfg: Config) -> None:
 def check_given_cache(cfg: Config, data_fp: str, image_size: int) -> None:
     """Refuse a user-given cache that does not match before any training: with a teacher checkpoint the
     teacher's hash is known up front (a teacher trained in this run is checked once it exists)."""
-    if not (cfg.cache.path and cfg.teacher.checkpoint and cache_exists(cfg.cache.path)):
-        return
+    if not (cfg.cache.path and cfg.teacher.checkpoint and not cfg.teacher.ensemble and cache_exists(cfg.cache.path)):
+        return  # (an ensemble's cache is checked once the ensemble is built, in with_logit_cache)
     check_cache_for_run(cfg, cfg.cache.path, sha256_file(Path(cfg.teacher.checkpoint)), data_fp, image_size)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from raydistill.checkpoints import atomic_write_bytes, atomic_write_text
 
-MODEL_ORDER = ["teacher", "student_baseline", "student_kd", "student_pruned", "student_int8"]
+MODEL_ORDER = ["teacher", "student_baseline", "student_kd", "student_pruned", "student_lowrank", "student_int8"]
 
 
 def markdown_table(models: dict[str, dict[str, Any]]) -> str:
@@ -27,9 +27,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     if "gains" in report:
         g = report["gains"]
         lines += ["## What distillation and pruning gained and cost", ""]
-        lines += [f"- {k.replace('_', ' ')}: " + (f"{v:+.4f}" if "change" in k or "gain" in k else f"{v:.3f}×")
+        lines += [f"- {k.replace('_', ' ')}: " + (f"{v:+.4f}" if "change" in k or "gain" in k else
+                                                   f"{v:.3f}" if k.endswith("sparsity") else f"{v:.3f}×")
                   for k, v in g.items()]
         lines.append("")
+    pruned = models.get("student_pruned", {})
+    if "sparse_size_bytes" in pruned:
+        lines += [f"student_pruned is unstructured-pruned: {100 * pruned['sparsity']:.1f} % of its Linear/Conv "
+                  f"weights are zero, stored dense (size column); stored sparse (bitmap + non-zeros) it takes "
+                  f"{pruned['sparse_size_bytes'] / 1024:.1f} KiB. Its MACs and dense latency are the unpruned "
+                  "student's: unstructured sparsity gives no dense speed-up.", ""]
+    if report.get("selection"):
+        sel = report["selection"]
+        lines += ["## Which student goes on", "",
+                  f"{sel['chosen']} goes on to pruning, quantization and export: {sel['reason']}.", ""]
     if report.get("deploy"):
         dep = report["deploy"]
         where = f"exported to {dep['export']['artifact']}" if dep.get("export") else "nothing exported"

@@ -108,6 +108,29 @@ def label_only_points(cfg: Config) -> list[dict]:
     return [{**point, "prune.ratio": r} for r in ordered]
 
 
+def is_label_only(params: dict) -> bool:
+    """A trial of the plain student: α = 0 and no hard-label term (``label_only_points``)."""
+    return params.get("distill.alpha") == 0.0 and not params.get("distill.beta")
+
+
+def asha_keeping_label_only(max_t: int, grace_period: int):
+    """Tune's ASHA (early stopping on val_acc), except that a label-only trial is never stopped early: the
+    reference the best trial is compared with (``best_vs_label_only_same_ratio``) always finishes, is
+    evaluated on test and stays in the results."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class KeepLabelOnly(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP and is_label_only(trial.config):
+                self._num_stopped -= 1
+                return TrialScheduler.CONTINUE  # the trial ends by itself after its final (test) report
+            return action
+
+    return KeepLabelOnly(metric="val_acc", mode="max", time_attr="training_iteration", max_t=max_t,
+                         grace_period=grace_period, reduction_factor=2)
+
+
 def trial_lines(keys: list[str], total: int, quiet: bool):
     """A Tune callback printing one line per finished trial (Tune's own status tables need --verbose)."""
     from ray import tune
@@ -188,12 +211,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
         else:
             search_alg = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=t.max_concurrent,
                                                random_state=cfg.seed)
-        scheduler = None
-        if t.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            scheduler = ASHAScheduler(metric="val_acc", mode="max", time_attr="training_iteration", max_t=max_t,
-                                      grace_period=min(t.grace_period, max_t), reduction_factor=2)
+        scheduler = asha_keeping_label_only(max_t, min(t.grace_period, max_t)) if t.scheduler == "asha" else None
         tuner = tune.Tuner(
             trainable, param_space=search_space(t.space),
             tune_config=tune.TuneConfig(num_samples=t.num_trials, search_alg=search_alg, scheduler=scheduler,
@@ -236,7 +254,10 @@ def rerun_overrides(cfg: Config, teacher) -> dict[str, Any]:
     execution shape a trial has (one process: local mode), its teacher source, and this sweep's teacher (and
     logit cache), so the rerun's student reads the very teacher outputs the trial read."""
     overrides = {"scale.num_workers": 0, "distill.teacher_mode": cfg.tune.teacher_mode,
-                 "teacher.checkpoint": str(teacher.path)}
+                 "teacher.checkpoint": str(teacher.path),
+                 # a trial prunes its own KD student; the sweep already chose among trials (label-only ones
+                 # included) on validation, so the rerun must not choose again
+                 "distill.never_worse": False}
     if cfg.tune.teacher_mode == "cache":
         overrides["cache.path"] = teacher.cache["uri"]
     return overrides
@@ -270,7 +291,7 @@ def write_results(cfg: Config, out: Path, rows: list[dict], teacher_passes, cach
         atomic_write_text(out / "best_config.yaml",
                           f"# best trial {best['trial_id']}: test accuracy {best['accuracy']:.4f}, "
                           f"{best['macs']:,} MACs\n# reproduce: raydistill run best_config.yaml\n" + best_cfg.to_yaml())
-    label_only = [r for r in done if r.get("distill.alpha") == 0.0 and not r.get("distill.beta")]
+    label_only = [r for r in done if is_label_only(r)]
     same_ratio = [r for r in label_only if best is not None and r.get("prune.ratio", cfg.prune.ratio)
                   == best.get("prune.ratio", cfg.prune.ratio)]
     vs_label_only = None

@@ -40,7 +40,7 @@ from raydistill.core.losses import (
     standardize_logits,
 )
 from raydistill.core.metrics import accuracy_over
-from raydistill.core.pruning import ChannelPruner, sparsity_schedule
+from raydistill.core.pruning import ChannelPruner, MagnitudePruner, sparsity_schedule
 from raydistill.data import image_side, shard_indices
 from raydistill.errors import NonFiniteLossError
 from raydistill.job import PRECISIONS, Phase, StageJob
@@ -364,7 +364,16 @@ def with_hint_adapter(model, teacher, cfg: Config, example, device):
     return HintStudent(model, d.hint_student_layer, adapter.to(device))
 
 
-def prune_step_(pruner: ChannelPruner | None, phase: Phase, epoch_in_phase: int, ddp, x, y, device,
+def make_pruner(model, example, phase: Phase) -> ChannelPruner | MagnitudePruner | None:
+    """The pruner of a phase with a pruning schedule (``prune.kind``): channels or single weights."""
+    if phase.prune is None:
+        return None
+    if phase.prune.kind == "unstructured":
+        return MagnitudePruner(model)
+    return ChannelPruner(model, example, importance=phase.prune.importance)
+
+
+def prune_step_(pruner: ChannelPruner | MagnitudePruner | None, phase: Phase, epoch_in_phase: int, ddp, x, y, device,
                 world: int) -> float:
     """Raise the sparsity to this epoch's point of the schedule (masks); returns the ratio (0 without pruning).
     x (B, *shape), y (B,): a batch of training samples for Taylor importance's gradients."""
@@ -436,7 +445,7 @@ def run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
         # each phase starts from a seed of its own: a stage that continues another (the pipeline's prune stage
         # after KD) runs exactly as the same phase inside one loop (a sweep trial)
         torch.manual_seed(cfg.seed * 1_000_003 + e0)
-        pruner = ChannelPruner(model, example, importance=phase.prune.importance) if phase.prune else None
+        pruner = make_pruner(model, example, phase)
         ddp = session.prepare_model(with_hint_adapter(model, teacher, cfg, example, device))
         opt = torch.optim.AdamW(ddp.parameters(), lr=phase.lr, weight_decay=phase.weight_decay)
         steps = phase.epochs * math.ceil(data.rows / phase.batch_size)

@@ -180,6 +180,32 @@ def size_bytes(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
+def sparse_size_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save`` of the state dict with every Linear/Conv weight stored sparse: a bitmap of its
+    non-zeros (``numpy.packbits``, one bit per weight) plus the non-zero values; every other tensor dense.
+
+    What an unstructured-pruned model costs on disk in a simple sparse encoding (at 50 % sparsity a float32
+    weight takes 1/2 + 1/32 of its dense bytes). Its forward pass is as dense as before: unstructured
+    sparsity saves storage, not dense compute.
+    """
+    import numpy as np
+
+    weights = {f"{name}.weight" for name, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(m.weight, torch.Tensor)}
+    state = {}
+    for key, t in model.state_dict().items():
+        t = t.detach().cpu()
+        if key in weights:
+            nonzero = t != 0
+            state[key] = {"shape": list(t.shape), "dtype": str(t.dtype),
+                          "bitmap": torch.from_numpy(np.packbits(nonzero.flatten().numpy())), "values": t[nonzero]}
+        else:
+            state[key] = t
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer().nbytes
+
+
 def weight_sparsity(model: nn.Module) -> float:
     """Fraction of exactly-zero entries among the weights of Linear and Conv layers.
 

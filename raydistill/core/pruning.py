@@ -39,15 +39,20 @@ __all__ = [
     "remove_masks_",
     "sparsity",
     "ChannelPruner",
+    "MagnitudePruner",
     "apply_pruning_plan_",
     "sparsity_schedule",
     "IMPORTANCES",
     "PLAN_KINDS",
+    "PRUNE_KINDS",
     "SCHEDULES",
 ]
 
 IMPORTANCES = ("l1", "bn_scale", "taylor")
 SCHEDULES = ("oneshot", "linear", "cubic")
+# prune.kind: channel (ChannelPruner: channels removed, a smaller dense model) | unstructured (MagnitudePruner:
+# individual weights zeroed, same dense shapes, so no dense speed-up)
+PRUNE_KINDS = ("channel", "unstructured")
 
 # Pruning-plan "kind" -> Torch-Pruning root pruning function. Only output-side roots:
 # every group is rooted at the layer that *produces* the channels (as tp's
@@ -304,6 +309,68 @@ def sparsity(model: nn.Module, layer_types: Sequence[type] = (nn.Linear, nn.Conv
             "pass the layer classes it uses"
         )
     return zeros / total
+
+
+class MagnitudePruner:
+    """Unstructured magnitude pruning with the same interface as :class:`ChannelPruner`, for a training loop.
+
+    :meth:`mask_` picks, per layer, the ``round(ratio * numel)`` smallest ``|w|`` of every Linear and Conv
+    weight (:func:`magnitude_masks`, ``scope="layer"``; the classifier, the last ``nn.Linear``, stays dense
+    as with channel pruning) and zeroes them in place; :meth:`reapply_masks_` re-zeroes them after every
+    optimizer step. Unlike :func:`apply_masks_` it does not re-parametrise the weights
+    (``weight_orig``/``weight_mask``), so state dicts keep their keys and a checkpoint loads into a fresh
+    model. Already-zero weights are the smallest, so a rising ratio gives nested masks, and calling
+    :meth:`mask_` again at the same ratio keeps the same mask (a fine-tune phase holds it that way).
+
+    :meth:`remove_` returns an empty plan: nothing is removed, the model keeps its dense shapes and its dense
+    latency; only its sparsity (and a sparse encoding's size) changes.
+
+    Attributes:
+        masked: ``{layer_name: [sha256 of its mask]}`` (cheap to compare across ranks).
+        ratio: the highest ratio passed to :meth:`mask_` so far.
+    """
+
+    def __init__(self, model: nn.Module, skip: Sequence[str] | None = None) -> None:
+        _check_model(model)
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        if skip is None:
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            skip = linears[-1:]
+        self.model, self.skip = model, tuple(skip)
+        if not [n for n in names if n not in self.skip]:
+            raise ValueError("model has no Linear or Conv2d layer to prune besides the classifier")
+        self.masks: dict[str, Tensor] = {}
+        self.masked: dict[str, list[str]] = {}
+        self.ratio = 0.0
+
+    @torch.no_grad()
+    def mask_(self, ratio: float) -> dict:
+        """Zero the ``round(ratio * numel)`` smallest-magnitude weights of every pruned layer; returns
+        ``{"ratio", "masked_weights", "total_weights"}``."""
+        import hashlib
+
+        ratio = _check_fraction("ratio", ratio)
+        self.masks = magnitude_masks(self.model, ratio, scope="layer", skip=self.skip)
+        self.masked = {n: [hashlib.sha256(m.cpu().numpy().tobytes()).hexdigest()] for n, m in self.masks.items()}
+        self.ratio = max(self.ratio, ratio)
+        self.reapply_masks_()
+        return {"ratio": ratio, "masked_weights": sum(int((~m).sum()) for m in self.masks.values()),
+                "total_weights": sum(m.numel() for m in self.masks.values())}
+
+    @torch.no_grad()
+    def reapply_masks_(self) -> None:
+        """Re-zero the masked weights in place (Adam moments and weight decay move them); after every step."""
+        modules = dict(self.model.named_modules())
+        for name, mask in self.masks.items():
+            w = modules[name].weight
+            if mask.device != w.device:
+                self.masks[name] = mask = mask.to(w.device)
+            w.mul_(mask)
+
+    def remove_(self) -> list[dict]:
+        """Nothing to remove physically: the masked weights stay in place as zeros. Returns the empty plan."""
+        self.reapply_masks_()
+        return []
 
 
 # --------------------------------------------------------------------------- structured

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["init_from_teacher_", "low_rank_factorize_"]
+__all__ = ["init_from_teacher_", "low_rank_factorize_", "low_rank_ranks"]
 
 
 @torch.no_grad()
@@ -61,9 +61,52 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)  # works for Sequential/ModuleList children named "0", "1", ...
 
 
+def _factorizable(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Linear]]:
+    """The plain ``nn.Linear`` layers of ``model`` (not the model itself, not subclasses, not in ``skip``)."""
+    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and n != "" and n not in skip]
+
+
+@torch.no_grad()
+def low_rank_ranks(
+    model: nn.Module, rank: int | None = None, energy: float | None = None, skip: Sequence[str] = ()
+) -> dict[str, int]:
+    """The SVD rank per ``nn.Linear`` layer for a fixed ``rank`` or a kept ``energy``; ``{name: r}``.
+
+    ``rank``: the same ``r`` for every layer. ``energy`` in (0, 1]: per layer the smallest ``r`` with
+    ``sum(S[:r]^2) / sum(S^2) >= energy`` (the share of the weight's squared Frobenius norm kept; Eckart-Young).
+    Layers where ``r * (in + out) >= in * out`` (no fewer parameters) are left out.
+
+    Raises:
+        ValueError: neither or both of rank and energy; ``rank`` larger than a layer's ``min(in, out)`` (the
+            message names the layer).
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank and energy")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank!r}")
+    if energy is not None and not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy!r}")
+    ranks = {}
+    for name, linear in _factorizable(model, skip):
+        d_in, d_out = linear.in_features, linear.out_features
+        if rank is not None:
+            if rank > min(d_in, d_out):
+                raise ValueError(f"rank {rank} is larger than layer {name!r} (Linear {d_in}->{d_out}, rank at most "
+                                 f"{min(d_in, d_out)})")
+            r = rank
+        else:
+            s2 = torch.linalg.svdvals(linear.weight.float()) ** 2  # (min(in, out),)
+            kept = torch.cumsum(s2, 0) / s2.sum().clamp_min(1e-30)
+            r = int((kept < energy - 1e-6).sum()) + 1  # smallest r with kept[r - 1] >= energy
+        if r * (d_in + d_out) < d_in * d_out:
+            ranks[name] = r
+    return ranks
+
+
 @torch.no_grad()
 def low_rank_factorize_(
-    model: nn.Module, rank_ratio: float, min_features: int = 8, skip: Sequence[str] = ()
+    model: nn.Module, rank_ratio: float | None = None, min_features: int = 8, skip: Sequence[str] = (),
+    ranks: dict[str, int] | None = None,
 ) -> dict:
     """Replace ``nn.Linear`` layers by two thinner ones from a truncated SVD.
 
@@ -86,6 +129,9 @@ def low_rank_factorize_(
     of ``nn.Linear`` (e.g. ``MultiheadAttention.out_proj``, whose weight is read directly
     by its parent). A module reachable under two names is factorized under the first only.
 
+    With ``ranks`` (``{name: r}``, e.g. from :func:`low_rank_ranks` or a checkpoint's spec) exactly those
+    layers are factorized at those ranks and ``rank_ratio``, ``min_features`` and ``skip`` are not used.
+
     Args:
         model: changed in place.
         rank_ratio: in (0, 1]; fraction of ``min(in, out)`` kept.
@@ -96,7 +142,13 @@ def low_rank_factorize_(
         ``{name: {"rank": r, "rel_error": ||W - W_r||_F / ||W||_F, "params_before": int,
         "params_after": int}, ..., "skipped": [name, ...]}``; params include the bias.
     """
-    if not 0 < rank_ratio <= 1:
+    if ranks is not None:
+        layers = dict(_factorizable(model, ()))
+        unknown = [n for n in ranks if n not in layers]
+        if unknown:
+            raise ValueError(f"ranks names {unknown} that are not plain Linear layers of the model")
+        return _factorize_(model, [(n, layers[n], int(r)) for n, r in ranks.items()], {"skipped": []})
+    if rank_ratio is None or not 0 < rank_ratio <= 1:
         raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio!r}")
     if min_features < 1:
         raise ValueError(f"min_features must be >= 1, got {min_features!r}")
@@ -111,6 +163,7 @@ def low_rank_factorize_(
     report: dict = {"skipped": []}
     # Collect first: replacing modules while iterating named_modules() would mutate it.
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = []
     for name, linear in linears:
         d_in, d_out = linear.in_features, linear.out_features
         rank = max(1, round(rank_ratio * min(d_in, d_out)))
@@ -123,7 +176,14 @@ def low_rank_factorize_(
         ):
             report["skipped"].append(name)
             continue
+        chosen.append((name, linear, rank))
+    return _factorize_(model, chosen, report)
 
+
+def _factorize_(model: nn.Module, chosen: list[tuple[str, nn.Linear, int]], report: dict) -> dict:
+    """Replace each (name, linear, rank) of ``chosen`` by its rank-r SVD pair; add each to ``report``."""
+    for name, linear, rank in chosen:
+        d_in, d_out = linear.in_features, linear.out_features
         weight = linear.weight  # (out, in)
         u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)  # (out, m), (m,), (m, in)
         root_s = s[:rank].sqrt()  # (r,)
