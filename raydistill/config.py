@@ -121,6 +121,7 @@ class QuantizeConfig:
 class DeployConfig:
     min_accuracy: float | None = None  # export the final student only if its test accuracy reaches this
     min_ratio_to_teacher: float | None = None  # ... and only if student/teacher accuracy reaches this
+    formats: list[str] = field(default_factory=lambda: ["pt2"])  # what the final student is exported to: pt2 (deploy/student.pt2, torch.export) and/or onnx (deploy/student.onnx, torch's ONNX exporter, checked with ONNX Runtime on the test split)
 
 
 @dataclass
@@ -277,7 +278,7 @@ def validate(cfg: Config) -> Config:
 
     Every choice list comes from the module that implements the choices (one owner: a new data source,
     pruning importance or search algorithm is accepted here as soon as its module lists it)."""
-    from raydistill import augment, data, job, sweep
+    from raydistill import augment, data, export, job, sweep
     from raydistill.core import losses, pruning, quantize
 
     d, p, s = cfg.distill, cfg.prune, cfg.scale
@@ -341,6 +342,11 @@ def validate(cfg: Config) -> Config:
         if v is not None and not 0.0 <= v <= 1.5:
             raise ConfigError(f"{key} must be a fraction like 0.95 or null, got {v!r}; "
                               "fix it in the config or with --set")
+    if not cfg.deploy.formats or len(set(cfg.deploy.formats)) != len(cfg.deploy.formats):
+        raise ConfigError(f"deploy.formats must list each format once, got {cfg.deploy.formats!r}; "
+                          f"use some of {', '.join(export.DEPLOY_FORMATS)}, e.g. [pt2, onnx]")
+    for f in cfg.deploy.formats:
+        _choice("deploy.formats", f, export.DEPLOY_FORMATS)
     t = cfg.tune
     _choice("tune.search", t.search, sweep.SEARCHES)
     _choice("tune.scheduler", t.scheduler, sweep.SCHEDULERS)

@@ -110,6 +110,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
             log(f"data {name} split: {part['from']}", quiet)
     check_augment(cfg, splits.shape)
     validate_models(cfg, K, splits.shape)
+    check_deploy_formats(cfg, model_spec(cfg.student.model, cfg.student.kwargs, K, splits.shape), splits.shape)
     if uses_cache:
         check_given_cache(cfg, data_fp, image_side(splits.shape))
     t0 = time.perf_counter()
@@ -399,9 +400,31 @@ def deploy_student(ctx: RunContext, final: torch.nn.Module, final_name: str, mod
 
     gate = deploy_gate(models[final_name]["accuracy"], models["teacher"]["accuracy"], ctx.cfg.deploy.min_accuracy,
                        ctx.cfg.deploy.min_ratio_to_teacher)
-    exported = export_if_gate_passes(final.eval(), test_example(ctx.splits), ctx.out / "deploy", gate)
+    formats = ctx.cfg.deploy.formats
+    exported = (export_if_gate_passes(final.eval(), test_example(ctx.splits), ctx.out / "deploy", gate)
+                if "pt2" in formats else None)
     ctx.log(f"deploy gate: {gate['message']}")
-    return {"model": final_name, "gate": gate, "export": exported}
+    return {"model": final_name, "gate": gate, "export": exported,
+            **({"onnx": deploy_onnx(ctx, final, models[final_name], gate)} if "onnx" in formats else {})}
+
+
+def deploy_onnx(ctx: RunContext, final: torch.nn.Module, row: dict, gate: dict) -> dict | None:
+    """``deploy.formats`` with onnx: ``deploy/student.onnx``, checked with ONNX Runtime on the test split."""
+    from raydistill.onnx_export import export_onnx, remove_stale_onnx
+
+    if not gate["passed"]:
+        return None
+    remove_stale_onnx(ctx.out / "deploy")
+    data = ctx.splits  # in memory or streamed: the test split is read batch by batch
+
+    def test_batches():
+        return ((torch.as_tensor(x), torch.as_tensor(y)) for x, y, _ in data.batches("test"))
+
+    info = export_onnx(final, test_batches, torch.from_numpy(data.head("test", 2)[0]), ctx.out / "deploy", row)
+    ctx.log(f"ONNX: {info['file']} matches PyTorch on the test split (accuracy {info['accuracy']:.4f}, largest "
+            f"logit difference {info['max_abs_diff']:.2g}); ONNX Runtime {info['latency_ms_b1']:.3f} ms at batch 1, "
+            f"{info['latency_ms_b64']:.3f} ms at 64 (PyTorch {row['latency_ms_b1']:.3f} / {row['latency_ms_b64']:.3f})")
+    return info
 
 
 def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teacher: Teacher, deploy: dict) -> dict:
@@ -472,6 +495,17 @@ def validate_models(cfg: Config, num_classes: int, shape: tuple[int, ...]) -> No
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelError(f"{role} model '{name}' returns {shape} for a batch of 2, expected (2, {num_classes}) "
                              f"logits; make it output one logit per class")
+
+
+def check_deploy_formats(cfg: Config, student_spec: dict, sample_shape: tuple[int, ...]) -> None:
+    """``deploy.formats`` with onnx: the student must convert to ONNX, checked on the untrained student before
+    any training (an op without an ONNX translation fails here, named, not after the run)."""
+    if "onnx" not in cfg.deploy.formats:
+        return
+    from raydistill.onnx_export import check_onnx_exportable
+
+    with torch.random.fork_rng():  # the driver's RNG stream stays as it was (local-mode stages run here)
+        check_onnx_exportable(build_from_spec(student_spec), torch.randn(2, *sample_shape))
 
 
 def check_teacher_classes(cfg: Config, spec: dict, num_classes: int) -> None:
