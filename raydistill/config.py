@@ -52,9 +52,11 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    model: str = "cnn"  # built-in name, torchvision name, or package.module:function
+    model: str = "cnn"  # built-in name, torchvision name, timm:<name>, or package.module:function
     kwargs: dict[str, Any] = field(default_factory=lambda: {"widths": [64, 128], "hidden": 256})
     checkpoint: str | None = None  # a teacher.pt to load instead of training one
+    pretrained: str | None = None  # weights the teacher starts from, then fine-tunes for teacher.epochs: a local state-dict file (.pt/.pth/.safetensors; weights_only) or the zoo's weight name (torchvision: IMAGENET1K_V1, DEFAULT; timm: a pretrained tag such as a1_in1k, or default), downloaded only when named here
+    replace_head: bool = False  # with teacher.pretrained: train a new classifier head when the pretrained one has another class count (else that is an error)
     epochs: int = 10  # training epochs when no checkpoint is given
     lr: float = 0.003  # AdamW learning rate for the teacher
     batch_size: int = 64  # per-worker batch size for the teacher
@@ -63,7 +65,7 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    model: str = "cnn"  # built-in name, torchvision name, or package.module:function
+    model: str = "cnn"  # built-in name, torchvision name, timm:<name>, or package.module:function
     kwargs: dict[str, Any] = field(default_factory=lambda: {"widths": [16, 32], "hidden": 64})
     init_from_teacher: bool = False  # copy teacher tensors whose names and shapes match
 
@@ -409,6 +411,9 @@ def validate(cfg: Config) -> Config:
         )
     if d.hint_weight > 0 and d.hint_student_layer is None:
         raise ConfigError("distill.hint_weight > 0 needs distill.hint_student_layer and distill.hint_teacher_layer")
+    if cfg.teacher.pretrained is not None and cfg.teacher.checkpoint is not None:
+        raise ConfigError("teacher.pretrained and teacher.checkpoint are both set; a checkpoint is the finished "
+                          "teacher, pretrained weights are where its training starts: set one of them")
     if cfg.data.source == "parquet" and not (cfg.data.path or cfg.data.train):
         raise ConfigError("data.source is parquet but neither data.path nor data.train is set; "
                           "set data.path (or data.train) to the parquet file or folder")

@@ -111,6 +111,11 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     check_augment(cfg, splits.shape)
     validate_models(cfg, K, splits.shape)
     check_deploy_formats(cfg, model_spec(cfg.student.model, cfg.student.kwargs, K, splits.shape), splits.shape)
+    if cfg.teacher.pretrained:  # the weights fit the teacher (downloaded now when named): before any training
+        from raydistill.pretrained import pretrained_state
+
+        pretrained_state(model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape), cfg.teacher.pretrained,
+                         cfg.teacher.replace_head)
     if uses_cache:
         check_given_cache(cfg, data_fp, image_side(splits.shape))
     t0 = time.perf_counter()
@@ -212,17 +217,48 @@ def prepare_teacher(ctx: RunContext, with_cache: bool = False) -> Teacher:
         ctx.timings["teacher"] = {"seconds": time.perf_counter() - t0, "skipped": True}
     else:
         path = ctx.out / "teacher.pt"
-        key = digest(ctx.common_key, cfg.section_hash("teacher"))
+        key = digest(ctx.common_key, teacher_hash(cfg))
         if ctx.stages.done("teacher", key, path):
             ctx.timings["teacher"] = {"seconds": ctx.stages.records["teacher"]["seconds"], "skipped": True}
             ctx.log("stage teacher: up to date, skipped")
         else:
-            ctx.log(f"stage teacher: training {cfg.teacher.model} ({where(cfg)})")
-            train_model(ctx, "teacher", key, path, ctx.stage_job("teacher", ctx.t_spec, jobs.teacher_phases(cfg)))
+            init = teacher_init_state(ctx)
+            ctx.log(f"stage teacher: training {cfg.teacher.model} ({where(cfg)})"
+                    + (f", from pretrained {cfg.teacher.pretrained}" if init is not None else ""))
+            train_model(ctx, "teacher", key, path, ctx.stage_job("teacher", ctx.t_spec, jobs.teacher_phases(cfg),
+                                                                 init_state=init))
             ctx.timings["teacher"] = {"seconds": time.perf_counter() - t0}
         model, spec, _ = load_model(path)
     teacher = Teacher(model=model, spec=spec, sha256=sha256_file(path), path=path)
     return with_logit_cache(ctx, teacher) if with_cache else teacher
+
+
+def teacher_hash(cfg: Config) -> str:
+    """What the teacher stage's result depends on in the teacher section: ``section_hash("teacher")`` without
+    ``pretrained``/``replace_head`` while they are unset (so the keys of runs made before they existed still
+    match), and with a pretrained weights file's sha256."""
+    import hashlib
+
+    t = dataclasses.asdict(cfg.teacher)
+    if t["pretrained"] is None:
+        del t["pretrained"], t["replace_head"]
+    else:
+        from raydistill.pretrained import is_weights_file
+
+        if is_weights_file(t["pretrained"]) and Path(t["pretrained"]).is_file():
+            t["pretrained_sha256"] = sha256_file(Path(t["pretrained"]))
+    return hashlib.sha256(json.dumps({"teacher": t}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def teacher_init_state(ctx: RunContext):
+    """``teacher.pretrained``: the teacher's initial weights in the object store (None: a fresh init)."""
+    if ctx.cfg.teacher.pretrained is None:
+        return None
+    import ray
+
+    from raydistill.pretrained import pretrained_state
+
+    return ray.put(pretrained_state(ctx.t_spec, ctx.cfg.teacher.pretrained, ctx.cfg.teacher.replace_head))
 
 
 def train_baseline(ctx: RunContext, init_state: Any, teacher_sha: str) -> None:
