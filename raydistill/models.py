@@ -394,12 +394,14 @@ def timm_arch(name: str) -> str:
     return arch
 
 
-def build_timm(name: str, num_classes: int, in_channels: int, image_size: int, kwargs: dict) -> nn.Module:
+def build_timm(name: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict) -> nn.Module:
     """``timm:<name>``: ``timm.create_model(name, pretrained=False, num_classes=K, in_chans=C, **kwargs)``,
     randomly initialised (``teacher.pretrained`` loads weights). ``img_size`` is set from the data for the models
     whose position embeddings are sized by it (ViT-style); a CNN does not take it and is built without."""
     timm = _timm()
     arch = timm_arch(name)
+    in_channels, height, width = _needs_image(name, input_shape)
+    image_size = height if height == width else (height, width)
     reserved = sorted(k for k in kwargs if k in _TIMM_RESERVED)
     if reserved:
         raise ModelError(f"timm model option(s) {', '.join(reserved)} are set by raydistill (num_classes and "
@@ -438,7 +440,7 @@ def build_model(
         dims = {"num_classes": num_classes, **input_dims(input_shape)}
         return _call(BUILTIN_MODELS[name], repr(name), {**dims, **kwargs})
     if name.startswith(TIMM_PREFIX):
-        return build_timm(name, num_classes, in_channels, image_size, kwargs)
+        return build_timm(name, num_classes, input_shape, kwargs)
     if ":" in name:
         return _build_factory(name, num_classes, input_shape, kwargs)
     torchvision_names = _torchvision_names()

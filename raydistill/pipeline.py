@@ -185,6 +185,8 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     ctx.timings["total"] = {"seconds": time.perf_counter() - t_start}
 
     report = build_report(ctx, models, server_stats, teacher, deploy)
+    if cfg.prune.ratio > 0:
+        report["pruning"] = pruning_coverage(ctx)
     from raydistill.report import write_report
 
     write_report(ctx.out, report)
@@ -461,6 +463,17 @@ def deploy_onnx(ctx: RunContext, final: torch.nn.Module, row: dict, gate: dict) 
             f"logit difference {info['max_abs_diff']:.2g}); ONNX Runtime {info['latency_ms_b1']:.3f} ms at batch 1, "
             f"{info['latency_ms_b64']:.3f} ms at 64 (PyTorch {row['latency_ms_b1']:.3f} / {row['latency_ms_b64']:.3f})")
     return info
+
+
+def pruning_coverage(ctx: RunContext) -> dict:
+    """Which layer groups of the student channel pruning reaches, and why the others are left whole (the
+    classifier, attention projections, LayerNorm-coupled widths, ...): the report says it plainly."""
+    from raydistill.checkpoints import spec_input_shape
+    from raydistill.core.pruning import ChannelPruner
+
+    model = build_from_spec(ctx.s_spec).eval()
+    pruner = ChannelPruner(model, torch.zeros(1, *spec_input_shape(ctx.s_spec)), importance="l1")
+    return {"pruned_groups": sorted(pruner.channels), "not_pruned": pruner.skipped}
 
 
 def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teacher: Teacher, deploy: dict) -> dict:

@@ -125,6 +125,7 @@ def torchvision_state(arch: str, name: str) -> dict[str, Tensor]:
 def timm_state(spec: dict, tag: str) -> dict[str, Tensor]:
     import timm
 
+    from raydistill.checkpoints import spec_input_shape
     from raydistill.models import timm_arch
 
     arch = timm_arch(spec["name"])
@@ -137,7 +138,7 @@ def timm_state(spec: dict, tag: str) -> dict[str, Tensor]:
     kwargs = dict(spec.get("kwargs", {}))
     full = arch if tag == "default" else f"{arch}.{tag}"
     try:  # the pretrained head as it is: fit_state replaces it only when teacher.replace_head says so
-        model = timm.create_model(full, pretrained=True, in_chans=spec["in_channels"], **kwargs)
+        model = timm.create_model(full, pretrained=True, in_chans=spec_input_shape(spec)[0], **kwargs)
     except Exception as e:
         raise _download_error(f"timm's {full}", e) from None
     return model.state_dict()

@@ -36,6 +36,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["## Deploy gate", "", f"{dep['model']}: {dep['gate']['message']} ({where}).", ""]
         if dep.get("onnx"):
             lines += onnx_section(dep["model"], models.get(dep["model"]), dep["onnx"])
+    if report.get("pruning"):
+        p = report["pruning"]
+        lines += ["## Pruning coverage", "",
+                  f"Channel pruning reaches {len(p['pruned_groups'])} layer group(s) of the student; "
+                  f"{len(p['not_pruned'])} stay whole:", ""]
+        lines += [f"- {name}: {reason}" for name, reason in p["not_pruned"].items()] + [""]
     lines += ["## Stage wall times (s)", "", "| stage | seconds | skipped |", "| --- | ---: | --- |"]
     for stage, info in t.items():
         lines.append(f"| {stage} | {info['seconds']:.1f} | {'yes' if info.get('skipped') else 'no'} |")
