@@ -163,6 +163,14 @@ class TuneConfig:
 
 
 @dataclass
+class TrackConfig:
+    mlflow: bool = False  # log to MLflow: config params, per-epoch metrics of every stage (a nested run each), report rows, report.md/.json/.png; tune: a nested run per trial
+    mlflow_uri: str | None = None  # MLflow tracking URI (http://host:5000, sqlite:///path.db); null = sqlite:///RUN/mlflow/mlflow.db, a store in the run folder
+    mlflow_experiment: str = "raydistill"  # MLflow experiment the runs go to
+    tensorboard: bool = False  # TensorBoard event files with each stage's per-epoch metrics in RUN/tensorboard/<stage>/
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -174,6 +182,7 @@ class Config:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     seed: int = 0  # seed for model init and data order
 
     # ---- conversions -------------------------------------------------------------------

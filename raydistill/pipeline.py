@@ -116,6 +116,9 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
 
         pretrained_state(model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape), cfg.teacher.pretrained,
                          cfg.teacher.replace_head)
+    from raydistill.track import check_tracking
+
+    check_tracking(cfg, out)  # an unreachable tracking server fails here, before any training
     if uses_cache:
         check_given_cache(cfg, data_fp, image_side(splits.shape))
     t0 = time.perf_counter()
@@ -191,6 +194,10 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
 
     write_report(ctx.out, report)
     write_manifest(ctx.out, config=cfg.to_dict())  # sha256 of every artifact: `raydistill verify RUN`
+    if cfg.track.mlflow or cfg.track.tensorboard:
+        from raydistill.track import log_run
+
+        log_run(cfg, ctx.out, report, {s: r["history"] for s, r in ctx.stages.records.items() if r.get("history")})
     ctx.log(f"done in {ctx.timings['total']['seconds']:.0f} s")  # the CLI prints the table and report.md's path
     return report
 
@@ -324,8 +331,10 @@ def train_model(ctx: RunContext, stage: str, key: str, path: Path, job: StageJob
     spec = {**job.spec, "plan": state["plan"]}
     save_model(path, build_from_spec(spec, state["model"]), spec, {"stage": stage, "key": key})
     sps = [h["samples_per_s_global"] for h in (result.return_value or {}).get("history", [])]
-    ctx.stages.record(stage, key, path, time.perf_counter() - t0,
-                      {"samples_per_s_median": sorted(sps)[len(sps) // 2] if sps else None})
+    history = [{k: v for k, v in h.items() if isinstance(v, (int, float, str))}
+               for h in (result.return_value or {}).get("history", [])]
+    ctx.stages.record(stage, key, path, time.perf_counter() - t0,  # the history: track.log_run, also on a rerun
+                      {"samples_per_s_median": sorted(sps)[len(sps) // 2] if sps else None, "history": history})
 
 
 def init_state_from_teacher(ctx: RunContext, teacher: Teacher):
@@ -569,7 +578,7 @@ def check_run_folder(out: Path, cfg: Config) -> None:
     if existing.exists():
         old = config_mod.from_dict(__import__("yaml").safe_load(existing.read_text()))
         # the tune section only steers sweeps; it does not change any result of the pipeline
-        keys = [k for k in config_mod.all_keys() if not k.startswith("tune.")]
+        keys = [k for k in config_mod.all_keys() if not k.startswith(("tune.", "track."))]  # nor does track
         diff = [k for k in keys if config_mod.get(old, k) != config_mod.get(cfg, k)]
         if diff:
             raise RunFolderError(f"run folder {out} holds results of another config "
