@@ -30,7 +30,7 @@ def pretrained(tmp_path_factory, tiny_teacher):
 def _run(out, pretrained, **more):
     # lr ~ 0: the teacher's one epoch keeps the pretrained weights, which shows that training started from them
     return raydistill.run(None, out, quiet=True, teacher={"pretrained": pretrained, "lr": 1e-12},
-                          **{**SMOKE, **ONNX, **VIT, **more})
+                          track={"tensorboard": True}, **{**SMOKE, **ONNX, **VIT, **more})
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,11 @@ def test_the_timm_vit_student_is_pruned_where_it_can_be_and_the_report_says_wher
     assert "attention projection" in coverage["not_pruned"]["blocks.0.attn.qkv"]
     assert "blocks.0.attn.qkv: attention projection" in (api_run.out / "report.md").read_text()
     assert (api_run.out / "deploy" / "student.pt2").is_file()
+
+
+def test_tensorboard_has_every_stages_epochs(api_run):
+    for stage in ("teacher", "student_baseline", "student_kd", "student_pruned"):
+        assert list((api_run.out / "tensorboard" / stage).glob("events.out.tfevents.*")), stage
 
 
 def test_onnx_export_is_checked_reported_and_in_the_manifest(api_run, tmp_path):
