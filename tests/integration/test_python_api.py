@@ -44,9 +44,8 @@ def test_run_returns_the_report_and_load_student_gives_the_final_student(api_run
     student = raydistill.load_student(api_run.out)
     row = api_run.models["student_pruned"]
     assert sum(p.numel() for p in student.parameters()) == row["params"]
-    x, y = evaluate.test_tensors(load_data(raydistill.load_config(api_run.report["config"])))
-    with torch.no_grad():
-        assert (student(x).argmax(1) == y).float().mean().item() == pytest.approx(row["accuracy"])
+    data = load_data(raydistill.load_config(api_run.report["config"]))
+    assert evaluate.test_accuracy(student, data) == pytest.approx(row["accuracy"])
 
 
 def test_rerun_resumes_and_another_config_is_refused(api_run, pretrained):
