@@ -44,7 +44,7 @@ def test_bad_input_raises_the_clis_user_errors(call, match):
 
 
 def _run_folder(tmp_path, names):
-    spec = model_spec("cnn", {"widths": [4], "hidden": 8}, 10, 1, 8)
+    spec = model_spec("cnn", {"widths": [4], "hidden": 8}, 10, (1, 8, 8))
     torch.manual_seed(0)
     models = {name: build_from_spec(spec) for name in names}
     for name, model in models.items():
