@@ -52,11 +52,13 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    model: str = "cnn"  # built-in name, torchvision name, or package.module:function
+    model: str = "cnn"  # built-in name, torchvision name, timm:<name>, or package.module:function
     kwargs: dict[str, Any] = field(default_factory=lambda: {"widths": [64, 128], "hidden": 256})
     checkpoint: str | None = None  # a teacher.pt to load instead of training one
     ensemble: list[str] = field(default_factory=list)  # more teacher.pt files: the teacher is then the weighted average of the logits of the run's teacher and these (live actor, cache and in-process alike)
     weights: list[float] | None = None  # one weight per teacher (the run's teacher first, then teacher.ensemble); null = equal
+    pretrained: str | None = None  # weights the teacher starts from, then fine-tunes for teacher.epochs: a local state-dict file (.pt/.pth/.safetensors; weights_only) or the zoo's weight name (torchvision: IMAGENET1K_V1, DEFAULT; timm: a pretrained tag such as a1_in1k, or default), downloaded only when named here
+    replace_head: bool = False  # with teacher.pretrained: train a new classifier head when the pretrained one has another class count (else that is an error)
     epochs: int = 10  # training epochs when no checkpoint is given
     lr: float = 0.003  # AdamW learning rate for the teacher
     batch_size: int = 64  # per-worker batch size for the teacher
@@ -65,7 +67,7 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    model: str = "cnn"  # built-in name, torchvision name, or package.module:function
+    model: str = "cnn"  # built-in name, torchvision name, timm:<name>, or package.module:function
     kwargs: dict[str, Any] = field(default_factory=lambda: {"widths": [16, 32], "hidden": 64})
     init_from_teacher: bool = False  # copy teacher tensors whose names and shapes match
 
@@ -134,6 +136,7 @@ class QuantizeConfig:
 class DeployConfig:
     min_accuracy: float | None = None  # export the final student only if its test accuracy reaches this
     min_ratio_to_teacher: float | None = None  # ... and only if student/teacher accuracy reaches this
+    formats: list[str] = field(default_factory=lambda: ["pt2"])  # what the final student is exported to: pt2 (deploy/student.pt2, torch.export) and/or onnx (deploy/student.onnx, torch's ONNX exporter, checked with ONNX Runtime on the test split)
 
 
 @dataclass
@@ -173,6 +176,14 @@ class TuneConfig:
 
 
 @dataclass
+class TrackConfig:
+    mlflow: bool = False  # log to MLflow: config params, per-epoch metrics of every stage (a nested run each), report rows, report.md/.json/.png; tune: a nested run per trial
+    mlflow_uri: str | None = None  # MLflow tracking URI (http://host:5000, sqlite:///path.db); null = sqlite:///RUN/mlflow/mlflow.db, a store in the run folder
+    mlflow_experiment: str = "raydistill"  # MLflow experiment the runs go to
+    tensorboard: bool = False  # TensorBoard event files with each stage's per-epoch metrics in RUN/tensorboard/<stage>/
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -185,6 +196,7 @@ class Config:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     seed: int = 0  # seed for model init and data order
 
     # ---- conversions -------------------------------------------------------------------
@@ -291,7 +303,7 @@ def validate(cfg: Config) -> Config:
 
     Every choice list comes from the module that implements the choices (one owner: a new data source,
     pruning importance or search algorithm is accepted here as soon as its module lists it)."""
-    from raydistill import augment, data, job, sweep
+    from raydistill import augment, data, export, job, sweep
     from raydistill.core import losses, pruning, quantize
 
     d, p, s = cfg.distill, cfg.prune, cfg.scale
@@ -379,6 +391,11 @@ def validate(cfg: Config) -> Config:
         if not all(w >= 0.0 for w in tw) or not sum(tw) > 0:  # NaN fails >= too
             raise ConfigError(f"teacher.weights must be >= 0 (not NaN) with a positive sum, got {tw}; "
                               "fix it in the config or with --set")
+    if not cfg.deploy.formats or len(set(cfg.deploy.formats)) != len(cfg.deploy.formats):
+        raise ConfigError(f"deploy.formats must list each format once, got {cfg.deploy.formats!r}; "
+                          f"use some of {', '.join(export.DEPLOY_FORMATS)}, e.g. [pt2, onnx]")
+    for f in cfg.deploy.formats:
+        _choice("deploy.formats", f, export.DEPLOY_FORMATS)
     t = cfg.tune
     _choice("tune.search", t.search, sweep.SEARCHES)
     _choice("tune.scheduler", t.scheduler, sweep.SCHEDULERS)
@@ -441,6 +458,9 @@ def validate(cfg: Config) -> Config:
         )
     if d.hint_weight > 0 and d.hint_student_layer is None:
         raise ConfigError("distill.hint_weight > 0 needs distill.hint_student_layer and distill.hint_teacher_layer")
+    if cfg.teacher.pretrained is not None and cfg.teacher.checkpoint is not None:
+        raise ConfigError("teacher.pretrained and teacher.checkpoint are both set; a checkpoint is the finished "
+                          "teacher, pretrained weights are where its training starts: set one of them")
     if cfg.data.source == "parquet" and not (cfg.data.path or cfg.data.train):
         raise ConfigError("data.source is parquet but neither data.path nor data.train is set; "
                           "set data.path (or data.train) to the parquet file or folder")

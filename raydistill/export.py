@@ -37,6 +37,7 @@ from raydistill.errors import ConfigError, ModelError
 
 __all__ = [
     "ARTIFACT_FILES",
+    "DEPLOY_FORMATS",
     "PREDICT_SCRIPT",
     "deploy_gate",
     "export_if_gate_passes",
@@ -48,6 +49,7 @@ TORCHSCRIPT_FILE = "student.torchscript.pt"
 PREDICT_FILE = "predict.py"
 META_FILE = "artifact.json"
 ARTIFACT_FILES = (PT2_FILE, TORCHSCRIPT_FILE, PREDICT_FILE, META_FILE)
+DEPLOY_FORMATS = ("pt2", "onnx")  # deploy.formats: export_model's torch artifacts; onnx_export.export_onnx
 
 # Tolerance when checking a reloaded artifact against the in-process model (same kernels,
 # but export may reorder float ops).

@@ -45,7 +45,7 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 SIGNING_KEY_ENV = "RAYDISTILL_SIGNING_KEY"
-EXCLUDED_DIRS = ("ray_train",)
+EXCLUDED_DIRS = ("ray_train", "mlflow", "tensorboard")  # Ray Train's storage; track.TRACKING_DIRS (logs)
 FORMAT = "raydistill-manifest/1"
 _FIX = "rerun the stage or restore the file"
 

@@ -7,7 +7,8 @@ order (``input_shape`` is one sample's shape: (F,), (C, L) or (C, H, W); the old
 1. a built-in from ``BUILTIN_MODELS`` (plain functions, callable directly);
 2. a torchvision classifier (``resnet18``, ``mobilenet_v2``, ...), always with
    ``weights=None`` so nothing is ever downloaded;
-3. a user factory ``"package.module:function"``.
+3. ``"timm:<name>"``: a timm model (``build_timm``), randomly initialised;
+4. a user factory ``"package.module:function"``.
 
 Every failure a user can cause is a ``ModelError`` with a one-line message that names
 the problem and the fix.
@@ -16,6 +17,7 @@ the problem and the fix.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import math
@@ -366,6 +368,55 @@ def _build_factory(spec: str, num_classes: int, input_shape: tuple[int, ...], kw
     return model
 
 
+TIMM_PREFIX = "timm:"
+# set from the data, or by teacher.pretrained (models never download while being built)
+_TIMM_RESERVED = ("num_classes", "in_chans", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay")
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ModelError("timm models need the timm package; pip install 'raydistill[timm]'") from None
+    return timm
+
+
+def timm_arch(name: str) -> str:
+    """The timm architecture of ``timm:<name>[.<pretrained tag>]``, checked: an unknown name is a ModelError
+    with the closest timm names."""
+    timm = _timm()
+    arch, _ = timm.models.split_model_name_tag(name[len(TIMM_PREFIX):].strip())
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(repr(TIMM_PREFIX + c) for c in close)}?" if close else (
+            "timm.list_models('*pattern*') lists the names")
+        raise ModelError(f"unknown timm model {arch!r}: {hint}")
+    return arch
+
+
+def build_timm(name: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict) -> nn.Module:
+    """``timm:<name>``: ``timm.create_model(name, pretrained=False, num_classes=K, in_chans=C, **kwargs)``,
+    randomly initialised (``teacher.pretrained`` loads weights). ``img_size`` is set from the data for the models
+    whose position embeddings are sized by it (ViT-style); a CNN does not take it and is built without."""
+    timm = _timm()
+    arch = timm_arch(name)
+    in_channels, height, width = _needs_image(name, input_shape)
+    image_size = height if height == width else (height, width)
+    reserved = sorted(k for k in kwargs if k in _TIMM_RESERVED)
+    if reserved:
+        raise ModelError(f"timm model option(s) {', '.join(reserved)} are set by raydistill (num_classes and "
+                         "in_chans from the data, weights by teacher.pretrained); remove them from the kwargs")
+    create = functools.partial(timm.create_model, arch, pretrained=False)
+    base = {"num_classes": num_classes, "in_chans": in_channels, **kwargs}
+    if "img_size" not in kwargs:
+        try:
+            return _call(create, repr(name), {**base, "img_size": image_size})
+        except ModelError as e:  # timm passes unknown options to the model class: a CNN rejects img_size
+            if "'img_size'" not in str(e):
+                raise
+    return _call(create, repr(name), base)
+
+
 def build_model(
     name: str, num_classes: int, in_channels: int | None = None, image_size: int | None = None, *,
     input_shape: Sequence[int] | None = None, **kwargs
@@ -388,6 +439,8 @@ def build_model(
     if name in BUILTIN_MODELS:
         dims = {"num_classes": num_classes, **input_dims(input_shape)}
         return _call(BUILTIN_MODELS[name], repr(name), {**dims, **kwargs})
+    if name.startswith(TIMM_PREFIX):
+        return build_timm(name, num_classes, input_shape, kwargs)
     if ":" in name:
         return _build_factory(name, num_classes, input_shape, kwargs)
     torchvision_names = _torchvision_names()

@@ -113,6 +113,15 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
             log(f"data {name} split: {part['from']}", quiet)
     check_augment(cfg, splits.shape)
     validate_models(cfg, K, splits.shape)
+    check_deploy_formats(cfg, model_spec(cfg.student.model, cfg.student.kwargs, K, splits.shape), splits.shape)
+    if cfg.teacher.pretrained:  # the weights fit the teacher (downloaded now when named): before any training
+        from raydistill.pretrained import pretrained_state
+
+        pretrained_state(model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape), cfg.teacher.pretrained,
+                         cfg.teacher.replace_head)
+    from raydistill.track import check_tracking
+
+    check_tracking(cfg, out)  # an unreachable tracking server fails here, before any training
     if uses_cache:
         check_given_cache(cfg, data_fp, image_side(splits.shape))
     t0 = time.perf_counter()
@@ -187,10 +196,16 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     ctx.timings["total"] = {"seconds": time.perf_counter() - t_start}
 
     report = build_report(ctx, models, server_stats, teacher, deploy, selection)
+    if cfg.prune.ratio > 0:
+        report["pruning"] = pruning_coverage(ctx)
     from raydistill.report import write_report
 
     write_report(ctx.out, report)
     write_manifest(ctx.out, config=cfg.to_dict())  # sha256 of every artifact: `raydistill verify RUN`
+    if cfg.track.mlflow or cfg.track.tensorboard:
+        from raydistill.track import log_run
+
+        log_run(cfg, ctx.out, report, {s: r["history"] for s, r in ctx.stages.records.items() if r.get("history")})
     ctx.log(f"done in {ctx.timings['total']['seconds']:.0f} s")  # the CLI prints the table and report.md's path
     return report
 
@@ -219,13 +234,16 @@ def prepare_teacher(ctx: RunContext, with_cache: bool = False) -> Teacher:
         ctx.timings["teacher"] = {"seconds": time.perf_counter() - t0, "skipped": True}
     else:
         path = ctx.out / "teacher.pt"
-        key = digest(ctx.common_key, cfg.section_hash("teacher"))
+        key = digest(ctx.common_key, teacher_hash(cfg))
         if ctx.stages.done("teacher", key, path):
             ctx.timings["teacher"] = {"seconds": ctx.stages.records["teacher"]["seconds"], "skipped": True}
             ctx.log("stage teacher: up to date, skipped")
         else:
-            ctx.log(f"stage teacher: training {cfg.teacher.model} ({where(cfg)})")
-            train_model(ctx, "teacher", key, path, ctx.stage_job("teacher", ctx.t_spec, jobs.teacher_phases(cfg)))
+            init = teacher_init_state(ctx)
+            ctx.log(f"stage teacher: training {cfg.teacher.model} ({where(cfg)})"
+                    + (f", from pretrained {cfg.teacher.pretrained}" if init is not None else ""))
+            train_model(ctx, "teacher", key, path, ctx.stage_job("teacher", ctx.t_spec, jobs.teacher_phases(cfg),
+                                                                 init_state=init))
             ctx.timings["teacher"] = {"seconds": time.perf_counter() - t0}
         model, spec, _ = load_model(path)
     teacher = Teacher(model=model, spec=spec, sha256=sha256_file(path), path=path)
@@ -253,6 +271,32 @@ def baseline_key(ctx: RunContext, teacher_sha: str) -> str:
     cfg, d = ctx.cfg, ctx.cfg.distill
     budget = dict(epochs=d.epochs, lr=d.lr, batch_size=d.batch_size, weight_decay=d.weight_decay)
     return digest(ctx.common_key, cfg.section_hash("student"), teacher_sha, "baseline", budget)
+def teacher_hash(cfg: Config) -> str:
+    """What the teacher stage's result depends on in the teacher section: ``section_hash("teacher")`` without
+    ``pretrained``/``replace_head`` while they are unset (so the keys of runs made before they existed still
+    match), and with a pretrained weights file's sha256."""
+    import hashlib
+
+    t = dataclasses.asdict(cfg.teacher)
+    if t["pretrained"] is None:
+        del t["pretrained"], t["replace_head"]
+    else:
+        from raydistill.pretrained import is_weights_file
+
+        if is_weights_file(t["pretrained"]) and Path(t["pretrained"]).is_file():
+            t["pretrained_sha256"] = sha256_file(Path(t["pretrained"]))
+    return hashlib.sha256(json.dumps({"teacher": t}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def teacher_init_state(ctx: RunContext):
+    """``teacher.pretrained``: the teacher's initial weights in the object store (None: a fresh init)."""
+    if ctx.cfg.teacher.pretrained is None:
+        return None
+    import ray
+
+    from raydistill.pretrained import pretrained_state
+
+    return ray.put(pretrained_state(ctx.t_spec, ctx.cfg.teacher.pretrained, ctx.cfg.teacher.replace_head))
 
 
 def train_baseline(ctx: RunContext, init_state: Any, teacher_sha: str) -> None:
@@ -390,8 +434,10 @@ def train_model(ctx: RunContext, stage: str, key: str, path: Path, job: StageJob
     spec = {**job.spec, "plan": state["plan"]}
     save_model(path, build_from_spec(spec, state["model"]), spec, {"stage": stage, "key": key})
     sps = [h["samples_per_s_global"] for h in (result.return_value or {}).get("history", [])]
-    ctx.stages.record(stage, key, path, time.perf_counter() - t0,
-                      {"samples_per_s_median": sorted(sps)[len(sps) // 2] if sps else None})
+    history = [{k: v for k, v in h.items() if isinstance(v, (int, float, str))}
+               for h in (result.return_value or {}).get("history", [])]
+    ctx.stages.record(stage, key, path, time.perf_counter() - t0,  # the history: track.log_run, also on a rerun
+                      {"samples_per_s_median": sorted(sps)[len(sps) // 2] if sps else None, "history": history})
 
 
 def init_state_from_teacher(ctx: RunContext, teacher: Teacher):
@@ -528,9 +574,42 @@ def deploy_student(ctx: RunContext, final: torch.nn.Module, final_name: str, mod
 
     gate = deploy_gate(models[final_name]["accuracy"], models["teacher"]["accuracy"], ctx.cfg.deploy.min_accuracy,
                        ctx.cfg.deploy.min_ratio_to_teacher)
-    exported = export_if_gate_passes(final.eval(), test_example(ctx.splits), ctx.out / "deploy", gate)
+    formats = ctx.cfg.deploy.formats
+    exported = (export_if_gate_passes(final.eval(), test_example(ctx.splits), ctx.out / "deploy", gate)
+                if "pt2" in formats else None)
     ctx.log(f"deploy gate: {gate['message']}")
-    return {"model": final_name, "gate": gate, "export": exported}
+    return {"model": final_name, "gate": gate, "export": exported,
+            **({"onnx": deploy_onnx(ctx, final, models[final_name], gate)} if "onnx" in formats else {})}
+
+
+def deploy_onnx(ctx: RunContext, final: torch.nn.Module, row: dict, gate: dict) -> dict | None:
+    """``deploy.formats`` with onnx: ``deploy/student.onnx``, checked with ONNX Runtime on the test split."""
+    from raydistill.onnx_export import export_onnx, remove_stale_onnx
+
+    if not gate["passed"]:
+        return None
+    remove_stale_onnx(ctx.out / "deploy")
+    data = ctx.splits  # in memory or streamed: the test split is read batch by batch
+
+    def test_batches():
+        return ((torch.as_tensor(x), torch.as_tensor(y)) for x, y, _ in data.batches("test"))
+
+    info = export_onnx(final, test_batches, torch.from_numpy(data.head("test", 2)[0]), ctx.out / "deploy", row)
+    ctx.log(f"ONNX: {info['file']} matches PyTorch on the test split (accuracy {info['accuracy']:.4f}, largest "
+            f"logit difference {info['max_abs_diff']:.2g}); ONNX Runtime {info['latency_ms_b1']:.3f} ms at batch 1, "
+            f"{info['latency_ms_b64']:.3f} ms at 64 (PyTorch {row['latency_ms_b1']:.3f} / {row['latency_ms_b64']:.3f})")
+    return info
+
+
+def pruning_coverage(ctx: RunContext) -> dict:
+    """Which layer groups of the student channel pruning reaches, and why the others are left whole (the
+    classifier, attention projections, LayerNorm-coupled widths, ...): the report says it plainly."""
+    from raydistill.checkpoints import spec_input_shape
+    from raydistill.core.pruning import ChannelPruner
+
+    model = build_from_spec(ctx.s_spec).eval()
+    pruner = ChannelPruner(model, torch.zeros(1, *spec_input_shape(ctx.s_spec)), importance="l1")
+    return {"pruned_groups": sorted(pruner.channels), "not_pruned": pruner.skipped}
 
 
 def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teacher: Teacher, deploy: dict,
@@ -625,6 +704,17 @@ def validate_models(cfg: Config, num_classes: int, shape: tuple[int, ...]) -> No
                              f"logits; make it output one logit per class")
 
 
+def check_deploy_formats(cfg: Config, student_spec: dict, sample_shape: tuple[int, ...]) -> None:
+    """``deploy.formats`` with onnx: the student must convert to ONNX, checked on the untrained student before
+    any training (an op without an ONNX translation fails here, named, not after the run)."""
+    if "onnx" not in cfg.deploy.formats:
+        return
+    from raydistill.onnx_export import check_onnx_exportable
+
+    with torch.random.fork_rng():  # the driver's RNG stream stays as it was (local-mode stages run here)
+        check_onnx_exportable(build_from_spec(student_spec), torch.randn(2, *sample_shape))
+
+
 def check_teacher_classes(cfg: Config, spec: dict, num_classes: int) -> None:
     if spec["num_classes"] != num_classes:
         raise CheckpointError(f"teacher checkpoint {cfg.teacher.checkpoint} predicts {spec['num_classes']} "
@@ -647,7 +737,7 @@ def check_run_folder(out: Path, cfg: Config) -> None:
     if existing.exists():
         old = config_mod.from_dict(__import__("yaml").safe_load(existing.read_text()))
         # the tune section only steers sweeps; it does not change any result of the pipeline
-        keys = [k for k in config_mod.all_keys() if not k.startswith("tune.")]
+        keys = [k for k in config_mod.all_keys() if not k.startswith(("tune.", "track."))]  # nor does track
         diff = [k for k in keys if config_mod.get(old, k) != config_mod.get(cfg, k)]
         if diff:
             raise RunFolderError(f"run folder {out} holds results of another config "

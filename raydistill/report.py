@@ -45,6 +45,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         dep = report["deploy"]
         where = f"exported to {dep['export']['artifact']}" if dep.get("export") else "nothing exported"
         lines += ["## Deploy gate", "", f"{dep['model']}: {dep['gate']['message']} ({where}).", ""]
+        if dep.get("onnx"):
+            lines += onnx_section(dep["model"], models.get(dep["model"]), dep["onnx"])
+    if report.get("pruning"):
+        p = report["pruning"]
+        lines += ["## Pruning coverage", "",
+                  f"Channel pruning reaches {len(p['pruned_groups'])} layer group(s) of the student; "
+                  f"{len(p['not_pruned'])} stay whole:", ""]
+        lines += [f"- {name}: {reason}" for name, reason in p["not_pruned"].items()] + [""]
     lines += ["## Stage wall times (s)", "", "| stage | seconds | skipped |", "| --- | ---: | --- |"]
     for stage, info in t.items():
         lines.append(f"| {stage} | {info['seconds']:.1f} | {'yes' if info.get('skipped') else 'no'} |")
@@ -56,6 +64,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Latency: median of repeated CPU forwards with {report.get('latency_threads', 1)} thread(s); "
               "accuracy on the held-out test split.", ""]
     return "\n".join(lines)
+
+
+def onnx_section(name: str, row: dict[str, Any] | None, o: dict[str, Any]) -> list[str]:
+    """The exported ONNX model next to the PyTorch model it came from (same test split, same thread count)."""
+    torch_size = f"{row['size_bytes'] / 1024:.1f}" if row else "–"
+    return ["## ONNX Runtime vs PyTorch (CPU)", "",
+            "| runtime | accuracy | latency b1 (ms) | latency b64 (ms) | size (KiB) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| PyTorch ({name}) | {o['torch_accuracy']:.4f} | {o['torch_latency_ms_b1']:.3f} | "
+            f"{o['torch_latency_ms_b64']:.3f} | {torch_size} |",
+            f"| ONNX Runtime {o['onnxruntime']} (opset {o['opset']}) | {o['accuracy']:.4f} | "
+            f"{o['latency_ms_b1']:.3f} | {o['latency_ms_b64']:.3f} | {o['size_bytes'] / 1024:.1f} |", "",
+            f"`{o['file']}`: largest logit difference to PyTorch on the test split {o['max_abs_diff']:.2g} "
+            f"(tolerance {o['atol']:g} + {o['rtol']:g}·|logit|).", ""]
 
 
 def plot(models: dict[str, dict[str, Any]], path: Path) -> None:

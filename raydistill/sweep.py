@@ -186,6 +186,9 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     source, server = open_teacher_source(ctx, teacher, t.teacher_mode)
     wait_for_teacher_server(ctx, source, server)
 
+    from raydistill.track import finish_tune, tune_callbacks
+
+    tracking, tracking_parent = tune_callbacks(cfg, out)  # MLflow: a run for the sweep, one nested run per trial
     base = cfg.to_dict()
     trainable = tune.with_resources(
         tune.with_parameters(trial, base=base, data_ref=[ctx.data_ref], s_spec=ctx.s_spec,
@@ -219,7 +222,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1 if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      callbacks=[trial_lines(list(t.space), t.num_trials, quiet)]))
+                                      callbacks=[trial_lines(list(t.space), t.num_trials, quiet), *tracking]))
     t0 = time.perf_counter()
     grid = tuner.fit()
     timings["sweep_s"] = time.perf_counter() - t0
@@ -244,6 +247,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
         teacher_passes = stop_teacher_server(source, server)["samples"]
     report = write_results(cfg, out, rows, teacher_passes, teacher.cache, timings, splits.rows("train"),
                            rerun=rerun_overrides(cfg, teacher))
+    finish_tune(cfg, out, tracking_parent, report)
     log(f"sweep done: {len(rows)} trials, best accuracy {report['best']['accuracy'] if report['best'] else 'n/a'}; "
         f"results in {out}", quiet)
     return report

@@ -522,6 +522,12 @@ class ChannelPruner:
         self.round_to = round_to
         self._ignored: list[nn.Module] = [sub for m in ignored_layers for sub in m.modules()]
         self._names = {m: n for n, m in model.named_modules()}
+        # Linear layers inside an attention module (one with an int ``num_heads``: timm's ViT ``Attention``):
+        # their output is reshaped into heads, so removing some of its channels breaks the reshape (Torch-Pruning
+        # removes whole heads with its ``num_heads`` option, which this pruner does not wire); never pruned.
+        self._head_split = {sub: getattr(m, "num_heads") for m in model.modules()
+                            if isinstance(getattr(m, "num_heads", None), int) for sub in m.modules()
+                            if isinstance(sub, nn.Linear)}
         if importance == "l1":
             self._scorer = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
         elif importance == "bn_scale":
@@ -561,6 +567,9 @@ class ChannelPruner:
             # shrinks its input while its output stays).
             if module in ignored and self.graph.is_out_channel_pruning_fn(handler):
                 return f"ignored layer {self._names.get(module, type(module).__name__)!r}"
+            if module in self._head_split and self.graph.is_out_channel_pruning_fn(handler):
+                return (f"attention projection {self._names.get(module)!r} feeds {self._head_split[module]} heads "
+                        "(removing some of its channels breaks the head reshape)")
             # A node with no consumers in the trace produces a model output: pruning its
             # output side would change the output shape (the classifier, a conv head...).
             if len(node.outputs) == 0 and self.graph.is_out_channel_pruning_fn(handler):

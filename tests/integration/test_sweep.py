@@ -22,8 +22,18 @@ SWEEP = {**SMOKE, "data.limit": 240, "distill.epochs": 2, "tune.grace_period": 2
 def test_small_sweep_end_to_end(ray_local, tmp_path, tiny_teacher):
     job = Path(__file__).resolve().parents[2] / "jobs" / "sweep.yaml"
     # the documented sweep job in smoke mode, with a ready teacher (training one is the pipeline tests' job)
-    cfg = config.load(job, {**SWEEP, "teacher.checkpoint": tiny_teacher})
+    cfg = config.load(job, {**SWEEP, "teacher.checkpoint": tiny_teacher, "track.mlflow": True})
     report = run_sweep(cfg, tmp_path, quiet=True)
+    from mlflow import MlflowClient
+
+    from raydistill.track import mlflow_uri
+
+    client = MlflowClient(mlflow_uri(cfg, tmp_path))  # track.mlflow: a run for the sweep, a nested run per trial
+    runs = client.search_runs([client.get_experiment_by_name("raydistill").experiment_id])
+    (sweep_run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep_run.info.run_id]
+    assert len(trials) == 4 and all("val_acc" in r.data.metrics for r in trials)
+    assert "pareto.png" in {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
     import pyarrow.parquet as pq
 
     rows = pq.read_table(tmp_path / "results.parquet").to_pylist()

@@ -1,0 +1,81 @@
+"""deploy.formats: onnx — torch's ONNX exporter, checked with ONNX Runtime; ops it cannot convert are named."""
+
+import json
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from raydistill import config
+from raydistill.core.metrics import accuracy
+from raydistill.errors import ConfigError, ModelError
+from raydistill.models import build_model
+from raydistill.onnx_export import ONNX_FILE, OrtModel, check_against_torch, check_onnx_exportable, export_onnx
+from raydistill.report import render_markdown
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, 1, 8, widths=[8, 16], hidden=32).eval()
+    x, y = torch.randn(100, 1, 8, 8), torch.randint(0, 10, (100,))
+    row = {"accuracy": accuracy(model, x, y), "latency_ms_b1": 0.5, "latency_ms_b64": 5.0, "size_bytes": 1}
+    out = tmp_path_factory.mktemp("deploy")
+    (out / "artifact.json").write_text(json.dumps({"primary": "student.pt2", "files": {"student.pt2": "x"}}))
+    return model, x, y, out, export_onnx(model, lambda: [(x[:60], y[:60]), (x[60:], y[60:])], x[:2], out, row)
+
+
+def test_onnx_file_reproduces_the_model_at_any_batch_size(exported):
+    model, x, y, out, info = exported
+    data = (out / ONNX_FILE).read_bytes()
+    onnx.checker.check_model(onnx.load_from_string(data))
+    ort_model = OrtModel(data, threads=1)
+    for n in (1, 7, 100):
+        assert torch.allclose(ort_model(x[:n]), model(x[:n]).detach(), atol=1e-5)
+    assert info["accuracy"] == info["torch_accuracy"] and info["max_abs_diff"] < 1e-4
+    assert info["latency_ms_b1"] > 0 and info["latency_ms_b64"] > 0 and info["size_bytes"] == len(data)
+    assert info["opset"] >= 18 and info["torch_latency_ms_b64"] == 5.0
+    meta = json.loads((out / "artifact.json").read_text())
+    assert meta["files"] == {"student.pt2": "x", ONNX_FILE: info["sha256"]}
+    md = render_markdown({"models": {}, "timings": {}, "deploy": {"model": "student_kd", "gate": {"message": "ok"},
+                                                                  "export": None, "onnx": info}})
+    assert "| ONNX Runtime " in md and "| PyTorch (student_kd) |" in md
+
+
+def test_a_model_onnx_runtime_does_not_reproduce_is_refused(exported):
+    model, x, y, out, _ = exported
+    ort_model = OrtModel((out / ONNX_FILE).read_bytes(), threads=1)
+    other = build_model("cnn", 10, 1, 8, widths=[8, 16], hidden=32).eval()  # other weights: other logits
+    with pytest.raises(ModelError, match="ONNX Runtime does not reproduce the student"):
+        check_against_torch(ort_model, other, [(x, y)], accuracy(other, x, y))
+    with pytest.raises(ModelError, match=r"accuracy 0\.\d+ vs PyTorch 1\.0000"):
+        check_against_torch(ort_model, model, [(x, y)], 1.0)
+
+
+class Svd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        u, _, _ = torch.linalg.svd(x.T @ x)
+        return self.head(x @ u)
+
+
+def test_an_op_without_onnx_translation_is_one_line_naming_it():
+    with pytest.raises(ModelError) as err:
+        check_onnx_exportable(Svd(), torch.randn(2, 1, 8, 8))
+    msg = str(err.value)
+    assert "\n" not in msg and "aten._linalg_svd" in msg and "remove onnx from deploy.formats" in msg
+
+
+def test_deploy_formats_is_validated():
+    assert config.load(None, {"deploy.formats": ["pt2", "onnx"]}).deploy.formats == ["pt2", "onnx"]
+    with pytest.raises(ConfigError, match="did you mean 'onnx'"):
+        config.load(None, {"deploy.formats": ["pt2", "onx"]})
+    for bad in ([], ["onnx", "onnx"]):
+        with pytest.raises(ConfigError, match="each format once"):
+            config.load(None, {"deploy.formats": bad})
+
