@@ -35,6 +35,7 @@ class DataConfig:
     split_column: str | None = None  # parquet: a column of train/val/test naming each row's split
     stream: bool | None = None  # parquet: read through Ray Data batch by batch, never loaded whole; null = auto (parquet with a feature column streams)
     shuffle_buffer: int = 4096  # streamed data: rows in each worker's local shuffle buffer (file order is also reshuffled per epoch)
+    stream_buffer_mb: int = 256  # streamed data: object store memory Ray Data may fill reading ahead of training (its backpressure bound)
     label_column: str = "label"  # parquet: integer class column (0..K-1)
     feature_column: str = "features"  # parquet: flat float-list column (needs data.shape)
     image_column: str | None = None  # parquet: encoded image bytes column instead of features
@@ -361,6 +362,7 @@ def validate(cfg: Config) -> Config:
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)", cfg.data.test_fraction),
         (cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be >= 1 or null", cfg.data.limit),
         (cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1", cfg.data.shuffle_buffer),
+        (cfg.data.stream_buffer_mb >= 1, "data.stream_buffer_mb must be >= 1", cfg.data.stream_buffer_mb),
     ]
     for ok, msg, value in checks:
         if not ok:

@@ -146,6 +146,26 @@ def _columns_of(files: tuple[str, ...], columns: list[str], location) -> dict[st
             else table[c].to_numpy() for c in columns}
 
 
+def _check_row_length(path: str, feature_column: str, shape: tuple[int, ...], need: int) -> None:
+    """The first rows of a file must fit ``data.shape``: a file written for another shape fails here, before any
+    training (a stray row further in fails where it is read, also as a DataError)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from raydistill.data import _parquet_dataset
+
+    fs = _parquet_dataset(path).filesystem
+    with fs.open_input_file(path) as f:
+        first = next(pq.ParquetFile(f).iter_batches(batch_size=64, columns=[feature_column]), None)
+    if first is None or first.num_rows == 0:
+        return
+    lengths = np.unique(pc.list_value_length(first.column(0)).to_numpy(zero_copy_only=False))
+    if len(lengths) != 1 or lengths[0] != need:
+        raise DataError(f"feature column {feature_column!r} of {path} has length "
+                        f"{', '.join(str(n) for n in lengths[:5])} per row but data.shape {list(shape)} needs {need}; "
+                        "fix data.shape or the data")
+
+
 def _file_digest(path: str) -> str:
     """Size, row count and the first and last 64 KiB of one Parquet file (its footer holds the statistics)."""
     import pyarrow.parquet as pq
@@ -250,6 +270,9 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         if y.size and y.max() >= num_classes:
             raise DataError(f"the declared {name} split has label {int(y.max())} but the training data has classes "
                             f"0..{num_classes - 1}; fix the labels or the split files")
+    need = math.prod(shape)
+    for file in sorted({f for p in plans.values() for f in p.files}):
+        _check_row_length(file, d.feature_column, shape, need)
     from raydistill.data import _check_disjoint
 
     _check_disjoint({name: kept[name][0] for name in SPLIT_NAMES})
@@ -324,12 +347,17 @@ def _filter_rows(batch: dict, data: StreamData, plan: SplitPlan) -> dict:
     return {c: batch[c][keep] for c in (data.id_column, data.label_column, data.feature_column)}
 
 
-def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True):
-    """The train split as a Ray Data ``Dataset`` (lazy): file order reshuffled every epoch from ``seed``."""
+def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True, buffer_mb: int = 256):
+    """The train split as a Ray Data ``Dataset`` (lazy): file order reshuffled every epoch from ``seed``; Ray Data
+    reads ahead into at most ``buffer_mb`` of object store memory (``data.stream_buffer_mb``), so what a process
+    maps while it trains is bounded by that, not by the data's size (by default Ray Data may fill a share of the
+    whole object store, several GB, before backpressure holds the reads)."""
     import ray.data
-    from ray.data import FileShuffleConfig
+    from ray.data import ExecutionResources, FileShuffleConfig
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # reproducible row order
+    options = ray.data.DataContext.get_current().execution_options
+    options.preserve_order = True  # reproducible row order
+    options.resource_limits = ExecutionResources.for_limits(object_store_memory=buffer_mb * 2**20)
     plan = data.train
     shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle_files else None
     ds = ray.data.read_parquet(list(plan.files), columns=_read_columns(data, plan), shuffle=shuffle)

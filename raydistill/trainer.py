@@ -52,7 +52,8 @@ def fit(job: StageJob, key: str, out: Path):
     from raydistill.stream import StreamData, train_dataset
 
     # streamed data: Ray Data reads the train split and Train gives every worker an equal shard of it
-    datasets = {"train": train_dataset(job.data, job.config.seed)} if isinstance(job.data, StreamData) else None
+    datasets = ({"train": train_dataset(job.data, job.config.seed, buffer_mb=job.config.data.stream_buffer_mb)}
+                if isinstance(job.data, StreamData) else None)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=job.to_plain(),

@@ -289,7 +289,7 @@ class TrainSession:
     def get_checkpoint(self):
         return last_local_checkpoint(self.local_dir) if self.local_dir else ray.train.get_checkpoint()
 
-    def dataset_shard(self, data, seed: int):
+    def dataset_shard(self, data, cfg: Config):
         return ray.train.get_dataset_shard("train")  # TorchTrainer(datasets={"train": ...}), split per worker
 
     def report(self, metrics: dict, state: dict | None) -> None:
@@ -325,10 +325,11 @@ class TuneSession:
 
         return tune.get_checkpoint()
 
-    def dataset_shard(self, data, seed: int):
+    def dataset_shard(self, data, cfg: Config):
         from raydistill.stream import train_dataset
 
-        return train_dataset(data, seed)  # a trial is one process: the whole stream is its shard
+        # a trial is one process: the whole stream is its shard
+        return train_dataset(data, cfg.seed, buffer_mb=cfg.data.stream_buffer_mb)
 
     def report(self, metrics: dict, state: dict | None) -> None:
         from ray import tune
@@ -397,7 +398,7 @@ def open_train_data(job: StageJob, session):
     from raydistill.stream import StreamData
 
     if isinstance(job.data, StreamData):
-        shard = session.dataset_shard(job.data, cfg.seed)
+        shard = session.dataset_shard(job.data, cfg)
         return StreamedTrain(shard, job.data, session.world, cfg.data.shuffle_buffer), job.data
     splits = ray.get(job.data)
     shard = shard_indices(splits.train.y, session.world, session.rank, cfg.data.shard, cfg.seed)
