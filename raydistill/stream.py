@@ -230,8 +230,16 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
             raise DataError(f"split column {split_column!r} of {location} holds {', '.join(map(repr, unknown[:3]))}; "
                             f"its values must be {', '.join(SPLIT_NAMES)}")
     declared = {name: loc for name, loc in (("val", d.val), ("test", d.test)) if loc}
+    wanted_types = {c: str(dataset.schema.field(c).type) for c in (d.id_column, d.label_column, d.feature_column)}
     for name, loc in declared.items():
         other = _files(loc)
+        schema = _parquet_dataset(loc).schema
+        for column, kind in wanted_types.items():
+            found = str(schema.field(column).type) if column in schema.names else "missing"
+            if found != kind:
+                raise DataError(f"declared {name} split {loc} has a different schema: column {column!r} is {found} "
+                                f"there but {kind} in the training data; write every split with the same columns and "
+                                "types")
         c = _columns_of(other, [d.id_column, d.label_column], loc)
         plans[name] = SplitPlan(other, rows=len(c[d.id_column]))
         kept[name] = (c[d.id_column].astype(np.int64), _labels(c[d.label_column], f"column {d.label_column!r}"))

@@ -113,7 +113,7 @@ class RecordingTeacher:
     def __init__(self):
         self.in_flight, self.max_in_flight, self.served = 0, 0, []
 
-    def request(self, idx, xb, views):
+    def request(self, idx, xb, views):  # idx: the samples' ids (here equal to their positions)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         return idx.clone()
@@ -143,7 +143,8 @@ def test_prefetched_teacher_answers_reach_their_own_batch(depth, monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
     phase = _phase(16)
-    worker.run_epoch(model, opt, sched, teacher, x, y, torch.arange(100), phase, cfg, 0, None, torch.device("cpu"))
+    worker.run_epoch(model, opt, sched, teacher, worker.InMemoryTrain(x, y, torch.arange(100)), phase, cfg, 0, None,
+                     torch.device("cpu"))
     assert len(seen) == 7 and teacher.in_flight == 0
     groups = -(-7 // depth)  # one request per group of `depth` batches (16 samples each), the last one shorter
     assert [len(r) for r in teacher.served] == [min(depth * 16, 100 - 16 * depth * g) for g in range(groups)]
@@ -208,7 +209,8 @@ def test_student_trains_on_exactly_the_cached_views(kind, tmp_path, monkeypatch)
     shown = {n: [] for n in range(N)}  # the views each sample was trained on, epoch by epoch
     for epoch in range(V):
         steps.clear()
-        worker.run_epoch(model, opt, sched, teacher, x, y, ids, phase, cfg, epoch, None, torch.device("cpu"))
+        worker.run_epoch(model, opt, sched, teacher, worker.InMemoryTrain(x, y, ids), phase, cfg, epoch, None,
+                         torch.device("cpu"))
         assert len(steps) == N // 8
         for xb, t_out in steps:
             rows, views = t_out.logits[:, 0].long(), t_out.logits[:, 1].long()  # the cache rows it was given
@@ -239,7 +241,8 @@ def test_live_teachers_see_the_students_pixels_and_a_fresh_view_every_epoch(monk
     epochs = []
     for epoch in range(2):
         steps.clear()
-        worker.run_epoch(model, opt, sched, teacher, x, y, ids, phase, cfg, epoch, None, torch.device("cpu"))
+        worker.run_epoch(model, opt, sched, teacher, worker.InMemoryTrain(x, y, ids), phase, cfg, epoch, None,
+                         torch.device("cpu"))
         (xb, t_out), = steps
         with torch.inference_mode():
             torch.testing.assert_close(t_out.logits, teacher.model(xb))  # the teacher labelled these pixels
@@ -280,7 +283,7 @@ def test_topk_cache_gives_the_step_the_chosen_target(topk_loss, tmp_path):
     info, probs, idx = _write_topk_cache(tmp_path / "cache", ids.numpy(), torch.randn(16, 10) * 4, 3)
     teacher = make_teacher(TeacherSource("cache", uri=str(tmp_path / "cache"), info=info.__dict__), cfg,
                            torch.device("cpu"), 0, ids.numpy(), image_size=8)
-    out = teacher.result(teacher.request(torch.arange(16), x, torch.zeros(16, dtype=torch.long)))
+    out = teacher.result(teacher.request(ids, x, torch.zeros(16, dtype=torch.long)))
     expand = sparse_topk_log_probs if topk_loss == "sparse" else topk_log_probs
     torch.testing.assert_close(out.logits, expand(probs, idx, 10))
     with torch.no_grad():
