@@ -19,7 +19,7 @@ def test_read_parquet_ray_reads_prepared_shards(ray_local, digits_shards, tmp_pa
     out, _ = digits_shards
     dataset = read_parquet_ray(str(out))
     assert dataset.count() == 1797
-    assert set(dataset.schema().names) == {"id", "label", "features"}
+    assert set(dataset.schema().names) == {"id", "label", "features", "split"}  # split: the source's own splits
     rows = dataset.to_pandas().sort_values("id")
     np.testing.assert_array_equal(rows["id"].to_numpy(), np.arange(1797))
     expected = data.load_splits("digits")
