@@ -74,7 +74,7 @@ def test_cached_teacher_full_logits_match_by_sample_id(setup):
     t = CachedTeacher(uri, info.__dict__, ids, torch.device("cpu"))
     assert info.rows == len(setup["splits"].train) and info.teacher_forward_samples == info.rows
     for idx in _batches(len(ids)):
-        out = t.result(t.request(idx, setup["x"][idx], torch.zeros(len(idx), dtype=torch.long)))
+        out = t.result(t.request(torch.as_tensor(ids)[idx], setup["x"][idx], torch.zeros(len(idx), dtype=torch.long)))
         torch.testing.assert_close(out.logits, setup["expected"][idx], rtol=2e-3, atol=2e-3)  # fp16 storage
 
 
@@ -87,7 +87,7 @@ def test_cached_teacher_topk_matches_by_sample_id(setup):
         # the cache hands out log p of the distribution rebuilt from the top-5: exact on the teacher's top-5
         # classes, the rest of the mass spread evenly over the other 5
         views = torch.zeros(len(idx), dtype=torch.long)
-        p_all = t.result(t.request(idx, setup["x"][idx], views)).logits.exp()  # (B, 10)
+        p_all = t.result(t.request(torch.as_tensor(ids)[idx], setup["x"][idx], views)).logits.exp()  # (B, 10)
         c = classes[idx]
         torch.testing.assert_close(p_all.gather(1, c), probs[idx], rtol=2e-3, atol=2e-3)
         tail = p_all.scatter(1, c, 0.0).sum(1)  # mass off the top-5
@@ -124,15 +124,15 @@ def test_cached_views_are_the_teachers_logits_on_exactly_those_views(setup):
         differ += int((expected - setup["expected"]).abs().amax() > 1e-2)  # a view is not the plain image
         for idx in _batches(len(ids)):
             views = torch.full((len(idx),), v)
-            torch.testing.assert_close(t.result(t.request(idx, aug(x[idx], ids[idx], v), views)).logits,
-                                       expected[idx], rtol=2e-3, atol=2e-3)
+            out = t.result(t.request(torch.as_tensor(ids)[idx], aug(x[idx], ids[idx], v), views))
+            torch.testing.assert_close(out.logits, expected[idx], rtol=2e-3, atol=2e-3)
     assert differ == 3
     # mixed views in one batch, as a training step asks for them: one gather, each sample its own view
     idx = torch.arange(len(ids))
     views = torch.arange(len(ids)) % 3
     with torch.inference_mode():
         expected = setup["teacher"](aug(x, ids, views))
-    torch.testing.assert_close(t.request(idx, None, views).logits, expected, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(t.request(torch.as_tensor(ids)[idx], None, views).logits, expected, rtol=2e-3, atol=2e-3)
 
 
 def test_cache_of_other_views_or_transform_is_refused(setup):
