@@ -363,7 +363,13 @@ def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True, buffe
     import ray.data
     from ray.data import ExecutionResources, FileShuffleConfig
 
-    options = ray.data.DataContext.get_current().execution_options
+    context = ray.data.DataContext.get_current()
+    # Why V1: Ray 2.60's Parquet datasource V2 lists files through a pool of FooterReader actors that it creates
+    # and kills on every execution, i.e. every epoch; on a 2-core machine that start-up costs ~8 s per epoch
+    # whatever the data's size (digits, 1,797 rows in 6 files: 8 s per epoch on V2, 0.5 s on V1;
+    # docs/benchmarks.md, "Streaming: Ray Data's per-epoch cost"). V1 reads with plain tasks.
+    context.use_datasource_v2 = False
+    options = context.execution_options
     options.preserve_order = True  # reproducible row order
     options.resource_limits = ExecutionResources.for_limits(object_store_memory=buffer_mb * 2**20)
     plan = data.train

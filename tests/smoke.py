@@ -4,3 +4,26 @@ SMOKE = {
     "data.limit": 200, "teacher.epochs": 1, "distill.epochs": 1, "prune.epochs": 1,
     "prune.finetune_epochs": 1, "teacher.kwargs": {"widths": [16, 32], "hidden": 64},
 }
+
+
+def train_smoke_teacher(path, model: str, kwargs: dict, seed: int, meta: dict | None = None) -> str:
+    """A teacher.pt for the smoke data (digits 8×8, 10 classes): ``model(**kwargs)`` trained with plain torch for
+    one epoch, saved at ``path``; returns the path."""
+    import torch
+    import torch.nn.functional as F
+
+    from raydistill.checkpoints import build_from_spec, model_spec, save_model
+    from raydistill.data import load_splits
+
+    torch.manual_seed(seed)
+    splits = load_splits("digits", limit=SMOKE["data.limit"])
+    spec = model_spec(model, kwargs, splits.num_classes, splits.shape)
+    net = build_from_spec(spec)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    x, y = torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y)
+    for i in range(0, len(x), 32):
+        opt.zero_grad()
+        F.cross_entropy(net(x[i:i + 32]), y[i:i + 32]).backward()
+        opt.step()
+    save_model(path, net.eval(), spec, meta or {})
+    return str(path)

@@ -1,10 +1,8 @@
 """A real Ray head of the tests' own (`ray start --head --block`, token auth, dashboard for `ray job submit`),
 isolated from any other Ray on the machine: free ports, its own short --temp-dir and its own HOME (so the auth
 token it generates is not the user's). Stopped by signalling its own process group and killing whatever still
-names its temp dir -- never `ray stop`, which would stop every Ray on the machine.
-
-(The same recipe as tests/integration/test_jobs.py's ``ray_head`` fixture, as a helper other test modules can
-use.)
+names its temp dir -- never `ray stop`, which would stop every Ray on the machine. test_jobs.py and
+test_shared_cluster.py start theirs with ``ray_head``.
 """
 
 from __future__ import annotations

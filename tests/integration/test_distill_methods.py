@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from smoke import SMOKE
+from smoke import SMOKE, train_smoke_teacher
 
 from raydistill import config
-from raydistill.checkpoints import build_from_spec, load_model, model_spec, save_model
-from raydistill.data import load_splits
+from raydistill.checkpoints import load_model
 from raydistill.evaluate import val_accuracy
 from raydistill.pipeline import load_data, run
 
@@ -25,19 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def second_teacher(tmp_path_factory) -> str:
     """An MLP teacher for the smoke data, unlike tiny_teacher (a CNN), trained here for one epoch."""
-    torch.manual_seed(1)
-    splits = load_splits("digits", limit=SMOKE["data.limit"])
-    spec = model_spec("mlp", {"hidden": [64]}, splits.num_classes, splits.shape)
-    model = build_from_spec(spec)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y)
-    for i in range(0, len(x), 32):
-        opt.zero_grad()
-        F.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("second_teacher") / "teacher.pt"
-    save_model(path, model.eval(), spec)
-    return str(path)
+    return train_smoke_teacher(tmp_path_factory.mktemp("second_teacher") / "teacher.pt", "mlp", {"hidden": [64]},
+                               seed=1)
 
 
 def _average(paths: list[str], weights: list[float], x: np.ndarray) -> np.ndarray:

@@ -14,23 +14,17 @@ its own `ray start --block` process group and killing whatever still names its t
 """
 
 import json
-import os
 import re
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from shared_head import ray_head as start_ray_head
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -69,112 +63,12 @@ def _replace_value(words: list[str], flag: str, value: str) -> list[str]:
 
 
 # ---- a Ray head of our own ----------------------------------------------------------------------------------
-@dataclass
-class Head:
-    gcs: str  # host:port for --address / ray.init
-    dashboard: str  # http://host:port for ray job submit
-    env: dict  # client environment: venv first on PATH, RAY_AUTH_MODE=token, the head's HOME (token)
-    log: Path
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _pids_naming(text: str) -> list[int]:
-    """Processes whose command line contains ``text`` (our unique temp dir), except this one."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
-def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"`ray start --head` exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"the Ray dashboard at {url} did not come up in {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
-    """SIGTERM our `ray start --block` (it shuts its processes down), then SIGKILL leftovers: its process
-    group and anything else that still names our temp dir (workers started by our raylet)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for _ in range(20):
-        leftovers = _pids_naming(temp_dir)
-        if not leftovers:
-            break
-        for pid in leftovers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
-def ray_head():
-    """A real Ray head (`ray start --head --block`) with the dashboard on, token auth, 4 logical CPUs."""
-    temp_dir = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
-    home = Path(temp_dir) / "home"
-    home.mkdir()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": str(home),
-           "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
-    token = (home / ".ray" / "auth_token").read_text().strip()
-    gcs_port, dashboard_port, agent_port, client_port = _free_ports(4)
-    gcs = f"127.0.0.1:{gcs_port}"
-    # RAY_ADDRESS for the head's processes: Ray's own helpers (Train's PlacementGroupCleaner) look the cluster up
-    # by address=None, which is ambiguous while other Ray clusters run on this machine. No SIGTERM drain wait.
-    head_env = {**env, "RAY_ADDRESS": gcs, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    log = Path(temp_dir) / "head.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-             "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
-             "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(client_port),
-             "--num-cpus", "4", "--temp-dir", temp_dir, "--disable-usage-stats"],
-            env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        dashboard = f"http://127.0.0.1:{dashboard_port}"
-        _wait_for_dashboard(dashboard, token, proc, log)
-        yield Head(gcs=gcs, dashboard=dashboard, env=env, log=log)
-    finally:
-        _stop_head(proc, temp_dir)
+def ray_head(tmp_path_factory):
+    """A real Ray head (`ray start --head --block`) with the dashboard on, token auth, 4 logical CPUs
+    (tests/integration/shared_head.py)."""
+    with start_ray_head(tmp_path_factory.mktemp("head")) as head:
+        yield head
 
 
 def _run(cmd: list[str], env: dict, log: Path, timeout: int = 540) -> str:
