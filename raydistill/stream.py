@@ -307,7 +307,10 @@ def to_arrays(data: StreamData, batch: dict) -> tuple[np.ndarray, np.ndarray, np
         raise DataError(f"feature column {data.feature_column!r} has rows of length {features.size // max(n, 1)} but "
                         f"data.shape {list(data.shape)} needs {need}; fix data.shape or the data")
     x = np.ascontiguousarray(features, dtype=np.float32).reshape(n, *data.shape)
-    return x, np.asarray(batch[data.label_column], np.int64), np.asarray(batch[data.id_column], np.int64)
+    # writable: Ray Data hands out read-only views of its blocks, which torch.from_numpy warns about (a copy only
+    # when the batch is such a view)
+    return tuple(np.require(a, requirements="W") for a in (
+        x, np.asarray(batch[data.label_column], np.int64), np.asarray(batch[data.id_column], np.int64)))
 
 
 def _read_columns(data: StreamData, plan: SplitPlan) -> list[str]:
@@ -349,10 +352,15 @@ def head(data: StreamData, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _filter_rows(batch: dict, data: StreamData, plan: SplitPlan) -> dict:
-    """Ray Data ``map_batches`` step: keep a split's rows (split column / id bucket), as numpy."""
-    keep = _keep(plan, np.asarray(batch[data.id_column], np.int64), batch.get(plan.split_column))
-    return {c: batch[c][keep] for c in (data.id_column, data.label_column, data.feature_column)}
+def _filter_rows(batch, data: StreamData, plan: SplitPlan):
+    """Ray Data ``map_batches`` step on a pyarrow Table: keep a split's rows (split column / id bucket) and the
+    three columns training reads. Arrow, not numpy: a list feature column would become an array of per-row arrays
+    and back (several times slower than the read itself)."""
+    import pyarrow as pa
+
+    split = batch[plan.split_column].to_numpy(zero_copy_only=False) if plan.split_column else None
+    keep = _keep(plan, batch[data.id_column].to_numpy(zero_copy_only=False).astype(np.int64), split)
+    return batch.select([data.id_column, data.label_column, data.feature_column]).filter(pa.array(keep))
 
 
 def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True, buffer_mb: int = 256):
@@ -376,5 +384,5 @@ def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True, buffe
     shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle_files else None
     ds = ray.data.read_parquet(list(plan.files), columns=_read_columns(data, plan), shuffle=shuffle)
     if plan.split_column is not None or plan.carve is not None:
-        ds = ds.map_batches(_filter_rows, fn_args=(data, plan), batch_format="numpy", zero_copy_batch=True)
+        ds = ds.map_batches(_filter_rows, fn_args=(data, plan), batch_format="pyarrow", zero_copy_batch=True)
     return ds.limit(plan.limit) if plan.limit is not None else ds
