@@ -31,29 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from raydistill.errors import ConfigError
+from raydistill.hashing import _hash
 
 AUGMENTS = ("none", "crop", "crop_flip")
 
 _PARAMS, _OFFSET = 1, 2  # domain tags: a view's crop/flip and a sample's view offset are unrelated hashes
-_M64 = [np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    """The splitmix64 finalizer on uint64 arrays (wrap-around arithmetic, as in the C original)."""
-    z = z + _M64[0]
-    z = (z ^ (z >> np.uint64(30))) * _M64[1]
-    z = (z ^ (z >> np.uint64(27))) * _M64[2]
-    return z ^ (z >> np.uint64(31))
-
-
-def _hash(*parts) -> np.ndarray:
-    """uint64 hash of integer arrays/scalars broadcast together: chained splitmix64 over the parts."""
-    arrays = np.broadcast_arrays(*[np.atleast_1d(np.asarray(p)).astype(np.int64).view(np.uint64) for p in parts])
-    h = np.zeros(arrays[0].shape, np.uint64)
-    for a in arrays:
-        h = _splitmix64(h ^ a)
-    return h
-
 
 def resolve_pad(pad: int, image_size: int) -> int:
     """``data.augment_pad``: 0 means auto, max(1, image_size // 8) (4 px for CIFAR's 32, 1 px for digits' 8)."""

@@ -39,14 +39,16 @@ def quiet_libraries(verbose: bool) -> None:
             logger.addFilter(_DropMessage(text))
     # Ray Train's local mode logs every report ("Reported metrics: ...") and a notice that it is in local mode
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    # Ray Data logs the start, plan and end of every execution: once per epoch with streamed data
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
-        from ray.data import DataContext
+        from ray.data import DataContext  # first: importing ray.data (re)configures the "ray.data" logger
 
         DataContext.get_current().enable_progress_bars = False  # the logit cache build shows one line instead
     except ImportError:  # pragma: no cover - ray[data] is a dependency
         pass
+    # Ray Data logs the start, plan and end of every execution: once per epoch with streamed data; and warns that
+    # the progress bars we just turned off are off
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 _VERBOSE = False

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from raydistill.augment import _hash
 from raydistill.errors import DataError
+from raydistill.hashing import _hash
 
 CARVE_BUCKETS = 10_000
 _CARVE_SALT = 0x5EED_5B17  # the carving hash differs from the augmentation's (same splitmix64 family)

@@ -98,16 +98,22 @@ def test_streamed_run_memory_does_not_grow_with_the_data(tmp_path):
     data, which the in-memory path holds at least twice, as numpy splits and as torch shards) its private memory
     must grow by less than the extra data. Its total RSS also counts object-store pages it mapped while reading
     (RssShmem), which grow with the bytes streamed through and are Ray's shared memory, not held data."""
+    from raydistill.checkpoints import build_from_spec, model_spec, save_model
+
+    # the teacher is given (an untrained MLP: what is measured is the data's path, not what KD learns) and labels
+    # each batch in process: the runs are the baseline and KD stages, each one epoch over the streamed rows
+    spec = model_spec("mlp", {"hidden": [32]}, 4, (3, 32, 32))
+    teacher = tmp_path / "teacher.pt"
+    save_model(teacher, build_from_spec(spec).eval(), spec)
     peaks = {}
     for rows in (1_000, 8_000):
         folder = tmp_path / f"d{rows}"
         folder.mkdir()
         _table(folder, rows, seed=rows)
         overrides = {"data.source": "parquet", "data.path": str(folder), "data.shape": [3, 32, 32],
-                     "teacher.model": "mlp", "teacher.kwargs": {"hidden": [32]}, "student.model": "mlp",
-                     "student.kwargs": {"hidden": [16]}, "teacher.epochs": 1, "distill.epochs": 1,
-                     "prune.ratio": 0.0, "quantize.scheme": "none", "distill.teacher_mode": "cache",
-                     "data.stream_buffer_mb": 16, "data.shuffle_buffer": 512}
+                     "teacher.checkpoint": str(teacher), "student.model": "mlp", "student.kwargs": {"hidden": [16]},
+                     "distill.epochs": 1, "prune.ratio": 0.0, "quantize.scheme": "none",
+                     "distill.teacher_mode": "inprocess", "data.stream_buffer_mb": 16, "data.shuffle_buffer": 512}
         res = subprocess.run([sys.executable, "-c", PEAK, json.dumps(overrides), str(tmp_path / f"run{rows}")],
                              capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -117,11 +123,13 @@ def test_streamed_run_memory_does_not_grow_with_the_data(tmp_path):
     assert peaks[8_000]["RssAnon"] - peaks[1_000]["RssAnon"] < extra_data_mb, (peaks, extra_data_mb)
 
 
-def test_streamed_run_killed_mid_kd_resumes_with_the_stream_at_that_epoch(shards, tmp_path):
-    """SIGKILL the command (local mode: the loop is this process) during KD on streamed data; the same command
-    resumes KD from its last epoch checkpoint, the stream restarted at that epoch, at most one epoch redone."""
-    sets = {**TINY, "data.source": "parquet", "data.path": shards, "distill.epochs": 6, "prune.ratio": 0.0,
-            "quantize.scheme": "none"}
+def test_streamed_run_killed_mid_kd_resumes_with_the_stream_at_that_epoch(cached_run, shards, tmp_path):
+    """SIGKILL the command (Ray Train local mode, the default on a laptop: the training loop is the command's own
+    process) during KD on streamed data; the same command resumes KD from its last epoch checkpoint, the stream
+    restarted at that epoch, at most one epoch redone, finished stages not redone."""
+    _, first, _ = cached_run
+    sets = {**TINY, "data.source": "parquet", "data.path": shards, "teacher.checkpoint": str(first / "teacher.pt"),
+            "distill.epochs": 6, "prune.ratio": 0.0, "quantize.scheme": "none"}
     cmd = [sys.executable, "-m", "raydistill.cli", "run", "--out", str(tmp_path / "run")]
     cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     journal = tmp_path / "run" / "journal.jsonl"
@@ -140,10 +148,14 @@ def test_streamed_run_killed_mid_kd_resumes_with_the_stream_at_that_epoch(shards
         os.killpg(proc.pid, signal.SIGKILL)  # the run and the Ray it started, mid-stage
         proc.wait(timeout=60)
     done_before = {e["epoch"] for e in kd()}
+    assert kd()[-1]["pid"] == proc.pid  # local mode: the loop ran in the command's own process
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "stage student_baseline: up to date, skipped" in res.stdout
+    assert "streaming_executor" not in res.stdout + res.stderr  # Ray Data's per-epoch INFO lines stay hidden
     epochs = [e["epoch"] for e in kd()]
     assert sorted(set(epochs)) == list(range(6))
     resumed = [e for e in kd() if e["pid"] != proc.pid]
     assert min(e["epoch"] for e in resumed) >= max(done_before) - 1 and len(epochs) - len(set(epochs)) <= 1
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["data"]["streamed"] is True
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["data"]["streamed"] is True and report["config"]["scale"]["num_workers"] == 0
