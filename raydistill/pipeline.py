@@ -22,7 +22,6 @@ import json
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from raydistill.job import StageJob, TeacherSource
 from raydistill.manifest import digest, sha256_file, write_manifest
 from raydistill.stream import StreamData, plan_stream, streams
 from raydistill.teacher import cache_settings, check_cache_for_run
+from raydistill.trainer import in_background
 
 
 # ---- the run context and what the stages hand each other ---------------------------------------------------
@@ -161,10 +161,9 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     if sequential:
         teacher = prepare_teacher(ctx, with_cache=cached)
     else:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            baseline = pool.submit(train_baseline, ctx, None, "")
-            teacher = prepare_teacher(ctx)
-            baseline.result()
+        baseline = in_background(train_baseline, ctx, None, "")  # a daemon thread: Ctrl-C never waits for it
+        teacher = prepare_teacher(ctx)
+        baseline.result()
         teacher = with_logit_cache(ctx, teacher) if cached else teacher
     kd_key, prune_key = student_keys(ctx, teacher)
     lowrank_key = digest(prune_key, cfg.section_hash("lowrank")) if lowrank_on(cfg) else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,10 +134,29 @@ def off_main_thread(fn: Callable[[], Any]) -> Any:
     """
     if threading.current_thread() is not threading.main_thread():
         return fn()
-    from concurrent.futures import ThreadPoolExecutor
+    return in_background(fn).result()
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydistill-fit")
-    try:
-        return pool.submit(fn).result()
-    finally:
-        pool.shutdown(wait=False)
+
+def in_background(fn: Callable[..., Any], *args: Any) -> Future:
+    """``fn(*args)`` in a daemon thread; its result or exception arrives in the returned Future.
+
+    Why a daemon thread and not a ThreadPoolExecutor: on Ctrl-C the CLI disconnects from Ray (``ray.shutdown``)
+    while this thread may still be blocked in Train's ``ray.get`` on its controller, and that get does not always
+    return once the core worker is gone (seen here: the driver printed "interrupted" and then never exited).
+    Python joins every ThreadPoolExecutor thread at exit (and ``with ThreadPoolExecutor()`` joins it as soon as
+    KeyboardInterrupt leaves the block), so the command would hang instead of exiting 130; a daemon thread is
+    not waited for."""
+    future: Future = Future()
+
+    def target() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to whoever waits on the future, as ThreadPoolExecutor does
+            future.set_exception(e)
+        else:
+            future.set_result(result)
+
+    threading.Thread(target=target, name=f"raydistill-{getattr(fn, '__name__', 'stage')}", daemon=True).start()
+    return future

@@ -43,8 +43,6 @@ def _wait(pred, proc, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.skip(reason="failed in the 2026-11-30 session's final suite run after the shorter-fault rework and the "
-                  "per-run teacher actor (issue 17) were merged; not yet diagnosed (see the session's closing note)")
 def test_ctrl_c_then_resume_through_worker_and_teacher_deaths(tmp_path):
     out = tmp_path / "run"
     log1 = open(tmp_path / "first.log", "w")
