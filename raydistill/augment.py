@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from raydistill.errors import ConfigError
-from raydistill.hashing import _hash
+from raydistill.hashing import hash_ints
 
 AUGMENTS = ("none", "crop", "crop_flip")
 
@@ -48,7 +48,7 @@ def view_params(ids, views, seed: int, pad: int, flip: bool) -> tuple[np.ndarray
     Returns dy, dx (B,) int64 in [0, 2 * pad] (top-left corner of the crop in the padded image) and
     flip (B,) bool (all False unless ``flip``).
     """
-    h = _hash(seed, _PARAMS, ids, views)  # (B,) uint64
+    h = hash_ints(seed, _PARAMS, ids, views)  # (B,) uint64
     span = np.uint64(2 * pad + 1)
     dy = (h % span).astype(np.int64)
     dx = ((h >> np.uint64(24)) % span).astype(np.int64)
@@ -67,7 +67,7 @@ def epoch_views(ids, epoch: int, seed: int, views: int | None) -> np.ndarray:
     ids = np.atleast_1d(np.asarray(ids))
     if views is None:
         return np.full(len(ids), epoch, np.int64)
-    offset = (_hash(seed, _OFFSET, ids) % np.uint64(views)).astype(np.int64)
+    offset = (hash_ints(seed, _OFFSET, ids) % np.uint64(views)).astype(np.int64)
     return (epoch + offset) % views
 
 

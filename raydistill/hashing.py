@@ -17,7 +17,7 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _hash(*parts) -> np.ndarray:
+def hash_ints(*parts) -> np.ndarray:
     """uint64 hash of integer arrays/scalars broadcast together: chained splitmix64 over the parts."""
     arrays = np.broadcast_arrays(*[np.atleast_1d(np.asarray(p)).astype(np.int64).view(np.uint64) for p in parts])
     h = np.zeros(arrays[0].shape, np.uint64)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from raydistill.errors import DataError
-from raydistill.hashing import _hash
+from raydistill.hashing import hash_ints
 
 CARVE_BUCKETS = 10_000
 _CARVE_SALT = 0x5EED_5B17  # the carving hash differs from the augmentation's (same splitmix64 family)
@@ -118,7 +118,7 @@ def _files(location) -> tuple[str, ...]:
 
 
 def _bucket(ids: np.ndarray, seed: int) -> np.ndarray:
-    return (_hash(seed, _CARVE_SALT, ids) % np.uint64(CARVE_BUCKETS)).astype(np.int64)
+    return (hash_ints(seed, _CARVE_SALT, ids) % np.uint64(CARVE_BUCKETS)).astype(np.int64)
 
 
 def _keep(plan: SplitPlan, ids: np.ndarray, split: np.ndarray | None) -> np.ndarray:

@@ -128,9 +128,10 @@ def test_job_stop_mid_kd_then_resubmit_beside_a_run_of_the_same_teacher(head, ti
         done_before = {e["epoch"] for e in _journal(a)}
         assert len(done_before) < KD_EPOCHS, "job A finished KD before it was stopped"
         assert b_at_stop < KD_EPOCHS  # B was mid-KD when A was stopped ...
-        _wait(lambda: len(_journal(b)) > b_at_stop, "a KD epoch of run B after job A's stop", 120, b_alive)  # ... and
+        # ... and went on: it finishes another KD epoch after A's driver is gone
+        _wait(lambda: len(_journal(b)) > b_at_stop, "a KD epoch of run B after job A's stop", 120, b_alive)
         status = subprocess.run(["ray", "job", "status", "--address", head.dashboard, "rd-a-1"], env=head.env,
-                                capture_output=True, text=True, timeout=120)  # went on
+                                capture_output=True, text=True, timeout=120)
         assert "Job 'rd-a-1' was stopped" in status.stdout + status.stderr, status.stdout + status.stderr
 
         # 2. resubmitted, A resumes; B, beside it, completes
