@@ -129,15 +129,15 @@ class CacheConfig:
 
 @dataclass
 class QuantizeConfig:
-    scheme: str = "weight_only"  # int8 scheme for student_int8: weight_only | weight_only_conv | dynamic | pt2e_x86 | none
-    calibration_samples: int = 256  # validation samples used to calibrate pt2e_x86
+    scheme: str = "auto"  # int8 scheme for student_int8: auto (weight_only_conv if the student has convolutions, else weight_only) | weight_only | weight_only_conv | dynamic | pt2e_x86 | none
+    calibration_samples: int = 256  # validation samples used to calibrate pt2e_x86 and the onnx_int8 export
 
 
 @dataclass
 class DeployConfig:
     min_accuracy: float | None = None  # export the final student only if its test accuracy reaches this
     min_ratio_to_teacher: float | None = None  # ... and only if student/teacher accuracy reaches this
-    formats: list[str] = field(default_factory=lambda: ["pt2"])  # what the final student is exported to: pt2 (deploy/student.pt2, torch.export) and/or onnx (deploy/student.onnx, torch's ONNX exporter, checked with ONNX Runtime on the test split)
+    formats: list[str] = field(default_factory=lambda: ["pt2"])  # what the final student is exported to: pt2 (deploy/student.pt2, torch.export) and/or onnx (deploy/student.onnx, torch's ONNX exporter, checked with ONNX Runtime on the test split) and/or onnx_int8 (deploy/student_int8.onnx, ONNX Runtime static int8 calibrated on quantize.calibration_samples validation samples)
 
 
 @dataclass

@@ -59,11 +59,13 @@ def quantize_student(cfg: Config, final: torch.nn.Module, final_name: str, final
     """Post-training int8 of the final student (torchao, ``quantize.scheme``); its report row, measured on the
     int8 model as saved: ``student_int8.pt`` (a state dict, reloaded here through ``core.quantize.load_quantized``)
     or, for ``pt2e_x86``, a ``torch.export`` program in ``int8/``. ``final_row`` is the fp32 student's row
-    (``evaluate_on_test``): params and MACs are the fp32 model's."""
+    (``evaluate_on_test``): params and MACs are the fp32 model's. ``quantize.scheme: auto`` is resolved here
+    (``core.quantize.choose_scheme``); the row records the scheme used (``scheme``), the one asked for
+    (``scheme_requested``) and why (``scheme_reason``)."""
     from raydistill.checkpoints import atomic_write_bytes
-    from raydistill.core.quantize import load_quantized, quantize_int8
+    from raydistill.core.quantize import choose_scheme, load_quantized, quantize_int8
 
-    scheme = cfg.quantize.scheme
+    scheme, reason = choose_scheme(final, cfg.quantize.scheme)
     example = test_example(data)
     shape = tuple(example.shape[1:])
     calib = torch.from_numpy(data.head("val", cfg.quantize.calibration_samples)[0])
@@ -91,4 +93,5 @@ def quantize_student(cfg: Config, final: torch.nn.Module, final_name: str, final
         return {"accuracy": test_accuracy(q, data), "params": final_row["params"], "macs": final_row["macs"],
                 "latency_ms_b1": latency_ms(q, shape, batch_size=1),
                 "latency_ms_b64": latency_ms(q, shape, batch_size=64),
-                "size_bytes": size, "sparsity": sparsity, "scheme": scheme, "from": final_name, "export": info}
+                "size_bytes": size, "sparsity": sparsity, "scheme": scheme,
+                "scheme_requested": cfg.quantize.scheme, "scheme_reason": reason, "from": final_name, "export": info}

@@ -49,7 +49,8 @@ TORCHSCRIPT_FILE = "student.torchscript.pt"
 PREDICT_FILE = "predict.py"
 META_FILE = "artifact.json"
 ARTIFACT_FILES = (PT2_FILE, TORCHSCRIPT_FILE, PREDICT_FILE, META_FILE)
-DEPLOY_FORMATS = ("pt2", "onnx")  # deploy.formats: export_model's torch artifacts; onnx_export.export_onnx
+# deploy.formats: export_model's torch artifacts; onnx_export.export_onnx; onnx_export.export_onnx_int8
+DEPLOY_FORMATS = ("pt2", "onnx", "onnx_int8")
 
 # Tolerance when checking a reloaded artifact against the in-process model (same kernels,
 # but export may reorder float ops).

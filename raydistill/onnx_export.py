@@ -9,6 +9,14 @@ figures for the report: accuracy, the largest logit difference, and ONNX Runtime
 and 64 measured exactly as every report row is (``core.metrics.latency_ms`` on ``LATENCY_THREADS`` threads),
 next to PyTorch's.
 
+``deploy.formats`` with ``onnx_int8``: ``export_onnx_int8`` quantizes that ONNX model to static int8 with ONNX
+Runtime's own tool (``onnxruntime.quantization.quantize_static``: QDQ format, per-channel int8 weights, uint8
+activations, ranges calibrated by MinMax on ``quantize.calibration_samples`` validation samples read through a
+``CalibrationDataReader``; ``reduce_range`` on CPUs without VNNI, as ONNX Runtime advises). It writes
+``deploy/student_int8.onnx`` and reports its accuracy, its top-1 agreement with the fp32 PyTorch model, size and
+latency. int8 logits cannot match fp32 to the fp32 tolerance, so it is not refused on them; the report shows
+the accuracy drop.
+
 A model the exporter cannot convert is a ``ModelError`` naming the op (``check_onnx_exportable`` runs the
 export on the untrained student before any training, so it fails in seconds, not after the run).
 """
@@ -30,6 +38,7 @@ from raydistill.checkpoints import atomic_write_bytes
 from raydistill.errors import ConfigError, ModelError
 
 ONNX_FILE = "student.onnx"
+ONNX_INT8_FILE = "student_int8.onnx"
 META_FILE = "artifact.json"  # export.META_FILE: the deploy folder's description, shared with the pt2 export
 # ONNX Runtime vs PyTorch on the same fp32 weights: kernels differ (fused conv/BN, other summation order), so
 # logits agree to ~1e-6 relative, not bit for bit; a wrong graph misses by orders of magnitude more.
@@ -90,6 +99,94 @@ class OrtModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+
+
+class _Batches:
+    """ONNX Runtime's ``CalibrationDataReader`` protocol (``get_next`` -> feed dict, ``None`` at the end) over
+    (N, ...) float32 batches; quantize_static accepts any object with ``get_next`` (its ``__subclasshook__``)."""
+
+    def __init__(self, input_name: str, batches: list[np.ndarray]):
+        self.input_name, self.batches = input_name, iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {self.input_name: batch}
+
+
+def to_onnx_int8(onnx_bytes: bytes, calibration: Tensor, batch_size: int = 64) -> bytes:
+    """The fp32 ONNX model ``onnx_bytes`` as a static int8 ONNX model (QDQ), calibrated on ``calibration``
+    ((N, ...) inputs; MinMax over all of them, ``batch_size`` rows per calibration run)."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from raydistill.core.quantize import needs_reduced_range
+
+    if calibration.shape[0] == 0:
+        raise ValueError("onnx_int8 needs at least one calibration sample")
+    x = np.ascontiguousarray(calibration.detach().cpu().numpy(), dtype=np.float32)
+    input_name = onnx.load_from_string(onnx_bytes).graph.input[0].name
+    with tempfile.TemporaryDirectory(prefix="raydistill-onnx-int8-") as tmp:
+        fp32, prepared, int8 = (Path(tmp) / n for n in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
+        fp32.write_bytes(onnx_bytes)
+        # ONNX Runtime's recommended first step: shape inference and graph optimization (e.g. BatchNorm folded
+        # into the conv) so that the quantizer sees the ops it has int8 kernels for.
+        quant_pre_process(str(fp32), str(prepared))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(str(prepared), str(int8), _Batches(input_name, list(np.array_split(
+                x, max(1, -(-len(x) // batch_size))))), quant_format=QuantFormat.QDQ, per_channel=True,
+                reduce_range=needs_reduced_range(), activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        return int8.read_bytes()
+
+
+def export_onnx_int8(model: nn.Module, onnx_bytes: bytes | None, test_batches: Callable[[], Iterable[tuple[Tensor,
+                     Tensor]]], example: Tensor, calibration: Tensor, out_dir: str | Path,
+                     torch_row: dict[str, Any]) -> dict[str, Any]:
+    """Quantize the ONNX export of ``model`` (``onnx_bytes``, or exported here when ``None``) to static int8 with
+    ONNX Runtime, calibrated on ``calibration`` (validation inputs), and write ``out_dir/student_int8.onnx``.
+
+    Returns ``{"file", "sha256", "size_bytes", "fp32_onnx_size_bytes", "accuracy", "torch_accuracy",
+    "agreement", "max_abs_diff", "calibration_samples", "reduce_range", "latency_ms_b1", "latency_ms_b64",
+    "torch_latency_ms_b1", "torch_latency_ms_b64", "onnxruntime"}``: ``agreement`` is the fraction of test
+    samples whose top-1 class equals the fp32 PyTorch model's."""
+    import hashlib
+
+    import onnxruntime as ort
+
+    from raydistill.core.metrics import latency_ms
+    from raydistill.core.quantize import needs_reduced_range
+    from raydistill.evaluate import LATENCY_THREADS, latency_threads
+
+    model = model.cpu().eval()
+    example = example[:2] if len(example) >= 2 else torch.cat([example, example])
+    fp32 = onnx_bytes if onnx_bytes is not None else to_onnx(model, example)
+    data = to_onnx_int8(fp32, calibration)
+    ort_model = OrtModel(data, threads=LATENCY_THREADS)
+    diff, agree, correct, total = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for x, y in test_batches():
+            expected, got = model(x), ort_model(x)
+            diff = max(diff, float((got - expected).abs().max()))
+            agree += int((got.argmax(1) == expected.argmax(1)).sum())
+            correct += int((got.argmax(1) == y).sum())
+            total += len(y)
+    shape = tuple(example.shape[1:])
+    with latency_threads():
+        b1, b64 = latency_ms(ort_model, shape, batch_size=1), latency_ms(ort_model, shape, batch_size=64)
+    out = Path(out_dir)
+    atomic_write_bytes(out / ONNX_INT8_FILE, data)
+    sha = hashlib.sha256(data).hexdigest()
+    _record_in_artifact_json(out, ONNX_INT8_FILE, sha, shape)
+    return {"file": str(out / ONNX_INT8_FILE), "sha256": sha, "size_bytes": len(data),
+            "fp32_onnx_size_bytes": len(fp32), "accuracy": correct / max(total, 1),
+            "torch_accuracy": torch_row["accuracy"], "agreement": agree / max(total, 1), "max_abs_diff": diff,
+            "calibration_samples": int(calibration.shape[0]), "reduce_range": needs_reduced_range(),
+            "latency_ms_b1": b1, "latency_ms_b64": b64, "torch_latency_ms_b1": torch_row["latency_ms_b1"],
+            "torch_latency_ms_b64": torch_row["latency_ms_b64"], "onnxruntime": ort.__version__}
 
 
 def check_onnx_exportable(model: nn.Module, example: Tensor) -> None:
@@ -155,7 +252,7 @@ def export_onnx(model: nn.Module, test_batches: Callable[[], Iterable[tuple[Tens
     out = Path(out_dir)
     atomic_write_bytes(out / ONNX_FILE, data)
     sha = hashlib.sha256(data).hexdigest()
-    _record_in_artifact_json(out, sha, shape)
+    _record_in_artifact_json(out, ONNX_FILE, sha, shape)
     return {"file": str(out / ONNX_FILE), "sha256": sha, "size_bytes": len(data), "accuracy": onnx_acc,
             "torch_accuracy": torch_acc, "max_abs_diff": diff, "atol": ATOL, "rtol": RTOL,
             "latency_ms_b1": b1, "latency_ms_b64": b64, "torch_latency_ms_b1": torch_row["latency_ms_b1"],
@@ -163,17 +260,20 @@ def export_onnx(model: nn.Module, test_batches: Callable[[], Iterable[tuple[Tens
             "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)}
 
 
-def _record_in_artifact_json(out: Path, sha: str, shape: tuple[int, ...]) -> None:
-    """Add ``student.onnx`` to the deploy folder's ``artifact.json`` (written by the pt2 export), or write one."""
+def _record_in_artifact_json(out: Path, name: str, sha: str, shape: tuple[int, ...]) -> None:
+    """Add ``name`` (an ONNX file) to the deploy folder's ``artifact.json`` (written by the pt2 export), or write
+    one."""
     path = out / META_FILE
     meta = json.loads(path.read_text()) if path.is_file() else {
-        "primary": ONNX_FILE, "format": "onnx", "input_shape": list(shape), "input_dtype": "float32", "files": {}}
-    meta["files"][ONNX_FILE] = sha
+        "primary": name, "format": "onnx", "input_shape": list(shape), "input_dtype": "float32", "files": {}}
+    meta["files"][name] = sha
     atomic_write_bytes(path, json.dumps(meta, indent=2).encode())
 
 
 def remove_stale_onnx(out_dir: str | Path) -> None:
-    """A run that no longer asks for ONNX must not leave an older model's ``student.onnx`` behind."""
-    stale = Path(out_dir) / ONNX_FILE
-    if stale.exists():
-        stale.unlink()
+    """A run that no longer asks for ONNX must not leave an older model's ``student.onnx`` or
+    ``student_int8.onnx`` behind."""
+    for name in (ONNX_FILE, ONNX_INT8_FILE):
+        stale = Path(out_dir) / name
+        if stale.exists():
+            stale.unlink()

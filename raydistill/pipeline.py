@@ -191,6 +191,9 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     if cfg.quantize.scheme != "none":
         models["student_int8"] = timed(ctx, "quantize", quantize_student, cfg, final, final_name, models[final_name],
                                        final_spec, ctx.splits, ctx.out)
+        q = models["student_int8"]
+        ctx.log(f"int8: {final_name} quantized with {q['scheme']} ({q['scheme_reason']}), "
+                f"{models[final_name]['size_bytes'] / q['size_bytes']:.1f}x smaller")
     deploy = timed(ctx, "deploy", deploy_student, ctx, final, final_name, models)
     ctx.timings["total"] = {"seconds": time.perf_counter() - t_start}
 
@@ -577,27 +580,43 @@ def deploy_student(ctx: RunContext, final: torch.nn.Module, final_name: str, mod
     exported = (export_if_gate_passes(final.eval(), test_example(ctx.splits), ctx.out / "deploy", gate)
                 if "pt2" in formats else None)
     ctx.log(f"deploy gate: {gate['message']}")
-    return {"model": final_name, "gate": gate, "export": exported,
-            **({"onnx": deploy_onnx(ctx, final, models[final_name], gate)} if "onnx" in formats else {})}
+    onnx = deploy_onnx(ctx, final, models[final_name], gate) if {"onnx", "onnx_int8"} & set(formats) else {}
+    return {"model": final_name, "gate": gate, "export": exported, **onnx}
 
 
-def deploy_onnx(ctx: RunContext, final: torch.nn.Module, row: dict, gate: dict) -> dict | None:
-    """``deploy.formats`` with onnx: ``deploy/student.onnx``, checked with ONNX Runtime on the test split."""
-    from raydistill.onnx_export import export_onnx, remove_stale_onnx
+def deploy_onnx(ctx: RunContext, final: torch.nn.Module, row: dict, gate: dict) -> dict:
+    """``deploy.formats`` with onnx: ``deploy/student.onnx``, checked with ONNX Runtime on the test split; with
+    onnx_int8: ``deploy/student_int8.onnx``, ONNX Runtime's static int8, calibrated on validation samples. The
+    report's ``deploy`` entries ``onnx`` and ``onnx_int8`` (``None`` when the gate failed)."""
+    from raydistill.onnx_export import ONNX_FILE, export_onnx, export_onnx_int8, remove_stale_onnx
 
+    formats = ctx.cfg.deploy.formats
     if not gate["passed"]:
-        return None
+        return {f: None for f in ("onnx", "onnx_int8") if f in formats}
     remove_stale_onnx(ctx.out / "deploy")
     data = ctx.splits  # in memory or streamed: the test split is read batch by batch
+    example = torch.from_numpy(data.head("test", 2)[0])
 
     def test_batches():
         return ((torch.as_tensor(x), torch.as_tensor(y)) for x, y, _ in data.batches("test"))
 
-    info = export_onnx(final, test_batches, torch.from_numpy(data.head("test", 2)[0]), ctx.out / "deploy", row)
-    ctx.log(f"ONNX: {info['file']} matches PyTorch on the test split (accuracy {info['accuracy']:.4f}, largest "
-            f"logit difference {info['max_abs_diff']:.2g}); ONNX Runtime {info['latency_ms_b1']:.3f} ms at batch 1, "
-            f"{info['latency_ms_b64']:.3f} ms at 64 (PyTorch {row['latency_ms_b1']:.3f} / {row['latency_ms_b64']:.3f})")
-    return info
+    out: dict[str, dict | None] = {}
+    if "onnx" in formats:
+        info = out["onnx"] = export_onnx(final, test_batches, example, ctx.out / "deploy", row)
+        ctx.log(f"ONNX: {info['file']} matches PyTorch on the test split (accuracy {info['accuracy']:.4f}, largest "
+                f"logit difference {info['max_abs_diff']:.2g}); ONNX Runtime {info['latency_ms_b1']:.3f} ms at batch "
+                f"1, {info['latency_ms_b64']:.3f} ms at 64 (PyTorch {row['latency_ms_b1']:.3f} / "
+                f"{row['latency_ms_b64']:.3f})")
+    if "onnx_int8" in formats:
+        fp32 = (ctx.out / "deploy" / ONNX_FILE).read_bytes() if "onnx" in formats else None
+        calibration = torch.from_numpy(data.head("val", ctx.cfg.quantize.calibration_samples)[0])
+        info = out["onnx_int8"] = export_onnx_int8(final, fp32, test_batches, example, calibration,
+                                                   ctx.out / "deploy", row)
+        ctx.log(f"ONNX int8: {info['file']} (ONNX Runtime static int8, {info['calibration_samples']} calibration "
+                f"samples) {info['fp32_onnx_size_bytes'] / info['size_bytes']:.1f}x smaller than fp32 ONNX, accuracy "
+                f"{info['accuracy']:.4f} (PyTorch fp32 {info['torch_accuracy']:.4f}); {info['latency_ms_b1']:.3f} ms "
+                f"at batch 1, {info['latency_ms_b64']:.3f} ms at 64")
+    return out
 
 
 def pruning_coverage(ctx: RunContext) -> dict:
@@ -704,9 +723,9 @@ def validate_models(cfg: Config, num_classes: int, shape: tuple[int, ...]) -> No
 
 
 def check_deploy_formats(cfg: Config, student_spec: dict, sample_shape: tuple[int, ...]) -> None:
-    """``deploy.formats`` with onnx: the student must convert to ONNX, checked on the untrained student before
-    any training (an op without an ONNX translation fails here, named, not after the run)."""
-    if "onnx" not in cfg.deploy.formats:
+    """``deploy.formats`` with onnx or onnx_int8: the student must convert to ONNX, checked on the untrained
+    student before any training (an op without an ONNX translation fails here, named, not after the run)."""
+    if not {"onnx", "onnx_int8"} & set(cfg.deploy.formats):
         return
     from raydistill.onnx_export import check_onnx_exportable
 

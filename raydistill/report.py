@@ -45,8 +45,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         dep = report["deploy"]
         where = f"exported to {dep['export']['artifact']}" if dep.get("export") else "nothing exported"
         lines += ["## Deploy gate", "", f"{dep['model']}: {dep['gate']['message']} ({where}).", ""]
-        if dep.get("onnx"):
-            lines += onnx_section(dep["model"], models.get(dep["model"]), dep["onnx"])
+        if dep.get("onnx") or dep.get("onnx_int8"):
+            lines += onnx_section(dep["model"], models.get(dep["model"]), dep.get("onnx"), dep.get("onnx_int8"))
     if report.get("pruning"):
         p = report["pruning"]
         lines += ["## Pruning coverage", "",
@@ -66,18 +66,33 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def onnx_section(name: str, row: dict[str, Any] | None, o: dict[str, Any]) -> list[str]:
-    """The exported ONNX model next to the PyTorch model it came from (same test split, same thread count)."""
+def onnx_section(name: str, row: dict[str, Any] | None, o: dict[str, Any] | None,
+                 o8: dict[str, Any] | None = None) -> list[str]:
+    """The exported ONNX models (fp32 ``o`` and/or static int8 ``o8``) next to the PyTorch model they came from
+    (same test split, same thread count)."""
+    first = o or o8
     torch_size = f"{row['size_bytes'] / 1024:.1f}" if row else "–"
-    return ["## ONNX Runtime vs PyTorch (CPU)", "",
-            "| runtime | accuracy | latency b1 (ms) | latency b64 (ms) | size (KiB) |",
-            "| --- | ---: | ---: | ---: | ---: |",
-            f"| PyTorch ({name}) | {o['torch_accuracy']:.4f} | {o['torch_latency_ms_b1']:.3f} | "
-            f"{o['torch_latency_ms_b64']:.3f} | {torch_size} |",
-            f"| ONNX Runtime {o['onnxruntime']} (opset {o['opset']}) | {o['accuracy']:.4f} | "
-            f"{o['latency_ms_b1']:.3f} | {o['latency_ms_b64']:.3f} | {o['size_bytes'] / 1024:.1f} |", "",
-            f"`{o['file']}`: largest logit difference to PyTorch on the test split {o['max_abs_diff']:.2g} "
-            f"(tolerance {o['atol']:g} + {o['rtol']:g}·|logit|).", ""]
+    lines = ["## ONNX Runtime vs PyTorch (CPU)", "",
+             "| runtime | accuracy | latency b1 (ms) | latency b64 (ms) | size (KiB) |",
+             "| --- | ---: | ---: | ---: | ---: |",
+             f"| PyTorch ({name}) | {first['torch_accuracy']:.4f} | {first['torch_latency_ms_b1']:.3f} | "
+             f"{first['torch_latency_ms_b64']:.3f} | {torch_size} |"]
+    if o:
+        lines.append(f"| ONNX Runtime {o['onnxruntime']} (opset {o['opset']}) | {o['accuracy']:.4f} | "
+                     f"{o['latency_ms_b1']:.3f} | {o['latency_ms_b64']:.3f} | {o['size_bytes'] / 1024:.1f} |")
+    if o8:
+        lines.append(f"| ONNX Runtime {o8['onnxruntime']} static int8 | {o8['accuracy']:.4f} | "
+                     f"{o8['latency_ms_b1']:.3f} | {o8['latency_ms_b64']:.3f} | {o8['size_bytes'] / 1024:.1f} |")
+    lines.append("")
+    if o:
+        lines += [f"`{o['file']}`: largest logit difference to PyTorch on the test split {o['max_abs_diff']:.2g} "
+                  f"(tolerance {o['atol']:g} + {o['rtol']:g}·|logit|).", ""]
+    if o8:
+        lines += [f"`{o8['file']}`: ONNX Runtime static int8 (QDQ, per-channel weights, calibrated on "
+                  f"{o8['calibration_samples']} validation samples{', reduce_range' if o8['reduce_range'] else ''}); "
+                  f"top-1 agreement with PyTorch fp32 {o8['agreement']:.4f}, largest logit difference "
+                  f"{o8['max_abs_diff']:.2g}.", ""]
+    return lines
 
 
 def plot(models: dict[str, dict[str, Any]], path: Path) -> None:

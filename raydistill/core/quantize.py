@@ -3,6 +3,10 @@
 ``quantize_int8(model, scheme)`` returns a quantized deep copy; the input model is never
 modified. Schemes, and what each stores as int8 (torch 2.14, torchao 0.18):
 
+* ``auto`` (the default): chosen by what the model contains (``choose_scheme``): ``weight_only_conv``
+  when it has a Conv2d whose weights can be int8, else ``weight_only``. A CNN's weights are
+  mostly conv weights, so a Linear-only scheme leaves it near fp32 size (torchvision ResNet-18:
+  44,803,531 -> 44,789,255 bytes with ``weight_only``, 3.9x smaller with ``weight_only_conv``).
 * ``weight_only``: ``quantize_`` + ``Int8WeightOnlyConfig``; Linear weights; runs eagerly.
 * ``weight_only_conv``: ``quantize_`` + ``IntxWeightOnlyConfig(weight_dtype=torch.int8)``;
   Linear and Conv2d weights; runs eagerly (weights dequantized per call).
@@ -10,7 +14,9 @@ modified. Schemes, and what each stores as int8 (torch 2.14, torchao 0.18):
   activations quantized per token at run time (int8 matmul); runs eagerly.
 * ``pt2e_x86``: ``prepare_pt2e``/``convert_pt2e`` with ``X86InductorQuantizer``; static
   int8 activations and weights for Conv2d and Linear (BatchNorm folded), calibrated; an
-  exported graph (``torch.fx.GraphModule``).
+  exported graph (``torch.fx.GraphModule``). Works on torchvision ResNet-18 and MobileNetV2:
+  a module called twice (ResNet's BasicBlock applies one ``self.relu`` after conv1 and after the
+  residual add) is split into one partition per call first (``_split_repeated_module_calls``).
 
 ``quantize_`` filters to ``nn.Linear`` by default, and ``Int8Tensor`` (behind the first and
 third scheme) has no conv kernel, so for a CNN those schemes leave every Conv2d in fp32.
@@ -42,12 +48,15 @@ from torch import Tensor, nn
 __all__ = [
     "DEFAULT_SCHEME",
     "SCHEMES",
+    "choose_scheme",
     "int8_fraction",
     "load_quantized",
+    "needs_reduced_range",
     "quantize_int8",
 ]
 
 SCHEMES: dict[str, str] = {
+    "auto": "chosen by the model: weight_only_conv if it has convolutions, else weight_only",
     "weight_only": "int8 per-channel weights for Linear layers (torchao Int8WeightOnlyConfig)",
     "weight_only_conv": "int8 per-channel weights for Linear and Conv2d layers (torchao IntxWeightOnlyConfig)",
     "dynamic": "int8 dynamic per-token activations + int8 weights for Linear layers "
@@ -56,9 +65,9 @@ SCHEMES: dict[str, str] = {
                 "(torchao PT2E flow, X86InductorQuantizer)",
 }
 # Chosen by measurement (benchmarks/quantization.py, docs/deploy.md): on this CPU no scheme is
-# faster than fp32, so the default is the one that shrinks the weights at the smallest latency
-# and accuracy cost and saves/loads as a plain state dict.
-DEFAULT_SCHEME = "weight_only"
+# faster than fp32, so the default shrinks the weights at the smallest latency and accuracy cost
+# and saves/loads as a plain state dict, and for a CNN that means quantizing the convs too.
+DEFAULT_SCHEME = "auto"
 
 # Batches of calibration data used for pt2e_x86 when the caller passes more.
 _MAX_CALIBRATION_BATCHES = 16
@@ -82,7 +91,26 @@ def _is_linear_or_conv(module: nn.Module, fqn: str = "") -> bool:
     return isinstance(module, nn.Linear)
 
 
-def _reduce_range() -> bool:
+def choose_scheme(model: nn.Module, scheme: str = "auto") -> tuple[str, str]:
+    """(the concrete scheme for ``model``, why): ``scheme`` itself unless it is ``auto``.
+
+    ``auto`` quantizes conv weights whenever the model has convolutions torchao can quantize
+    (``weight_only_conv``), and Linear weights otherwise (``weight_only``): both run eagerly and
+    save as a state dict, so ``auto`` changes what is int8, not how the model is stored.
+    """
+    _check_scheme(scheme)
+    if scheme != "auto":
+        return scheme, "set by quantize.scheme"
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and _is_linear_or_conv(m)]
+    if convs:
+        conv_weights = sum(m.weight.numel() for m in convs)
+        all_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        return "weight_only_conv", (f"auto: the model has {len(convs)} Conv2d layers holding "
+                                    f"{conv_weights / max(all_weights, 1):.0%} of its layer weights")
+    return "weight_only", "auto: the model has no Conv2d with more than one input channel per group"
+
+
+def needs_reduced_range() -> bool:
     """True on CPUs without VNNI, where full-range int8 products can overflow (torchao's advice)."""
     from torchao.utils import should_reduce_range
 
@@ -122,6 +150,26 @@ def _strip_unused_state(gm: torch.fx.GraphModule) -> None:
             delattr(owner, attr)
 
 
+def _split_repeated_module_calls(gm: torch.fx.GraphModule) -> None:
+    """Give each call of a module called more than once its own source partition (in place).
+
+    The PT2E quantizers find patterns by source partition; with non-strict ``torch.export`` a
+    partition is every node whose innermost ``nn_module_stack`` entry names the same module. A
+    module called twice (torchvision's BasicBlock uses one ``self.relu`` after ``conv1`` and after
+    the residual add) is one partition with two outputs, and X86InductorQuantizer stops with
+    "Input partition has more than one output node". export already keys each call apart
+    (``...relu`` and ``...relu@1``); we carry that suffix into the module name the partitions use.
+    """
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        key, (fqn, cls) = next(reversed(stack.items()))
+        call = key.rpartition("@")[2] if "@" in key else ""
+        if call.isdigit():
+            stack[key] = (f"{fqn}@{call}", cls)
+
+
 def _pt2e_x86(model: nn.Module, calibration_data: Tensor | Iterable[Tensor]) -> nn.Module:
     """Static int8 via torchao's PT2E flow: export, insert observers, calibrate, convert."""
     from torchao.quantization.pt2e import allow_exported_model_train_eval
@@ -142,8 +190,9 @@ def _pt2e_x86(model: nn.Module, calibration_data: Tensor | Iterable[Tensor]) -> 
         raise ValueError(f"pt2e_x86 could not export the model with torch.export "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                          "use scheme 'weight_only' or 'dynamic' instead") from None
+    _split_repeated_module_calls(exported)
     quantizer = X86InductorQuantizer()
-    quantizer.set_global(get_default_x86_inductor_quantization_config(reduce_range=_reduce_range()))
+    quantizer.set_global(get_default_x86_inductor_quantization_config(reduce_range=needs_reduced_range()))
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for batch in batches:
@@ -159,12 +208,12 @@ def quantize_int8(model: nn.Module, scheme: str = DEFAULT_SCHEME, *,
                   calibration_data: Tensor | Iterable[Tensor] | None = None) -> nn.Module:
     """A post-training int8 copy of ``model`` (eval mode, CPU); ``model`` itself is untouched.
 
-    ``scheme`` is one of ``SCHEMES``. ``calibration_data`` (a (N, C, H, W) tensor, or an
+    ``scheme`` is one of ``SCHEMES`` (``auto``: ``choose_scheme``). ``calibration_data`` (a (N, C, H, W) tensor, or an
     iterable of such batches or (x, y) pairs; up to 16 batches are used) is required for
     ``pt2e_x86`` and ignored otherwise. Raises ``ValueError`` for an unknown scheme, missing
     calibration data, or a model that has nothing the scheme can quantize.
     """
-    _check_scheme(scheme)
+    scheme, _ = choose_scheme(model, scheme)
     if scheme == "pt2e_x86" and calibration_data is None:
         raise ValueError("scheme 'pt2e_x86' needs calibration_data (a few batches of real inputs); "
                          "pass calibration_data=x_val[:256] or use scheme 'weight_only'")
@@ -188,7 +237,7 @@ def quantize_int8(model: nn.Module, scheme: str = DEFAULT_SCHEME, *,
     elif scheme == "weight_only_conv":
         config = IntxWeightOnlyConfig(weight_dtype=torch.int8)
     else:
-        config = Int8DynamicActivationInt8WeightConfig(reduce_range=_reduce_range())
+        config = Int8DynamicActivationInt8WeightConfig(reduce_range=needs_reduced_range())
     quantize_(quantized, config, filter_fn=filter_fn)
     return quantized
 
@@ -230,7 +279,7 @@ def load_quantized(source: str | os.PathLike | bytes | Mapping[str, Tensor], mod
     ``pt2e_x86`` models bake activation scales into the graph and cannot be rebuilt
     from a state dict: save them with ``raydistill.export.export_model``.
     """
-    _check_scheme(scheme)
+    scheme, _ = choose_scheme(model, scheme)
     if scheme == "pt2e_x86":
         raise ValueError("a pt2e_x86 model cannot be rebuilt from a state dict (its activation scales live "
                          "in the graph); save it with raydistill.export.export_model and load the .pt2 "

@@ -11,7 +11,16 @@ from raydistill import config
 from raydistill.core.metrics import accuracy
 from raydistill.errors import ConfigError, ModelError
 from raydistill.models import build_model
-from raydistill.onnx_export import ONNX_FILE, OrtModel, check_against_torch, check_onnx_exportable, export_onnx
+from raydistill.manifest import verify_run, write_manifest
+from raydistill.onnx_export import (
+    ONNX_FILE,
+    ONNX_INT8_FILE,
+    OrtModel,
+    check_against_torch,
+    check_onnx_exportable,
+    export_onnx,
+    export_onnx_int8,
+)
 from raydistill.report import render_markdown
 
 
@@ -41,6 +50,41 @@ def test_onnx_file_reproduces_the_model_at_any_batch_size(exported):
     md = render_markdown({"models": {}, "timings": {}, "deploy": {"model": "student_kd", "gate": {"message": "ok"},
                                                                   "export": None, "onnx": info}})
     assert "| ONNX Runtime " in md and "| PyTorch (student_kd) |" in md
+
+
+def test_onnx_int8_is_static_int8_calibrated_and_recorded(exported):
+    model, x, y, out, fp32_info = exported
+    fp32 = (out / ONNX_FILE).read_bytes()
+    row = {"accuracy": fp32_info["torch_accuracy"], "latency_ms_b1": 0.5, "latency_ms_b64": 5.0}
+    calibration = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(2))  # "validation" inputs
+    info = export_onnx_int8(model, fp32, lambda: [(x[:60], y[:60]), (x[60:], y[60:])], x[:2], calibration, out, row)
+    data = (out / ONNX_INT8_FILE).read_bytes()
+    proto = onnx.load_from_string(data)
+    onnx.checker.check_model(proto)
+    ops = {node.op_type for node in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops  # QDQ around the fp32 ops
+    int8_weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert sum(len(t.raw_data) for t in int8_weights) >= 8 * 9 + 16 * 8 * 9 + 32 * 16 * 2 * 2 + 10 * 32
+    assert info["size_bytes"] == len(data) < fp32_info["size_bytes"] and info["fp32_onnx_size_bytes"] == len(fp32)
+    assert info["calibration_samples"] == 40 and info["latency_ms_b1"] > 0 and info["latency_ms_b64"] > 0
+    # int8, so not bit-exact, but it must still be the same model: logits close, top-1 mostly the same
+    ort_model = OrtModel(data, threads=1)
+    with torch.no_grad():
+        expected, got = model(x), ort_model(x)
+    assert 0 < float((got - expected).abs().max()) == pytest.approx(info["max_abs_diff"])
+    assert float((got - expected).norm() / expected.norm()) < 0.1
+    assert info["agreement"] >= 0.9 and abs(info["accuracy"] - info["torch_accuracy"]) <= 0.1
+    assert ort_model(x[:1]).shape == (1, 10)
+    meta = json.loads((out / "artifact.json").read_text())
+    assert meta["files"][ONNX_INT8_FILE] == info["sha256"] and ONNX_FILE in meta["files"]
+    md = render_markdown({"models": {}, "timings": {}, "deploy": {"model": "student_kd", "gate": {"message": "ok"},
+                                                                  "export": None, "onnx_int8": info}})
+    assert f"| ONNX Runtime {info['onnxruntime']} static int8 | {info['accuracy']:.4f} |" in md
+    # the int8 file is signed with the run like every other file: raydistill verify catches a change
+    write_manifest(out)
+    assert verify_run(out) == []
+    (out / ONNX_INT8_FILE).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert any(ONNX_INT8_FILE in problem and "modified" in problem for problem in verify_run(out))
 
 
 def test_a_model_onnx_runtime_does_not_reproduce_is_refused(exported):
@@ -73,6 +117,7 @@ def test_an_op_without_onnx_translation_is_one_line_naming_it():
 
 def test_deploy_formats_is_validated():
     assert config.load(None, {"deploy.formats": ["pt2", "onnx"]}).deploy.formats == ["pt2", "onnx"]
+    assert config.load(None, {"deploy.formats": ["onnx_int8"]}).deploy.formats == ["onnx_int8"]
     with pytest.raises(ConfigError, match="did you mean 'onnx'"):
         config.load(None, {"deploy.formats": ["pt2", "onx"]})
     for bad in ([], ["onnx", "onnx"]):

@@ -13,6 +13,7 @@ from raydistill.core.quantize import (
     DEFAULT_SCHEME,
     SCHEMES,
     _inner_tensors,
+    choose_scheme,
     int8_fraction,
     load_quantized,
     quantize_int8,
@@ -88,7 +89,7 @@ def test_linear_only_schemes_leave_conv_in_fp32():
 
 
 def test_unknown_scheme_names_the_options():
-    options = "weight_only, weight_only_conv, dynamic, pt2e_x86"
+    options = "auto, weight_only, weight_only_conv, dynamic, pt2e_x86"
     with pytest.raises(ValueError, match=f"unknown int8 scheme 'int4'; use one of: {options}"):
         quantize_int8(student(), "int4")
 
@@ -147,6 +148,52 @@ def test_load_quantized_refuses_garbage_and_pt2e():
 
 def test_default_scheme_is_a_scheme():
     assert DEFAULT_SCHEME in SCHEMES
+
+
+def test_auto_quantizes_convs_when_the_model_has_them():
+    scheme, reason = choose_scheme(student())
+    assert scheme == "weight_only_conv" and "1 Conv2d" in reason  # the 1-input-channel stem cannot be int8
+    assert choose_scheme(mlp()) == ("weight_only", "auto: the model has no Conv2d with more than one input "
+                                                   "channel per group")
+    assert choose_scheme(student(), "dynamic") == ("dynamic", "set by quantize.scheme")
+    model = student()
+    assert bytes_by_dtype(quantize_int8(model, "auto")) == bytes_by_dtype(quantize_int8(model, "weight_only_conv"))
+    assert bytes_by_dtype(quantize_int8(mlp(), "auto")) == bytes_by_dtype(quantize_int8(mlp(), "weight_only"))
+    buffer = io.BytesIO()
+    torch.save(quantize_int8(model, "auto").state_dict(), buffer)
+    x = inputs(4)
+    with torch.no_grad():  # rebuilt with the scheme auto resolves to
+        assert torch.equal(load_quantized(buffer.getvalue(), model, "auto")(x),
+                           quantize_int8(model, "weight_only_conv")(x))
+
+
+def test_auto_makes_a_resnet18_at_least_3_5x_smaller():
+    # The issue's case: weight_only (Linear only) leaves torchvision's ResNet-18 at 1.0x its fp32 size.
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    assert choose_scheme(model)[0] == "weight_only_conv"
+    assert size_bytes(model) / size_bytes(quantize_int8(model, "auto")) >= 3.5
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_pt2e_quantizes_torchvision_cnns(name):
+    # ResNet's BasicBlock calls one ReLU module twice; torchao's X86InductorQuantizer refused it ("Input
+    # partition has more than one output node") until each call got its own partition.
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # BatchNorm statistics of real activations, so the eval-mode logits are not ~constant
+        model.train()(x)
+    model.eval()
+    quantized = quantize_int8(model, "pt2e_x86", calibration_data=x[:8])
+    with torch.no_grad():
+        expected, got = model(x), quantized(x)
+        assert quantized(x[:1]).shape == (1, 10)
+    error = float((got - expected).norm() / expected.norm())
+    assert 0 < error < 0.2, error
+    assert int8_fraction(quantized) > 0.9
 
 
 def bytes_by_dtype(model) -> dict[str, int]:
