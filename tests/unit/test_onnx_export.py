@@ -10,8 +10,8 @@ from torch import nn
 from raydistill import config
 from raydistill.core.metrics import accuracy
 from raydistill.errors import ConfigError, ModelError
-from raydistill.models import build_model
 from raydistill.manifest import verify_run, write_manifest
+from raydistill.models import build_model
 from raydistill.onnx_export import (
     ONNX_FILE,
     ONNX_INT8_FILE,
