@@ -105,8 +105,9 @@ def choose_scheme(model: nn.Module, scheme: str = "auto") -> tuple[str, str]:
     if convs:
         conv_weights = sum(m.weight.numel() for m in convs)
         all_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-        return "weight_only_conv", (f"auto: the model has {len(convs)} Conv2d layers holding "
-                                    f"{conv_weights / max(all_weights, 1):.0%} of its layer weights")
+        layers = f"{len(convs)} Conv2d layer{'s' * (len(convs) != 1)}"
+        return "weight_only_conv", (f"auto: the model has {layers} with int8-capable weights, "
+                                    f"{conv_weights / max(all_weights, 1):.1%} of its Conv2d/Linear weights")
     return "weight_only", "auto: the model has no Conv2d with more than one input channel per group"
 
 

@@ -1,6 +1,7 @@
 """The Python API on a real local Ray, in Ray Train's local mode with the smoke settings. The one run is also the
 ecosystem run: its teacher starts from a local state-dict file (teacher.pretrained), its student is a tiny
-randomly initialised timm ViT (pruned, int8, exported to pt2 and ONNX), and the ONNX file is checked here too."""
+randomly initialised timm ViT (pruned, int8, exported to pt2, ONNX and ONNX Runtime static int8), and the ONNX
+files are checked here too."""
 
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from raydistill.errors import RunFolderError
 from raydistill.pipeline import load_data
 
 pytestmark = pytest.mark.ray
-ONNX = {"deploy.formats": ["pt2", "onnx"]}
+ONNX = {"deploy.formats": ["pt2", "onnx", "onnx_int8"]}
 VIT = {"student.model": "timm:vit_tiny_patch16_224",
        "student.kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}}
 
@@ -101,3 +102,19 @@ def test_onnx_export_is_checked_reported_and_in_the_manifest(api_run, tmp_path):
     data[len(data) // 2] ^= 0xFF
     (copy / "deploy" / "student.onnx").write_bytes(bytes(data))
     assert [p for p in verify_run(copy) if "student.onnx" in p]
+
+
+def test_onnx_int8_is_calibrated_reported_and_in_the_manifest(api_run):
+    from raydistill.manifest import read_manifest
+
+    int8 = api_run.report["deploy"]["onnx_int8"]
+    row, config = api_run.models["student_pruned"], api_run.report["config"]
+    assert int8["torch_accuracy"] == row["accuracy"] and abs(int8["accuracy"] - row["accuracy"]) <= 0.1
+    assert 0 < int8["calibration_samples"] <= config["quantize"]["calibration_samples"]  # the (limited) val split
+    assert int8["size_bytes"] < int8["fp32_onnx_size_bytes"] == api_run.report["deploy"]["onnx"]["size_bytes"]
+    path = api_run.out / "deploy" / "student_int8.onnx"
+    assert read_manifest(api_run.out)["files"]["deploy/student_int8.onnx"]["bytes"] == path.stat().st_size
+    assert " static int8 | " in (api_run.out / "report.md").read_text()
+    # auto: the ViT's only Conv2d (the patch embedding) has one input channel, which torchao cannot quantize
+    assert api_run.models["student_int8"]["scheme"] == "weight_only" and "no Conv2d" in api_run.models[
+        "student_int8"]["scheme_reason"]
