@@ -31,7 +31,9 @@ activation scales are constants in the graph, so it is saved as an exported prog
 What we measured on a 2-core AMD EPYC (AVX2, no VNNI), torch 2.14.1, torchao 0.18.0, one
 thread (``benchmarks/quantization.py``; numbers in ``docs/deploy.md``): no int8 scheme is
 reliably faster than fp32 for the digits student, eagerly or under ``torch.compile``; the
-checkpoint shrinks 1.7x to 2.9x. ``DEFAULT_SCHEME`` is the scheme chosen from those measurements.
+checkpoint shrinks 1.7x to 2.9x. For a CIFAR-shaped torchvision ResNet-18 (3x32x32):
+``weight_only`` 1.00x, ``weight_only_conv`` 3.90x and ``pt2e_x86`` 3.97x smaller, no accuracy
+lost, both slower than fp32 eagerly. ``DEFAULT_SCHEME`` is the scheme chosen from those measurements.
 """
 
 from __future__ import annotations
