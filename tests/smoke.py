@@ -27,3 +27,13 @@ def train_smoke_teacher(path, model: str, kwargs: dict, seed: int, meta: dict | 
         opt.step()
     save_model(path, net.eval(), spec, meta or {})
     return str(path)
+
+
+def ctrl_c_default() -> None:
+    """``preexec_fn`` for a child that a test sends SIGINT (Ctrl-C): SIGINT back to its default action, so the
+    child's Python raises KeyboardInterrupt. Whoever starts pytest in the background with `&` from a
+    non-interactive shell makes it ignore SIGINT, every child inherits that, and a Ctrl-C test would then see its
+    signal ignored (seen here: both Ctrl-C tests failed in a suite started with `nohup ... &`)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from smoke import ctrl_c_default
 
 pytestmark = pytest.mark.ray
 
@@ -46,7 +47,8 @@ def _wait(pred, proc, timeout, what):
 def test_ctrl_c_then_resume_through_worker_and_teacher_deaths(tmp_path):
     out = tmp_path / "run"
     log1 = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(_cmd(out), stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(_cmd(out), stdout=log1, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=ctrl_c_default)
     # the teacher and the baseline train side by side on two workers each, then the teacher actor starts (it
     # writes teacher_server.json) and the KD stage's Train run begins: Ctrl-C it there
     _wait(lambda: (out / "teacher_server.json").exists(), proc, 400, "the teacher actor after teacher and baseline")
@@ -70,7 +72,8 @@ def test_ctrl_c_then_resume_through_worker_and_teacher_deaths(tmp_path):
     # 2. the same command resumes; kill a Train worker mid-KD and then, while the restarted workers are asking
     # it, the teacher actor, by pid
     log2 = open(tmp_path / "second.log", "w")
-    proc = subprocess.Popen(_cmd(out), stdout=log2, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(_cmd(out), stdout=log2, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=ctrl_c_default)
     try:
         kd = lambda: [e for e in _journal(out) if e["stage"] == "student_kd"][first_run_kd:]  # noqa: E731
         _wait(lambda: len(kd()) >= 2, proc, 400, "two KD epochs")

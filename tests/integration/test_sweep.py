@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from smoke import SMOKE
+from smoke import SMOKE, ctrl_c_default
 
 from raydistill import config
 from raydistill.sweep import run_sweep
@@ -111,7 +111,8 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, tiny_teache
         args += ["--set", f"{k}={json.dumps(v)}"]
     log = tmp_path / "first.log"
     with open(log, "w") as sink:
-        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=ctrl_c_default)
     deadline = time.time() + 400
     while time.time() < deadline and not _finished_trials(tmp_path):
         assert proc.poll() is None, f"the sweep ended before it could be interrupted:\n{log.read_text()[-3000:]}"

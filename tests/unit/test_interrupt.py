@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from smoke import ctrl_c_default
+
 REPO = Path(__file__).resolve().parents[2]
 
 CODE = """
@@ -29,7 +31,7 @@ except KeyboardInterrupt:
 def test_ctrl_c_does_not_wait_for_stage_threads_that_never_return():
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-c", CODE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=ctrl_c_default)
     try:
         assert proc.stdout.readline().strip() == "waiting"
         proc.send_signal(signal.SIGINT)
