@@ -104,8 +104,9 @@ def _finished_trials(out: Path) -> dict[str, int]:
 def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, tiny_teacher):
     # one trial at a time, two trials of one epoch per phase: stopped after the first, resumed for the second
     trials = 2
+    # (each trial's teacher in process: no logit cache to build first; what is tested is the sweep's resume)
     settings = {**SWEEP, "tune.max_concurrent": 1, "tune.scheduler": "none", "tune.num_trials": trials,
-                "distill.epochs": 1, "teacher.checkpoint": tiny_teacher}
+                "distill.epochs": 1, "teacher.checkpoint": tiny_teacher, "tune.teacher_mode": "inprocess"}
     args = [sys.executable, "-m", "raydistill.cli", "tune", "--out", str(tmp_path), "--quiet"]
     for k, v in settings.items():
         args += ["--set", f"{k}={json.dumps(v)}"]
