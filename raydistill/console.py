@@ -49,6 +49,34 @@ def quiet_libraries(verbose: bool) -> None:
     # the progress bars we just turned off are off
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    _drop_raylet_startup_warning()
+
+
+# The raylet's "N PYTHON worker processes have been started ... 4x the maximum expected startup concurrency"
+# warning: every multi-worker stage on a 2-core machine triggers it (Train's controller, workers and helper actors
+# start together), and the user can do nothing about it. Ray prints it from the driver's error-message thread
+# through ``ray._private.worker.print_to_stdstream``, not through a logger, so that function is wrapped to drop
+# this one message (Ray has no public switch for it). If Ray renames the function, nothing is dropped.
+_RAYLET_STARTUP_WARNING = "PYTHON worker processes have been started"
+
+
+def _drop_raylet_startup_warning() -> None:
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_raydistill_filtered", False):
+        return
+
+    def print_to_stdstream(data, *args, **kwargs):
+        if not _VERBOSE and data.get("pid") == "raylet" and any(
+                _RAYLET_STARTUP_WARNING in line for line in data.get("lines", ())):
+            return None
+        return original(data, *args, **kwargs)
+
+    print_to_stdstream._raydistill_filtered = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 _VERBOSE = False
