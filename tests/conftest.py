@@ -9,6 +9,28 @@ for the whole session (``ray_local``); the job-submission and fault tests start 
 import pytest
 from smoke import SMOKE, train_smoke_teacher
 
+# The integration files by wall time, longest first (one process, quiet 2-core machine, 2026-12-01, seconds):
+# with two pytest workers (pyproject's addopts) these start first and the short files fill in around them, so
+# neither worker ends with a long file alone. Only the order of files changes; an unlisted file goes after them.
+LONGEST_FIRST = [
+    "test_jobs.py",  # 110
+    "test_streaming.py",  # 105
+    "test_faults.py",  # 94
+    "test_shared_cluster.py",  # 85
+    "test_sweep.py",  # 77
+    "test_local_mode.py",  # 51
+    "test_teacher_modes.py",  # 20
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Under pytest-xdist, the long Ray files first (LONGEST_FIRST), then everything else in collection order
+    (the fast tier first). In one process the order is left as collected: the fast tier first."""
+    if config.getoption("dist", "no") == "no" and not hasattr(config, "workerinput"):
+        return
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def ray_local():

@@ -8,8 +8,10 @@ each other on the cluster (the teacher actor, the run folder, the cache), not da
 """
 
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -117,6 +119,17 @@ def test_job_stop_mid_kd_then_resubmit_beside_a_run_of_the_same_teacher(head, ti
         run_b = _popen([sys.executable, "-m", "raydistill.cli", "run", "--address", head.gcs, "--out", str(b), *args],
                        head.env, tmp_path / "b.log")
         b_alive = lambda: run_b.poll() is None  # noqa: E731
+        # 0. both in KD at once, whatever the load: the first one into KD is paused (SIGSTOP, its training loop is
+        # its own process in local mode) until the other has a KD epoch too. Left to themselves, B once finished
+        # all its KD epochs before A's second one (the suite on two pytest workers: A's job start-up was slower).
+        _wait(lambda: _journal(a) or _journal(b), "a KD epoch of job A or run B", 400, b_alive)
+        if not (_journal(a) and _journal(b)):
+            leader = (_journal(a) or _journal(b))[-1]["pid"]
+            os.kill(leader, signal.SIGSTOP)
+            try:
+                _wait(lambda: _journal(a) and _journal(b), "the other one's first KD epoch", 400, b_alive)
+            finally:
+                os.kill(leader, signal.SIGCONT)
         # 1. `ray job stop` while A and B are both in KD: A's driver is gone within seconds; B goes on
         _wait(lambda: len(_journal(a)) >= 2 and _journal(b), "two KD epochs of job A and one of run B", 400, b_alive)
         driver_a, b_at_stop = _journal(a)[-1]["pid"], len(_journal(b))
