@@ -19,9 +19,13 @@ from raydistill.trainer import in_background, off_main_thread
 
 never = threading.Event()
 baseline = in_background(never.wait)  # the label-only student's Train run beside the teacher's
-print("waiting", flush=True)
+
+def teacher_run():  # says "waiting" from its own thread: the main thread is then inside off_main_thread's try
+    print("waiting", flush=True)
+    never.wait()
+
 try:
-    off_main_thread(never.wait)  # the teacher's Train run, waited for on the main thread
+    off_main_thread(teacher_run)  # the teacher's Train run, waited for on the main thread
 except KeyboardInterrupt:
     print("interrupted", flush=True)
     sys.exit(130)
