@@ -228,6 +228,38 @@ def test_two_runs_build_one_cache_at_the_same_moment_and_a_third_into_a_busy_fol
     assert not (tmp_path / "one" / RUN_LOCK).exists()
 
 
+def test_a_run_and_a_two_trial_sweep_of_the_same_teacher_side_by_side(head, tiny_teacher, tmp_path):
+    """A `run` and a 2-trial `tune` on one cluster at the same moment, both distilling from the same teacher
+    checkpoint through live teacher actors: both complete, each command's actor served its own requests, and the
+    first to finish did not stop the other's actor (the failure of issue 17: one actor named by the teacher, killed
+    by the first command's clean-up)."""
+    small = {"teacher.checkpoint": tiny_teacher, "data.limit": 200, "scale.num_workers": 0, "distill.epochs": 2,
+             "distill.teacher_mode": "live"}
+    cli = [sys.executable, "-m", "raydistill.cli"]
+    procs = {
+        "run": _popen([*cli, "run", "--address", head.gcs, "--out", str(tmp_path / "run"),
+                       *_sets({**small, "prune.ratio": 0.0, "quantize.scheme": "none"})], head.env,
+                      tmp_path / "run.log"),
+        "tune": _popen([*cli, "tune", "--address", head.gcs, "--out", str(tmp_path / "tune"),
+                        *_sets({**small, "tune.teacher_mode": "live", "tune.num_trials": 2,
+                                "tune.max_concurrent": 2, "tune.grace_period": 2, "tune.scheduler": "none"})],
+                       head.env, tmp_path / "tune.log"),
+    }
+    try:
+        texts = {name: _finish(proc, tmp_path / f"{name}.log") for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    assert not any("Traceback" in text for text in texts.values()), texts
+    report = _complete_report(tmp_path / "run")
+    assert report["teacher_server"]["requests"] > 0  # the run's KD asked its own live actor
+    sweep = json.loads((tmp_path / "tune" / "sweep_report.json").read_text())
+    assert sweep["trials"] == sweep["completed"] == 2
+    assert sweep["teacher_forward_samples"] > 0  # the sweep's trials were served by the sweep's actor
+    assert not (tmp_path / "run" / RUN_LOCK).exists() and not (tmp_path / "tune" / RUN_LOCK).exists()
+
+
 def test_a_worker_whose_teacher_actor_is_gone_gets_a_typed_error(ray_local, tmp_path, tiny_teacher):
     """The run's TeacherServer killed for good: a request in flight and a new lookup both raise
     TeacherUnavailableError (not Ray's lookup ValueError), and a Train stage on it ends with that error by type."""
