@@ -104,8 +104,9 @@ def test_job_stop_mid_kd_then_resubmit_beside_a_run_of_the_same_teacher(head, ti
 
     B starts when A's job driver does, not before A is submitted: a job's start-up (submission, its supervisor,
     the working dir) is slower than a command's, and a B started first had finished all its KD epochs 4 s before
-    A's first one (measured on a quiet machine, 12 epochs of ~0.4 s). Started together with the same budget, each is
-    in KD while the other is, and A is stopped only once both are in it."""
+    A's first one (measured on a quiet machine, 12 epochs of ~0.4 s). Started together with the same budget, and
+    the first into KD paused until the other is in it too (under load their start-ups differ by more than a KD
+    stage), each is in KD while the other is, and A is stopped only once both are in it."""
     a, b = tmp_path / "a", tmp_path / "b"
     args = _run_args(tiny_teacher)
     submit = ["ray", "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO)]
