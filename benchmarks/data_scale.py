@@ -85,8 +85,9 @@ class Sampler(threading.Thread):
             time.sleep(0.2)
 
 
-def run_one(data: Path, out: Path, teacher: Path, stream: bool, epochs: int) -> dict:
-    sets = {"data.source": "parquet", "data.path": str(data), "data.shape": list(SHAPE), "data.stream": stream,
+def run_one(data: Path, out: Path, teacher: Path, stream: bool, epochs: int, seed: int = 0) -> dict:
+    sets = {"seed": seed, "data.source": "parquet", "data.path": str(data), "data.shape": list(SHAPE),
+            "data.stream": stream,
             "teacher.model": "cnn", "teacher.kwargs": {"widths": [16, 32], "hidden": 64},
             "teacher.checkpoint": str(teacher), "student.model": "cnn",
             "student.kwargs": {"widths": [8, 16], "hidden": 32}, "distill.epochs": epochs, "prune.ratio": 0.0,
@@ -105,7 +106,8 @@ def run_one(data: Path, out: Path, teacher: Path, stream: bool, epochs: int) -> 
         raise SystemExit(f"run failed ({data}, stream={stream}):\n{stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text())
     workers = sorted(v for k, v in sampler.peaks.items() if k.startswith("worker-"))
-    return {"rows": report["data"]["train"], "stream": stream, "wall_s": time.perf_counter() - t0,
+    return {"rows": report["data"]["train"], "stream": stream, "seed": seed, "wall_s": time.perf_counter() - t0,
+            "kd_stage_s": report["timings"]["student_kd"]["seconds"],
             "driver_peak_mb": sampler.peaks.get("driver"), "worker_peaks_mb": workers,
             "kd_samples_per_s": report["throughput"]["student_kd"],
             "kd_accuracy": report["models"]["student_kd"]["accuracy"],
@@ -128,6 +130,8 @@ def main() -> None:
     ap.add_argument("--base-rows", type=int, default=6250)
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the first scale's streamed/in-memory pair this many times, seeds 0..R-1, alternating")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_scale.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="raydistill-data-scale-"))
@@ -138,23 +142,37 @@ def main() -> None:
         write_data(data, args.base_rows * scale, seed=scale)
         if teacher is None:
             teacher = train_teacher(data, work)
-        variants = [True, False] if scale == args.scales[0] else [True]
-        for stream in variants:
-            row = {"scale": scale, **run_one(data, work / f"run{scale}-{stream}", teacher, stream, args.epochs)}
+        runs = ([(s, stream) for s in range(args.repeats) for stream in (True, False)] if scale == args.scales[0]
+                else [(0, True)])
+        for seed, stream in runs:
+            row = {"scale": scale, **run_one(data, work / f"run{scale}-{stream}-{seed}", teacher, stream,
+                                             args.epochs, seed)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    base = {r["stream"]: r for r in rows if r["scale"] == args.scales[0]}
-    print("\n| scale | rows | path | driver peak MB | worker peaks MB | KD samples/s | KD acc | baseline acc |")
-    print("| ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |")
+    first = [r for r in rows if r["scale"] == args.scales[0]]
+    base = {stream: [r for r in first if r["stream"] == stream] for stream in (True, False)}
+    print("\n| scale | rows | path | seed | driver peak MB | worker peaks MB | KD samples/s | KD stage s | KD acc | "
+          "baseline acc |")
+    print("| ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['scale']}x | {r['rows']:,} | {'streamed' if r['stream'] else 'in memory'} | "
+        print(f"| {r['scale']}x | {r['rows']:,} | {'streamed' if r['stream'] else 'in memory'} | {r['seed']} | "
               f"{r['driver_peak_mb']:.0f} | {', '.join(f'{w:.0f}' for w in r['worker_peaks_mb'])} | "
-              f"{r['kd_samples_per_s']:.0f} | {r['kd_accuracy']:.4f} | {r['baseline_accuracy']:.4f} |")
+              f"{r['kd_samples_per_s']:.0f} | {r['kd_stage_s']:.1f} | {r['kd_accuracy']:.4f} | "
+              f"{r['baseline_accuracy']:.4f} |")
     top = [r for r in rows if r["stream"] and r["scale"] == args.scales[-1]][0]
-    ratios = {"driver_peak_top_vs_base": top["driver_peak_mb"] / base[True]["driver_peak_mb"],
-              "worker_peak_top_vs_base": max(top["worker_peaks_mb"]) / max(base[True]["worker_peaks_mb"]),
-              "streamed_vs_in_memory_samples_per_s": base[True]["kd_samples_per_s"] / base[False]["kd_samples_per_s"],
-              "streamed_minus_in_memory_kd_accuracy": base[True]["kd_accuracy"] - base[False]["kd_accuracy"]}
+    pairs = list(zip(base[True], base[False]))  # same seed, run one after the other
+
+    def median(values):
+        return float(np.median(values))
+
+    ratios = {"driver_peak_top_vs_base": top["driver_peak_mb"] / base[True][0]["driver_peak_mb"],
+              "worker_peak_top_vs_base": max(top["worker_peaks_mb"]) / max(base[True][0]["worker_peaks_mb"]),
+              "streamed_vs_in_memory_samples_per_s": median([s["kd_samples_per_s"] / m["kd_samples_per_s"]
+                                                             for s, m in pairs]),
+              "streamed_vs_in_memory_kd_stage_time": median([s["kd_stage_s"] / m["kd_stage_s"] for s, m in pairs]),
+              "streamed_minus_in_memory_kd_accuracy": median([s["kd_accuracy"] - m["kd_accuracy"] for s, m in pairs]),
+              "streamed_minus_in_memory_baseline_accuracy": median([s["baseline_accuracy"] - m["baseline_accuracy"]
+                                                                    for s, m in pairs])}
     print("\n" + "\n".join(f"{k}: {v:.3f}" for k, v in ratios.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "ratios": ratios, "args": vars(args),

@@ -10,10 +10,13 @@ prepare digits`), in one process on a local Ray (as Ray Train's local mode runs 
 * ``pyarrow``: the same files read batch by batch with pyarrow in this process, the floor;
 * ``ray_data_v2``: Ray 2.60's default Parquet datasource (V2, which lists files through a FooterReader actor pool
   created for every execution);
-* ``ray_data_v1``: the V1 datasource (``DataContext.use_datasource_v2 = False``), which raydistill's
-  ``stream.train_dataset`` uses.
+* ``ray_data_v1``: the V1 datasource (``DataContext.use_datasource_v2 = False``) with Ray Data's default
+  number of read blocks;
+* ``raydistill_stream``: ``stream.train_dataset`` itself, as a run reads its training split: V1, one read task per
+  file with the split filter fused into it, 8 MB blocks; it reads the training rows only (val and test are carved
+  out by id), so its rows differ from the others'.
 
-Both Ray Data variants read with the same options as ``stream.train_dataset``: ``preserve_order``, a per-epoch
+The two plain Ray Data variants read with the same options as ``stream.train_dataset``: ``preserve_order``, a per-epoch
 file shuffle (``FileShuffleConfig(seed, reseed_after_execution=True)``), batches of 64 as numpy. The first epoch
 (worker start-up) is reported apart from the median of the later ones. Ratios are against pyarrow in the same run.
 """
@@ -79,17 +82,28 @@ def main() -> None:
             return sum(len(b["label"]) for b in ds.iter_batches(batch_size=64, batch_format="numpy"))
         return epoch
 
+    def raydistill_stream():
+        from raydistill import config
+        from raydistill.stream import plan_stream, train_dataset
+
+        data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(folder)}).data)
+        ds = train_dataset(data, seed=0)  # carves val/test out by id, as a run does: 1,258 training rows
+
+        def epoch() -> int:
+            return sum(len(b["label"]) for b in ds.iter_batches(batch_size=64, batch_format="numpy"))
+        return epoch
+
     results = {}
     for name, fn in (("pyarrow", lambda: epoch_pyarrow(files)), ("ray_data_v2", ray_data(True)),
-                     ("ray_data_v1", ray_data(False))):
+                     ("ray_data_v1", ray_data(False)), ("raydistill_stream", raydistill_stream())):
         times, rows = time_epochs(fn, args.epochs)
         results[name] = {"rows": rows, "first_epoch_s": times[0], "later_epoch_median_s": statistics.median(times[1:]),
                          "epochs_s": times}
     floor = results["pyarrow"]["later_epoch_median_s"]
-    print(f"{'reader':<12} {'rows':>6} {'first epoch s':>14} {'later epochs s':>15} {'x pyarrow':>10}")
+    print(f"{'reader':<18} {'rows':>6} {'first epoch s':>14} {'later epochs s':>15} {'x pyarrow':>10}")
     for name, r in results.items():
         r["ratio_to_pyarrow"] = r["later_epoch_median_s"] / floor
-        print(f"{name:<12} {r['rows']:>6} {r['first_epoch_s']:>14.2f} {r['later_epoch_median_s']:>15.3f} "
+        print(f"{name:<18} {r['rows']:>6} {r['first_epoch_s']:>14.2f} {r['later_epoch_median_s']:>15.3f} "
               f"{r['ratio_to_pyarrow']:>10.0f}")
     v2, v1 = results["ray_data_v2"]["later_epoch_median_s"], results["ray_data_v1"]["later_epoch_median_s"]
     print(f"V2 / V1 per epoch: {v2 / v1:.1f}x")

@@ -297,20 +297,66 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
                       id_column=d.id_column, fingerprint=digest.hexdigest(), origin=origin)
 
 
-def to_arrays(data: StreamData, batch: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A numpy batch (columns as read) -> x (B, *shape) float32, y (B,) int64, ids (B,) int64."""
-    features = batch[data.feature_column]
-    if features.dtype == object:  # a list column arrives as an array of arrays
-        features = np.stack(features) if len(features) else np.zeros((0, math.prod(data.shape)), np.float32)
-    n, need = len(features), math.prod(data.shape)
-    if features.size != n * need:
-        raise DataError(f"feature column {data.feature_column!r} has rows of length {features.size // max(n, 1)} but "
-                        f"data.shape {list(data.shape)} needs {need}; fix data.shape or the data")
+def to_arrays(data: StreamData, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch as read -> x (B, *shape) float32, y (B,) int64, ids (B,) int64.
+
+    ``batch``: a pyarrow Table or RecordBatch (the training stream and ``iter_split``: the list column's values
+    are taken as one flat array, without a copy), or numpy columns (a list column then arrives as an array of
+    per-row arrays, stacked here; ~4 % of a streamed worker's time when the training stream read numpy)."""
+    import pyarrow as pa
+
+    need = math.prod(data.shape)
+    if isinstance(batch, (pa.Table, pa.RecordBatch)):
+        n = batch.num_rows
+        features = _flat_features(batch.column(data.feature_column), n, need, data)
+        columns = {c: batch.column(c).to_numpy() for c in (data.label_column, data.id_column)}
+    else:
+        features = batch[data.feature_column]
+        if features.dtype == object:  # a list column arrives as an array of arrays
+            lengths = {len(f) for f in features}
+            if lengths - {need}:
+                _wrong_length(data, sorted(lengths))
+            features = np.stack(features) if len(features) else np.zeros((0, need), np.float32)
+        n = len(features)
+        if features.size != n * need:
+            _wrong_length(data, [features.size // max(n, 1)])
+        columns = batch
     x = np.ascontiguousarray(features, dtype=np.float32).reshape(n, *data.shape)
     # writable: Ray Data hands out read-only views of its blocks, which torch.from_numpy warns about (a copy only
     # when the batch is such a view)
     return tuple(np.require(a, requirements="W") for a in (
-        x, np.asarray(batch[data.label_column], np.int64), np.asarray(batch[data.id_column], np.int64)))
+        x, np.asarray(columns[data.label_column], np.int64), np.asarray(columns[data.id_column], np.int64)))
+
+
+def _flat_features(column, n: int, need: int, data: StreamData) -> np.ndarray:
+    """A list column of ``n`` rows of ``need`` values each -> (n * need,) numpy, a view where Arrow allows it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):
+        if column.type.list_size != need:
+            _wrong_length(data, [column.type.list_size])
+    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+        if len(lengths) > 1 or (len(lengths) == 1 and lengths[0] != need):
+            _wrong_length(data, lengths.tolist())
+    else:  # one number per row: data.shape must be [1]
+        values = column.to_numpy(zero_copy_only=False)
+        if need != 1:
+            _wrong_length(data, [1])
+        return values
+    values = column.flatten().to_numpy(zero_copy_only=False)  # respects the array's offset (a sliced batch)
+    if values.size != n * need:  # null rows
+        _wrong_length(data, [values.size // max(n, 1)])
+    return values
+
+
+def _wrong_length(data: StreamData, lengths: list[int]):
+    raise DataError(f"feature column {data.feature_column!r} has rows of length "
+                    f"{', '.join(str(n) for n in lengths[:5])} but data.shape {list(data.shape)} needs "
+                    f"{math.prod(data.shape)}; fix data.shape or the data")
 
 
 def _read_columns(data: StreamData, plan: SplitPlan) -> list[str]:
@@ -330,9 +376,9 @@ def iter_split(data: StreamData, split: str, batch_size: int = 1024,
     try:
         for file in plan.files:
             for record in ds.dataset(file, format="parquet").to_batches(columns=columns, batch_size=batch_size):
-                batch = {c: record.column(c).to_numpy(zero_copy_only=False) for c in columns}
-                keep = _keep(plan, batch[data.id_column].astype(np.int64), batch.get(plan.split_column))
-                x, y, ids = to_arrays(data, {c: v[keep] for c, v in batch.items()})
+                split = record.column(plan.split_column).to_numpy(zero_copy_only=False) if plan.split_column else None
+                keep = _keep(plan, record.column(data.id_column).to_numpy().astype(np.int64), split)
+                x, y, ids = to_arrays(data, record if keep.all() else record.filter(pa.array(keep)))
                 x, y, ids = x[:left], y[:left], ids[:left]
                 left -= len(y)
                 if len(y):
@@ -363,26 +409,53 @@ def _filter_rows(batch, data: StreamData, plan: SplitPlan):
     return batch.select([data.id_column, data.label_column, data.feature_column]).filter(pa.array(keep))
 
 
+# Ray Data's blocks on the training stream: ~8 MB (~680 CIFAR-sized rows) instead of its default 128 MB. A
+# worker's first batch of an epoch waits for a whole block, so with 128 MB blocks (a whole file of a small data
+# set) an epoch could not start training until its shard had been read (benchmarks/data_scale.py).
+STREAM_BLOCK_BYTES = 8 * 2**20
+
+
+def ingest_options(buffer_mb: int):
+    """Ray Data execution options of the training stream: a reproducible row order (``preserve_order``) and at
+    most ``buffer_mb`` of object store memory read ahead (``data.stream_buffer_mb``). Ray Train applies these
+    to the workers' shards through ``TorchTrainer(dataset_config=ray.train.DataConfig(execution_options=...))``:
+    it would otherwise copy them from the driver's global DataContext, which raydistill leaves alone."""
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    return ExecutionOptions(preserve_order=True,
+                            resource_limits=ExecutionResources.for_limits(object_store_memory=buffer_mb * 2**20))
+
+
 def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True, buffer_mb: int = 256):
     """The train split as a Ray Data ``Dataset`` (lazy): file order reshuffled every epoch from ``seed``; Ray Data
     reads ahead into at most ``buffer_mb`` of object store memory (``data.stream_buffer_mb``), so what a process
     maps while it trains is bounded by that, not by the data's size (by default Ray Data may fill a share of the
-    whole object store, several GB, before backpressure holds the reads)."""
+    whole object store, several GB, before backpressure holds the reads). Its settings live in the dataset's own
+    DataContext (``ds.context``, which Ray Data copies when a dataset is made), not in the process's global one."""
     import ray.data
-    from ray.data import ExecutionResources, FileShuffleConfig
+    from ray.data import FileShuffleConfig
 
+    plan = data.train
+    shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle_files else None
     context = ray.data.DataContext.get_current()
+    saved = context.use_datasource_v2, context.target_max_block_size
     # Why V1: Ray 2.60's Parquet datasource V2 lists files through a pool of FooterReader actors that it creates
     # and kills on every execution, i.e. every epoch; on a 2-core machine that start-up costs ~8 s per epoch
     # whatever the data's size (digits, 1,797 rows in 6 files: 8 s per epoch on V2, 0.5 s on V1;
-    # docs/benchmarks.md, "Streaming: Ray Data's per-epoch cost"). V1 reads with plain tasks.
-    context.use_datasource_v2 = False
-    options = context.execution_options
-    options.preserve_order = True  # reproducible row order
-    options.resource_limits = ExecutionResources.for_limits(object_store_memory=buffer_mb * 2**20)
-    plan = data.train
-    shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle_files else None
-    ds = ray.data.read_parquet(list(plan.files), columns=_read_columns(data, plan), shuffle=shuffle)
+    # docs/benchmarks.md, "Streaming: Ray Data's per-epoch cost"). V1 reads with plain tasks. Both settings are
+    # read when the dataset is made (the reader's batch size comes from the block size), so they are set on the
+    # global context for that call only.
+    context.use_datasource_v2, context.target_max_block_size = False, STREAM_BLOCK_BYTES
+    try:
+        # One read task per file (``override_num_blocks``): by default Ray Data asks for >= 200 blocks, and with
+        # fewer files it splits each file's output after the read (SplitBlocks), which stops the row filter below
+        # from being fused into the read: every small block then became a task of its own (76 tasks for 2 files),
+        # and an epoch of 4,363 rows took 1.6 s instead of 0.2 s (benchmarks/stream_epoch.py).
+        ds = ray.data.read_parquet(list(plan.files), columns=_read_columns(data, plan), shuffle=shuffle,
+                                   override_num_blocks=len(plan.files))
+    finally:
+        context.use_datasource_v2, context.target_max_block_size = saved
+    ds.context.execution_options = ingest_options(buffer_mb)
     if plan.split_column is not None or plan.carve is not None:
         ds = ds.map_batches(_filter_rows, fn_args=(data, plan), batch_format="pyarrow", zero_copy_batch=True)
     return ds.limit(plan.limit) if plan.limit is not None else ds

@@ -27,7 +27,7 @@ def fit(job: StageJob, key: str, out: Path):
     epoch checkpoints in ``ray_train/<run name>/local`` and a rerun resumes from the last one, as a multi-worker
     run resumes from Train's storage. With workers, rank 0's epoch lines come back through a queue and are
     printed here, once (workers' own output is shown only with ``--verbose``)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raydistill.worker import load_train_state, train_fn_per_worker
@@ -50,15 +50,16 @@ def fit(job: StageJob, key: str, out: Path):
         progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         job = dataclasses.replace(job, progress=progress)
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
-    from raydistill.stream import StreamData, train_dataset
+    from raydistill.stream import StreamData, ingest_options, train_dataset
 
     # streamed data: Ray Data reads the train split and Train gives every worker an equal shard of it
-    datasets = ({"train": train_dataset(job.data, job.config.seed, buffer_mb=job.config.data.stream_buffer_mb)}
-                if isinstance(job.data, StreamData) else None)
+    streamed, buffer_mb = isinstance(job.data, StreamData), job.config.data.stream_buffer_mb
+    datasets = {"train": train_dataset(job.data, job.config.seed, buffer_mb=buffer_mb)} if streamed else None
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=job.to_plain(),
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ingest_options(buffer_mb)) if streamed else None,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu and not local,
                                      resources_per_worker=None if local else resources),
         run_config=RunConfig(

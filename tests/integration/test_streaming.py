@@ -166,3 +166,53 @@ def test_streamed_run_killed_mid_kd_resumes_with_the_stream_at_that_epoch(cached
     assert min(e["epoch"] for e in resumed) >= max(done_before) - 1 and len(epochs) - len(set(epochs)) <= 1
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["data"]["streamed"] is True and report["config"]["scale"]["num_workers"] == 0
+
+
+def _epoch_ids(train, epochs):
+    return [np.concatenate([ids.numpy() for _, _, ids in train.batches(e, 32, 0)]) for e in epochs]
+
+
+def test_the_stream_reader_runs_ahead_through_the_epochs_without_changing_them(ray_local, tmp_path):
+    """StreamedTrain's reader thread reads the next announced epoch while the loop is still on this one: the
+    batches are the same as when every epoch is read on its own, a failing row is the loop's DataError, and
+    close() stops a reader that is waiting on a full queue."""
+    from raydistill.errors import DataError
+    from raydistill.stream import _bucket, plan_stream, train_dataset
+    from raydistill.worker import StreamedTrain
+
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    _table(folder, 600, seed=0, rows_per_file=200)
+    data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(folder),
+                                          "data.shape": [3, 32, 32]}).data)
+
+    def open_train():
+        return StreamedTrain(train_dataset(data, seed=0), data, world=1, shuffle_buffer=64)
+
+    alone = open_train()
+    each_on_its_own = _epoch_ids(alone, [0, 1, 2])  # nothing announced: each epoch is read when asked for
+    ahead = open_train()
+    ahead.expect([(e, 32, 0) for e in range(3)])
+    read_ahead = _epoch_ids(ahead, [0, 1, 2])
+    assert all(np.array_equal(a, b) for a, b in zip(each_on_its_own, read_ahead))
+    assert len(read_ahead[0]) == data.train.rows and not np.array_equal(read_ahead[0], read_ahead[1])
+    assert ahead._thread is None or not ahead._thread.is_alive()  # done after the last announced epoch
+
+    stopped = open_train()
+    stopped.expect([(e, 32, 0) for e in range(50)])
+    next(stopped.batches(0, 32, 0))  # the reader now fills its queue and waits
+    stopped.close()
+    assert stopped._thread is None
+
+    # a file whose last row has the wrong length (the plan checks only a file's first rows), with an id that
+    # the carving leaves in the training split
+    lo = data.train.carve[0]
+    stray = next(i for i in range(10_000, 20_000) if _bucket(np.array([i]), data.train.seed)[0] >= lo)
+    rows = [np.zeros(3 * 32 * 32, np.float32)] * 100 + [np.zeros(7, np.float32)]
+    pq.write_table(pa.table({"id": list(range(20_000, 20_100)) + [stray], "label": [0] * 101, "features": rows}),
+                   folder / "part-009.parquet")
+    data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(folder),
+                                          "data.shape": [3, 32, 32]}).data)
+    broken = StreamedTrain(train_dataset(data, seed=0, shuffle_files=False), data, world=1, shuffle_buffer=64)
+    with pytest.raises(DataError, match="has rows of length 7"):
+        _epoch_ids(broken, [0])
