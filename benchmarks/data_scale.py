@@ -52,12 +52,15 @@ def write_data(folder: Path, rows: int, seed: int = 0, rows_per_file: int = 4096
         pq.write_table(table, folder / f"part-{part:05d}.parquet")
 
 
-def _rss_mb(pid: str) -> float:
+def _rss_mb(pid: str) -> tuple[float, float]:
+    """(VmRSS, RssAnon) of a process in MB: all resident pages, and its private ones (VmRSS less file-backed and
+    shared pages, such as the Ray object store's, which a process maps while it reads streamed blocks)."""
+    found = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+            if line.startswith(("VmRSS:", "RssAnon:")):
+                found[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return found.get("VmRSS", 0.0), found.get("RssAnon", 0.0)
 
 
 class Sampler(threading.Thread):
@@ -65,7 +68,7 @@ class Sampler(threading.Thread):
 
     def __init__(self, driver_pid: int):
         super().__init__(daemon=True)
-        self.driver_pid, self.stop, self.peaks = driver_pid, threading.Event(), {}
+        self.driver_pid, self.stop, self.peaks, self.private = driver_pid, threading.Event(), {}, {}
 
     def run(self):
         while not self.stop.is_set():
@@ -79,7 +82,9 @@ class Sampler(threading.Thread):
                         key = f"worker-{pid}"
                     else:
                         continue
-                    self.peaks[key] = max(self.peaks.get(key, 0.0), _rss_mb(pid))
+                    rss, anon = _rss_mb(pid)
+                    self.peaks[key] = max(self.peaks.get(key, 0.0), rss)
+                    self.private[key] = max(self.private.get(key, 0.0), anon)
                 except OSError:  # the process ended meanwhile
                     continue
             time.sleep(0.2)
@@ -106,9 +111,11 @@ def run_one(data: Path, out: Path, teacher: Path, stream: bool, epochs: int, see
         raise SystemExit(f"run failed ({data}, stream={stream}):\n{stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text())
     workers = sorted(v for k, v in sampler.peaks.items() if k.startswith("worker-"))
+    private = sorted(v for k, v in sampler.private.items() if k.startswith("worker-"))
     return {"rows": report["data"]["train"], "stream": stream, "seed": seed, "wall_s": time.perf_counter() - t0,
             "kd_stage_s": report["timings"]["student_kd"]["seconds"],
             "driver_peak_mb": sampler.peaks.get("driver"), "worker_peaks_mb": workers,
+            "driver_private_peak_mb": sampler.private.get("driver"), "worker_private_peaks_mb": private,
             "kd_samples_per_s": report["throughput"]["student_kd"],
             "kd_accuracy": report["models"]["student_kd"]["accuracy"],
             "baseline_accuracy": report["models"]["student_baseline"]["accuracy"]}
@@ -151,12 +158,14 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     first = [r for r in rows if r["scale"] == args.scales[0]]
     base = {stream: [r for r in first if r["stream"] == stream] for stream in (True, False)}
-    print("\n| scale | rows | path | seed | driver peak MB | worker peaks MB | KD samples/s | KD stage s | KD acc | "
-          "baseline acc |")
-    print("| ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("\n| scale | rows | path | seed | driver peak MB (private) | worker peaks MB | worker private peaks MB | "
+          "KD samples/s | KD stage s | KD acc | baseline acc |")
+    print("| ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['scale']}x | {r['rows']:,} | {'streamed' if r['stream'] else 'in memory'} | {r['seed']} | "
-              f"{r['driver_peak_mb']:.0f} | {', '.join(f'{w:.0f}' for w in r['worker_peaks_mb'])} | "
+              f"{r['driver_peak_mb']:.0f} ({r['driver_private_peak_mb']:.0f}) | "
+              f"{', '.join(f'{w:.0f}' for w in r['worker_peaks_mb'])} | "
+              f"{', '.join(f'{w:.0f}' for w in r['worker_private_peaks_mb'])} | "
               f"{r['kd_samples_per_s']:.0f} | {r['kd_stage_s']:.1f} | {r['kd_accuracy']:.4f} | "
               f"{r['baseline_accuracy']:.4f} |")
     top = [r for r in rows if r["stream"] and r["scale"] == args.scales[-1]][0]
@@ -167,6 +176,10 @@ def main() -> None:
 
     ratios = {"driver_peak_top_vs_base": top["driver_peak_mb"] / base[True][0]["driver_peak_mb"],
               "worker_peak_top_vs_base": max(top["worker_peaks_mb"]) / max(base[True][0]["worker_peaks_mb"]),
+              "driver_private_peak_top_vs_base": (top["driver_private_peak_mb"]
+                                                  / base[True][0]["driver_private_peak_mb"]),
+              "worker_private_peak_top_vs_base": (max(top["worker_private_peaks_mb"])
+                                                  / max(base[True][0]["worker_private_peaks_mb"])),
               "streamed_vs_in_memory_samples_per_s": median([s["kd_samples_per_s"] / m["kd_samples_per_s"]
                                                              for s, m in pairs]),
               "streamed_vs_in_memory_kd_stage_time": median([s["kd_stage_s"] / m["kd_stage_s"] for s, m in pairs]),
