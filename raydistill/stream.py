@@ -302,7 +302,8 @@ def to_arrays(data: StreamData, batch) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
     ``batch``: a pyarrow Table or RecordBatch (the training stream and ``iter_split``: the list column's values
     are taken as one flat array, without a copy), or numpy columns (a list column then arrives as an array of
-    per-row arrays, stacked here; ~4 % of a streamed worker's time when the training stream read numpy)."""
+    per-row arrays, stacked here: ~3 % of a streamed worker's samples in a py-spy profile when the training
+    stream read numpy)."""
     import pyarrow as pa
 
     need = math.prod(data.shape)
@@ -409,9 +410,10 @@ def _filter_rows(batch, data: StreamData, plan: SplitPlan):
     return batch.select([data.id_column, data.label_column, data.feature_column]).filter(pa.array(keep))
 
 
-# Ray Data's blocks on the training stream: ~8 MB (~680 CIFAR-sized rows) instead of its default 128 MB. A
-# worker's first batch of an epoch waits for a whole block, so with 128 MB blocks (a whole file of a small data
-# set) an epoch could not start training until its shard had been read (benchmarks/data_scale.py).
+# Ray Data's blocks on the training stream: ~8 MB (~680 CIFAR-sized rows) instead of its default 128 MB, so a
+# worker's first batch of an epoch waits for ~680 rows to be read, not for a whole file. Tried 2, 8 and 32 MB on the
+# 1x set of benchmarks/data_scale.py: no difference in samples/s beyond run-to-run noise (the reader thread in
+# worker.StreamedTrain hides most of that wait anyway); kept at 8 for the shorter wait.
 STREAM_BLOCK_BYTES = 8 * 2**20
 
 
@@ -450,7 +452,8 @@ def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True, buffe
         # One read task per file (``override_num_blocks``): by default Ray Data asks for >= 200 blocks, and with
         # fewer files it splits each file's output after the read (SplitBlocks), which stops the row filter below
         # from being fused into the read: every small block then became a task of its own (76 tasks for 2 files),
-        # and an epoch of 4,363 rows took 1.6 s instead of 0.2 s (benchmarks/stream_epoch.py).
+        # and an epoch of 4,363 rows took 1.6 s instead of 0.2 s (docs/benchmarks.md, "Streaming: Ray Data's
+        # per-epoch cost").
         ds = ray.data.read_parquet(list(plan.files), columns=_read_columns(data, plan), shuffle=shuffle,
                                    override_num_blocks=len(plan.files))
     finally:
