@@ -212,7 +212,9 @@ class StreamedTrain:
         """Stop the reader (the loop ended early or failed): it drops what it read ahead and exits."""
         if self._thread is not None:
             self._stop.set()
-            self._thread.join(timeout=10)
+            # brief: a reader waiting inside Ray Data for its next block sees the flag at its next put; Ctrl-C
+            # must not wait for that (the thread is a daemon)
+            self._thread.join(timeout=1)
             self._thread = None
 
     def batches(self, epoch: int, batch_size: int, seed: int):
