@@ -146,7 +146,7 @@ class TeacherLogits:
         else:  # streamed rows, each labelled in every view
             from raydistill.stream import to_arrays
 
-            x, _, ids = to_arrays(self.stream, batch)
+            x, _, ids = to_arrays(self.stream, batch, "the training rows the teacher labels")
             rows, views = np.repeat(np.arange(len(ids)), self.views), np.tile(np.arange(self.views), len(ids))
             ids, x = ids[rows], x[rows]
         x = self.augment(torch.from_numpy(np.ascontiguousarray(x)), ids, views)  # (B, *shape)

@@ -368,12 +368,14 @@ def _require_columns(names: list[str], wanted: list[str], path) -> None:
 
 
 def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: str) -> np.ndarray:
-    """(N,) list column of floats -> (N, *shape) float32, checking every row's length."""
+    """(N,) list column of floats (a pyarrow Array or ChunkedArray) -> (N, *shape) float32, checking every row's
+    length. The in-memory loader and the streamed batches (``stream.to_arrays``) both check rows with it."""
     shape = tuple(shape)
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    column = column.combine_chunks()
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
     if not (
         pa.types.is_list(column.type)
         or pa.types.is_large_list(column.type)
@@ -387,6 +389,8 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
         raise DataError(
             f"feature column {feature_column!r} has {column.null_count} empty rows; drop them"
         )
+    if len(column) == 0:  # no rows (a batch whose rows all belong to another split): no length to check
+        return np.zeros((0, *shape), np.float32)
     lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
     need = math.prod(shape)
     if len(lengths) != 1 or lengths[0] != need:

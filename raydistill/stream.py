@@ -33,6 +33,7 @@ import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 
@@ -146,24 +147,18 @@ def _columns_of(files: tuple[str, ...], columns: list[str], location) -> dict[st
             else table[c].to_numpy() for c in columns}
 
 
-def _check_row_length(path: str, feature_column: str, shape: tuple[int, ...], need: int) -> None:
+def _check_row_length(path: str, feature_column: str, shape: tuple[int, ...]) -> None:
     """The first rows of a file must fit ``data.shape``: a file written for another shape fails here, before any
     training (a stray row further in fails where it is read, also as a DataError)."""
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from raydistill.data import _parquet_dataset
+    from raydistill.data import _flat_features, _parquet_dataset
 
     fs = _parquet_dataset(path).filesystem
     with fs.open_input_file(path) as f:
         first = next(pq.ParquetFile(f).iter_batches(batch_size=64, columns=[feature_column]), None)
-    if first is None or first.num_rows == 0:
-        return
-    lengths = np.unique(pc.list_value_length(first.column(0)).to_numpy(zero_copy_only=False))
-    if len(lengths) != 1 or lengths[0] != need:
-        raise DataError(f"feature column {feature_column!r} of {path} has length "
-                        f"{', '.join(str(n) for n in lengths[:5])} per row but data.shape {list(shape)} needs {need}; "
-                        "fix data.shape or the data")
+    if first is not None and first.num_rows:
+        _flat_features(first.column(0), shape, feature_column, path)
 
 
 def _file_digest(path: str) -> str:
@@ -278,9 +273,8 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         if y.size and y.max() >= num_classes:
             raise DataError(f"the declared {name} split has label {int(y.max())} but the training data has classes "
                             f"0..{num_classes - 1}; fix the labels or the split files")
-    need = math.prod(shape)
     for file in sorted({f for p in plans.values() for f in p.files}):
-        _check_row_length(file, d.feature_column, shape, need)
+        _check_row_length(file, d.feature_column, shape)
     from raydistill.data import _check_disjoint
 
     _check_disjoint({name: kept[name][0] for name in SPLIT_NAMES})
@@ -297,66 +291,42 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
                       id_column=d.id_column, fingerprint=digest.hexdigest(), origin=origin)
 
 
-def to_arrays(data: StreamData, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A batch as read -> x (B, *shape) float32, y (B,) int64, ids (B,) int64.
+def to_arrays(data: StreamData, batch, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch as read -> x (B, *shape) float32, y (B,) int64, ids (B,) int64; ``where`` names the rows in errors.
 
-    ``batch``: a pyarrow Table or RecordBatch (the training stream and ``iter_split``: the list column's values
-    are taken as one flat array, without a copy), or numpy columns (a list column then arrives as an array of
-    per-row arrays, stacked here: ~3 % of a streamed worker's samples in a py-spy profile when the training
-    stream read numpy)."""
+    ``batch``: a pyarrow Table or RecordBatch (the training stream and ``iter_split``: the list column becomes
+    one flat array, checked row by row by the in-memory loader's ``data._flat_features``), or numpy columns (the
+    cache builder's ``map_batches``: a list column then arrives as an array of per-row arrays, stacked here;
+    ~3 % of a streamed worker's samples in a py-spy profile when the training stream read numpy)."""
     import pyarrow as pa
+
+    from raydistill.data import _flat_features
 
     need = math.prod(data.shape)
     if isinstance(batch, (pa.Table, pa.RecordBatch)):
-        n = batch.num_rows
-        features = _flat_features(batch.column(data.feature_column), n, need, data)
-        columns = {c: batch.column(c).to_numpy() for c in (data.label_column, data.id_column)}
+        x = _flat_features(batch.column(data.feature_column), data.shape, data.feature_column, where)
+        columns = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in (data.label_column, data.id_column)}
     else:
         features = batch[data.feature_column]
         if features.dtype == object:  # a list column arrives as an array of arrays
-            lengths = {len(f) for f in features}
-            if lengths - {need}:
-                _wrong_length(data, sorted(lengths))
+            lengths = sorted({len(f) for f in features})
+            if set(lengths) - {need}:
+                _wrong_length(data, lengths, where)
             features = np.stack(features) if len(features) else np.zeros((0, need), np.float32)
         n = len(features)
         if features.size != n * need:
-            _wrong_length(data, [features.size // max(n, 1)])
-        columns = batch
-    x = np.ascontiguousarray(features, dtype=np.float32).reshape(n, *data.shape)
+            _wrong_length(data, [features.size // max(n, 1)], where)
+        x, columns = np.ascontiguousarray(features, dtype=np.float32).reshape(n, *data.shape), batch
     # writable: Ray Data hands out read-only views of its blocks, which torch.from_numpy warns about (a copy only
     # when the batch is such a view)
     return tuple(np.require(a, requirements="W") for a in (
         x, np.asarray(columns[data.label_column], np.int64), np.asarray(columns[data.id_column], np.int64)))
 
 
-def _flat_features(column, n: int, need: int, data: StreamData) -> np.ndarray:
-    """A list column of ``n`` rows of ``need`` values each -> (n * need,) numpy, a view where Arrow allows it."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if pa.types.is_fixed_size_list(column.type):
-        if column.type.list_size != need:
-            _wrong_length(data, [column.type.list_size])
-    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
-        if len(lengths) > 1 or (len(lengths) == 1 and lengths[0] != need):
-            _wrong_length(data, lengths.tolist())
-    else:  # one number per row: data.shape must be [1]
-        values = column.to_numpy(zero_copy_only=False)
-        if need != 1:
-            _wrong_length(data, [1])
-        return values
-    values = column.flatten().to_numpy(zero_copy_only=False)  # respects the array's offset (a sliced batch)
-    if values.size != n * need:  # null rows
-        _wrong_length(data, [values.size // max(n, 1)])
-    return values
-
-
-def _wrong_length(data: StreamData, lengths: list[int]):
-    raise DataError(f"feature column {data.feature_column!r} has rows of length "
-                    f"{', '.join(str(n) for n in lengths[:5])} but data.shape {list(data.shape)} needs "
+def _wrong_length(data: StreamData, lengths: list[int], where: str) -> NoReturn:
+    """The error of ``data._flat_features``, for numpy batches."""
+    raise DataError(f"feature column {data.feature_column!r} of {where} has length "
+                    f"{', '.join(str(n) for n in lengths[:5])} per row but data.shape {list(data.shape)} needs "
                     f"{math.prod(data.shape)}; fix data.shape or the data")
 
 
@@ -379,7 +349,7 @@ def iter_split(data: StreamData, split: str, batch_size: int = 1024,
             for record in ds.dataset(file, format="parquet").to_batches(columns=columns, batch_size=batch_size):
                 split = record.column(plan.split_column).to_numpy(zero_copy_only=False) if plan.split_column else None
                 keep = _keep(plan, record.column(data.id_column).to_numpy().astype(np.int64), split)
-                x, y, ids = to_arrays(data, record if keep.all() else record.filter(pa.array(keep)))
+                x, y, ids = to_arrays(data, record if keep.all() else record.filter(pa.array(keep)), file)
                 x, y, ids = x[:left], y[:left], ids[:left]
                 left -= len(y)
                 if len(y):

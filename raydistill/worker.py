@@ -170,8 +170,7 @@ class StreamedTrain:
         self.shape, self.rows = tuple(data.shape), data.train.rows // world  # Ray Data splits rows equally
         self._head = head(data, "train", 64)
         self._epochs: list[tuple[int, int, int]] = []  # (epoch, batch size, seed) the loop will ask for, in order
-        self._queue = self._thread = None
-        self._stop = threading.Event()
+        self._queue = self._thread = self._stop = None
 
     def expect(self, epochs: list[tuple[int, int, int]]) -> None:
         """The (epoch, batch size, seed) the loop will ask for, in order: the reader runs ahead through them."""
@@ -179,34 +178,36 @@ class StreamedTrain:
         self._epochs, self._stop = list(epochs), threading.Event()  # this list: what ``batches`` is owed next
         item_bytes = 4 * math.prod(self.shape) * max([bs for _, bs, _ in epochs] or [1])
         self._queue = queue.Queue(maxsize=min(32, max(2, self.READ_AHEAD_BYTES // item_bytes)))
-        self._thread = threading.Thread(target=self._read, args=(tuple(epochs),), name="raydistill-stream-reader",
-                                        daemon=True)
+        # the reader gets its own queue and stop event: one that close() gave up waiting for must never feed the
+        # queue of the reader that replaced it
+        self._thread = threading.Thread(target=self._read, args=(tuple(epochs), self._queue, self._stop),
+                                        name="raydistill-stream-reader", daemon=True)
         self._thread.start()
 
-    def _read(self, epochs: tuple[tuple[int, int, int], ...]) -> None:
+    def _read(self, epochs: tuple[tuple[int, int, int], ...], out: queue.Queue, stop: threading.Event) -> None:
         from raydistill.stream import to_arrays
+
+        def put(item) -> bool:  # False once stopped
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         try:
             for epoch, batch_size, seed in epochs:
                 for batch in self.shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
                                                      local_shuffle_buffer_size=self.buffer,
                                                      local_shuffle_seed=seed * 100_003 + epoch):
-                    x, y, ids = to_arrays(self.data, batch)
-                    if not self._put((epoch, (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)))):
+                    x, y, ids = to_arrays(self.data, batch, "the streamed training rows")
+                    if not put((epoch, (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)))):
                         return
-                if not self._put((epoch, self._END)):
+                if not put((epoch, self._END)):
                     return
         except BaseException as error:  # handed to the loop, raised there with its traceback
-            self._put((None, error))
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
+            put((None, error))
 
     def close(self) -> None:
         """Stop the reader (the loop ended early or failed): it drops what it read ahead and exits."""
@@ -506,26 +507,32 @@ def run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
     start_epoch = resumed["epoch"] + 1 if resumed else job.first_epoch
     example = data.head(2)[0].to(device)
 
-    e0, upcoming = job.first_epoch, []
-    for phase in job.phases:  # the (epoch, batch size, seed) still to run: a stream reads ahead through them
-        upcoming += [(e, phase.batch_size, cfg.seed) for e in range(max(start_epoch, e0), e0 + phase.epochs)]
-        e0 += phase.epochs
-    data.expect(upcoming)
+    # the (epoch, batch size, seed) still to run: a stream reads ahead through them
+    data.expect([(e, phase.batch_size, cfg.seed) for phase, e0, e1 in phase_spans(job)
+                 for e in range(max(start_epoch, e0), e1)])
     try:
         return train_phases(job, session, model, spec, data, val, teacher, resumed, start_epoch, example)
     finally:
         data.close()
 
 
+def phase_spans(job: StageJob) -> list[tuple[Phase, int, int]]:
+    """(phase, first epoch, end epoch) of every phase: epochs are numbered globally from ``job.first_epoch``, and
+    they seed the data order and the views."""
+    spans, e0 = [], job.first_epoch
+    for phase in job.phases:
+        spans.append((phase, e0, e0 + phase.epochs))
+        e0 += phase.epochs
+    return spans
+
+
 def train_phases(job: StageJob, session, model, spec: dict, data, val, teacher, resumed: dict | None,
                  start_epoch: int, example: torch.Tensor) -> tuple[dict, torch.nn.Module]:
     """The epochs of every phase from ``start_epoch`` on: train, prune, validate, report a checkpoint."""
     cfg, rank, world, device = job.config, session.rank, session.world, session.device
-    history, e0 = [], job.first_epoch  # epochs are numbered globally: they seed the data order and the views
-    for phase_idx, phase in enumerate(job.phases):
-        e1 = e0 + phase.epochs
+    history = []
+    for phase_idx, (phase, e0, e1) in enumerate(phase_spans(job)):
         if start_epoch >= e1:  # finished before a restart
-            e0 = e1
             continue
         # each phase starts from a seed of its own: a stage that continues another (the pipeline's prune stage
         # after KD) runs exactly as the same phase inside one loop (a sweep trial)
@@ -569,6 +576,5 @@ def train_phases(job: StageJob, session, model, spec: dict, data, val, teacher, 
                 session.report(metrics, None)
             history.append(metrics)
         model = unwrap(ddp)  # Torch-Pruning removes channels in place: same object, fewer channels
-        e0 = e1
 
     return {"history": history, "plan": spec.get("plan") or []}, model

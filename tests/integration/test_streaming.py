@@ -214,5 +214,6 @@ def test_the_stream_reader_runs_ahead_through_the_epochs_without_changing_them(r
     data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(folder),
                                           "data.shape": [3, 32, 32]}).data)
     broken = StreamedTrain(train_dataset(data, seed=0, shuffle_files=False), data, world=1, shuffle_buffer=64)
-    with pytest.raises(DataError, match="has rows of length 7"):
+    with pytest.raises(DataError, match=r"of the streamed training rows has length 7, 3072 per row but data.shape "
+                                        r"\[3, 32, 32\] needs 3072"):
         _epoch_ids(broken, [0])
