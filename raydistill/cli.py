@@ -178,6 +178,21 @@ def main(argv: list[str] | None = None) -> int:
         from raydistill.locks import release_run_folders
 
         release_run_folders()  # the command is over: its run folder is free for the next one
+        if argv is None:  # the `raydistill` command itself (tests call main(argv) in their own process)
+            exit_without_a_final_gc()
+
+
+def exit_without_a_final_gc() -> None:
+    """Called as the command returns to exit: move every live object to the GC's permanent generation.
+
+    Why: after the report is printed, CPython's finalization runs full garbage collections over everything torch,
+    Ray and the models left in memory; measured on the default run (2 cores), 2.6 s between the last atexit
+    handler and the process's exit, 0.3 s with the objects frozen. Nothing is lost: atexit handlers (Ray's
+    shutdown, the run-folder lock) still run, and objects are still freed by reference counting; only cyclic
+    garbage made before this point is left to the operating system, which reclaims the whole process anyway."""
+    import gc
+
+    gc.freeze()
 
 
 def _bug() -> int:

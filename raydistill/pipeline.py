@@ -72,7 +72,7 @@ class RunContext:
     def stage_job(self, stage: str, spec: dict, phases: tuple[jobs.Phase, ...], teacher: TeacherSource | None = None,
                   init_state: Any = None) -> StageJob:
         return StageJob(stage=stage, config=self.cfg, spec=spec, data=self.data_ref, phases=phases, teacher=teacher,
-                        init_state=init_state, journal=str(self.out / "journal.jsonl"))
+                        init_state=init_state, journal=str(self.out / "journal.jsonl"), verbose=not self.quiet)
 
 
 @dataclass(frozen=True)
