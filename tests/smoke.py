@@ -1,5 +1,8 @@
 """Smoke settings shared by the tests that run the pipeline: tiny data, one epoch per stage."""
 
+from contextlib import contextmanager
+from pathlib import Path
+
 SMOKE = {
     "data.limit": 200, "teacher.epochs": 1, "distill.epochs": 1, "prune.epochs": 1,
     "prune.finetune_epochs": 1, "teacher.kwargs": {"widths": [16, 32], "hidden": 64},
@@ -37,3 +40,28 @@ def ctrl_c_default() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextmanager
+def ray_address_file(address: str):
+    """Ray's cluster address file in its default temp folder (``/tmp/ray/ray_current_cluster``: `ray start` without
+    ``--temp-dir`` writes it, a plain ``ray.init()`` joins the cluster it names) holding ``address`` for the block,
+    then as it was. Tests that write it hold an exclusive lock on a file beside it, so two pytest workers never
+    interleave their saves and restores."""
+    import fcntl
+
+    from ray._common.utils import get_ray_address_file
+
+    marker = Path(get_ray_address_file(None))
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    with open(marker.parent / "raydistill-tests-address-file.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = marker.read_bytes() if marker.exists() else None
+        marker.write_text(address)
+        try:
+            yield marker
+        finally:
+            if saved is None:
+                marker.unlink(missing_ok=True)
+            else:
+                marker.write_bytes(saved)

@@ -3,10 +3,9 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from smoke import SMOKE
+from smoke import SMOKE, ray_address_file
 
 from raydistill import config
 from raydistill.pipeline import run
@@ -32,17 +31,8 @@ def test_default_run_console_is_one_line_per_event(tmp_path):
     The run goes with a stale cluster address file in place: a crashed `ray start` leaves Ray's
     `ray_current_cluster` file behind (plain `ray.init()` would follow it and fail); `raydistill run` with no
     address starts its own private Ray and says so."""
-    marker = Path("/tmp/ray/ray_current_cluster")
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    saved = marker.read_bytes() if marker.exists() else None
-    marker.write_text("127.0.0.1:1")  # nothing listens there
-    try:
+    with ray_address_file("127.0.0.1:1"):  # nothing listens there
         res = _cli("run", "--out", str(tmp_path / "run"), *SMOKE_ARGS, cwd=tmp_path)
-    finally:
-        if saved is None:
-            marker.unlink(missing_ok=True)
-        else:
-            marker.write_bytes(saved)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "on a private local Ray" in res.stdout
     text = res.stdout + res.stderr

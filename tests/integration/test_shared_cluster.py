@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from shared_head import pids_naming, ray_head
+from smoke import ray_address_file
 
 from raydistill.locks import RUN_LOCK, FileLock
 
@@ -259,6 +260,39 @@ def test_a_run_and_a_two_trial_sweep_of_the_same_teacher_side_by_side(head, tiny
     assert sweep["trials"] == sweep["completed"] == 2
     assert sweep["teacher_forward_samples"] > 0  # the sweep's trials were served by the sweep's actor
     assert not (tmp_path / "run" / RUN_LOCK).exists() and not (tmp_path / "tune" / RUN_LOCK).exists()
+
+
+def _head_drivers(head) -> list[str]:
+    """The job ids of every driver that has connected to the head (its dashboard's job list, token auth)."""
+    import urllib.request
+
+    token = (Path(head.env["HOME"]) / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(f"{head.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return sorted(j["job_id"] for j in json.loads(response.read()) if j.get("type") == "DRIVER")
+
+
+def test_a_run_with_no_address_on_a_machine_whose_ray_start_head_is_live(head, tiny_teacher, tmp_path):
+    """Issue 17, a laptop that already has a Ray cluster: Ray's default address file names a live `ray start`
+    head (as `ray start --head` without --temp-dir leaves it). A plain `ray.init()` joins that head (checked
+    first: the file is live); `raydistill run` with no address starts its own private Ray in local mode, says so,
+    completes, and never connects to the head."""
+    probe = ("import ray; ray.init(logging_level='ERROR'); "
+             "print('joined', ray.get_runtime_context().gcs_address, flush=True); ray.shutdown()")
+    with ray_address_file(head.gcs):
+        joined = subprocess.run([sys.executable, "-c", probe], env=head.env, capture_output=True, text=True,
+                                timeout=300)
+        port = head.gcs.rsplit(":", 1)[1]  # the head reports its node's address, the port is the head's own
+        assert re.search(rf"^joined \S+:{port}$", joined.stdout, re.M), joined.stdout + joined.stderr[-3000:]
+        drivers = _head_drivers(head)
+        res = subprocess.run([sys.executable, "-m", "raydistill.cli", "run", "--out", str(tmp_path / "run"),
+                              *_sets({"teacher.checkpoint": tiny_teacher, "data.limit": 200, "distill.epochs": 1,
+                                      "prune.ratio": 0.0, "quantize.scheme": "none"})],
+                             cwd=REPO, env=head.env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "on a private local Ray" in res.stdout and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert _complete_report(tmp_path / "run")["config"]["scale"]["num_workers"] == 0  # local mode: no cluster
+    assert _head_drivers(head) == drivers  # the run never connected to the head
 
 
 def test_a_worker_whose_teacher_actor_is_gone_gets_a_typed_error(ray_local, tmp_path, tiny_teacher):
