@@ -47,8 +47,24 @@ def machine() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+    return {"cpu": cpu, "cpu_id": cpu_id(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "ray": ray.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def cpu_id() -> str:
+    """Family/model/stepping/microcode of the CPU: hosts that all call themselves "AMD EPYC" differ here, and the
+    default run's accuracies were seen to differ by a test sample between two such hosts (docs/benchmarks.md)."""
+    fields = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model", "stepping", "microcode") and key not in fields:
+                fields[key] = value.strip()
+    except OSError:
+        return "unknown"
+    return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
 def main() -> None:
