@@ -367,6 +367,14 @@ def _require_columns(names: list[str], wanted: list[str], path) -> None:
         )
 
 
+def row_length_error(feature_column: str, where: str, lengths, shape: tuple[int, ...]) -> DataError:
+    """The one message for feature rows whose length does not fit ``data.shape`` (in-memory and streamed data)."""
+    return DataError(
+        f"feature column {feature_column!r} of {where} has length {', '.join(str(n) for n in lengths[:5])} per row "
+        f"but data.shape {list(shape)} needs {math.prod(shape)}; fix data.shape or the data"
+    )
+
+
 def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: str) -> np.ndarray:
     """(N,) list column of floats (a pyarrow Array or ChunkedArray) -> (N, *shape) float32, checking every row's
     length. The in-memory loader and the streamed batches (``stream.to_arrays``) both check rows with it."""
@@ -394,11 +402,7 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
     lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
     need = math.prod(shape)
     if len(lengths) != 1 or lengths[0] != need:
-        found = ", ".join(str(n) for n in lengths[:5])
-        raise DataError(
-            f"feature column {feature_column!r} of {where} has length {found} per row but data.shape "
-            f"{list(shape)} needs {need}; fix data.shape or the data"
-        )
+        raise row_length_error(feature_column, where, lengths, shape)
     values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     return values.reshape(len(column), *shape)
 

@@ -175,6 +175,8 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
         train_baseline(ctx, init_state, teacher.sha256 if cfg.student.init_from_teacher else "")
 
     # 3. KD and 4. prune while distilling
+    if server is not None:
+        import_for_later_stages(cfg)  # this process would only wait for the actor's process to start
     wait_for_teacher_server(ctx, source, server)
     train_kd(ctx, kd_key, source, init_state)
     selection = choose_student(ctx)  # never worse than training alone: the better one on validation goes on
@@ -536,7 +538,6 @@ def wait_for_teacher_server(ctx: RunContext, source: TeacherSource, server) -> N
 
     from raydistill.teacher import wait_ready
 
-    import_for_later_stages(ctx.cfg)  # this process would only wait here: the actor's process is starting
     wait_ready(server)
     started = ctx.timings["teacher_server_start"].pop("started")
     ctx.timings["teacher_server_start"]["seconds"] = time.perf_counter() - started
@@ -548,8 +549,9 @@ def wait_for_teacher_server(ctx: RunContext, source: TeacherSource, server) -> N
 
 def import_for_later_stages(cfg: Config) -> None:
     """Import what the run's last steps use (torchao for int8, matplotlib for report.png) while the teacher
-    actor's process starts: in local mode the driver has nothing else to do then, and the imports cost ~1.2 s
-    on 2 cores (a profile of the default run: torchao 0.5 s, matplotlib 0.6 s) that would otherwise come after."""
+    actor's process starts (``run`` calls it there; a sweep has no int8 step): the driver has nothing else to do
+    then, and the imports cost ~1.2 s on 2 cores (a profile of the default run: torchao 0.5 s, matplotlib 0.6 s)
+    that would otherwise come after."""
     import matplotlib
 
     matplotlib.use("Agg")

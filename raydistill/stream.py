@@ -33,7 +33,6 @@ import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import NoReturn
 
 import numpy as np
 
@@ -300,7 +299,7 @@ def to_arrays(data: StreamData, batch, where: str) -> tuple[np.ndarray, np.ndarr
     ~3 % of a streamed worker's samples in a py-spy profile when the training stream read numpy)."""
     import pyarrow as pa
 
-    from raydistill.data import _flat_features
+    from raydistill.data import _flat_features, row_length_error
 
     need = math.prod(data.shape)
     if isinstance(batch, (pa.Table, pa.RecordBatch)):
@@ -311,23 +310,16 @@ def to_arrays(data: StreamData, batch, where: str) -> tuple[np.ndarray, np.ndarr
         if features.dtype == object:  # a list column arrives as an array of arrays
             lengths = sorted({len(f) for f in features})
             if set(lengths) - {need}:
-                _wrong_length(data, lengths, where)
+                raise row_length_error(data.feature_column, where, lengths, data.shape)
             features = np.stack(features) if len(features) else np.zeros((0, need), np.float32)
         n = len(features)
         if features.size != n * need:
-            _wrong_length(data, [features.size // max(n, 1)], where)
+            raise row_length_error(data.feature_column, where, [features.size // max(n, 1)], data.shape)
         x, columns = np.ascontiguousarray(features, dtype=np.float32).reshape(n, *data.shape), batch
     # writable: Ray Data hands out read-only views of its blocks, which torch.from_numpy warns about (a copy only
     # when the batch is such a view)
     return tuple(np.require(a, requirements="W") for a in (
         x, np.asarray(columns[data.label_column], np.int64), np.asarray(columns[data.id_column], np.int64)))
-
-
-def _wrong_length(data: StreamData, lengths: list[int], where: str) -> NoReturn:
-    """The error of ``data._flat_features``, for numpy batches."""
-    raise DataError(f"feature column {data.feature_column!r} of {where} has length "
-                    f"{', '.join(str(n) for n in lengths[:5])} per row but data.shape {list(data.shape)} needs "
-                    f"{math.prod(data.shape)}; fix data.shape or the data")
 
 
 def _read_columns(data: StreamData, plan: SplitPlan) -> list[str]:

@@ -29,6 +29,7 @@ class Head:
     dashboard: str  # http://host:port for `ray job submit`
     env: dict  # client environment: the venv first on PATH, RAY_AUTH_MODE=token, the head's HOME (its token)
     log: Path
+    token: str  # the head's auth token, for its dashboard's HTTP API
 
 
 def _free_ports(n: int) -> list[int]:
@@ -142,6 +143,6 @@ def ray_head(log_dir: Path, num_cpus: int = 4):
         _stop(proc, temp_dir)
         raise RuntimeError(f"`ray start --head` failed 3 times; the last time:\n{log.read_text()[-3000:]}")
     try:
-        yield Head(gcs=gcs, dashboard=dashboard, env=env, log=log)
+        yield Head(gcs=gcs, dashboard=dashboard, env=env, log=log, token=token)
     finally:
         _stop(proc, temp_dir)

@@ -266,8 +266,7 @@ def _head_drivers(head) -> list[str]:
     """The job ids of every driver that has connected to the head (its dashboard's job list, token auth)."""
     import urllib.request
 
-    token = (Path(head.env["HOME"]) / ".ray" / "auth_token").read_text().strip()
-    request = urllib.request.Request(f"{head.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    request = urllib.request.Request(f"{head.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {head.token}"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return sorted(j["job_id"] for j in json.loads(response.read()) if j.get("type") == "DRIVER")
 
