@@ -124,20 +124,26 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     check_tracking(cfg, out)  # an unreachable tracking server fails here, before any training
     if uses_cache:
         check_given_cache(cfg, data_fp, image_side(splits.shape))
+    # Ray's start takes seconds (6-9 s on a 2-core laptop): say so before, not only after, the wait
+    import ray
+
+    private = not joins_cluster(address)
+    if not ray.is_initialized():
+        log("starting a private local Ray ..." if private else
+            f"connecting to the Ray cluster at {address or os.environ.get('RAY_ADDRESS')} ...", quiet)
     t0 = time.perf_counter()
     init_ray(address, quiet, verbose)
     check_resources(cfg)
     ray_s = time.perf_counter() - t0
     s = cfg.scale
-    ray_where = ("a private local Ray (pass --address to use a running cluster)" if not joins_cluster(address)
+    ray_where = ("a private local Ray (pass --address to use a running cluster)" if private
                  else f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}")
     log(("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0 else
-         f"Ray Train: {s.num_workers} data-parallel workers per stage") + f", on {ray_where}", quiet)
+         f"Ray Train: {s.num_workers} data-parallel workers per stage") + f", on {ray_where} (ready in {ray_s:.1f} s)",
+        quiet)
     out.mkdir(parents=True, exist_ok=True)
     take_run_folder(out, quiet)  # a new folder: held from its creation on
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
-    import ray
-
     return RunContext(cfg=cfg, out=out, quiet=quiet, splits=splits, data_fp=data_fp,
                       data_ref=splits if streamed else ray.put(splits),
                       t_spec=model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape),
