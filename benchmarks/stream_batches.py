@@ -1,0 +1,130 @@
+"""Where a streamed epoch's CPU goes on CIFAR-sized rows: Parquet decoding, and Ray Data's batching by batch size.
+
+    python benchmarks/stream_batches.py --rows 25000 --epochs 5    # writes benchmarks/results/stream_batches.json
+
+No model: one epoch is one pass over the training split of benchmarks/data_scale.py's synthetic set (3 x 32 x 32
+float32 features as a fixed-size list column, 4,096 rows a file, val and test carved out by id), in one process on
+a local Ray (as Ray Train's local mode reads it), each batch turned into training arrays (``stream.to_arrays``):
+
+* ``pyarrow``: the split's files decoded with pyarrow in this process, the carve filter applied: the floor
+  (every streamed epoch decodes at least this);
+* ``ray_data bs N``: ``stream.train_dataset`` read as ``worker.StreamedTrain`` reads it: ``iter_batches`` of N rows,
+  pyarrow format, a local shuffle buffer of 4,096 rows (``data.shuffle_buffer``'s default), per-epoch file shuffle;
+* ``ray_data bs 1024, no shuffle``: the same without the local shuffle buffer.
+
+Each variant is timed by wall clock and by **machine CPU** (busy time of every core from /proc/stat, so the read
+tasks in Ray's worker processes count too): run it on an otherwise idle machine. The first epoch (Ray Data's
+start-up) is left out; the table gives the median of the others and each variant's CPU as a ratio of pyarrow's in
+the same run. Why it matters: on 2 cores a streamed run's reading takes its CPU from training (issue 13's
+throughput goal, docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+SHUFFLE_BUFFER = 4096
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores have been busy since boot (user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+def time_epochs(fn, epochs: int) -> dict:
+    walls, cpus, rows = [], [], 0
+    for epoch in range(epochs):
+        wall, cpu = time.perf_counter(), machine_busy_s()
+        rows = fn(epoch)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(machine_busy_s() - cpu)
+    later = slice(1, None) if epochs > 1 else slice(None)
+    return {"rows": rows, "first_epoch_wall_s": walls[0], "wall_s": statistics.median(walls[later]),
+            "machine_cpu_s": statistics.median(cpus[later]), "walls": walls, "cpus": cpus}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=25_000, help="rows written (70%% are the training split)")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stream_batches.json"))
+    args = ap.parse_args()
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import ray
+    from data_scale import write_data
+    from throughput import machine
+
+    from raydistill import config
+    from raydistill.stream import _keep, _read_columns, plan_stream, to_arrays, train_dataset
+
+    work = Path(tempfile.mkdtemp(prefix="stream_batches_"))
+    write_data(work / "data", args.rows)
+    data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(work / "data"),
+                                          "data.shape": [3, 32, 32]}).data)
+    plan = data.train
+    ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-execution INFO lines
+
+    def pyarrow_epoch(epoch: int) -> int:
+        n = 0
+        for file in plan.files:
+            for record in ds.dataset(file, format="parquet").to_batches(columns=_read_columns(data, plan)):
+                keep = _keep(plan, record.column(data.id_column).to_numpy().astype(np.int64), None)
+                n += len(to_arrays(data, record.filter(pa.array(keep)), file)[1])
+        return n
+
+    dataset = train_dataset(data, seed=0)
+
+    def ray_data(batch_size: int, shuffle: bool):
+        def epoch_fn(epoch: int) -> int:
+            n = 0
+            for batch in dataset.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+                                              local_shuffle_buffer_size=SHUFFLE_BUFFER if shuffle else None,
+                                              local_shuffle_seed=epoch if shuffle else None):
+                n += len(to_arrays(data, batch, "rows")[1])
+            return n
+        return epoch_fn
+
+    variants = {"pyarrow": pyarrow_epoch}
+    variants.update({f"ray_data bs {bs}": ray_data(bs, True) for bs in args.batch_sizes})
+    variants["ray_data bs 1024, no shuffle"] = ray_data(1024, False)
+    results = {}
+    for name, fn in variants.items():
+        results[name] = time_epochs(fn, args.epochs)
+        print(f"{name}: {results[name]['machine_cpu_s']:.2f} machine CPU-s per epoch", flush=True)
+    ray.shutdown()
+
+    floor = results["pyarrow"]["machine_cpu_s"]
+    print(f"\nTraining split: {plan.rows:,} of {args.rows:,} rows (3x32x32 float32), {len(plan.files)} files; "
+          f"median of epochs 2..{args.epochs}\n")
+    print("| reader | rows | wall s | machine CPU-s | CPU x pyarrow | CPU ms per 1,000 rows |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in results.items():
+        print(f"| {name} | {r['rows']:,} | {r['wall_s']:.2f} | {r['machine_cpu_s']:.2f} | "
+              f"{r['machine_cpu_s'] / floor:.2f} | {1000 * r['machine_cpu_s'] / r['rows'] * 1000:.0f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "args": vars(args), "train_rows": plan.rows,
+                               "results": results}, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
