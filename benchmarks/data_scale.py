@@ -33,20 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (3, 32, 32)
 
 
-def write_data(folder: Path, rows: int, seed: int = 0, rows_per_file: int = 4096) -> None:
+def write_data(folder: Path, rows: int, seed: int = 0, rows_per_file: int = 4096,
+               shape: tuple[int, ...] = SHAPE) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True)
     # one class signal per channel, the same at every scale (the teacher is trained once, on the 1x data); only
     # the noise and so the samples come from ``seed``
-    means = np.random.default_rng(12345).standard_normal((10, SHAPE[0], 1, 1)).astype(np.float32)
+    means = np.random.default_rng(12345).standard_normal((10, shape[0], *[1] * (len(shape) - 1))).astype(np.float32)
     rng = np.random.default_rng(seed)
     for part, start in enumerate(range(0, rows, rows_per_file)):
         n = min(rows_per_file, rows - start)
         ids = np.arange(start, start + n)
         y = ids % 10
-        x = (means[y] + 2.0 * rng.standard_normal((n, *SHAPE)).astype(np.float32)).reshape(n, -1)
+        x = (means[y] + 2.0 * rng.standard_normal((n, *shape)).astype(np.float32)).reshape(n, -1)
         table = pa.table({"id": ids, "label": y, "features": pa.FixedSizeListArray.from_arrays(
             pa.array(x.reshape(-1)), x.shape[1])})
         pq.write_table(table, folder / f"part-{part:05d}.parquet")

@@ -59,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=25_000, help="rows written (70%% are the training split)")
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--shape", type=int, nargs="+", default=[3, 32, 32], help="sample shape (data.shape)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stream_batches.json"))
     args = ap.parse_args()
@@ -74,9 +75,9 @@ def main() -> None:
     from raydistill.stream import _keep, _read_columns, plan_stream, to_arrays, train_dataset
 
     work = Path(tempfile.mkdtemp(prefix="stream_batches_"))
-    write_data(work / "data", args.rows)
+    write_data(work / "data", args.rows, shape=tuple(args.shape))
     data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(work / "data"),
-                                          "data.shape": [3, 32, 32]}).data)
+                                          "data.shape": args.shape}).data)
     plan = data.train
     ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -112,7 +113,8 @@ def main() -> None:
     ray.shutdown()
 
     floor = results["pyarrow"]["machine_cpu_s"]
-    print(f"\nTraining split: {plan.rows:,} of {args.rows:,} rows (3x32x32 float32), {len(plan.files)} files; "
+    print(f"\nTraining split: {plan.rows:,} of {args.rows:,} rows ({'x'.join(map(str, args.shape))} float32), "
+          f"{len(plan.files)} files; "
           f"median of epochs 2..{args.epochs}\n")
     print("| reader | rows | wall s | machine CPU-s | CPU x pyarrow | CPU ms per 1,000 rows |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

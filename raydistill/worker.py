@@ -148,6 +148,25 @@ class InMemoryTrain:
         pass
 
 
+# What the training stream asks Ray Data for at a time, cut into training batches here: about READ_ROWS rows, at
+# most READ_BYTES. Why: every batch Ray Data's iterator hands out (through its local shuffle buffer and prefetch
+# threads) has a cost of its own; with small rows it is most of the reading. `python benchmarks/stream_batches.py`
+# (docs/benchmarks.md), machine CPU per epoch: rows of 40 floats, batches of 64 cost 2.0x batches of 1,024 (40 vs 20
+# CPU-ms per 1,000 rows); CIFAR-sized rows (12 KiB), 1.2x (148 vs 120). The byte cap keeps big rows at about the
+# training batch: larger batches from Ray Data's shuffle buffer raised a streamed run's private memory by 47-89 MB
+# in the streamed-memory test (1,024 rows of 12 KiB), for that smaller gain.
+READ_ROWS = 1024
+READ_BYTES = 2**20
+
+
+def read_rows(batch_size: int, shuffle_buffer: int, row_bytes: int) -> int:
+    """Rows asked of Ray Data at a time: a whole number of training batches (so every batch but an epoch's last
+    is full), about READ_ROWS and READ_BYTES at most, and never more than the shuffle buffer (Ray Data would
+    enlarge a buffer smaller than what it is asked for); at least one training batch."""
+    fits = min(READ_ROWS, shuffle_buffer, READ_BYTES // max(1, row_bytes))
+    return batch_size * max(1, fits // batch_size)
+
+
 class StreamedTrain:
     """This worker's shard of a streamed training split (``ray.train.get_dataset_shard``, or the whole Ray
     Dataset in a Tune trial): read batch by batch, shuffled by the file order (reshuffled per epoch by Ray
@@ -198,12 +217,16 @@ class StreamedTrain:
 
         try:
             for epoch, batch_size, seed in epochs:
-                for batch in self.shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+                chunk = read_rows(batch_size, self.buffer, 4 * math.prod(self.shape))
+                for batch in self.shard.iter_batches(batch_size=chunk, batch_format="pyarrow",
                                                      local_shuffle_buffer_size=self.buffer,
                                                      local_shuffle_seed=seed * 100_003 + epoch):
-                    x, y, ids = to_arrays(self.data, batch, "the streamed training rows")
-                    if not put((epoch, (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)))):
-                        return
+                    # one training batch at a time, copied out of the chunk (to_arrays: Arrow's buffers are
+                    # read-only), so what this reader holds is as before: batches, not chunks
+                    for i in range(0, batch.num_rows, batch_size):
+                        x, y, ids = to_arrays(self.data, batch.slice(i, batch_size), "the streamed training rows")
+                        if not put((epoch, (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)))):
+                            return
                 if not put((epoch, self._END)):
                     return
         except BaseException as error:  # handed to the loop, raised there with its traceback
