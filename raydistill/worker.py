@@ -222,7 +222,7 @@ class StreamedTrain:
                                                      local_shuffle_buffer_size=self.buffer,
                                                      local_shuffle_seed=seed * 100_003 + epoch):
                     # one training batch at a time, copied out of the chunk (to_arrays: Arrow's buffers are
-                    # read-only), so what this reader holds is as before: batches, not chunks
+                    # read-only), so the queue holds batches, as before, not chunks
                     for i in range(0, batch.num_rows, batch_size):
                         x, y, ids = to_arrays(self.data, batch.slice(i, batch_size), "the streamed training rows")
                         if not put((epoch, (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)))):
