@@ -6,8 +6,8 @@ No model: one epoch is one pass over the training split of benchmarks/data_scale
 float32 features as a fixed-size list column, 4,096 rows a file, val and test carved out by id), in one process on
 a local Ray (as Ray Train's local mode reads it), each batch turned into training arrays (``stream.to_arrays``):
 
-* ``pyarrow``: the split's files decoded with pyarrow in this process, the carve filter applied: the floor
-  (every streamed epoch decodes at least this);
+* ``pyarrow``: the split read with pyarrow in this process by ``stream.iter_split`` (the reader of validation and
+  test: batches of 1,024 rows, the carve filter applied): the floor (every streamed epoch decodes at least this);
 * ``ray_data bs N``: ``stream.train_dataset`` read as ``worker.StreamedTrain`` reads it: ``iter_batches`` of N rows,
   pyarrow format, a local shuffle buffer of 4,096 rows (``data.shuffle_buffer``'s default), per-epoch file shuffle;
 * ``ray_data bs 1024, no shuffle``: the same without the local shuffle buffer.
@@ -64,15 +64,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stream_batches.json"))
     args = ap.parse_args()
 
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.dataset as ds
     import ray
     from data_scale import write_data
     from throughput import machine
 
     from raydistill import config
-    from raydistill.stream import _keep, _read_columns, plan_stream, to_arrays, train_dataset
+    from raydistill.stream import iter_split, plan_stream, to_arrays, train_dataset
 
     work = Path(tempfile.mkdtemp(prefix="stream_batches_"))
     write_data(work / "data", args.rows, shape=tuple(args.shape))
@@ -83,13 +80,8 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-execution INFO lines
 
-    def pyarrow_epoch(epoch: int) -> int:
-        n = 0
-        for file in plan.files:
-            for record in ds.dataset(file, format="parquet").to_batches(columns=_read_columns(data, plan)):
-                keep = _keep(plan, record.column(data.id_column).to_numpy().astype(np.int64), None)
-                n += len(to_arrays(data, record.filter(pa.array(keep)), file)[1])
-        return n
+    def pyarrow_epoch(epoch: int) -> int:  # the reader validation and test use (batches of 1,024 rows)
+        return sum(len(y) for _, y, _ in iter_split(data, "train"))
 
     dataset = train_dataset(data, seed=0)
 

@@ -127,17 +127,15 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     # Ray's start takes seconds (6-9 s on a 2-core laptop): say so before, not only after, the wait
     import ray
 
-    private = not joins_cluster(address)
+    cluster = None if not joins_cluster(address) else f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}"
     if not ray.is_initialized():
-        log("starting a private local Ray ..." if private else
-            f"connecting to the Ray cluster at {address or os.environ.get('RAY_ADDRESS')} ...", quiet)
+        log(f"connecting to {cluster} ..." if cluster else "starting a private local Ray ...", quiet)
     t0 = time.perf_counter()
     init_ray(address, quiet, verbose)
     check_resources(cfg)
     ray_s = time.perf_counter() - t0
     s = cfg.scale
-    ray_where = ("a private local Ray (pass --address to use a running cluster)" if private
-                 else f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}")
+    ray_where = cluster or "a private local Ray (pass --address to use a running cluster)"
     log(("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0 else
          f"Ray Train: {s.num_workers} data-parallel workers per stage") + f", on {ray_where} (ready in {ray_s:.1f} s)",
         quiet)

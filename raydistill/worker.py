@@ -151,8 +151,8 @@ class InMemoryTrain:
 # What the training stream asks Ray Data for at a time, cut into training batches here: about READ_ROWS rows, at
 # most READ_BYTES. Why: every batch Ray Data's iterator hands out (through its local shuffle buffer and prefetch
 # threads) has a cost of its own; with small rows it is most of the reading. `python benchmarks/stream_batches.py`
-# (docs/benchmarks.md), machine CPU per epoch: rows of 40 floats, batches of 64 cost 2.0x batches of 1,024 (40 vs 20
-# CPU-ms per 1,000 rows); CIFAR-sized rows (12 KiB), 1.2x (148 vs 120). The byte cap keeps big rows at about the
+# (docs/benchmarks.md), machine CPU per epoch: rows of 40 floats, batches of 64 cost 1.9x batches of 1,024 (45 vs 24
+# CPU-ms per 1,000 rows); CIFAR-sized rows (12 KiB), 1.35x (163 vs 121). The byte cap keeps big rows at about the
 # training batch: larger batches from Ray Data's shuffle buffer raised a streamed run's private memory by 47-89 MB
 # in the streamed-memory test (1,024 rows of 12 KiB), for that smaller gain.
 READ_ROWS = 1024
