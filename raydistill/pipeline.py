@@ -135,10 +135,11 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     check_resources(cfg)
     ray_s = time.perf_counter() - t0
     s = cfg.scale
-    ray_where = cluster or "a private local Ray (pass --address to use a running cluster)"
+    ready = f"ready in {ray_s:.1f} s"
+    ray_where = f"{cluster} ({ready})" if cluster else \
+        f"a private local Ray ({ready}; pass --address to use a running cluster)"
     log(("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0 else
-         f"Ray Train: {s.num_workers} data-parallel workers per stage") + f", on {ray_where} (ready in {ray_s:.1f} s)",
-        quiet)
+         f"Ray Train: {s.num_workers} data-parallel workers per stage") + f", on {ray_where}", quiet)
     out.mkdir(parents=True, exist_ok=True)
     take_run_folder(out, quiet)  # a new folder: held from its creation on
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
