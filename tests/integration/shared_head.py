@@ -30,6 +30,7 @@ class Head:
     env: dict  # client environment: the venv first on PATH, RAY_AUTH_MODE=token, the head's HOME (its token)
     log: Path
     token: str  # the head's auth token, for its dashboard's HTTP API
+    tmp: Path  # TMPDIR of the head's processes (Ray workers, job drivers): what they leave in temporary files
 
 
 def _free_ports(n: int) -> list[int]:
@@ -109,8 +110,9 @@ def _stop(proc: subprocess.Popen, temp_dir: str, keep: bool = False) -> None:
 def ray_head(log_dir: Path, num_cpus: int = 4):
     """Start the head, yield its ``Head``, stop it. Its log stays in ``log_dir/head.log``."""
     temp_dir = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
-    home = Path(temp_dir) / "home"
+    home, tmp = Path(temp_dir) / "home", Path(temp_dir) / "tmp"
     home.mkdir()
+    tmp.mkdir()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": str(home),
            "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
@@ -120,7 +122,7 @@ def ray_head(log_dir: Path, num_cpus: int = 4):
     gcs = f"127.0.0.1:{gcs_port}"
     # RAY_ADDRESS for the head's processes (job drivers included): Ray's own helpers look the cluster up by
     # address=None, which is ambiguous while other Ray clusters run on this machine. No SIGTERM drain wait.
-    head_env = {**env, "RAY_ADDRESS": gcs, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    head_env = {**env, "RAY_ADDRESS": gcs, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "TMPDIR": str(tmp)}
     log = Path(log_dir) / "head.log"
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     for attempt in range(3):
@@ -143,6 +145,6 @@ def ray_head(log_dir: Path, num_cpus: int = 4):
         _stop(proc, temp_dir)
         raise RuntimeError(f"`ray start --head` failed 3 times; the last time:\n{log.read_text()[-3000:]}")
     try:
-        yield Head(gcs=gcs, dashboard=dashboard, env=env, log=log, token=token)
+        yield Head(gcs=gcs, dashboard=dashboard, env=env, log=log, token=token, tmp=tmp)
     finally:
         _stop(proc, temp_dir)

@@ -174,6 +174,8 @@ def test_ray_job_submit_digits_as_documented(ray_head, cifar_smoke_run, tmp_path
         assert sum(line.startswith(f"[{stage}] epoch ") for line in epochs) == n, stage
     assert "RayTrainWorker" not in output and "TrainingReport" not in output
     assert "PYTHON worker processes" not in output  # the raylet's start-up warning, filtered (raydistill/console.py)
+    # the Train workers' per-epoch checkpoints were copied into run storage and their temporary folders removed
+    assert not list(ray_head.tmp.glob("raydistill-ckpt-*")), "checkpoint folders left in the workers' TMPDIR"
 
 
 @pytest.mark.ray

@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -130,8 +132,16 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, tiny_teache
         proc.wait()
     assert len(_finished_trials(tmp_path)) < trials, "the sweep finished before the interrupt"
 
-    out = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+    # the resumed sweep's processes (its private Ray's included) get a TMPDIR of their own, to see what they leave
+    tmp = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))  # short: Ray's unix socket paths must stay < 108 chars
+    try:
+        out = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "TMPDIR": str(tmp)})
+        assert out.returncode == 0, out.stderr[-2000:]
+        # every trial's per-epoch checkpoints were copied into the sweep's storage and their temporary folders removed
+        assert not list(tmp.glob("raydistill-ckpt-*")), "checkpoint folders left in the trials' TMPDIR"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     after = _finished_trials(tmp_path)
     assert len(after) == trials
     for trial, n_lines in before.items():
