@@ -53,23 +53,26 @@ def write_data(folder: Path, rows: int, seed: int = 0, rows_per_file: int = 4096
         pq.write_table(table, folder / f"part-{part:05d}.parquet")
 
 
-def _rss_mb(pid: str) -> tuple[float, float]:
-    """(VmRSS, RssAnon) of a process in MB: all resident pages, and its private ones (VmRSS less file-backed and
-    shared pages, such as the Ray object store's, which a process maps while it reads streamed blocks)."""
+def _rss_mb(pid: str) -> dict[str, float]:
+    """VmRSS, RssAnon and RssShmem of a process in MB: all its resident pages; its private ones; the shared-memory
+    pages it has touched, here the Ray object store's, which a process maps while it reads blocks (they stay in
+    its VmRSS as long as the store is mapped, even after the block is freed). VmRSS less both is file-backed
+    pages (the libraries: libtorch alone is several hundred MB)."""
     found = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith(("VmRSS:", "RssAnon:")):
+            if line.startswith(("VmRSS:", "RssAnon:", "RssShmem:")):
                 found[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return found.get("VmRSS", 0.0), found.get("RssAnon", 0.0)
+    return found
 
 
 class Sampler(threading.Thread):
-    """Peak RSS (MB) of the driver process and of each Ray Train worker, polled from /proc (Linux)."""
+    """Peak RSS (MB) of the driver process and of each Ray Train worker, polled from /proc (Linux): VmRSS in
+    ``peaks``, RssAnon in ``private``, RssShmem in ``shmem``."""
 
     def __init__(self, driver_pid: int):
         super().__init__(daemon=True)
-        self.driver_pid, self.stop, self.peaks, self.private = driver_pid, threading.Event(), {}, {}
+        self.driver_pid, self.stop, self.peaks, self.private, self.shmem = driver_pid, threading.Event(), {}, {}, {}
 
     def run(self):
         while not self.stop.is_set():
@@ -83,22 +86,23 @@ class Sampler(threading.Thread):
                         key = f"worker-{pid}"
                     else:
                         continue
-                    rss, anon = _rss_mb(pid)
-                    self.peaks[key] = max(self.peaks.get(key, 0.0), rss)
-                    self.private[key] = max(self.private.get(key, 0.0), anon)
+                    rss = _rss_mb(pid)
+                    for peaks, field in ((self.peaks, "VmRSS"), (self.private, "RssAnon"), (self.shmem, "RssShmem")):
+                        peaks[key] = max(peaks.get(key, 0.0), rss.get(field, 0.0))
                 except OSError:  # the process ended meanwhile
                     continue
             time.sleep(0.2)
 
 
-def run_one(data: Path, out: Path, teacher: Path, stream: bool, epochs: int, seed: int = 0) -> dict:
+def run_one(data: Path, out: Path, teacher: Path, stream: bool, epochs: int, seed: int = 0,
+            extra: dict | None = None) -> dict:
     sets = {"seed": seed, "data.source": "parquet", "data.path": str(data), "data.shape": list(SHAPE),
             "data.stream": stream,
             "teacher.model": "cnn", "teacher.kwargs": {"widths": [16, 32], "hidden": 64},
             "teacher.checkpoint": str(teacher), "student.model": "cnn",
             "student.kwargs": {"widths": [8, 16], "hidden": 32}, "distill.epochs": epochs, "prune.ratio": 0.0,
             "quantize.scheme": "none", "distill.teacher_mode": "cache", "scale.num_workers": 2,
-            "distill.batch_size": 128}
+            "distill.batch_size": 128, **(extra or {})}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "run", "--quiet", "--out", str(out), *args],
@@ -113,10 +117,12 @@ def run_one(data: Path, out: Path, teacher: Path, stream: bool, epochs: int, see
     report = json.loads((out / "report.json").read_text())
     workers = sorted(v for k, v in sampler.peaks.items() if k.startswith("worker-"))
     private = sorted(v for k, v in sampler.private.items() if k.startswith("worker-"))
+    shmem = sorted(v for k, v in sampler.shmem.items() if k.startswith("worker-"))
     return {"rows": report["data"]["train"], "stream": stream, "seed": seed, "wall_s": time.perf_counter() - t0,
             "kd_stage_s": report["timings"]["student_kd"]["seconds"],
             "driver_peak_mb": sampler.peaks.get("driver"), "worker_peaks_mb": workers,
             "driver_private_peak_mb": sampler.private.get("driver"), "worker_private_peaks_mb": private,
+            "worker_shmem_peaks_mb": shmem,
             "kd_samples_per_s": report["throughput"]["student_kd"],
             "kd_accuracy": report["models"]["student_kd"]["accuracy"],
             "baseline_accuracy": report["models"]["student_baseline"]["accuracy"]}
@@ -140,8 +146,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1,
                     help="run the first scale's streamed/in-memory pair this many times, seeds 0..R-1, alternating")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a further config override for every run (VALUE as JSON), e.g. data.stream_buffer_mb=64")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_scale.json"))
     args = ap.parse_args()
+    extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     work = Path(tempfile.mkdtemp(prefix="raydistill-data-scale-"))
     rows = []
     teacher = None
@@ -154,19 +163,20 @@ def main() -> None:
                 else [(0, True)])
         for seed, stream in runs:
             row = {"scale": scale, **run_one(data, work / f"run{scale}-{stream}-{seed}", teacher, stream,
-                                             args.epochs, seed)}
+                                             args.epochs, seed, extra)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     first = [r for r in rows if r["scale"] == args.scales[0]]
     base = {stream: [r for r in first if r["stream"] == stream] for stream in (True, False)}
     print("\n| scale | rows | path | seed | driver peak MB (private) | worker peaks MB | worker private peaks MB | "
           "KD samples/s | KD stage s | KD acc | baseline acc |")
-    print("| ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | --- | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['scale']}x | {r['rows']:,} | {'streamed' if r['stream'] else 'in memory'} | {r['seed']} | "
               f"{r['driver_peak_mb']:.0f} ({r['driver_private_peak_mb']:.0f}) | "
               f"{', '.join(f'{w:.0f}' for w in r['worker_peaks_mb'])} | "
               f"{', '.join(f'{w:.0f}' for w in r['worker_private_peaks_mb'])} | "
+              f"{', '.join(f'{w:.0f}' for w in r['worker_shmem_peaks_mb'])} | "
               f"{r['kd_samples_per_s']:.0f} | {r['kd_stage_s']:.1f} | {r['kd_accuracy']:.4f} | "
               f"{r['baseline_accuracy']:.4f} |")
     top = [r for r in rows if r["stream"] and r["scale"] == args.scales[-1]][0]
@@ -181,6 +191,8 @@ def main() -> None:
                                                   / base[True][0]["driver_private_peak_mb"]),
               "worker_private_peak_top_vs_base": (max(top["worker_private_peaks_mb"])
                                                   / max(base[True][0]["worker_private_peaks_mb"])),
+              "worker_shmem_peak_top_minus_base_mb": (max(top["worker_shmem_peaks_mb"])
+                                                      - max(base[True][0]["worker_shmem_peaks_mb"])),
               "streamed_vs_in_memory_samples_per_s": median([s["kd_samples_per_s"] / m["kd_samples_per_s"]
                                                              for s, m in pairs]),
               "streamed_vs_in_memory_kd_stage_time": median([s["kd_stage_s"] / m["kd_stage_s"] for s, m in pairs]),
