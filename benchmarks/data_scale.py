@@ -169,7 +169,7 @@ def main() -> None:
     first = [r for r in rows if r["scale"] == args.scales[0]]
     base = {stream: [r for r in first if r["stream"] == stream] for stream in (True, False)}
     print("\n| scale | rows | path | seed | driver peak MB (private) | worker peaks MB | worker private peaks MB | "
-          "KD samples/s | KD stage s | KD acc | baseline acc |")
+          "worker shmem peaks MB | KD samples/s | KD stage s | KD acc | baseline acc |")
     print("| ---: | ---: | --- | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['scale']}x | {r['rows']:,} | {'streamed' if r['stream'] else 'in memory'} | {r['seed']} | "
