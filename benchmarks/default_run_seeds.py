@@ -11,8 +11,10 @@ seed, the mean, the standard deviation and the min-max range, and the KD-minus-b
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +37,7 @@ def main() -> None:
     from raydistill.checkpoints import atomic_write_text
 
     work = Path(tempfile.mkdtemp(prefix="rd-seeds-"))
+    atexit.register(shutil.rmtree, work, True)  # scratch data and runs, removed at exit
     load0 = os.getloadavg()
     runs = {}
     for seed in args.seeds:

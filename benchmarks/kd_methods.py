@@ -25,9 +25,11 @@ points vs the student alone (0.9838). The table: docs/benchmarks.md, "Distillati
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -226,6 +228,7 @@ def main() -> None:
     from raydistill.checkpoints import atomic_write_text
 
     work = Path(tempfile.mkdtemp(prefix="rd-kd-methods-"))
+    atexit.register(shutil.rmtree, work, True)  # scratch data and runs, removed at exit
     load0, t0 = os.getloadavg(), time.perf_counter()
     results = {name: run_dataset(name, DATASETS[name], args.seeds, work, args.epochs, args.trials)
                for name in args.datasets}

@@ -15,8 +15,10 @@ in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -128,6 +130,7 @@ def main() -> None:
 
     bin_dir = Path(sys.executable).parent
     work = Path(tempfile.mkdtemp(prefix="rd-overhead-"))
+    atexit.register(shutil.rmtree, work, True)  # scratch data and runs, removed at exit
     load0 = os.getloadavg()
     variants = {
         "a_local_mode": lambda r: [str(bin_dir / "raydistill"), "run", "--quiet", "--out", str(work / f"a{r}")],

@@ -22,9 +22,11 @@ throughput goal, docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -72,6 +74,7 @@ def main() -> None:
     from raydistill.stream import iter_split, plan_stream, to_arrays, train_dataset
 
     work = Path(tempfile.mkdtemp(prefix="stream_batches_"))
+    atexit.register(shutil.rmtree, work, True)  # scratch data and runs, removed at exit
     write_data(work / "data", args.rows, shape=tuple(args.shape))
     data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(work / "data"),
                                           "data.shape": args.shape}).data)

@@ -24,10 +24,12 @@ file shuffle (``FileShuffleConfig(seed, reseed_after_execution=True)``), batches
 from __future__ import annotations
 
 import argparse
+import atexit
 import glob
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -67,6 +69,7 @@ def main() -> None:
     from raydistill.prepare import prepare
 
     folder = Path(tempfile.mkdtemp(prefix="stream_epoch_")) / "digits"
+    atexit.register(shutil.rmtree, folder.parent, True)  # scratch data and runs, removed at exit
     prepare("digits", str(folder), rows_per_file=300)
     files = sorted(glob.glob(str(folder / "*.parquet")))
     ray.init(num_cpus=4, include_dashboard=True, logging_level="ERROR")

@@ -22,8 +22,10 @@ noise hits them alike. Writes a table to stdout and JSON to benchmarks/results/s
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -58,6 +60,7 @@ def main() -> None:
                  **dict(config.parse_override(s) for s in args.set)}
     job = ROOT / "jobs" / "sweep.yaml"
     work = Path(tempfile.mkdtemp(prefix="rd-sweep-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # scratch data and runs, removed at exit
     init_ray(None, quiet=True)
 
     t0 = time.perf_counter()

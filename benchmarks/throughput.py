@@ -25,9 +25,11 @@ JSON to benchmarks/results/throughput.json. Results: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -119,6 +121,7 @@ def main() -> None:
 
     init_ray(None, quiet=True)
     work = Path(tempfile.mkdtemp(prefix="rd-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # scratch data and runs, removed at exit
     data_ref = ray.put(splits)
     cache_info = {}
     for k in (None, 5):

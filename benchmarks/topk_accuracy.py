@@ -20,8 +20,10 @@ only add minutes. Writes a table to stdout and JSON to benchmarks/results/topk_a
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -100,6 +102,7 @@ def main() -> None:
     print(f"teacher: test accuracy {teacher_acc:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="rd-topk-"))
+    atexit.register(shutil.rmtree, work, True)  # scratch data and runs, removed at exit
     caches = {}
     for k in [None] + args.k:
         name = "full" if k is None else f"top{k}"
