@@ -28,16 +28,6 @@ BATCH = 128
 SHUFFLE_BUFFER = 4096
 
 
-def memory_mb() -> tuple[float, float]:
-    """(RssAnon, RssShmem) of this process in MB."""
-    found = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("RssAnon:", "RssShmem:")):
-                found[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return found["RssAnon"], found["RssShmem"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=100_000, help="rows written (70%% are the training split)")
@@ -46,12 +36,17 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
-    from data_scale import write_data
+    from data_scale import _rss_mb, write_data
     from throughput import machine
 
     from raydistill import config
     from raydistill.stream import plan_stream, train_dataset
     from raydistill.worker import StreamedTrain
+
+    def sample(epoch: int, batch: int, rows_read: int) -> dict:  # this process's memory now (data_scale's reader)
+        rss = _rss_mb("self")
+        return {"epoch": epoch, "batch": batch, "rows_read": rows_read, "private_mb": rss["RssAnon"],
+                "object_store_mb": rss["RssShmem"]}
 
     work = Path(tempfile.mkdtemp(prefix="stream_memory_"))
     try:
@@ -68,12 +63,8 @@ def main() -> None:
             for i, (_, y, _) in enumerate(reader.batches(epoch, BATCH, 0)):
                 rows_read += len(y)
                 if i % 100 == 0:
-                    anon, shmem = memory_mb()
-                    samples.append({"epoch": epoch, "batch": i, "rows_read": rows_read, "private_mb": anon,
-                                    "object_store_mb": shmem})
-            anon, shmem = memory_mb()
-            samples.append({"epoch": epoch, "batch": i + 1, "rows_read": rows_read, "private_mb": anon,
-                            "object_store_mb": shmem})
+                    samples.append(sample(epoch, i, rows_read))
+            samples.append(sample(epoch, i + 1, rows_read))
         reader.close()
         ray.shutdown()
     finally:

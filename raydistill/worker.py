@@ -311,6 +311,12 @@ def run_epoch(model, opt, sched, teacher, data, phase: Phase, cfg: Config, epoch
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
+def write_train_state(state: dict, folder: str) -> str:
+    """Write the state into ``folder`` as a checkpoint's contents (``load_train_state`` reads it back)."""
+    torch.save(state, os.path.join(folder, "state.pt"))
+    return folder
+
+
 @contextlib.contextmanager
 def reported_state(state: dict):
     """The state written to a temporary folder, for a checkpoint to report, removed when the block ends (the
@@ -320,8 +326,7 @@ def reported_state(state: dict):
     multi-worker stage and Tune trial left a ``raydistill-ckpt-*`` folder in /tmp for good (1,512 on this
     machine after a day of test runs)."""
     with tempfile.TemporaryDirectory(prefix="raydistill-ckpt-") as tmp:
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        yield tmp
+        yield write_train_state(state, tmp)
 
 
 def load_train_state(ckpt) -> dict | None:
@@ -338,8 +343,7 @@ def keep_local_checkpoint(root: str, state: dict, epoch: int) -> str:
     """Local mode: write the epoch's state as ``root/checkpoint_<epoch>`` (complete or absent: written aside,
     then renamed) and drop all but the newest ``LOCAL_CHECKPOINTS_KEPT``."""
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
-    torch.save(state, os.path.join(tmp, "state.pt"))
+    tmp = write_train_state(state, tempfile.mkdtemp(prefix=".tmp-", dir=root))
     final = os.path.join(root, f"checkpoint_{epoch:06d}")
     if os.path.exists(final):  # an epoch redone after a resume
         shutil.rmtree(final)
