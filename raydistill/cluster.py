@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import sys
+import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 from raydistill.config import Config
@@ -49,7 +53,7 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
         address = "local"
         # On a 2-core laptop, overcommit logical CPUs: Train workers take fractions and the teacher
         # actor and Train's controller must still fit (measured: otherwise runs wait forever).
-        kwargs["num_cpus"] = max(4, os.cpu_count() or 1)
+        kwargs["num_cpus"] = local_ray_cpus()
         global _started_locally
         _started_locally = True
         # Ray gives its local raylet a fixed 30 s to register; on a machine loaded far beyond its cores that is
@@ -66,6 +70,45 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
 
 
 LOCAL_START_ATTEMPTS = 3
+
+
+def local_ray_cpus() -> int:
+    """The logical CPUs of a private local Ray (``init_ray``)."""
+    return max(4, os.cpu_count() or 1)
+
+
+def init_ray_in_background(address: str | None, quiet: bool, verbose: bool = False) -> Future:
+    """``init_ray`` on a helper thread while this one goes on (the pipeline trains its teacher in Ray Train's local
+    mode meanwhile, which needs no Ray); the returned Future gives the seconds the start took, or its error.
+
+    Why the helper thread stays alive (idle) while that Ray is up: Ray starts its GCS, raylet and dashboard
+    processes with the parent-death signal set (prctl PR_SET_PDEATHSIG, Ray's fate sharing), and Linux sends it
+    when the *thread* that started them exits. Measured here: with that thread gone, the driver's next ray.put
+    ended the process ("The connection to the plasma store is failed. Terminate the process.")."""
+    import ray
+
+    from raydistill.console import quiet_libraries
+
+    quiet_libraries(verbose)
+    if threading.current_thread() is threading.main_thread():
+        # what ray.init installs when called on the main thread (it cannot from a helper): SIGTERM exits through
+        # sys.exit, so atexit shuts Ray down
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    future: Future = Future()
+
+    def target() -> None:
+        t0 = time.perf_counter()
+        try:
+            init_ray(address, quiet, verbose)
+        except BaseException as e:  # handed to whoever waits on the future
+            future.set_exception(e)
+            return
+        future.set_result(time.perf_counter() - t0)
+        while ray.is_initialized():  # keeps Ray's processes alive (see above); ends once Ray is shut down
+            time.sleep(1.0)
+
+    threading.Thread(target=target, name="raydistill-ray-start", daemon=True).start()
+    return future
 
 
 _started_locally = False  # True when this process started its own Ray (no autoscaler to wait for)
@@ -87,6 +130,16 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                            "`ray start --head` or fix --address / RAY_ADDRESS") from None
 
 
+def resource_needs(cfg: Config) -> dict[str, float]:
+    """The CPUs and GPUs a run's Train stages and teacher actor take at once."""
+    s = cfg.scale
+    need = {"CPU": s.num_workers * s.cpus_per_worker + (s.teacher_cpus if cfg.distill.teacher_mode == "live" else 0)}
+    need_gpu = (max(1, s.num_workers) if s.use_gpu else 0) + s.teacher_gpus  # local mode trains on one GPU here
+    if need_gpu:
+        need["GPU"] = need_gpu
+    return need
+
+
 def check_resources(cfg: Config, wait_s: float | None = None) -> None:
     """Refuse, instead of waiting forever, a request the cluster can never satisfy.
 
@@ -97,11 +150,8 @@ def check_resources(cfg: Config, wait_s: float | None = None) -> None:
     import ray
 
     s = cfg.scale
-    need = {"CPU": s.num_workers * s.cpus_per_worker + (s.teacher_cpus if cfg.distill.teacher_mode == "live" else 0)}
-    train_gpus = max(1, s.num_workers) if s.use_gpu else 0  # local mode (0 workers) trains on one GPU here
-    need_gpu = train_gpus + s.teacher_gpus
-    if need_gpu:
-        need["GPU"] = need_gpu
+    need = resource_needs(cfg)
+    train_gpus = max(1, s.num_workers) if s.use_gpu else 0
     wait_s = (0.0 if _started_locally else s.resource_wait_s) if wait_s is None else wait_s
     if wait_s > 0 and any(ray.cluster_resources().get(k, 0) < v for k, v in need.items()):
         from ray.autoscaler.sdk import request_resources

@@ -22,6 +22,7 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,15 @@ import torch
 from raydistill import config as config_mod
 from raydistill import job as jobs
 from raydistill.checkpoints import atomic_write_text, build_from_spec, load_model, load_payload, model_spec, save_model
-from raydistill.cluster import check_resources, init_ray, joins_cluster, resolve_scale
+from raydistill.cluster import (
+    check_resources,
+    init_ray,
+    init_ray_in_background,
+    joins_cluster,
+    local_ray_cpus,
+    resolve_scale,
+    resource_needs,
+)
 from raydistill.config import Config
 from raydistill.console import log
 from raydistill.data import Splits, fingerprint, image_side, is_image, load_splits
@@ -55,14 +64,30 @@ class RunContext:
     quiet: bool
     splits: Splits | StreamData  # in memory, or streamed from Parquet (raydistill/stream.py): same reading interface
     data_fp: str
-    data_ref: Any  # ray.ObjectRef of in-memory ``splits`` (workers read it zero-copy), or the StreamData itself
+    # ray.ObjectRef of in-memory ``splits`` (workers read it zero-copy), or the StreamData itself; while Ray
+    # starts beside the teacher (``ray_start``), the Splits themselves: local mode trains in this process
+    data_ref: Any
     t_spec: dict  # model specs (checkpoints.model_spec) of the teacher and the student
     s_spec: dict
     stages: StageCache
     timings: dict[str, dict] = field(default_factory=dict)
+    ray_start: Future | None = None  # a private local Ray starting on a helper thread (open_run's ray_beside)
 
     def log(self, msg: str) -> None:
         log(msg, self.quiet)
+
+    def wait_for_ray(self) -> None:
+        """Wait for the Ray that ``open_run`` started in the background (no-op when it was started there)."""
+        if self.ray_start is None:
+            return
+        t0 = time.perf_counter()
+        seconds = self.ray_start.result()
+        self.ray_start = None
+        check_resources(self.cfg)  # immediate on a private local Ray; open_run checked its needs fit it
+        waited = time.perf_counter() - t0
+        self.timings["ray_start"] = {"seconds": seconds, "waited": waited, "beside": "teacher"}
+        self.log(f"private local Ray ready in {seconds:.1f} s (started beside the teacher; waited {waited:.1f} s "
+                 "for it)")
 
     @property
     def common_key(self) -> str:
@@ -91,9 +116,12 @@ class Teacher:
 
 # ---- opening a run: validate everything the user gave, before writing anything -------------------------------
 def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, uses_cache: bool,
-             verbose: bool = False) -> RunContext:
+             verbose: bool = False, ray_beside: bool = False) -> RunContext:
     """Check the run folder, data, models, a given cache and the cluster; then start Ray and write config.yaml
-    (with ``scale.num_workers`` resolved: the config a run folder holds is the one that ran)."""
+    (with ``scale.num_workers`` resolved: the config a run folder holds is the one that ran).
+
+    ``ray_beside``: where the run needs no Ray for its first stage (``starts_ray_beside``), start it on a helper
+    thread and return at once; the caller trains the teacher meanwhile and calls ``ctx.wait_for_ray()``."""
     out = Path(out).resolve()
     cfg = resolve_scale(cfg, address)
     if out.is_dir():
@@ -128,26 +156,48 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     import ray
 
     cluster = None if not joins_cluster(address) else f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}"
-    if not ray.is_initialized():
-        log(f"connecting to {cluster} ..." if cluster else "starting a private local Ray ...", quiet)
-    t0 = time.perf_counter()
-    init_ray(address, quiet, verbose)
-    check_resources(cfg)
-    ray_s = time.perf_counter() - t0
     s = cfg.scale
-    ready = f"ready in {ray_s:.1f} s"
-    ray_where = f"{cluster} ({ready})" if cluster else \
-        f"a private local Ray ({ready}; pass --address to use a running cluster)"
-    log(("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0 else
-         f"Ray Train: {s.num_workers} data-parallel workers per stage") + f", on {ray_where}", quiet)
+    mode = ("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0
+            else f"Ray Train: {s.num_workers} data-parallel workers per stage")
+    ray_start, timings = None, {"data": {"seconds": data_s}}
+    if ray_beside and starts_ray_beside(cfg, address, streamed):
+        log(f"{mode}, on a private local Ray starting beside the teacher (pass --address to use a running cluster)",
+            quiet)
+        ray_start = init_ray_in_background(address, quiet, verbose)
+    else:
+        if not ray.is_initialized():
+            log(f"connecting to {cluster} ..." if cluster else "starting a private local Ray ...", quiet)
+        t0 = time.perf_counter()
+        init_ray(address, quiet, verbose)
+        check_resources(cfg)
+        ray_s = time.perf_counter() - t0
+        timings["ray_start"] = {"seconds": ray_s}
+        ready = f"ready in {ray_s:.1f} s"
+        ray_where = f"{cluster} ({ready})" if cluster else \
+            f"a private local Ray ({ready}; pass --address to use a running cluster)"
+        log(f"{mode}, on {ray_where}", quiet)
     out.mkdir(parents=True, exist_ok=True)
     take_run_folder(out, quiet)  # a new folder: held from its creation on
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     return RunContext(cfg=cfg, out=out, quiet=quiet, splits=splits, data_fp=data_fp,
-                      data_ref=splits if streamed else ray.put(splits),
+                      data_ref=splits if streamed or ray_start is not None else ray.put(splits),
                       t_spec=model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape),
                       s_spec=model_spec(cfg.student.model, cfg.student.kwargs, K, splits.shape),
-                      stages=StageCache(out), timings={"data": {"seconds": data_s}, "ray_start": {"seconds": ray_s}})
+                      stages=StageCache(out), timings=timings, ray_start=ray_start)
+
+
+def starts_ray_beside(cfg: Config, address: str | None, streamed: bool) -> bool:
+    """Whether Ray can start on a helper thread while the teacher trains: a private local Ray (no cluster to
+    join) in Ray Train's local mode on in-memory data needs no Ray until the teacher's logits are served
+    (``TorchTrainer`` with ``num_workers=0`` runs the loop here and starts no actor), and a private Ray's start
+    is most of a laptop run's fixed cost (6-9 s on 2 cores, ``benchmarks/overhead.py``) while the teacher trains
+    on one thread (``scale.torch_threads``). Only when its resources are known to fit without asking Ray (CPUs
+    only, within ``local_ray_cpus``), so that a request it cannot meet is still refused before any training."""
+    import ray
+
+    need = resource_needs(cfg)
+    return (not ray.is_initialized() and not joins_cluster(address) and cfg.scale.num_workers == 0 and not streamed
+            and set(need) == {"CPU"} and need["CPU"] <= local_ray_cpus())
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------------
@@ -155,7 +205,8 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
         verbose: bool = False) -> dict:
     """The whole pipeline; returns the report (also written to report.json/.md/.png in ``out``)."""
     t_start = time.perf_counter()
-    ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache", verbose=verbose)
+    ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache", verbose=verbose,
+                   ray_beside=True)
     cfg = ctx.cfg
 
     # 1. teacher (and its logit cache) and 2. the label-only student. With Train workers the two Train runs go
@@ -258,6 +309,7 @@ def prepare_teacher(ctx: RunContext, with_cache: bool = False) -> Teacher:
     teacher = Teacher(model=model, spec=spec, sha256=sha256_file(path), path=path)
     if cfg.teacher.ensemble:
         teacher = with_ensemble(ctx, teacher)
+    ctx.wait_for_ray()  # the stages after the teacher's use Ray (its actor, the cache, the object store)
     return with_logit_cache(ctx, teacher) if with_cache else teacher
 
 
@@ -301,6 +353,7 @@ def teacher_init_state(ctx: RunContext):
     """``teacher.pretrained``: the teacher's initial weights in the object store (None: a fresh init)."""
     if ctx.cfg.teacher.pretrained is None:
         return None
+    ctx.wait_for_ray()
     import ray
 
     from raydistill.pretrained import pretrained_state

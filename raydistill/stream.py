@@ -91,12 +91,11 @@ class StreamData:
 
 
 def resolve(data):
-    """A stage job's ``data``: a StreamData as it is, or the in-memory Splits behind an object ref."""
-    if isinstance(data, StreamData):
-        return data
+    """A stage job's ``data``: the in-memory Splits behind an object ref, or what it is (a StreamData, or the
+    Splits themselves, handed over in process while a local-mode run's Ray starts)."""
     import ray
 
-    return ray.get(data)
+    return ray.get(data) if isinstance(data, ray.ObjectRef) else data
 
 
 def streams(d) -> bool:

@@ -506,12 +506,12 @@ def open_train_data(job: StageJob, session):
     """This worker's training data and the data its validation reads (``.batches("val")``): an in-memory shard
     of the Splits behind ``job.data``, or, for a streamed run (a StreamData), the worker's Ray Data shard."""
     cfg = job.config
-    from raydistill.stream import StreamData
+    from raydistill.stream import StreamData, resolve
 
     if isinstance(job.data, StreamData):
         shard = session.dataset_shard(job.data, cfg)
         return StreamedTrain(shard, job.data, session.world, cfg.data.shuffle_buffer), job.data
-    splits = ray.get(job.data)
+    splits = resolve(job.data)
     shard = shard_indices(splits.train.y, session.world, session.rank, cfg.data.shard, cfg.seed)
     x, y = torch.from_numpy(splits.train.x[shard]), torch.from_numpy(splits.train.y[shard])  # (N, *shape), (N,)
     ids = torch.from_numpy(splits.train.ids[shard])  # (N,) sample ids: with the seed they define the augmented views

@@ -44,11 +44,16 @@ def test_default_run_console_is_one_line_per_event(tmp_path):
     for stage in ("teacher", "student_baseline", "student_kd", "student_pruned"):
         assert any(line.startswith(f"[{stage}] epoch ") for line in epochs), stage
     assert "Ray Train local mode" in res.stdout
-    # the wait for Ray's start is announced before it, and its length after it
+    # Ray starts beside the teacher's training: announced before the teacher's first epoch, its readiness after
+    # the teacher's last and before the next stage
     lines = res.stdout.splitlines()
-    starting = lines.index("[raydistill] starting a private local Ray ...")
-    ready = next(i for i, line in enumerate(lines) if "Ray Train local mode" in line)
-    assert starting < ready and " (ready in " in lines[ready], lines[starting:ready + 1]
+    starting = next(i for i, line in enumerate(lines) if "Ray Train local mode" in line)
+    assert lines[starting].endswith("on a private local Ray starting beside the teacher (pass --address to use a "
+                                    "running cluster)"), lines[starting]
+    teacher = [i for i, line in enumerate(lines) if line.startswith("[teacher] epoch ")]
+    ready = next(i for i, line in enumerate(lines) if line.startswith("[raydistill] private local Ray ready in "))
+    baseline = lines.index("[raydistill] stage student_baseline: training cnn (Ray Train local mode)")
+    assert starting < teacher[0] and teacher[-1] < ready < baseline, lines[starting:baseline + 1]
     tail = res.stdout.strip().splitlines()
     assert tail[-1] == f"report: {tmp_path / 'run' / 'report.md'}"
     assert tail[-8].startswith("| model |") and any(line.startswith("| student_pruned |") for line in tail[-8:])

@@ -289,7 +289,8 @@ def test_a_run_with_no_address_on_a_machine_whose_ray_start_head_is_live(head, t
                                       "prune.ratio": 0.0, "quantize.scheme": "none"})],
                              cwd=REPO, env=head.env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "on a private local Ray" in res.stdout and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert "on a private local Ray" in res.stdout and "private local Ray ready in " in res.stdout, res.stdout
+    assert "Traceback" not in res.stderr, res.stdout + res.stderr
     assert _complete_report(tmp_path / "run")["config"]["scale"]["num_workers"] == 0  # local mode: no cluster
     assert _head_drivers(head) == drivers  # the run never connected to the head
 
