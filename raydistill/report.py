@@ -55,7 +55,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"- {name}: {reason}" for name, reason in p["not_pruned"].items()] + [""]
     lines += ["## Stage wall times (s)", "", "| stage | seconds | skipped |", "| --- | ---: | --- |"]
     for stage, info in t.items():
-        lines.append(f"| {stage} | {info['seconds']:.1f} | {'yes' if info.get('skipped') else 'no'} |")
+        name = f"{stage} (beside the {info['beside']}; waited {info['waited']:.1f} s)" if "beside" in info else stage
+        lines.append(f"| {name} | {info['seconds']:.1f} | {'yes' if info.get('skipped') else 'no'} |")
     if report.get("teacher_server"):
         s = report["teacher_server"]
         lines += ["", "## Shared teacher actor", "",

@@ -54,6 +54,9 @@ def test_default_run_console_is_one_line_per_event(tmp_path):
     ready = next(i for i, line in enumerate(lines) if line.startswith("[raydistill] private local Ray ready in "))
     baseline = lines.index("[raydistill] stage student_baseline: training cnn (Ray Train local mode)")
     assert starting < teacher[0] and teacher[-1] < ready < baseline, lines[starting:baseline + 1]
+    timings = json.loads((tmp_path / "run" / "report.json").read_text())["timings"]
+    assert timings["ray_start"]["beside"] == "teacher" and timings["ray_start"]["waited"] >= 0
+    assert "| ray_start (beside the teacher; waited " in (tmp_path / "run" / "report.md").read_text()
     tail = res.stdout.strip().splitlines()
     assert tail[-1] == f"report: {tmp_path / 'run' / 'report.md'}"
     assert tail[-8].startswith("| model |") and any(line.startswith("| student_pruned |") for line in tail[-8:])
