@@ -208,7 +208,15 @@ def build_cache(uri: str, *, teacher_spec: dict, teacher_state: dict, teacher_sh
         TeacherLogits, fn_constructor_kwargs=kwargs,
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor, num_gpus=num_gpus_per_actor)
-    parts = [dict(b) for b in out.iter_batches(batch_size=None, batch_format="numpy")]
+    from raydistill.console import native_stderr_muted
+
+    batches = iter(out.iter_batches(batch_size=None, batch_format="numpy"))
+    # the actor pool starts before the first batch comes back, and the core worker then writes to stderr that
+    # each actor's constructor arguments are in the object store with max_restarts > 0 (ray-project/ray#53727):
+    # Ray Data's own setting, nothing a user can act on (shown with --verbose)
+    with native_stderr_muted():
+        first = next(batches, None)
+    parts = [dict(b) for b in ([first] if first is not None else [])] + [dict(b) for b in batches]
     table = _to_table(parts).sort_by([("id", "ascending"), ("view", "ascending")])
     assert table.num_rows == n, (table.num_rows, n)
     info = CacheInfo(fingerprint=cache_fingerprint(teacher_sha256, data_fingerprint, k, views, aug.transform),

@@ -121,7 +121,8 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     (with ``scale.num_workers`` resolved: the config a run folder holds is the one that ran).
 
     ``ray_beside``: where the run needs no Ray for its first stage (``starts_ray_beside``), start it on a helper
-    thread and return at once; the caller trains the teacher meanwhile and calls ``ctx.wait_for_ray()``."""
+    thread and return at once; ``prepare_teacher`` trains the teacher meanwhile and then calls
+    ``ctx.wait_for_ray()``."""
     out = Path(out).resolve()
     cfg = resolve_scale(cfg, address)
     if out.is_dir():

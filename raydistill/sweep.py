@@ -24,6 +24,7 @@ never used to choose).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,8 @@ def trial_lines(keys: list[str], total: int, quiet: bool):
     class TrialLines(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
-            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            # Tune calls this before it marks the trial TERMINATED: count it with the others already finished
+            done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
             params = ", ".join(f"{k}={_fmt(trial.config.get(k))}" for k in keys)
             if r.get("evaluated"):
                 log(f"trial {trial.trial_id} ({done}/{total}) {params}: test accuracy {r['accuracy']:.4f}, "
@@ -176,7 +178,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     # Teacher once (trained or loaded) and its logit cache once, through the pipeline's cached stages.
     ctx = open_run(cfg, out, address, quiet,
                    uses_cache=t.teacher_mode == "cache" or cfg.distill.teacher_mode == "cache",
-                   verbose=verbose)
+                   verbose=verbose, ray_beside=True)  # prepare_teacher waits for Ray after the teacher
     cfg = ctx.cfg  # scale.num_workers resolved
     teacher = prepare_teacher(ctx, with_cache=t.teacher_mode == "cache")
     timings["teacher_and_cache_s" if t.teacher_mode == "cache" else "teacher_s"] = time.perf_counter() - t0
@@ -190,6 +192,8 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
 
     tracking, tracking_parent = tune_callbacks(cfg, out)  # MLflow: a run for the sweep, one nested run per trial
     base = cfg.to_dict()
+    # ctx.data_ref: an object ref, or (Ray started beside the teacher) the in-memory Splits, which with_parameters
+    # puts in the object store once for every trial
     trainable = tune.with_resources(
         tune.with_parameters(trial, base=base, data_ref=[ctx.data_ref], s_spec=ctx.s_spec,
                              teacher=[{f.name: getattr(source, f.name) for f in dataclasses.fields(source)}],
@@ -223,6 +227,11 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[trial_lines(list(t.space), t.num_trials, quiet), *tracking]))
+    if not verbose:
+        # Tune's default output engine prints its experiment box and result paths whatever the verbosity (tune.py
+        # calls experiment_started unconditionally); its legacy engine, documented as RAY_AIR_NEW_OUTPUT=0, prints
+        # nothing at verbose=0. Our trial lines are the progress. A value the user set wins.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     t0 = time.perf_counter()
     grid = tuner.fit()
     timings["sweep_s"] = time.perf_counter() - t0
@@ -248,8 +257,9 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     report = write_results(cfg, out, rows, teacher_passes, teacher.cache, timings, splits.rows("train"),
                            rerun=rerun_overrides(cfg, teacher))
     finish_tune(cfg, out, tracking_parent, report)
-    log(f"sweep done: {len(rows)} trials, best accuracy {report['best']['accuracy'] if report['best'] else 'n/a'}; "
-        f"results in {out}", quiet)
+    best = report["best"]
+    log(f"sweep done: {len(rows)} trials, best (on validation) test accuracy "
+        f"{format(best['accuracy'], '.4f') if best else 'n/a'}; results in {out}", quiet)
     return report
 
 

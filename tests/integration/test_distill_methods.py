@@ -65,7 +65,7 @@ def test_ensemble_unstructured_lowrank_and_the_chosen_student(ray_local, tmp_pat
     assert models["student_int8"]["from"] == "student_lowrank"
 
 
-def test_live_actor_and_cache_serve_the_weighted_average(ray_local, tmp_path, tiny_teacher, second_teacher):
+def test_live_actor_and_cache_serve_the_weighted_average(ray_local, tmp_path, tiny_teacher, second_teacher, capfd):
     import ray
 
     from raydistill.cache import CacheInfo, load_for_ids
@@ -81,6 +81,8 @@ def test_live_actor_and_cache_serve_the_weighted_average(ray_local, tmp_path, ti
                              "teacher.weights": [1.0, 3.0], "distill.teacher_mode": "cache"})
     ctx = open_run(cfg, tmp_path / "run", None, quiet=True, uses_cache=True)
     teacher = prepare_teacher(ctx, with_cache=True)
+    # the cache's actor pool starts without the core worker's note on its constructor arguments (console)
+    assert "core_worker.cc" not in capfd.readouterr().err
     x = ctx.splits.train.x
     expected = _average([tiny_teacher, second_teacher], [1.0, 3.0], x)
     info = {k: v for k, v in teacher.cache.items() if k != "uri"}

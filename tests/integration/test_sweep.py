@@ -138,6 +138,9 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, tiny_teache
         out = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600,
                              env={**os.environ, "TMPDIR": str(tmp)})
         assert out.returncode == 0, out.stderr[-2000:]
+        for noise in ("Configuration for experiment", "View detailed results", "To visualize your results",
+                      "core_worker.cc"):  # Tune's output engine and Ray's core worker stay quiet (--verbose shows)
+            assert noise not in out.stdout + out.stderr, noise
         # every trial's per-epoch checkpoints were copied into the sweep's storage and their temporary folders removed
         assert not list(tmp.glob("raydistill-ckpt-*")), "checkpoint folders left in the trials' TMPDIR"
     finally:
