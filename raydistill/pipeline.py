@@ -71,7 +71,7 @@ class RunContext:
     s_spec: dict
     stages: StageCache
     timings: dict[str, dict] = field(default_factory=dict)
-    ray_start: Future | None = None  # a private local Ray starting on a helper thread (open_run's ray_beside)
+    ray_start: Future | None = None  # a private local Ray starting on a helper thread (open_run)
 
     def log(self, msg: str) -> None:
         log(msg, self.quiet)
@@ -116,13 +116,13 @@ class Teacher:
 
 # ---- opening a run: validate everything the user gave, before writing anything -------------------------------
 def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, uses_cache: bool,
-             verbose: bool = False, ray_beside: bool = False) -> RunContext:
+             verbose: bool = False) -> RunContext:
     """Check the run folder, data, models, a given cache and the cluster; then start Ray and write config.yaml
     (with ``scale.num_workers`` resolved: the config a run folder holds is the one that ran).
 
-    ``ray_beside``: where the run needs no Ray for its first stage (``starts_ray_beside``), start it on a helper
-    thread and return at once; ``prepare_teacher`` trains the teacher meanwhile and then calls
-    ``ctx.wait_for_ray()``."""
+    Where the run needs no Ray for its first stage (``starts_ray_beside``), Ray starts on a helper thread and this
+    returns at once: ``prepare_teacher`` trains the teacher meanwhile and then calls ``ctx.wait_for_ray()``, as
+    must anything else that uses Ray first."""
     out = Path(out).resolve()
     cfg = resolve_scale(cfg, address)
     if out.is_dir():
@@ -161,7 +161,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     mode = ("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0
             else f"Ray Train: {s.num_workers} data-parallel workers per stage")
     ray_start, timings = None, {"data": {"seconds": data_s}}
-    if ray_beside and starts_ray_beside(cfg, address, streamed):
+    if starts_ray_beside(cfg, address, streamed):
         log(f"{mode}, on a private local Ray starting beside the teacher (pass --address to use a running cluster)",
             quiet)
         ray_start = init_ray_in_background(address, quiet, verbose)
@@ -206,8 +206,7 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
         verbose: bool = False) -> dict:
     """The whole pipeline; returns the report (also written to report.json/.md/.png in ``out``)."""
     t_start = time.perf_counter()
-    ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache", verbose=verbose,
-                   ray_beside=True)
+    ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache", verbose=verbose)
     cfg = ctx.cfg
 
     # 1. teacher (and its logit cache) and 2. the label-only student. With Train workers the two Train runs go

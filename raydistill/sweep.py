@@ -178,7 +178,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     # Teacher once (trained or loaded) and its logit cache once, through the pipeline's cached stages.
     ctx = open_run(cfg, out, address, quiet,
                    uses_cache=t.teacher_mode == "cache" or cfg.distill.teacher_mode == "cache",
-                   verbose=verbose, ray_beside=True)  # prepare_teacher waits for Ray after the teacher
+                   verbose=verbose)  # Ray may start beside the teacher: prepare_teacher waits for it
     cfg = ctx.cfg  # scale.num_workers resolved
     teacher = prepare_teacher(ctx, with_cache=t.teacher_mode == "cache")
     timings["teacher_and_cache_s" if t.teacher_mode == "cache" else "teacher_s"] = time.perf_counter() - t0

@@ -65,6 +65,16 @@ def test_default_run_console_is_one_line_per_event(tmp_path):
     assert quiet.returncode == 0 and quiet.stdout.splitlines()[0].startswith("| model |"), quiet.stdout
     assert all(line.startswith("|") for line in quiet.stdout.strip().splitlines()), quiet.stdout
 
+    # cache-logits in the same folder: Ray again starts on a helper thread, and the cache's Ray Data actor pool
+    # runs on it once the run has waited for it
+    cache = _cli("cache-logits", "--out", str(tmp_path / "run"), *SMOKE_ARGS, cwd=tmp_path)
+    assert cache.returncode == 0, cache.stdout[-2000:] + cache.stderr[-3000:]
+    lines = cache.stdout.splitlines()
+    ready = next(i for i, line in enumerate(lines) if line.startswith("[raydistill] private local Ray ready in "))
+    built = next(i for i, line in enumerate(lines) if line.startswith("[raydistill] logit cache: one teacher pass"))
+    assert ready < built and lines[-1].startswith(f"logit cache {tmp_path / 'run' / 'logit_cache'}: "), lines
+    assert "core_worker.cc" not in cache.stdout + cache.stderr and "Traceback" not in cache.stderr, cache.stderr
+
 
 def test_local_mode_is_reproducible(ray_local, tmp_path, tiny_teacher, capsys):
     """Same config, same seed, two run folders: the same accuracies for every model. Both runs are quiet: in
