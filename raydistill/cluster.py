@@ -130,11 +130,16 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                            "`ray start --head` or fix --address / RAY_ADDRESS") from None
 
 
+def train_gpus(cfg: Config) -> int:
+    """The GPUs a Train stage takes: one per worker with ``scale.use_gpu`` (local mode trains on one GPU here)."""
+    return max(1, cfg.scale.num_workers) if cfg.scale.use_gpu else 0
+
+
 def resource_needs(cfg: Config) -> dict[str, float]:
     """The CPUs and GPUs a run's Train stages and teacher actor take at once."""
     s = cfg.scale
     need = {"CPU": s.num_workers * s.cpus_per_worker + (s.teacher_cpus if cfg.distill.teacher_mode == "live" else 0)}
-    need_gpu = (max(1, s.num_workers) if s.use_gpu else 0) + s.teacher_gpus  # local mode trains on one GPU here
+    need_gpu = train_gpus(cfg) + s.teacher_gpus
     if need_gpu:
         need["GPU"] = need_gpu
     return need
@@ -150,8 +155,7 @@ def check_resources(cfg: Config, wait_s: float | None = None) -> None:
     import ray
 
     s = cfg.scale
-    need = resource_needs(cfg)
-    train_gpus = max(1, s.num_workers) if s.use_gpu else 0
+    need, gpus = resource_needs(cfg), train_gpus(cfg)
     wait_s = (0.0 if _started_locally else s.resource_wait_s) if wait_s is None else wait_s
     if wait_s > 0 and any(ray.cluster_resources().get(k, 0) < v for k, v in need.items()):
         from ray.autoscaler.sdk import request_resources
@@ -162,8 +166,8 @@ def check_resources(cfg: Config, wait_s: float | None = None) -> None:
         while time.time() < deadline and any(ray.cluster_resources().get(k, 0) < v for k, v in need.items()):
             time.sleep(2)
     have = ray.cluster_resources()
-    if s.use_gpu and have.get("GPU", 0) < train_gpus:
-        raise ClusterError(f"scale.use_gpu=true with scale.num_workers={s.num_workers} needs {train_gpus} GPU(s) "
+    if s.use_gpu and have.get("GPU", 0) < gpus:
+        raise ClusterError(f"scale.use_gpu=true with scale.num_workers={s.num_workers} needs {gpus} GPU(s) "
                            f"but the cluster has {int(have.get('GPU', 0))}; set scale.use_gpu=false or add GPU nodes")
     if s.teacher_gpus > have.get("GPU", 0):
         raise ClusterError(f"scale.teacher_gpus={s.teacher_gpus} but the cluster has {int(have.get('GPU', 0))} GPU(s); "
