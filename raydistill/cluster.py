@@ -54,6 +54,7 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
         # On a 2-core laptop, overcommit logical CPUs: Train workers take fractions and the teacher
         # actor and Train's controller must still fit (measured: otherwise runs wait forever).
         kwargs["num_cpus"] = local_ray_cpus()
+        kwargs["_system_config"] = PRIVATE_RAY_SYSTEM_CONFIG
         global _started_locally
         _started_locally = True
         # Ray gives its local raylet a fixed 30 s to register; on a machine loaded far beyond its cores that is
@@ -70,6 +71,14 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
 
 
 LOCAL_START_ATTEMPTS = 3
+
+# A private local Ray collects no Prometheus metrics. Why: at exit, the driver's metrics recorder flushes to the
+# node's metrics agent and, when that export fails, waits 10 s for it ("open_telemetry_metric_recorder.cc: Failed
+# to export metrics to the metrics agent" in the driver's log, after "Core worker is destructed"); measured here on
+# 4 of 8 default runs in a row (2 cores), 10 s of a ~55 s command. Nobody scrapes a private Ray's metrics: it ends
+# with the command. Ray's dashboard, State API and Ray Data/Train progress do not use them. A cluster that a
+# command joins keeps its own settings.
+PRIVATE_RAY_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 
 
 def local_ray_cpus() -> int:
