@@ -54,7 +54,7 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
         # On a 2-core laptop, overcommit logical CPUs: Train workers take fractions and the teacher
         # actor and Train's controller must still fit (measured: otherwise runs wait forever).
         kwargs["num_cpus"] = local_ray_cpus()
-        kwargs["_system_config"] = PRIVATE_RAY_SYSTEM_CONFIG
+        kwargs["_system_config"] = dict(PRIVATE_RAY_SYSTEM_CONFIG)  # a copy: Ray adds its session's keys to it
         global _started_locally
         _started_locally = True
         # Ray gives its local raylet a fixed 30 s to register; on a machine loaded far beyond its cores that is
