@@ -65,3 +65,16 @@ def ray_address_file(address: str):
                 marker.unlink(missing_ok=True)
             else:
                 marker.write_bytes(saved)
+
+
+def tracebacks(texts: dict[str, str], after: int = 40) -> str:
+    """Every traceback in the named console texts, each with the line before it (what printed it, e.g. Ray's
+    "Unhandled error") and ``after`` lines of it; "" when there is none. An assertion message: a failure shows the
+    traceback itself, which pytest's abridged repr of a whole console would cut out."""
+    found = []
+    for name, text in texts.items():
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            if "Traceback" in line:
+                found.append(f"--- {name}, line {i + 1}:\n" + "\n".join(lines[max(0, i - 1):i + after]))
+    return "\n".join(found)
