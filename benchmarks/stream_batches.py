@@ -71,6 +71,7 @@ def main() -> None:
     from throughput import machine
 
     from raydistill import config
+    from raydistill.cluster import init_ray
     from raydistill.stream import iter_split, plan_stream, to_arrays, train_dataset
 
     work = Path(tempfile.mkdtemp(prefix="stream_batches_"))
@@ -79,7 +80,7 @@ def main() -> None:
     data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(work / "data"),
                                           "data.shape": args.shape}).data)
     plan = data.train
-    ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
+    init_ray(None, quiet=True)  # the private local Ray a command starts (cluster.init_ray)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-execution INFO lines
 

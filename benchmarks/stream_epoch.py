@@ -66,13 +66,14 @@ def main() -> None:
     import ray.data
     from ray.data import FileShuffleConfig
 
+    from raydistill.cluster import init_ray
     from raydistill.prepare import prepare
 
     folder = Path(tempfile.mkdtemp(prefix="stream_epoch_")) / "digits"
     atexit.register(shutil.rmtree, folder.parent, True)  # scratch data and runs, removed at exit
     prepare("digits", str(folder), rows_per_file=300)
     files = sorted(glob.glob(str(folder / "*.parquet")))
-    ray.init(num_cpus=4, include_dashboard=True, logging_level="ERROR")
+    init_ray(None, quiet=True)  # the private local Ray a command starts (cluster.init_ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True

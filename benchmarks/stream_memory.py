@@ -40,6 +40,7 @@ def main() -> None:
     from throughput import machine
 
     from raydistill import config
+    from raydistill.cluster import init_ray
     from raydistill.stream import plan_stream, train_dataset
     from raydistill.worker import StreamedTrain
 
@@ -53,7 +54,7 @@ def main() -> None:
         write_data(work / "data", args.rows)
         data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(work / "data"),
                                               "data.shape": [3, 32, 32]}).data)
-        ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
+        init_ray(None, quiet=True)  # the private local Ray a command starts (cluster.init_ray)
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-execution INFO lines
         reader = StreamedTrain(train_dataset(data, seed=0), data, world=1, shuffle_buffer=SHUFFLE_BUFFER)
