@@ -80,8 +80,7 @@ def main() -> None:
     data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(work / "data"),
                                           "data.shape": args.shape}).data)
     plan = data.train
-    init_ray(None, quiet=True)  # the private local Ray a command starts (cluster.init_ray)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(None, quiet=True)  # the private Ray a command starts; also turns off Ray Data progress bars
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-execution INFO lines
 
     def pyarrow_epoch(epoch: int) -> int:  # the reader validation and test use (batches of 1,024 rows)

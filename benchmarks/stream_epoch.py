@@ -73,9 +73,8 @@ def main() -> None:
     atexit.register(shutil.rmtree, folder.parent, True)  # scratch data and runs, removed at exit
     prepare("digits", str(folder), rows_per_file=300)
     files = sorted(glob.glob(str(folder / "*.parquet")))
-    init_ray(None, quiet=True)  # the private local Ray a command starts (cluster.init_ray)
+    init_ray(None, quiet=True)  # the private Ray a command starts; also turns off Ray Data progress bars
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
 
     def ray_data(v2: bool):

@@ -54,8 +54,7 @@ def main() -> None:
         write_data(work / "data", args.rows)
         data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(work / "data"),
                                               "data.shape": [3, 32, 32]}).data)
-        init_ray(None, quiet=True)  # the private local Ray a command starts (cluster.init_ray)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        init_ray(None, quiet=True)  # the private Ray a command starts; also turns off Ray Data progress bars
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-execution INFO lines
         reader = StreamedTrain(train_dataset(data, seed=0), data, world=1, shuffle_buffer=SHUFFLE_BUFFER)
         reader.expect([(epoch, BATCH, 0) for epoch in range(args.epochs)])
