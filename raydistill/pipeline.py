@@ -116,13 +116,14 @@ class Teacher:
 
 # ---- opening a run: validate everything the user gave, before writing anything -------------------------------
 def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, uses_cache: bool,
-             verbose: bool = False) -> RunContext:
+             verbose: bool = False, dashboard: bool = True) -> RunContext:
     """Check the run folder, data, models, a given cache and the cluster; then start Ray and write config.yaml
     (with ``scale.num_workers`` resolved: the config a run folder holds is the one that ran).
 
     Where the run needs no Ray for its first stage (``starts_ray_beside``), Ray starts on a helper thread and this
     returns at once: ``prepare_teacher`` trains the teacher meanwhile and then calls ``ctx.wait_for_ray()``, as
-    must anything else that uses Ray first."""
+    must anything else that uses Ray first. ``dashboard=False``: that Ray starts without its dashboard
+    (``cluster.init_ray`` says why), for a command that does nothing after this run."""
     out = Path(out).resolve()
     cfg = resolve_scale(cfg, address)
     if out.is_dir():
@@ -164,7 +165,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     if starts_ray_beside(cfg, address, streamed):
         log(f"{mode}, on a private local Ray starting beside the teacher (pass --address to use a running cluster)",
             quiet)
-        ray_start = init_ray_in_background(address, quiet, verbose)
+        ray_start = init_ray_in_background(address, quiet, verbose, dashboard)
     else:
         if not ray.is_initialized():
             log(f"connecting to {cluster} ..." if cluster else "starting a private local Ray ...", quiet)
@@ -203,10 +204,15 @@ def starts_ray_beside(cfg: Config, address: str | None, streamed: bool) -> bool:
 
 # ---- the pipeline -----------------------------------------------------------------------------------------
 def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = False,
-        verbose: bool = False) -> dict:
-    """The whole pipeline; returns the report (also written to report.json/.md/.png in ``out``)."""
+        verbose: bool = False, dashboard: bool = True) -> dict:
+    """The whole pipeline; returns the report (also written to report.json/.md/.png in ``out``).
+
+    ``dashboard=False`` (``raydistill run``, a process that ends with the run): a private Ray started beside the
+    teacher runs without Ray's dashboard. The Python API keeps it (its Ray stays up for later calls, and a sweep
+    or a multi-worker run there needs it)."""
     t_start = time.perf_counter()
-    ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache", verbose=verbose)
+    ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache", verbose=verbose,
+                   dashboard=dashboard)
     cfg = ctx.cfg
 
     # 1. teacher (and its logit cache) and 2. the label-only student. With Train workers the two Train runs go
@@ -609,7 +615,7 @@ def import_for_later_stages(cfg: Config) -> None:
     """Import what the run's last steps use (torchao for int8, matplotlib for report.png) while the teacher
     actor's process starts (``run`` calls it there; a sweep has no int8 step): the driver has nothing else to do
     then, and the imports cost ~1.2 s on 2 cores (a profile of the default run: torchao 0.5 s, matplotlib 0.6 s)
-    that would otherwise come after."""
+    that would otherwise come after; Torch-Pruning too when the run prunes (3.5 s with timm and torchvision)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -617,6 +623,8 @@ def import_for_later_stages(cfg: Config) -> None:
 
     if cfg.quantize.scheme != "none":
         import torchao.quantization  # noqa: F401
+    if cfg.prune.ratio > 0:
+        import torch_pruning  # noqa: F401  (3.5 s: see raydistill.core.pruning._tp)
 
 
 def stop_teacher_server(source: TeacherSource | None, server) -> dict | None:

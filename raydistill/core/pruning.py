@@ -25,13 +25,25 @@ every slice of every coupled layer that carries it.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable, Sequence
+import functools
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 from torch import Tensor
 from torch.nn.utils import prune as torch_prune
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
+
+
+def _tp():
+    """Torch-Pruning, imported where a pruner or a plan is first used, not with this module: it imports timm,
+    torchvision and torch._dynamo (3.5 s on a 2-core machine), which config validation, the stages that do not
+    prune and every Ray Train worker of those stages would otherwise pay."""
+    import torch_pruning
+
+    return torch_pruning
 
 __all__ = [
     "magnitude_masks",
@@ -57,19 +69,20 @@ PRUNE_KINDS = ("channel", "unstructured")
 # Pruning-plan "kind" -> Torch-Pruning root pruning function. Only output-side roots:
 # every group is rooted at the layer that *produces* the channels (as tp's
 # get_all_groups does), the rest of the group follows from the dependency graph.
+# (The names of Torch-Pruning's functions: ``_tp()`` gives them.)
 PLAN_KINDS = {
-    "conv_out": tp.prune_conv_out_channels,
-    "depthwise_conv_out": tp.prune_depthwise_conv_out_channels,
-    "linear_out": tp.prune_linear_out_channels,
+    "conv_out": "prune_conv_out_channels",
+    "depthwise_conv_out": "prune_depthwise_conv_out_channels",
+    "linear_out": "prune_linear_out_channels",
 }
 
 # Parameter-free nodes Torch-Pruning inserts for functional ops (add, cat, view, ...).
 # They carry channels through but own no tensor that would need zeroing.
-_TP_DUMMY_OPS = tuple(
-    getattr(tp.ops, n)
-    for n in ("_ElementWiseOp", "_ConcatOp", "_SplitOp", "_ReshapeOp", "_SliceOp", "_UnbindOp", "_ExpandOp")
-    if hasattr(tp.ops, n)
-)
+@functools.cache
+def _tp_dummy_ops() -> tuple[type, ...]:
+    ops = _tp().ops
+    return tuple(getattr(ops, n) for n in ("_ElementWiseOp", "_ConcatOp", "_SplitOp", "_ReshapeOp", "_SliceOp",
+                                           "_UnbindOp", "_ExpandOp") if hasattr(ops, n))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -385,7 +398,7 @@ def _build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     modes = {m: m.training for m in model.modules()}
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+            return _tp().DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
     finally:
         for m, training in modes.items():
             m.training = training
@@ -430,7 +443,7 @@ def _zero_slices(module: nn.Module, handler: Any) -> list[tuple[str, int]] | Non
         return []  # per-channel slope; PReLU(0) = 0 and consumers ignore the channel anyway
     if isinstance(module, nn.Embedding):
         return [("weight", 1)]
-    if isinstance(module, _TP_DUMMY_OPS):
+    if isinstance(module, _tp_dummy_ops()):
         return []
     return None
 
@@ -528,6 +541,7 @@ class ChannelPruner:
         self._head_split = {sub: getattr(m, "num_heads") for m in model.modules()
                             if isinstance(getattr(m, "num_heads", None), int) for sub in m.modules()
                             if isinstance(sub, nn.Linear)}
+        tp = _tp()
         if importance == "l1":
             self._scorer = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
         elif importance == "bn_scale":
@@ -548,7 +562,7 @@ class ChannelPruner:
         # Ignored layers are checked here rather than passed to get_all_groups (which would
         # drop those groups silently) so that skipped lists every unprunable group.
         ignored = set(self._ignored)
-        for group in self.graph.get_all_groups(root_module_types=(tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)):
+        for group in self.graph.get_all_groups(root_module_types=(_tp().ops.TORCH_CONV, _tp().ops.TORCH_LINEAR)):
             root = group[0].dep.target.module
             name = self._names[root]
             reason = self._unprunable_reason(group, ignored)
@@ -602,7 +616,7 @@ class ChannelPruner:
             missing = [
                 self._names.get(it.dep.target.module, "?")
                 for it in group
-                if isinstance(it.dep.target.module, (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR))
+                if isinstance(it.dep.target.module, (_tp().ops.TORCH_CONV, _tp().ops.TORCH_LINEAR))
                 and it.dep.target.module.weight.grad is None
             ]
             if missing:
@@ -617,7 +631,7 @@ class ChannelPruner:
 
     @staticmethod
     def _root_fn(root: nn.Module) -> Any:
-        return PLAN_KINDS[_root_kind(root)]
+        return getattr(_tp(), PLAN_KINDS[_root_kind(root)])
 
     def mask_(self, ratio: float) -> dict:
         """Zero the lowest-importance ``round(ratio * N)`` channels of every prunable group.
@@ -723,7 +737,7 @@ class ChannelPruner:
             if not idxs:
                 continue
             kind = _root_kind(root)
-            group = self.graph.get_pruning_group(root, PLAN_KINDS[kind], idxs)
+            group = self.graph.get_pruning_group(root, getattr(_tp(), PLAN_KINDS[kind]), idxs)
             if not self.graph.check_pruning_group(group):
                 raise RuntimeError(f"pruning {len(idxs)} channels of {name!r} would leave a layer empty")
             group.prune()
@@ -801,7 +815,7 @@ def apply_pruning_plan_(model: nn.Module, plan: Iterable[dict], example_inputs: 
         if not entry["idxs"]:
             continue
         root = modules[entry["module"]]
-        group = graph.get_pruning_group(root, PLAN_KINDS[entry["kind"]], list(entry["idxs"]))
+        group = graph.get_pruning_group(root, getattr(_tp(), PLAN_KINDS[entry["kind"]]), list(entry["idxs"]))
         group.prune()
     return model
 
