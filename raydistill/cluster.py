@@ -130,6 +130,12 @@ def init_ray_in_background(address: str | None, quiet: bool, verbose: bool = Fal
 _started_locally = False  # True when this process started its own Ray (no autoscaler to wait for)
 
 
+def started_locally() -> bool:
+    """Whether this process started the Ray it uses (``init_ray`` with no cluster to join): one node, this
+    machine."""
+    return _started_locally
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not minutes, when nothing listens at a Ray address."""
     import socket

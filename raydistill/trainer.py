@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
+from raydistill.cluster import started_locally
 from raydistill.console import line
 from raydistill.errors import first_user_error
 from raydistill.job import StageJob
@@ -37,6 +38,13 @@ def fit(job: StageJob, key: str, out: Path):
     # 5.0 s from the train function's return to fit() returning at 2 s, 1.0 s at 0.25 s). Train propagates
     # this variable to its controller; a value the user set wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if started_locally():
+        # A Ray this command started is one node, this machine: none of its nodes is ever drained or preempted, so
+        # Train's preemption watcher (an actor per multi-worker Train run that polls Ray's drain state every 5 s for
+        # ``ray.train.get_preemption_info``, which raydistill does not call) would only cost a process start beside
+        # every stage's workers (2.5 s from its start to ready in a Train V2 task timeline on 2 cores). Propagated
+        # to the controller like the variable above; a cluster keeps its watcher, and a value the user set wins.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     s = job.config.scale
     name = f"{job.stage}-{key[:12]}"  # deterministic: a rerun resumes from the last epoch checkpoint
     storage = (Path(out) / "ray_train").resolve()
