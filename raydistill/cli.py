@@ -35,7 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, _overrides(args.set))
     out = Path(args.out) if args.out else _default_out(args.config)
-    report = run(cfg, out, address=args.address, quiet=args.quiet, verbose=args.verbose, dashboard=False)
+    report = run(cfg, out, address=args.address, quiet=args.quiet, verbose=args.verbose)
     from raydistill.report import markdown_table
 
     print(markdown_table(report["models"]))  # the result, also with --quiet

@@ -32,16 +32,9 @@ def resolve_scale(cfg: Config, address: str | None) -> Config:
     return dataclasses.replace(cfg, scale=dataclasses.replace(cfg.scale, num_workers=workers))
 
 
-def init_ray(address: str | None, quiet: bool, verbose: bool = False, dashboard: bool = True) -> None:
+def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray in-process. Ray's own INFO lines, its
-    workers' forwarded output and its non-actionable warnings are shown only with ``verbose``.
-
-    ``dashboard=False`` starts a local Ray without its dashboard, for a run that needs neither Ray Train's
-    controller (whose placement-group cleaner uses the State API the dashboard serves) nor Tune (whose sweeps
-    hang without it): ``pipeline.starts_ray_beside``'s runs, all in Ray Train's local mode on in-memory data. Why:
-    the dashboard is a dozen Python processes (its head, one per module, its agent); without it a private Ray on
-    2 cores started in 6.9 s instead of 9.0 s and took ~3 CPU-seconds less (two runs each, beside nothing), CPU that
-    the teacher, training meanwhile, gets instead."""
+    workers' forwarded output and its non-actionable warnings are shown only with ``verbose``."""
     import ray
 
     from raydistill.console import quiet_libraries
@@ -52,7 +45,7 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False, dashboard:
         check_reachable(target)  # also when Ray is already up here: a wrong address is refused, never ignored
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"include_dashboard": dashboard or joins_cluster(address), "log_to_driver": verbose,
+    kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": verbose,
                               "logging_level": "INFO" if verbose else "ERROR"}
     if not joins_cluster(address):
         # A private local Ray: address="local" never joins a cluster that `ray start` left on this machine, nor
@@ -93,7 +86,7 @@ def local_ray_cpus() -> int:
     return max(4, os.cpu_count() or 1)
 
 
-def init_ray_in_background(address: str | None, quiet: bool, verbose: bool = False, dashboard: bool = True) -> Future:
+def init_ray_in_background(address: str | None, quiet: bool, verbose: bool = False) -> Future:
     """``init_ray`` on a helper thread while this one goes on (the pipeline trains its teacher in Ray Train's local
     mode meanwhile, which needs no Ray); the returned Future gives the seconds the start took, or its error.
 
@@ -115,7 +108,7 @@ def init_ray_in_background(address: str | None, quiet: bool, verbose: bool = Fal
     def target() -> None:
         t0 = time.perf_counter()
         try:
-            init_ray(address, quiet, verbose, dashboard)
+            init_ray(address, quiet, verbose)
         except BaseException as e:  # handed to whoever waits on the future
             future.set_exception(e)
             return

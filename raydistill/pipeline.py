@@ -116,14 +116,13 @@ class Teacher:
 
 # ---- opening a run: validate everything the user gave, before writing anything -------------------------------
 def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, uses_cache: bool,
-             verbose: bool = False, dashboard: bool = True) -> RunContext:
+             verbose: bool = False) -> RunContext:
     """Check the run folder, data, models, a given cache and the cluster; then start Ray and write config.yaml
     (with ``scale.num_workers`` resolved: the config a run folder holds is the one that ran).
 
     Where the run needs no Ray for its first stage (``starts_ray_beside``), Ray starts on a helper thread and this
     returns at once: ``prepare_teacher`` trains the teacher meanwhile and then calls ``ctx.wait_for_ray()``, as
-    must anything else that uses Ray first. ``dashboard=False``: that Ray starts without its dashboard
-    (``cluster.init_ray`` says why), for a command that does nothing after this run."""
+    must anything else that uses Ray first."""
     out = Path(out).resolve()
     cfg = resolve_scale(cfg, address)
     if out.is_dir():
@@ -165,7 +164,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     if starts_ray_beside(cfg, address, streamed):
         log(f"{mode}, on a private local Ray starting beside the teacher (pass --address to use a running cluster)",
             quiet)
-        ray_start = init_ray_in_background(address, quiet, verbose, dashboard)
+        ray_start = init_ray_in_background(address, quiet, verbose)
     else:
         if not ray.is_initialized():
             log(f"connecting to {cluster} ..." if cluster else "starting a private local Ray ...", quiet)
@@ -204,15 +203,10 @@ def starts_ray_beside(cfg: Config, address: str | None, streamed: bool) -> bool:
 
 # ---- the pipeline -----------------------------------------------------------------------------------------
 def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = False,
-        verbose: bool = False, dashboard: bool = True) -> dict:
-    """The whole pipeline; returns the report (also written to report.json/.md/.png in ``out``).
-
-    ``dashboard=False`` (``raydistill run``, a process that ends with the run): a private Ray started beside the
-    teacher runs without Ray's dashboard. The Python API keeps it (its Ray stays up for later calls, and a sweep
-    or a multi-worker run there needs it)."""
+        verbose: bool = False) -> dict:
+    """The whole pipeline; returns the report (also written to report.json/.md/.png in ``out``)."""
     t_start = time.perf_counter()
-    ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache", verbose=verbose,
-                   dashboard=dashboard)
+    ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache", verbose=verbose)
     cfg = ctx.cfg
 
     # 1. teacher (and its logit cache) and 2. the label-only student. With Train workers the two Train runs go
