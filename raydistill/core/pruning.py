@@ -38,9 +38,10 @@ if TYPE_CHECKING:
 
 
 def _tp():
-    """Torch-Pruning, imported where a pruner or a plan is first used, not with this module: it imports timm,
-    torchvision and torch._dynamo (3.5 s on a 2-core machine), which config validation, the stages that do not
-    prune and every Ray Train worker of those stages would otherwise pay."""
+    """Torch-Pruning, imported where a pruner or a plan is first used, not with this module: it imports timm and
+    torchvision, which pull in torch._dynamo (3.5 s in all on a 2-core machine). Config validation, the stages that
+    do not prune and every Ray Train worker of those stages would otherwise pay it; ~0.9 s of it is saved for good
+    (torch.optim's first optimizer imports torch._dynamo anyway: docs/benchmarks.md, the overhead section)."""
     import torch_pruning
 
     return torch_pruning
