@@ -609,7 +609,8 @@ def import_for_later_stages(cfg: Config) -> None:
     """Import what the run's last steps use (torchao for int8, matplotlib for report.png) while the teacher
     actor's process starts (``run`` calls it there; a sweep has no int8 step): the driver has nothing else to do
     then, and the imports cost ~1.2 s on 2 cores (a profile of the default run: torchao 0.5 s, matplotlib 0.6 s)
-    that would otherwise come after; Torch-Pruning too when the run prunes (3.5 s with timm and torchvision)."""
+    that would otherwise come after; Torch-Pruning too when the run prunes (0.9 s here, with timm and torchvision:
+    the torch._dynamo they import is already loaded by then, by the first stage's optimizer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -618,7 +619,7 @@ def import_for_later_stages(cfg: Config) -> None:
     if cfg.quantize.scheme != "none":
         import torchao.quantization  # noqa: F401
     if cfg.prune.ratio > 0:
-        import torch_pruning  # noqa: F401  (3.5 s: see raydistill.core.pruning._tp)
+        import torch_pruning  # noqa: F401  (imported on first use: raydistill.core.pruning._tp)
 
 
 def stop_teacher_server(source: TeacherSource | None, server) -> dict | None:
