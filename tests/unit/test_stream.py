@@ -70,3 +70,22 @@ def test_stream_errors_are_one_line_data_errors(tmp_path):
         plan_stream(_data(**{"data.path": str(noid), "data.shape": [6]}))
     with pytest.raises(DataError, match=r"part-0.parquet has length 6 per row but data.shape \[2, 4\] needs 8"):
         plan_stream(_data(**{"data.path": _folder(tmp_path / "c"), "data.shape": [2, 4]}))  # before any training
+
+
+def test_fixed_size_list_features_load_in_memory_and_streamed_and_a_wrong_size_is_one_line(tmp_path):
+    """A feature column of Arrow's fixed_size_list type (what benchmarks/data_scale.py and many exporters write):
+    its rows' length is the type's, checked without counting them."""
+    from raydistill.data import load_splits
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 8)).astype(np.float32)
+    path = tmp_path / "fixed.parquet"
+    pq.write_table(pa.table({"id": np.arange(120), "label": np.arange(120) % 3,
+                             "features": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 8)}), path)
+    s = plan_stream(_data(**{"data.path": str(path), "data.shape": [2, 4]}))
+    got = {int(i): row for xs, _, ids in iter_split(s, "train", batch_size=7) for i, row in zip(ids, xs)}
+    assert got and all(np.array_equal(row, x[i].reshape(2, 4)) for i, row in got.items())
+    in_memory = load_splits("parquet", path=str(path), shape=(2, 4), seed=0)
+    assert np.array_equal(in_memory.test.x, x[in_memory.test.ids].reshape(-1, 2, 4))
+    with pytest.raises(DataError, match=r"fixed.parquet has length 8 per row but data.shape \[3, 3\] needs 9"):
+        plan_stream(_data(**{"data.path": str(path), "data.shape": [3, 3]}))
