@@ -13,10 +13,14 @@ a local Ray (as Ray Train's local mode reads it), each batch turned into trainin
 * ``ray_data bs 1024, no shuffle``: the same without the local shuffle buffer.
 
 Each variant is timed by wall clock and by **machine CPU** (busy time of every core from /proc/stat, so the read
-tasks in Ray's worker processes count too): run it on an otherwise idle machine. The first epoch (Ray Data's
-start-up) is left out; the table gives the median of the others and each variant's CPU as a ratio of pyarrow's in
-the same run. Why it matters: on 2 cores a streamed run's reading takes its CPU from training (issue 13's
-throughput goal, docs/benchmarks.md).
+tasks in Ray's worker processes count too), split into the reading process's own CPU (``time.process_time``: what a
+Train worker pays in its own process: Ray Data's iterator, the local shuffle, the arrays) and everything else (Ray's
+read tasks, its scheduler and services): run it on an otherwise idle machine. Two untimed epochs go first (Ray's
+worker processes start and import Ray Data and pyarrow on their first read tasks: ~5 machine CPU-s in each of the
+first two epochs after Ray starts, which the first variant timed used to absorb), then the variants take turns, an
+epoch each, so that the machine's drift falls on all of them alike. Each variant's first epoch is left out; the table
+gives the median of the others and each variant's CPU as a ratio of pyarrow's in the same run. Why it matters: on 2
+cores a streamed run's reading takes its CPU from training (issue 13's throughput goal, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -45,16 +49,25 @@ def machine_busy_s() -> float:
     return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
 
 
-def time_epochs(fn, epochs: int) -> dict:
-    walls, cpus, rows = [], [], 0
+def time_epochs(variants: dict, epochs: int) -> dict:
+    """Every variant ``epochs`` times, taking turns an epoch each; per variant its walls, machine and own CPU."""
+    runs = {name: {"walls": [], "cpus": [], "reader_cpus": [], "rows": 0} for name in variants}
     for epoch in range(epochs):
-        wall, cpu = time.perf_counter(), machine_busy_s()
-        rows = fn(epoch)
-        walls.append(time.perf_counter() - wall)
-        cpus.append(machine_busy_s() - cpu)
+        for name, fn in variants.items():
+            r = runs[name]
+            wall, cpu, mine = time.perf_counter(), machine_busy_s(), time.process_time()
+            r["rows"] = fn(epoch)
+            r["walls"].append(time.perf_counter() - wall)
+            r["cpus"].append(machine_busy_s() - cpu)
+            r["reader_cpus"].append(time.process_time() - mine)
+        print(f"epoch {epoch}: " + ", ".join(f"{name} {r['cpus'][-1]:.2f}" for name, r in runs.items())
+              + " machine CPU-s", flush=True)
     later = slice(1, None) if epochs > 1 else slice(None)
-    return {"rows": rows, "first_epoch_wall_s": walls[0], "wall_s": statistics.median(walls[later]),
-            "machine_cpu_s": statistics.median(cpus[later]), "walls": walls, "cpus": cpus}
+    for r in runs.values():
+        r.update(first_epoch_wall_s=r["walls"][0], wall_s=statistics.median(r["walls"][later]),
+                 machine_cpu_s=statistics.median(r["cpus"][later]),
+                 reader_cpu_s=statistics.median(r["reader_cpus"][later]))
+    return runs
 
 
 def main() -> None:
@@ -101,21 +114,23 @@ def main() -> None:
     variants = {"pyarrow": pyarrow_epoch}
     variants.update({f"ray_data bs {bs}": ray_data(bs, True) for bs in args.batch_sizes})
     variants["ray_data bs 1024, no shuffle"] = ray_data(1024, False)
-    results = {}
-    for name, fn in variants.items():
-        results[name] = time_epochs(fn, args.epochs)
-        print(f"{name}: {results[name]['machine_cpu_s']:.2f} machine CPU-s per epoch", flush=True)
+    for epoch in range(2):  # untimed: Ray's worker processes start and import on their first read tasks
+        variants["ray_data bs 1024, no shuffle"](epoch)
+    results = time_epochs(variants, args.epochs)
     ray.shutdown()
 
     floor = results["pyarrow"]["machine_cpu_s"]
     print(f"\nTraining split: {plan.rows:,} of {args.rows:,} rows ({'x'.join(map(str, args.shape))} float32), "
           f"{len(plan.files)} files; "
           f"median of epochs 2..{args.epochs}\n")
-    print("| reader | rows | wall s | machine CPU-s | CPU x pyarrow | CPU ms per 1,000 rows |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| reader | rows | wall s | machine CPU-s | CPU x pyarrow | CPU ms per 1,000 rows | of which the reading "
+          "process | of which other processes |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
+        per_k = 1e6 / r["rows"]  # CPU-s per epoch -> CPU-ms per 1,000 rows
         print(f"| {name} | {r['rows']:,} | {r['wall_s']:.2f} | {r['machine_cpu_s']:.2f} | "
-              f"{r['machine_cpu_s'] / floor:.2f} | {1000 * r['machine_cpu_s'] / r['rows'] * 1000:.0f} |")
+              f"{r['machine_cpu_s'] / floor:.2f} | {r['machine_cpu_s'] * per_k:.0f} | "
+              f"{r['reader_cpu_s'] * per_k:.0f} | {(r['machine_cpu_s'] - r['reader_cpu_s']) * per_k:.0f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "args": vars(args), "train_rows": plan.rows,

@@ -151,13 +151,16 @@ class InMemoryTrain:
 
 # What the training stream asks Ray Data for at a time, cut into training batches here: about READ_ROWS rows, at
 # most READ_BYTES. Why: every batch Ray Data's iterator hands out (through its local shuffle buffer and prefetch
-# threads) has a cost of its own; with small rows it is most of the reading. `python benchmarks/stream_batches.py`
-# (docs/benchmarks.md), machine CPU per epoch: rows of 40 floats, batches of 64 cost 1.9x batches of 1,024 (45 vs 24
-# CPU-ms per 1,000 rows); CIFAR-sized rows (12 KiB), 1.35x (163 vs 121). The byte cap keeps big rows at about the
-# training batch: larger batches from Ray Data's shuffle buffer raised a streamed run's private memory by 47-89 MB
-# in the streamed-memory test (1,024 rows of 12 KiB), for that smaller gain.
+# threads) has a cost of its own, paid in the Train worker's own process, beside training; with small rows it is
+# most of the reading. `python benchmarks/stream_batches.py` (docs/benchmarks.md, 2026-12-02 10th session), CPU per
+# 1,000 rows in the reading process: rows of 40 floats, batches of 64 25 ms, of 1,024 11 ms; CIFAR-sized rows
+# (12 KiB), batches of 64 60 ms, of 256 43 ms, of 1,024 35 ms. The byte cap (3 MiB: 256 such rows) takes most of
+# that gain for big rows without the memory of larger batches: an A/B of `benchmarks/data_scale.py` at 1 MiB (85
+# rows) and 3 MiB in the same hour gave streamed KD samples/s at 1x of 2,252-2,708 and 2,853-3,567 (3 seeds), the
+# largest worker's VmRSS at 16x 1.287x and 1.286x its 1x peak, and the streamed-memory test's private growth
+# 13-47 MB and -1-68 MB (its bound: 82). Asking for 1,024 rows of 12 KiB had raised that growth by 47-89 MB.
 READ_ROWS = 1024
-READ_BYTES = 2**20
+READ_BYTES = 3 * 2**20
 
 
 def read_rows(batch_size: int, shuffle_buffer: int, row_bytes: int) -> int:
