@@ -158,7 +158,8 @@ class InMemoryTrain:
 # that gain for big rows without the memory of larger batches: an A/B of `benchmarks/data_scale.py` at 1 MiB (85
 # rows) and 3 MiB in the same hour gave streamed KD samples/s at 1x of 2,252-2,708 and 2,853-3,567 (3 seeds), the
 # largest worker's VmRSS at 16x 1.287x and 1.286x its 1x peak, and the streamed-memory test's private growth
-# 13-47 MB and -1-68 MB (its bound: 82). Asking for 1,024 rows of 12 KiB had raised that growth by 47-89 MB.
+# between +13 and +47 MB (3 runs) and between -1 and +68 MB (6 runs; its bound: 82). Asking for 1,024 rows of
+# 12 KiB had raised that growth by 47-89 MB.
 READ_ROWS = 1024
 READ_BYTES = 3 * 2**20
 

@@ -73,8 +73,8 @@ def test_stream_errors_are_one_line_data_errors(tmp_path):
 
 
 def test_fixed_size_list_features_load_in_memory_and_streamed_and_a_wrong_size_is_one_line(tmp_path):
-    """A feature column of Arrow's fixed_size_list type (what benchmarks/data_scale.py and many exporters write):
-    its rows' length is the type's, checked without counting them."""
+    """A feature column of Arrow's fixed_size_list type (what benchmarks/data_scale.py writes): its rows' length is
+    the type's, checked without counting them."""
     from raydistill.data import load_splits
 
     rng = np.random.default_rng(0)
