@@ -47,6 +47,10 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
         return
     kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": verbose,
                               "logging_level": "INFO" if verbose else "ERROR"}
+    global _started_locally
+    # set on every start, not only on a local one: a process that ran locally, shut Ray down and now joins a
+    # cluster must not keep treating it as this one machine (resource waits, Train's preemption watcher)
+    _started_locally = not joins_cluster(address)
     if not joins_cluster(address):
         # A private local Ray: address="local" never joins a cluster that `ray start` left on this machine, nor
         # follows a stale `ray_current_cluster` file a crashed one left (ray.init() with no address would).
@@ -55,8 +59,6 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
         # actor and Train's controller must still fit (measured: otherwise runs wait forever).
         kwargs["num_cpus"] = local_ray_cpus()
         kwargs["_system_config"] = dict(PRIVATE_RAY_SYSTEM_CONFIG)  # a copy: Ray adds its session's keys to it
-        global _started_locally
-        _started_locally = True
         # Ray gives its local raylet a fixed 30 s to register; on a machine loaded far beyond its cores that is
         # not always enough (measured here at load average 30-45 on 2 cores), and a second try then succeeds.
         for attempt in range(LOCAL_START_ATTEMPTS):
