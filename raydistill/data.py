@@ -385,7 +385,7 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
     if isinstance(column, pa.ChunkedArray):
         # one chunk (a streamed batch usually is): use it as it is; combine_chunks would copy every value once
         # more (Arrow concatenates even a single list chunk): 2.9 -> 1.7 CPU-ms per 1,000 CIFAR-sized rows in
-        # 64-row slices, a small part of the ~45-60 a streamed worker spends reading them
+        # 64-row slices, a small part of the 43-60 a streamed worker spends reading them
         column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     if not (
         pa.types.is_list(column.type)
