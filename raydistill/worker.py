@@ -159,7 +159,8 @@ class InMemoryTrain:
 # 3 MiB gave streamed KD samples/s at 1x of 2,252-2,708 and, in two runs, 2,853-3,567 and 2,023-2,487 (3 seeds
 # each; end to end the machine's noise is larger than the change), the largest worker's VmRSS at 16x 1.287x and
 # 1.286x its 1x peak, and the streamed-memory test's private growth between +13 and +47 MB (3 runs) and between -1
-# and +68 MB (6 runs; 1,000 -> 8,000 rows then, bound 82). Asking for 1,024 rows of 12 KiB had raised that growth by 47-89 MB.
+# and +68 MB (6 runs; 1,000 -> 8,000 rows then, bound 82). Asking for 1,024 rows of 12 KiB had raised that growth
+# by 47-89 MB.
 READ_ROWS = 1024
 READ_BYTES = 3 * 2**20
 
