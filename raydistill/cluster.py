@@ -51,7 +51,7 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
     # set on every start, not only on a local one: a process that ran locally, shut Ray down and now joins a
     # cluster must not keep treating it as this one machine (resource waits, Train's preemption watcher)
     _started_locally = not joins_cluster(address)
-    if not joins_cluster(address):
+    if _started_locally:
         # A private local Ray: address="local" never joins a cluster that `ray start` left on this machine, nor
         # follows a stale `ray_current_cluster` file a crashed one left (ray.init() with no address would).
         address = "local"
