@@ -49,7 +49,7 @@ from raydistill.errors import CacheError, CheckpointError, ConfigError, DataErro
 from raydistill.evaluate import evaluate_on_test, quantize_student
 from raydistill.job import StageJob, TeacherSource
 from raydistill.manifest import digest, sha256_file, write_manifest
-from raydistill.stream import StreamData, plan_stream, streams
+from raydistill.stream import StreamData, plan_stream, streams, write_aside
 from raydistill.teacher import cache_settings, check_cache_for_run
 from raydistill.trainer import in_background
 
@@ -179,6 +179,14 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
         log(f"{mode}, on {ray_where}", quiet)
     out.mkdir(parents=True, exist_ok=True)
     take_run_folder(out, quiet)  # a new folder: held from its creation on
+    if streamed:
+        t0 = time.perf_counter()
+        splits, aside = write_aside(splits, out / "splits")
+        if aside:
+            rows = " / ".join(f"{n:,} {name}" for name, n in aside["splits"].items())
+            log(f"data: {rows} rows {aside['action']} in {out / 'splits'} ({time.perf_counter() - t0:.1f} s): "
+                "each evaluation reads them there, not filtered out of every file", quiet)
+            timings["data"]["seconds"] += time.perf_counter() - t0
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     return RunContext(cfg=cfg, out=out, quiet=quiet, splits=splits, data_fp=data_fp,
                       data_ref=splits if streamed or ray_start is not None else ray.put(splits),

@@ -1,5 +1,7 @@
 """stream.py without Ray: planning streamed splits from the id/label columns, and reading them batch by batch."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -89,3 +91,54 @@ def test_fixed_size_list_features_load_in_memory_and_streamed_and_a_wrong_size_i
     assert np.array_equal(in_memory.test.x, x[in_memory.test.ids].reshape(-1, 2, 4))
     with pytest.raises(DataError, match=r"fixed.parquet has length 8 per row but data.shape \[3, 3\] needs 9"):
         plan_stream(_data(**{"data.path": str(path), "data.shape": [3, 3]}))
+
+
+def _read(data, split, batch_size=64):
+    parts = list(iter_split(data, split, batch_size=batch_size))
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
+@pytest.mark.parametrize("source", ["carved", "split_column", "carved_limit"])
+def test_filtered_val_and_test_are_written_aside_once_with_the_same_rows(source, tmp_path):
+    from raydistill.stream import write_aside
+
+    if source == "split_column":
+        prepare("digits", str(tmp_path / "d"), rows_per_file=500)
+        d = _data(**{"data.path": str(tmp_path / "d")})
+    else:
+        d = _data(**{"data.path": _folder(tmp_path / "d"), "data.shape": [6], "data.val_fraction": 0.2,
+                     **({"data.limit": 30} if source == "carved_limit" else {})})
+    s = plan_stream(d)
+    aside, done = write_aside(s, tmp_path / "run" / "splits")
+    assert done["action"] == "written" and done["splits"] == {"val": s.rows("val"), "test": s.rows("test")}
+    for split in ("val", "test"):
+        assert aside.plan(split).files != s.plan(split).files and len(aside.plan(split).files) == 1
+        assert aside.plan(split).carve is None and aside.plan(split).split_column is None
+        before, after = _read(s, split), _read(aside, split)
+        assert all(np.array_equal(a, b) for a, b in zip(before, after)), split  # the same rows, order and arrays
+        assert aside.rows(split) == s.rows(split) == len(after[1])
+    assert aside.train == s.train and aside.fingerprint == s.fingerprint and aside.describe() == s.describe()
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "splits").rglob("*.parquet")}
+    again, done = write_aside(plan_stream(d), tmp_path / "run" / "splits")  # a rerun on the same data: reused
+    assert done["action"] == "reused" and again == aside
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "splits").rglob("*.parquet")} == written
+    assert not [p for p in (tmp_path / "run" / "splits").iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_declared_splits_are_not_written_aside_and_an_unreadable_file_is_named(tmp_path):
+    from raydistill.stream import write_aside
+
+    train = _folder(tmp_path / "train")
+    val, test = _folder(tmp_path / "val", rows=40, files=1), _folder(tmp_path / "test", rows=40, files=1)
+    for start, folder in ((1000, val), (2000, test)):  # ids apart from the training rows' and each other's
+        for f in Path(folder).iterdir():
+            pq.write_table(pq.read_table(f).set_column(0, "id", pa.array(np.arange(start, start + 40))), f)
+    s = plan_stream(_data(**{"data.train": train, "data.val": val, "data.test": test, "data.shape": [6]}))
+    assert write_aside(s, tmp_path / "splits") == (s, {})  # declared files are read where they are
+    assert not (tmp_path / "splits").exists()
+    s = plan_stream(_data(**{"data.path": _folder(tmp_path / "c"), "data.shape": [6]}))
+    (tmp_path / "c" / "part-2.parquet").write_bytes(b"PAR1 not a parquet file PAR1")
+    with pytest.raises(DataError, match=r"cannot read parquet file .*part-2\.parquet .*replace or remove") as err:
+        write_aside(s, tmp_path / "splits")
+    assert "\n" not in str(err.value)
+    assert not [p for p in (tmp_path / "splits").iterdir()]  # nothing half-written left behind
