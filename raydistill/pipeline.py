@@ -183,10 +183,11 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
         t0 = time.perf_counter()
         splits, aside = write_aside(splits, out / "splits")
         if aside:
+            aside_s = time.perf_counter() - t0
+            timings["data"]["seconds"] += aside_s
             rows = " / ".join(f"{n:,} {name}" for name, n in aside["splits"].items())
-            log(f"data: {rows} rows {aside['action']} in {out / 'splits'} ({time.perf_counter() - t0:.1f} s): "
+            log(f"data: {rows} rows {aside['action']} in {out / 'splits'} ({aside_s:.1f} s): "
                 "each evaluation reads them there, not filtered out of every file", quiet)
-            timings["data"]["seconds"] += time.perf_counter() - t0
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     return RunContext(cfg=cfg, out=out, quiet=quiet, splits=splits, data_fp=data_fp,
                       data_ref=splits if streamed or ray_start is not None else ray.put(splits),

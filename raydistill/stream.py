@@ -122,13 +122,13 @@ def _bucket(ids: np.ndarray, seed: int) -> np.ndarray:
     return (hash_ints(seed, _CARVE_SALT, ids) % np.uint64(CARVE_BUCKETS)).astype(np.int64)
 
 
-def _keep(plan: SplitPlan, ids: np.ndarray, split: np.ndarray | None) -> np.ndarray:
-    """(N,) bool: which of these rows belong to ``plan``'s split."""
-    keep = np.ones(len(ids), bool)
+def _keep(plan: SplitPlan, batch, data: StreamData) -> np.ndarray:
+    """(N,) bool: which rows of ``batch`` (a pyarrow Table or RecordBatch) belong to ``plan``'s split."""
+    keep = np.ones(batch.num_rows, bool)
     if plan.split_column is not None:
-        keep &= split == plan.split_value
+        keep &= batch.column(plan.split_column).to_numpy(zero_copy_only=False) == plan.split_value
     if plan.carve is not None:
-        b = _bucket(ids, plan.seed)
+        b = _bucket(batch.column(data.id_column).to_numpy(zero_copy_only=False).astype(np.int64), plan.seed)
         keep &= (b >= plan.carve[0]) & (b < plan.carve[1])
     return keep
 
@@ -338,8 +338,7 @@ def iter_split(data: StreamData, split: str, batch_size: int = 1024,
     left = min(x for x in (limit, plan.limit, plan.rows) if x is not None)
     for file in plan.files:
         for record in _batches_of(file, columns, batch_size):
-            split = record.column(plan.split_column).to_numpy(zero_copy_only=False) if plan.split_column else None
-            keep = _keep(plan, record.column(data.id_column).to_numpy().astype(np.int64), split)
+            keep = _keep(plan, record, data)
             x, y, ids = to_arrays(data, record if keep.all() else record.filter(pa.array(keep)), file)
             x, y, ids = x[:left], y[:left], ids[:left]
             left -= len(y)
@@ -363,8 +362,7 @@ def _filter_rows(batch, data: StreamData, plan: SplitPlan):
     and back (several times slower than the read itself)."""
     import pyarrow as pa
 
-    split = batch[plan.split_column].to_numpy(zero_copy_only=False) if plan.split_column else None
-    keep = _keep(plan, batch[data.id_column].to_numpy(zero_copy_only=False).astype(np.int64), split)
+    keep = _keep(plan, batch, data)
     return batch.select([data.id_column, data.label_column, data.feature_column]).filter(pa.array(keep))
 
 
@@ -483,18 +481,14 @@ def write_aside(data: StreamData, folder) -> tuple[StreamData, dict]:
         for file in files:
             mine = [name for name, plan in todo.items() if file in plan.files and left[name] > 0]
             for batch in _batches_of(file, columns + split_columns) if mine else ():
-                ids = batch.column(data.id_column).to_numpy(zero_copy_only=False).astype(np.int64)
-                for name in mine:
-                    plan = todo[name]
-                    split = (batch.column(plan.split_column).to_numpy(zero_copy_only=False) if plan.split_column
-                             else None)
-                    keep = _keep(plan, ids, split)
-                    if not keep.any() or left[name] <= 0:
+                for name in [name for name in mine if left[name] > 0]:
+                    keep = _keep(todo[name], batch, data)
+                    if not keep.any():
                         continue
-                    rows = pa.Table.from_batches([batch.select(columns)]).filter(pa.array(keep)).slice(0, left[name])
+                    rows = batch.select(columns).filter(pa.array(keep)).slice(0, left[name])
                     if name not in writers:
                         writers[name] = pq.ParquetWriter(tmp / f"{name}.parquet", rows.schema)
-                    writers[name].write_table(rows.cast(writers[name].schema))
+                    writers[name].write(rows.cast(writers[name].schema))
                     left[name] -= rows.num_rows
         for name in list(writers):
             writers.pop(name).close()
