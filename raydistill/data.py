@@ -328,34 +328,40 @@ def _parquet_dataset(path):
         raise DataError("parquet source needs path=FILE|DIR|GLOB|URI; pass the data location")
     path = os.fspath(path)
     source, filesystem = path, None
-    if any(ch in path for ch in "*?["):
-        if "://" in path:
-            # Remote glob: list from the deepest literal folder, then match names.
-            scheme, rest = path.split("://", 1)
-            parts = rest.split("/")
-            first_glob = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))
-            literal = "/".join(parts[:first_glob])
-            filesystem, base = pafs.FileSystem.from_uri(f"{scheme}://{literal}")
-            pattern = posixpath.join(base, *parts[first_glob:])
-            recursive = len(parts) - first_glob > 1 or "**" in pattern
-            infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=recursive))
-            source = sorted(
-                i.path
-                for i in infos
-                if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern)
-            )
-        else:
-            source = sorted(glob.glob(path, recursive=True))
-        if not source:
-            raise DataError(f"no parquet files match {path!r}; check the glob pattern")
+    # In a URI, "?" starts pyarrow's options (s3://bucket/prefix?endpoint_override=host:9000&scheme=http), as
+    # FileSystem.from_uri reads them; globs there use * and [...].
+    uri = "://" in path
+    where, _, options = path.partition("?") if uri else (path, "", "")
     try:
+        if any(ch in where for ch in ("*[" if uri else "*?[")):
+            if uri:
+                # Remote glob: list from the deepest literal folder, then match names.
+                scheme, rest = where.split("://", 1)
+                parts = rest.split("/")
+                first_glob = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*["))
+                literal = "/".join(parts[:first_glob])
+                query = f"?{options}" if options else ""
+                filesystem, base = pafs.FileSystem.from_uri(f"{scheme}://{literal}{query}")
+                pattern = posixpath.join(base, *parts[first_glob:])
+                recursive = len(parts) - first_glob > 1 or "**" in pattern
+                infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=recursive))
+                source = sorted(
+                    i.path
+                    for i in infos
+                    if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern)
+                )
+            else:
+                source = sorted(glob.glob(path, recursive=True))
+            if not source:
+                raise DataError(f"no parquet files match {path!r}; check the glob pattern")
         return ds.dataset(source, filesystem=filesystem, format="parquet")
     except FileNotFoundError as error:
         raise DataError(
             f"parquet data not found at {path!r}; pass an existing file, folder, glob or URI"
         ) from error
     except (pa.ArrowInvalid, OSError) as error:
-        raise DataError(f"cannot read parquet at {path!r} ({error}); check the path") from error
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"cannot read parquet at {path!r} ({first}); check the path") from error
 
 
 def _require_columns(names: list[str], wanted: list[str], path) -> None:

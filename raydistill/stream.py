@@ -50,13 +50,17 @@ SPLIT_NAMES = ("train", "val", "test")
 class SplitPlan:
     """Where one split's rows are, without reading them: Parquet files and a row filter."""
 
-    files: tuple[str, ...]
+    files: tuple[str, ...]  # paths on ``filesystem``
     split_column: str | None = None  # keep rows whose split column ...
     split_value: str | None = None  # ... equals this
     carve: tuple[int, int] | None = None  # keep rows whose id bucket is in [lo, hi) of CARVE_BUCKETS
     seed: int = 0
     rows: int = 0  # after ``limit``
     limit: int | None = None  # data.limit: only the first rows (in file order), for smoke runs
+    # the pyarrow filesystem ``files`` are on (S3, GCS, HDFS, ... with the options its URI gave); None: local. Kept
+    # with the plan because pyarrow lists a URI's files without their scheme ("bucket/prefix/part-0.parquet"),
+    # which read as local paths would name nothing. Pickled with the plan to the workers and Ray Data's read tasks.
+    filesystem: object | None = None
 
 
 @dataclass(frozen=True)
@@ -112,10 +116,17 @@ def streams(d) -> bool:
     return d.id_column in _parquet_dataset(d.train or d.path).schema.names
 
 
-def _files(location) -> tuple[str, ...]:
-    from raydistill.data import _parquet_dataset
+def _local_or(filesystem):
+    """None for the local filesystem (plain paths), else ``filesystem``."""
+    import pyarrow.fs as pafs
 
-    return tuple(_parquet_dataset(location).files)
+    return None if isinstance(filesystem, pafs.LocalFileSystem) else filesystem
+
+
+def _fs(filesystem):
+    import pyarrow.fs as pafs
+
+    return filesystem if filesystem is not None else pafs.LocalFileSystem()
 
 
 def _bucket(ids: np.ndarray, seed: int) -> np.ndarray:
@@ -133,13 +144,13 @@ def _keep(plan: SplitPlan, batch, data: StreamData) -> np.ndarray:
     return keep
 
 
-def _columns_of(files: tuple[str, ...], columns: list[str], location) -> dict[str, np.ndarray]:
-    """Only ``columns`` (ids, labels, the split column) of ``files``, as numpy."""
+def _columns_of(files: tuple[str, ...], columns: list[str], location, filesystem=None) -> dict[str, np.ndarray]:
+    """Only ``columns`` (ids, labels, the split column) of ``files`` (on ``filesystem``), as numpy."""
     import pyarrow as pa
     import pyarrow.dataset as ds
 
     try:
-        table = ds.dataset(list(files), format="parquet").to_table(columns=columns)
+        table = ds.dataset(list(files), filesystem=filesystem, format="parquet").to_table(columns=columns)
     except (pa.ArrowInvalid, OSError) as error:
         raise DataError(f"cannot read parquet data at {location} ({str(error).splitlines()[0][:200]}); "
                         "replace or remove the unreadable file") from None
@@ -147,27 +158,21 @@ def _columns_of(files: tuple[str, ...], columns: list[str], location) -> dict[st
             else table[c].to_numpy() for c in columns}
 
 
-def _check_row_length(path: str, feature_column: str, shape: tuple[int, ...]) -> None:
+def _check_row_length(path: str, feature_column: str, shape: tuple[int, ...], filesystem=None) -> None:
     """The first rows of a file must fit ``data.shape``: a file written for another shape fails here, before any
     training (a stray row further in fails where it is read, also as a DataError)."""
-    import pyarrow.parquet as pq
+    from raydistill.data import _flat_features
 
-    from raydistill.data import _flat_features, _parquet_dataset
-
-    fs = _parquet_dataset(path).filesystem
-    with fs.open_input_file(path) as f:
-        first = next(pq.ParquetFile(f).iter_batches(batch_size=64, columns=[feature_column]), None)
+    first = next(_batches_of(path, [feature_column], 64, filesystem), None)
     if first is not None and first.num_rows:
         _flat_features(first.column(0), shape, feature_column, path)
 
 
-def _file_digest(path: str) -> str:
+def _file_digest(path: str, filesystem=None) -> str:
     """Size, row count and the first and last 64 KiB of one Parquet file (its footer holds the statistics)."""
     import pyarrow.parquet as pq
 
-    from raydistill.data import _parquet_dataset
-
-    fs = _parquet_dataset(path).filesystem
+    fs = _fs(filesystem)
     size = fs.get_file_info(path).size
     with fs.open_input_file(path) as f:
         head = f.read(65536)
@@ -207,10 +212,10 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
                         "pass data.shape")
     shape = check_shape(shape)
     hint = int(meta[_META_NUM_CLASSES]) if _META_NUM_CLASSES in meta else 0
-    files = tuple(dataset.files)
+    files, filesystem = tuple(dataset.files), _local_or(dataset.filesystem)
 
     wanted = [d.id_column, d.label_column] + ([split_column] if split_column else [])
-    cols = _columns_of(files, wanted, location)
+    cols = _columns_of(files, wanted, location, filesystem)
     ids, labels = cols[d.id_column].astype(np.int64), _labels(cols[d.label_column], f"column {d.label_column!r}")
     split = cols.get(split_column) if split_column else None
     if len(np.unique(ids)) != len(ids):
@@ -227,27 +232,28 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     declared = {name: loc for name, loc in (("val", d.val), ("test", d.test)) if loc}
     wanted_types = {c: str(dataset.schema.field(c).type) for c in (d.id_column, d.label_column, d.feature_column)}
     for name, loc in declared.items():
-        other = _files(loc)
-        schema = _parquet_dataset(loc).schema
+        declared_set = _parquet_dataset(loc)
+        other, other_fs, schema = tuple(declared_set.files), _local_or(declared_set.filesystem), declared_set.schema
         for column, kind in wanted_types.items():
             found = str(schema.field(column).type) if column in schema.names else "missing"
             if found != kind:
                 raise DataError(f"declared {name} split {loc} has a different schema: column {column!r} is {found} "
                                 f"there but {kind} in the training data; write every split with the same columns and "
                                 "types")
-        c = _columns_of(other, [d.id_column, d.label_column], loc)
-        plans[name] = SplitPlan(other, rows=len(c[d.id_column]))
+        c = _columns_of(other, [d.id_column, d.label_column], loc, other_fs)
+        plans[name] = SplitPlan(other, rows=len(c[d.id_column]), filesystem=other_fs)
         kept[name] = (c[d.id_column].astype(np.int64), _labels(c[d.label_column], f"column {d.label_column!r}"))
         origin[name] = f"declared: data.{name}={loc}"
     if split_column:
         for name in ("val", "test"):
             mask = split == name
             if mask.any():
-                plans[name] = SplitPlan(files, split_column, name, rows=int(mask.sum()))
+                plans[name] = SplitPlan(files, split_column, name, rows=int(mask.sum()), filesystem=filesystem)
                 kept[name] = (ids[mask], labels[mask])
                 origin[name] = f"declared: rows with {split_column} == '{name}' in {location}"
     # the training pool, and what is carved from it by id bucket (test first, then val)
-    base = dict(split_column=split_column, split_value="train" if split_column else None, seed=seed)
+    base = dict(split_column=split_column, split_value="train" if split_column else None, seed=seed,
+                filesystem=filesystem)
     pool = split == "train" if split_column else np.ones(len(ids), bool)
     lo = 0
     bucket = _bucket(ids, seed)
@@ -273,8 +279,9 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         if y.size and y.max() >= num_classes:
             raise DataError(f"the declared {name} split has label {int(y.max())} but the training data has classes "
                             f"0..{num_classes - 1}; fix the labels or the split files")
-    for file in sorted({f for p in plans.values() for f in p.files}):
-        _check_row_length(file, d.feature_column, shape)
+    on = {f: p.filesystem for p in plans.values() for f in p.files}  # (filesystems are not hashable)
+    for file in sorted(on):
+        _check_row_length(file, d.feature_column, shape, on[file])
     from raydistill.data import _check_disjoint
 
     _check_disjoint({name: kept[name][0] for name in SPLIT_NAMES})
@@ -285,7 +292,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         p = plans[name]
         digest.update(f"{name} {p.split_column} {p.split_value} {p.carve} {p.seed} {p.rows}".encode())
         for f in p.files:
-            digest.update(_file_digest(f).encode())
+            digest.update(_file_digest(f, p.filesystem).encode())
     return StreamData(name="parquet", shape=shape, num_classes=num_classes, train=plans["train"], val=plans["val"],
                       test=plans["test"], label_column=d.label_column, feature_column=d.feature_column,
                       id_column=d.id_column, fingerprint=digest.hexdigest(), origin=origin)
@@ -337,7 +344,7 @@ def iter_split(data: StreamData, split: str, batch_size: int = 1024,
     columns = _read_columns(data, plan)
     left = min(x for x in (limit, plan.limit, plan.rows) if x is not None)
     for file in plan.files:
-        for record in _batches_of(file, columns, batch_size):
+        for record in _batches_of(file, columns, batch_size, plan.filesystem):
             keep = _keep(plan, record, data)
             x, y, ids = to_arrays(data, record if keep.all() else record.filter(pa.array(keep)), file)
             x, y, ids = x[:left], y[:left], ids[:left]
@@ -410,8 +417,8 @@ def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True, buffe
         # from being fused into the read: every small block then became a task of its own (76 tasks for 2 files),
         # and an epoch of 4,363 rows took 1.6 s instead of 0.2 s (docs/benchmarks.md, "Streaming: Ray Data's
         # per-epoch cost").
-        ds = ray.data.read_parquet(list(plan.files), columns=_read_columns(data, plan), shuffle=shuffle,
-                                   override_num_blocks=len(plan.files))
+        ds = ray.data.read_parquet(list(plan.files), filesystem=plan.filesystem, columns=_read_columns(data, plan),
+                                   shuffle=shuffle, override_num_blocks=len(plan.files))
     finally:
         context.use_datasource_v2, context.target_max_block_size = saved
     ds.context.execution_options = ingest_options(buffer_mb)
@@ -476,11 +483,13 @@ def write_aside(data: StreamData, folder) -> tuple[StreamData, dict]:
     split_columns = sorted({p.split_column for p in todo.values() if p.split_column})
     writers: dict[str, pq.ParquetWriter] = {}
     left = {name: plan.rows for name, plan in todo.items()}
+    # the filtered splits share the training files (and their filesystem)
     files = list(dict.fromkeys(f for plan in todo.values() for f in plan.files))
+    filesystem = next(iter(todo.values())).filesystem
     try:
         for file in files:
             mine = [name for name, plan in todo.items() if file in plan.files and left[name] > 0]
-            for batch in _batches_of(file, columns + split_columns) if mine else ():
+            for batch in _batches_of(file, columns + split_columns, filesystem=filesystem) if mine else ():
                 for name in [name for name in mine if left[name] > 0]:
                     keep = _keep(todo[name], batch, data)
                     if not keep.any():
@@ -509,19 +518,18 @@ def write_aside(data: StreamData, folder) -> tuple[StreamData, dict]:
     return replaced(), {"splits": expect["rows"], "action": "written"}
 
 
-def _batches_of(file: str, columns: list[str], batch_size: int = 1024):
-    """The record batches of one Parquet file, read one at a time; an unreadable file is a one-line DataError naming
-    it. Read with ``ParquetFile.iter_batches`` on one thread without pre-buffering, not a ``pyarrow.dataset``
-    scanner: on 4,096-row files of CIFAR-sized rows (one 48 MB row group each) a scanner per file peaked at
-    +370-550 MB of private memory (its read-ahead) and took 2.8 CPU-s for 25 files; this way +150 MB, flat with the
-    number of files, and 1.5 CPU-s (a throwaway script on data_scale.py's 16x set, 2026-12-02)."""
+def _batches_of(file: str, columns: list[str], batch_size: int = 1024, filesystem=None):
+    """The record batches of one Parquet file (a path on ``filesystem``, local if None), read one at a time; an
+    unreadable file is a one-line DataError naming it. Read with ``ParquetFile.iter_batches`` on one thread without
+    pre-buffering, not a ``pyarrow.dataset`` scanner: on 4,096-row files of CIFAR-sized rows (one 48 MB row group
+    each) a scanner per file peaked at +370-550 MB of private memory (its read-ahead) and took 2.8 CPU-s for 25
+    files; this way +150 MB, flat with the number of files, and 1.5 CPU-s (a throwaway script on data_scale.py's
+    16x set, 2026-12-02)."""
     import pyarrow as pa
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     try:
-        fs, path = pafs.FileSystem.from_uri(file) if "://" in file else (pafs.LocalFileSystem(), file)
-        with fs.open_input_file(path) as f:
+        with _fs(filesystem).open_input_file(file) as f:
             yield from pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_size, columns=columns,
                                                                         use_threads=False)
     except (pa.ArrowInvalid, OSError) as error:
