@@ -60,17 +60,19 @@ def digits_in_bucket(bucket):
     return uri
 
 
-def test_a_run_streams_from_an_s3_bucket(ray_local, digits_in_bucket, tmp_path):
+def test_a_run_streams_from_an_s3_bucket(ray_local, digits_in_bucket, bucket, tmp_path):
     """Every reader of a streamed run (the plan's column reads and checks, write_aside, Ray Data's read tasks for
     the logit cache and the training loop, the test split's reads) goes to the bucket, not to a local path of the
-    same name (pyarrow lists a URI's files without their scheme)."""
-    cfg = config.load(None, {**TINY, "data.source": "parquet", "data.path": digits_in_bucket})
+    same name (pyarrow lists a URI's files without their scheme). The logit cache is written to the bucket too."""
+    cfg = config.load(None, {**TINY, "data.source": "parquet", "data.path": digits_in_bucket,
+                             "cache.path": bucket("cache")})
     report = run(cfg, tmp_path / "run", quiet=True)
     data = report["data"]
     assert data["streamed"] is True
     assert (data["train"], data["val"], data["test"]) == (1258, 180, 359)  # the split prepare wrote, kept
     assert data["splits"]["test"]["from"].startswith("declared: rows with split == 'test' in s3://")
     assert report["logit_cache"]["rows"] == 1258  # the teacher pass streamed every training row from the bucket
+    assert report["logit_cache"]["uri"] == bucket("cache")
     for name in ("teacher", "student_baseline", "student_kd"):
         assert report["models"][name]["accuracy"] > 0.3, name
 
