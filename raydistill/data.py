@@ -749,7 +749,10 @@ def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None, split:
     folder of ``part-NNNNN.parquet`` files (it must not exist or be empty). The shape
     and class count go into the schema metadata, so ``load_splits("parquet", path=...)``
     needs no ``shape``. ``split`` (N,) of "train"/"val"/"test" adds a ``split`` column, named in the
-    metadata as the split column, so the loader keeps exactly these splits. Atomic: everything is
+    metadata as the split column, so the loader keeps exactly these splits. Rows grouped by split (as
+    ``raydistill data prepare`` orders them) give files of one split each (a new file starts where the
+    split changes), so a streamed split reads only its own files (``stream.plan_stream``); interleaved
+    rows are cut into files of ``rows_per_file`` as they come. Atomic: everything is
     written under a temporary name in the same folder (hidden, so readers skip it) and moved into
     place with ``os.replace``.
     """
@@ -799,9 +802,17 @@ def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None, split:
     names = []
     try:
         os.makedirs(tmp)
-        for part, start in enumerate(range(0, max(n, 1), rows_per_file)):
+        runs = [(0, n)]
+        if split is not None and n:
+            values = np.asarray([str(v) for v in split], dtype=object)
+            cuts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist(), n]
+            if len(cuts) - 1 == len(set(values.tolist())):  # grouped: one run per split value
+                runs = list(zip(cuts[:-1], cuts[1:]))
+        starts = [(start, min(rows_per_file, end - start)) for begin, end in runs
+                  for start in range(begin, max(end, begin + 1), rows_per_file)]
+        for part, (start, rows) in enumerate(starts):
             name = f"part-{part:05d}.parquet"
-            pq.write_table(table.slice(start, rows_per_file), os.path.join(tmp, name))
+            pq.write_table(table.slice(start, rows), os.path.join(tmp, name))
             names.append(name)
         os.replace(tmp, path)  # POSIX: a directory may replace an empty directory
     finally:

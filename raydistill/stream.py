@@ -18,7 +18,9 @@ a row); the features are read batch by batch where they are used:
   that is a filter over the training files (carved, or a split column) is first written once per run to files of
   its own (``write_aside``, under ``<out>/splits/``), so each of those reads decodes only its own rows.
 
-Splits: declared files (``data.train/val/test``) or a split column are used as they are. A split that is
+Splits: declared files (``data.train/val/test``) or a split column are used as they are; with a split column,
+each split reads only the files that hold its rows, and filters nothing when they hold no other split's rows
+(``raydistill data prepare`` writes them so). A split that is
 not declared is carved from the training files by a hash of (``data.seed``, sample id) into 10,000
 buckets, test first, then val (``data.test_fraction``, ``data.val_fraction``): deterministic for a
 seed and decidable row by row while streaming (not stratified by class, unlike the in-memory carving).
@@ -158,6 +160,16 @@ def _columns_of(files: tuple[str, ...], columns: list[str], location, filesystem
             else table[c].to_numpy() for c in columns}
 
 
+def _splits_per_file(dataset, split: np.ndarray) -> list[set] | None:
+    """The split values each file of ``dataset`` holds, from ``split`` (the split column of all its rows, in file
+    order); None when the files' row counts do not add up to it (then every split reads every file)."""
+    counts = [fragment.metadata.num_rows for fragment in dataset.get_fragments()]
+    if sum(counts) != len(split):
+        return None
+    edges = np.cumsum([0, *counts])
+    return [set(split[a:b].tolist()) for a, b in zip(edges[:-1], edges[1:])]
+
+
 def _check_row_length(path: str, feature_column: str, shape: tuple[int, ...], filesystem=None) -> None:
     """The first rows of a file must fit ``data.shape``: a file written for another shape fails here, before any
     training (a stray row further in fails where it is read, also as a DataError)."""
@@ -220,6 +232,18 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     split = cols.get(split_column) if split_column else None
     if len(np.unique(ids)) != len(ids):
         raise DataError(f"id column {d.id_column!r} has duplicate ids in {location}; make ids unique")
+    holds = _splits_per_file(dataset, split) if split_column else None
+
+    def rows_of(value: str) -> dict:
+        """The files and row filter of the rows whose split column is ``value``: only the files that hold such
+        rows, and no filter when those files hold nothing else (``raydistill data prepare`` writes each split
+        to files of its own, so a training epoch no longer decodes the val and test rows to drop them)."""
+        if holds is None:
+            return dict(files=files, split_column=split_column, split_value=value)
+        mine = [h for h in holds if value in h]
+        alone = all(h == {value} for h in mine)
+        return dict(files=tuple(f for f, h in zip(files, holds) if value in h),
+                    split_column=None if alone else split_column, split_value=None if alone else value)
 
     plans: dict[str, SplitPlan] = {}
     origin: dict[str, str] = {}
@@ -248,12 +272,11 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         for name in ("val", "test"):
             mask = split == name
             if mask.any():
-                plans[name] = SplitPlan(files, split_column, name, rows=int(mask.sum()), filesystem=filesystem)
+                plans[name] = SplitPlan(**rows_of(name), rows=int(mask.sum()), filesystem=filesystem)
                 kept[name] = (ids[mask], labels[mask])
                 origin[name] = f"declared: rows with {split_column} == '{name}' in {location}"
     # the training pool, and what is carved from it by id bucket (test first, then val)
-    base = dict(split_column=split_column, split_value="train" if split_column else None, seed=seed,
-                filesystem=filesystem)
+    base = dict(**(rows_of("train") if split_column else dict(files=files)), seed=seed, filesystem=filesystem)
     pool = split == "train" if split_column else np.ones(len(ids), bool)
     lo = 0
     bucket = _bucket(ids, seed)
@@ -262,12 +285,12 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
             continue
         hi = lo + int(round(fraction * CARVE_BUCKETS))
         mask = pool & (bucket >= lo) & (bucket < hi)
-        plans[name] = SplitPlan(files, **base, carve=(lo, hi), rows=int(mask.sum()))
+        plans[name] = SplitPlan(**base, carve=(lo, hi), rows=int(mask.sum()))
         kept[name] = (ids[mask], labels[mask])
         origin[name] = f"carved from {location} by a hash of (data.seed={seed}, id) (data.{name}_fraction={fraction})"
         lo = hi
     mask = pool & (bucket >= lo) if lo else pool
-    plans["train"] = SplitPlan(files, **base, carve=(lo, CARVE_BUCKETS) if lo else None, rows=int(mask.sum()))
+    plans["train"] = SplitPlan(**base, carve=(lo, CARVE_BUCKETS) if lo else None, rows=int(mask.sum()))
     kept["train"] = (ids[mask], labels[mask])
     origin["train"] = f"{location}" + (" less the carved splits" if lo else "")
     if plans["train"].rows == 0:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -51,11 +52,16 @@ def image_folder(tmp_path_factory):
 def test_digits_roundtrip_same_arrays_and_ids(digits_shards):
     out, summary = digits_shards
     files = sorted(out.glob("*.parquet"))
-    assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(4)]  # 1797 rows / 500
+    # grouped by split, 500 rows a file: train 1,258 rows in 3 files, val 180 in 1, test 359 in 1
+    assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(5)]
+    assert [set(pq.read_table(f)["split"].to_pylist()) for f in files] == [{"train"}] * 3 + [{"val"}, {"test"}]
     assert summary["rows"] == 1797 and summary["shape"] == [1, 8, 8] and summary["num_classes"] == 10
     table = pq.read_table(out)
     assert table.column_names == ["id", "label", "features", "split"]
-    np.testing.assert_array_equal(table["id"].to_numpy(), np.arange(1797))  # sorted by id, unique
+    np.testing.assert_array_equal(np.sort(table["id"].to_numpy()), np.arange(1797))  # every id once
+    for name in ("train", "val", "test"):  # sorted by id within a split
+        ids = table.filter(pc.equal(table["split"], name))["id"].to_numpy()
+        assert (np.diff(ids) > 0).all(), name
     loaded = data.load_splits("parquet", path=str(out))
     _assert_same_splits(loaded, data.load_splits("digits"))
     assert loaded.origin["test"].startswith("declared: rows with split == 'test'")
@@ -66,7 +72,9 @@ def test_digits_roundtrip_same_arrays_and_ids(digits_shards):
 def test_imagefolder_roundtrip(image_folder, tmp_path):
     out = tmp_path / "imgs"
     summary = prepare("imagefolder", str(out), root=str(image_folder), image_size=16, rows_per_file=5)
-    assert summary["rows"] == 14 and summary["shape"] == [3, 16, 16] and len(summary["files"]) == 3
+    per_split = summary["split"]
+    assert summary["rows"] == 14 and summary["shape"] == [3, 16, 16]
+    assert len(summary["files"]) == sum(-(-per_split[n] // 5) for n in ("train", "val", "test"))  # per split
     loaded = data.load_splits("parquet", path=str(out))
     _assert_same_splits(loaded, data.load_splits("imagefolder", root=str(image_folder), image_size=16))
     assert loaded.num_classes == 2
@@ -75,7 +83,8 @@ def test_imagefolder_roundtrip(image_folder, tmp_path):
 def test_uri_output_roundtrip(tmp_path):
     uri = (tmp_path / "remote").as_uri()  # file:///... goes through the pyarrow filesystem path
     summary = prepare("digits", uri, rows_per_file=1000, image_size=4)
-    assert summary["files"] == [f"{uri}/part-00000.parquet", f"{uri}/part-00001.parquet"]
+    # train 1,258 rows in 2 files, val 180 and test 359 in one each
+    assert summary["files"] == [f"{uri}/part-{i:05d}.parquet" for i in range(4)]
     assert not list(tmp_path.glob("**/.*"))  # no staging leftovers
     _assert_same_splits(data.load_splits("parquet", path=uri), data.load_splits("digits", image_size=4))
     with pytest.raises(ValueError, match="not empty"):
@@ -129,7 +138,9 @@ def test_cli_prepare_and_errors(image_folder, tmp_path, capsys):
     done = _cli("imagefolder", "--root", str(image_folder), "--out", str(out), "--rows-per-file", "4", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"data.path={out}" in done.stdout and "14 rows" in done.stdout
-    assert len(list(out.glob("part-*.parquet"))) == 4
+    splits = data.load_splits("parquet", path=str(out))
+    assert len(list(out.glob("part-*.parquet"))) == sum(-(-len(p) // 4) for p in (splits.train, splits.val,
+                                                                                  splits.test))
     assert len(data.load_splits("parquet", path=str(out)).test) == round(0.2 * 14)
 
     # the errors through the same entry point in this process (no interpreter start-up each)

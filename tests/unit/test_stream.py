@@ -93,6 +93,41 @@ def test_fixed_size_list_features_load_in_memory_and_streamed_and_a_wrong_size_i
         plan_stream(_data(**{"data.path": str(path), "data.shape": [3, 3]}))
 
 
+def _interleaved_digits(folder) -> str:
+    """Digits with a split column, all splits in every file (sorted by id), as data from elsewhere may come."""
+    from raydistill.data import Arrays, load_splits, write_parquet
+
+    splits = load_splits("digits")
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    ids = np.concatenate([p.ids for p in parts.values()])
+    order = np.argsort(ids)
+    x, y = (np.concatenate([getattr(p, a) for p in parts.values()])[order] for a in ("x", "y"))
+    names = np.concatenate([[name] * len(p) for name, p in parts.items()])[order]
+    write_parquet(Arrays(x, y, ids[order], 10, splits.shape), folder, rows_per_file=500, split=names)
+    return str(folder)
+
+
+def test_a_split_in_files_of_its_own_reads_only_them_with_no_filter(tmp_path):
+    """Prepared data (each split in files of its own) and the same rows interleaved in every file: the same rows,
+    order and arrays per split; prepared, each split's plan names only its files and filters nothing, so a
+    training epoch decodes no val or test row, and no split needs writing aside."""
+    from raydistill.stream import needs_aside
+
+    prepare("digits", str(tmp_path / "grouped"), rows_per_file=500)
+    grouped = plan_stream(_data(**{"data.path": str(tmp_path / "grouped")}))
+    mixed = plan_stream(_data(**{"data.path": _interleaved_digits(tmp_path / "mixed")}))
+    files = sorted(str(f) for f in (tmp_path / "grouped").glob("*.parquet"))
+    assert (grouped.train.files, grouped.val.files, grouped.test.files) == (tuple(files[:3]), (files[3],),
+                                                                           (files[4],))
+    assert len(mixed.train.files) == len(mixed.test.files) == 4 and mixed.train.split_column == "split"
+    for split in ("train", "val", "test"):
+        plan = grouped.plan(split)
+        assert plan.split_column is None and plan.carve is None and not needs_aside(plan), split
+        a, b = _read(grouped, split), _read(mixed, split)
+        assert np.array_equal(a[2], b[2]) and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), split
+        assert grouped.rows(split) == mixed.rows(split) == len(a[1])
+
+
 def _read(data, split, batch_size=64):
     parts = list(iter_split(data, split, batch_size=batch_size))
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
@@ -102,9 +137,8 @@ def _read(data, split, batch_size=64):
 def test_filtered_val_and_test_are_written_aside_once_with_the_same_rows(source, tmp_path):
     from raydistill.stream import write_aside
 
-    if source == "split_column":
-        prepare("digits", str(tmp_path / "d"), rows_per_file=500)
-        d = _data(**{"data.path": str(tmp_path / "d")})
+    if source == "split_column":  # digits with its split column, the splits interleaved in every file
+        d = _data(**{"data.path": _interleaved_digits(tmp_path / "d")})
     else:
         d = _data(**{"data.path": _folder(tmp_path / "d"), "data.shape": [6], "data.val_fraction": 0.2,
                      **({"data.limit": 30} if source == "carved_limit" else {})})
