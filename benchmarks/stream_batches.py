@@ -10,7 +10,12 @@ a local Ray (as Ray Train's local mode reads it), each batch turned into trainin
   test: batches of 1,024 rows, the carve filter applied): the floor (every streamed epoch decodes at least this);
 * ``ray_data bs N``: ``stream.train_dataset`` read as ``worker.StreamedTrain`` reads it: ``iter_batches`` of N rows,
   pyarrow format, a local shuffle buffer of 4,096 rows (``data.shuffle_buffer``'s default), per-epoch file shuffle;
-* ``ray_data bs 1024, no shuffle``: the same without the local shuffle buffer.
+* ``ray_data bs 1024, no shuffle``: the same without the local shuffle buffer;
+* ``split column, interleaved`` and ``split column, own files``: the same rows with a split column naming the same
+  train / val / test rows, read as ``ray_data bs 1024``: in files holding all three splits (sorted by id, 4,096 rows
+  a file: the layout ``raydistill data prepare`` wrote before 2026-12-02, and what data from elsewhere may have) and
+  in files of one split each (what it writes now: the training stream then reads the train files only, with no row
+  filter). Their CPU is also given against each other.
 
 Each variant is timed by wall clock and by **machine CPU** (busy time of every core from /proc/stat, so the read
 tasks in Ray's worker processes count too), split into the reading process's own CPU (``time.process_time``: what a
@@ -70,6 +75,36 @@ def time_epochs(variants: dict, epochs: int) -> dict:
     return runs
 
 
+def split_column_copies(work: Path, data) -> dict[str, Path]:
+    """The set's rows written again with a ``split`` column naming the same train / val / test rows as ``data``'s
+    carving: sorted by id in files of 4,096 rows holding every split ("interleaved"), and grouped by split into
+    files of their own ("own files"), both by ``raydistill.data.write_parquet`` as ``raydistill data prepare``
+    calls it (it starts a new file where grouped rows change split)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydistill.data import Arrays, write_parquet
+    from raydistill.stream import _bucket
+
+    table = pa.concat_tables(pq.read_table(f) for f in data.train.files)
+    ids = table["id"].to_numpy()
+    bucket = _bucket(ids, data.train.seed)
+    split = np.full(len(ids), "train", dtype=object)
+    for name in ("val", "test"):
+        lo, hi = data.plan(name).carve
+        split[(bucket >= lo) & (bucket < hi)] = name
+    x = np.asarray(table["features"].combine_chunks().flatten()).reshape(len(ids), *data.shape)
+    y = table["label"].to_numpy()
+    folders = {}
+    for layout, order in (("interleaved", np.argsort(ids, kind="stable")),
+                          ("own files", np.lexsort((ids, [("train", "val", "test").index(s) for s in split])))):
+        folders[layout] = work / layout.replace(" ", "_")
+        write_parquet(Arrays(x[order], y[order], ids[order], data.num_classes, data.shape), folders[layout],
+                      rows_per_file=4096, split=split[order])
+    return folders
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=25_000, help="rows written (70%% are the training split)")
@@ -101,19 +136,27 @@ def main() -> None:
 
     dataset = train_dataset(data, seed=0)
 
-    def ray_data(batch_size: int, shuffle: bool):
+    def ray_data(batch_size: int, shuffle: bool, source=None):
+        source = source or data
+        stream = dataset if source is data else train_dataset(source, seed=0)
+
         def epoch_fn(epoch: int) -> int:
             n = 0
-            for batch in dataset.iter_batches(batch_size=batch_size, batch_format="pyarrow",
-                                              local_shuffle_buffer_size=SHUFFLE_BUFFER if shuffle else None,
-                                              local_shuffle_seed=epoch if shuffle else None):
-                n += len(to_arrays(data, batch, "rows")[1])
+            for batch in stream.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+                                             local_shuffle_buffer_size=SHUFFLE_BUFFER if shuffle else None,
+                                             local_shuffle_seed=epoch if shuffle else None):
+                n += len(to_arrays(source, batch, "rows")[1])
             return n
         return epoch_fn
 
     variants = {"pyarrow": pyarrow_epoch}
     variants.update({f"ray_data bs {bs}": ray_data(bs, True) for bs in args.batch_sizes})
     variants["ray_data bs 1024, no shuffle"] = ray_data(1024, False)
+    for layout, folder in split_column_copies(work, data).items():
+        other = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(folder),
+                                               "data.shape": args.shape}).data)
+        assert other.train.rows == plan.rows, (layout, other.train.rows, plan.rows)  # the same training rows
+        variants[f"split column, {layout}"] = ray_data(1024, True, other)
     for epoch in range(2):  # untimed: Ray's worker processes start and import on their first read tasks
         variants["ray_data bs 1024, no shuffle"](epoch)
     results = time_epochs(variants, args.epochs)
@@ -131,6 +174,8 @@ def main() -> None:
         print(f"| {name} | {r['rows']:,} | {r['wall_s']:.2f} | {r['machine_cpu_s']:.2f} | "
               f"{r['machine_cpu_s'] / floor:.2f} | {r['machine_cpu_s'] * per_k:.0f} | "
               f"{r['reader_cpu_s'] * per_k:.0f} | {(r['machine_cpu_s'] - r['reader_cpu_s']) * per_k:.0f} |")
+    grouped, mixed = (results[f"split column, {k}"]["machine_cpu_s"] for k in ("own files", "interleaved"))
+    print(f"\nsplit column: files of one split use {grouped / mixed:.2f}x the machine CPU of interleaved files")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "args": vars(args), "train_rows": plan.rows,
