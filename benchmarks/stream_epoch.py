@@ -4,8 +4,9 @@
 
 raydistill's streamed training split is a ``ray.data.read_parquet`` Dataset that is executed once per epoch
 (``iter_batches`` in the training loop; the file order is reshuffled every execution). This times that loop alone,
-no model, on the bundled digits prepared as Parquet (1,797 rows in 6 files of 300 rows, `raydistill data
-prepare digits`), in one process on a local Ray (as Ray Train's local mode runs it):
+no model, on the bundled digits prepared as Parquet (1,797 rows in 8 files of at most 300 rows, `raydistill data
+prepare digits`: each split in files of its own, 5 train, 1 val, 2 test), in one process on a local Ray (as Ray
+Train's local mode runs it):
 
 * ``pyarrow``: the same files read batch by batch with pyarrow in this process, the floor;
 * ``ray_data_v2``: Ray 2.60's default Parquet datasource (V2, which lists files through a FooterReader actor pool
@@ -13,8 +14,8 @@ prepare digits`), in one process on a local Ray (as Ray Train's local mode runs 
 * ``ray_data_v1``: the V1 datasource (``DataContext.use_datasource_v2 = False``) with Ray Data's default
   number of read blocks;
 * ``raydistill_stream``: ``stream.train_dataset`` itself, as a run reads its training split: V1, one read task per
-  file with the split filter fused into it, 8 MB blocks; it reads the training rows only (val and test are carved
-  out by id), so its rows differ from the others'.
+  file, 8 MB blocks; it reads the training split only (the 5 train files, no row filter: they hold nothing else),
+  so its rows differ from the others'.
 
 The two plain Ray Data variants read with the same options as ``stream.train_dataset``: ``preserve_order``, a per-epoch
 file shuffle (``FileShuffleConfig(seed, reseed_after_execution=True)``), batches of 64 as numpy. The first epoch
@@ -90,7 +91,7 @@ def main() -> None:
         from raydistill.stream import plan_stream, train_dataset
 
         data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(folder)}).data)
-        ds = train_dataset(data, seed=0)  # carves val/test out by id, as a run does: 1,258 training rows
+        ds = train_dataset(data, seed=0)  # the training split, as a run reads it: 1,258 rows
 
         def epoch() -> int:
             return sum(len(b["label"]) for b in ds.iter_batches(batch_size=64, batch_format="numpy"))
