@@ -195,7 +195,7 @@ def test_nan_in_data_is_refused_before_training(files, tmp_path, capsys):
 
 
 def test_disk_full_while_writing_keeps_old_outputs(tmp_path):
-    """Real write failure: the file-size limit (RLIMIT_FSIZE) makes writes past 64 KiB fail with EFBIG."""
+    """Real write failure: the file-size limit (RLIMIT_FSIZE) makes writes past 8 KiB fail with EFBIG."""
     out = tmp_path / "prepared"
     out.mkdir()
     sentinel = out / "keep.txt"
@@ -203,9 +203,10 @@ def test_disk_full_while_writing_keeps_old_outputs(tmp_path):
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
 
-    # `data prepare digits` writes ~0.5 MB of Parquet: past the limit, so its atomic write fails for real.
+    # `data prepare digits` writes its train split first, ~60 KB of Parquet (dictionary-encoded: digits' pixels take
+    # few values): past the limit, so its atomic write fails for real.
     cmd = [sys.executable, "-m", "raydistill.cli", "data", "prepare", "digits", "--out", str(out / "digits")]
     res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit)
     assert res.returncode == 2, res.stderr
