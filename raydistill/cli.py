@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -157,6 +159,16 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         print("raydistill: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout's reader went away (`raydistill run ... | head`): stop as a command killed by SIGPIPE does, quietly
+        # (Python's documented handling: point stdout at /dev/null so the exit's flush cannot raise again). Like
+        # Ctrl-C, finished stages and checkpoints stay; the same command resumes.
+        if "ray" in sys.modules:
+            import ray
+
+            ray.shutdown()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except UserError as e:
         if args.debug:
             traceback.print_exc()

@@ -76,6 +76,23 @@ def test_default_run_console_is_one_line_per_event(tmp_path):
     assert "core_worker.cc" not in cache.stdout + cache.stderr and "Traceback" not in cache.stderr, cache.stderr
 
 
+def test_a_run_whose_stdout_is_closed_stops_quietly(tmp_path):
+    """`raydistill run ... | head -1`: when the reader of stdout goes away, the command stops as one killed by
+    SIGPIPE does (exit 141), with no traceback and no "this is a bug" line; the same command resumes."""
+    proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "run", "--out", str(tmp_path / "run"),
+                             *SMOKE_ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        first = proc.stdout.readline()
+        proc.stdout.close()  # the reader is gone: the command's next line meets a broken pipe
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert first.startswith("[raydistill] data digits") and rc == 141, (first, rc, err[-2000:])
+    assert "Traceback" not in err and "bug" not in err, err[-2000:]
+
+
 def test_local_mode_is_reproducible(ray_local, tmp_path, tiny_teacher, capsys):
     """Same config, same seed, two run folders: the same accuracies for every model. Both runs are quiet: in
     local mode the loop runs in this process, so not one epoch line reaches its stdout."""
