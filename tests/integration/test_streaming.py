@@ -142,8 +142,10 @@ def test_streamed_run_killed_mid_kd_resumes_with_the_stream_at_that_epoch(cached
     process) during KD on streamed data; the same command resumes KD from its last epoch checkpoint, the stream
     restarted at that epoch, at most one epoch redone, finished stages not redone."""
     _, first, _ = cached_run
+    # the teacher labels each batch in this process (what is tested is the stream's restart, not the teacher's
+    # actor: each of the two commands would start one)
     sets = {**TINY, "data.source": "parquet", "data.path": shards, "teacher.checkpoint": str(first / "teacher.pt"),
-            "distill.epochs": 6, "prune.ratio": 0.0, "quantize.scheme": "none"}
+            "distill.epochs": 6, "prune.ratio": 0.0, "quantize.scheme": "none", "distill.teacher_mode": "inprocess"}
     cmd = [sys.executable, "-m", "raydistill.cli", "run", "--out", str(tmp_path / "run")]
     cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     journal = tmp_path / "run" / "journal.jsonl"
