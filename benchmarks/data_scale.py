@@ -10,6 +10,12 @@ label-only and one of KD training, no pruning or int8. While it runs a sampler r
 driver (the `raydistill` process) and of each Ray Train worker (`RayTrainWorker` processes) from /proc;
 the table gives each one's peak, and the KD stage's samples/s (report.json's throughput, global, median epoch).
 
+``--layout prepared`` writes the same rows as ``raydistill data prepare`` lays a set out instead: a ``split`` column
+naming the rows the carving would give (test 20 %, val 10 %, by the same hash of (seed 0, id)) and each split in
+files of its own (train files first), so a streamed epoch reads the train files only, with no row filter, as it does
+on CIFAR-10 or an image folder after `data prepare`. The default, ``carved``, has no split column: val and test are
+carved out of every file by id, and a streamed epoch reads every file and drops ~30 % of its rows.
+
 Goals (issue 13): every process's peak RSS at 16x <= 1.3x its peak at 1x; streamed samples/s at 1x >= 0.8x the
 in-memory path's. The accuracy columns compare the streamed shuffle (a per-epoch file order plus a local shuffle
 buffer) with the in-memory path's full permutation on the same data and epochs.
@@ -53,6 +59,34 @@ def write_data(folder: Path, rows: int, seed: int = 0, rows_per_file: int = 4096
         table = pa.table({"id": ids, "label": y, "features": pa.FixedSizeListArray.from_arrays(
             pa.array(x.reshape(-1)), x.shape[1])})
         pq.write_table(table, folder / f"part-{part:05d}.parquet")
+
+
+def write_prepared(folder: Path, rows: int, seed: int = 0) -> None:
+    """``write_data``'s rows laid out as ``raydistill data prepare`` writes a set: a split column naming the rows
+    that carving would give (``stream.plan_stream`` with the default fractions and data.seed 0), each split in
+    files of its own of at most 4,096 rows (``data.write_parquet``, as prepare calls it)."""
+    import pyarrow.parquet as pq
+
+    from raydistill import config
+    from raydistill.data import Arrays, write_parquet
+    from raydistill.stream import _bucket, plan_stream
+
+    carved = folder.with_name(folder.name + "-carved")
+    write_data(carved, rows, seed=seed)
+    plan = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(carved),
+                                          "data.shape": list(SHAPE)}).data)
+    table = pq.read_table(carved)
+    ids = table["id"].to_numpy()
+    bucket = _bucket(ids, plan.train.seed)
+    split = np.full(len(ids), "train", dtype=object)
+    for name in ("val", "test"):
+        lo, hi = plan.plan(name).carve
+        split[(bucket >= lo) & (bucket < hi)] = name
+    order = np.lexsort((ids, [("train", "val", "test").index(v) for v in split]))
+    x = np.asarray(table["features"].combine_chunks().flatten()).reshape(len(ids), *SHAPE)
+    write_parquet(Arrays(x[order], table["label"].to_numpy()[order], ids[order], 10, SHAPE), folder,
+                  rows_per_file=4096, split=split[order])
+    shutil.rmtree(carved)
 
 
 def _rss_mb(pid: str) -> dict[str, float]:
@@ -150,6 +184,9 @@ def main() -> None:
                     help="run the first scale's streamed/in-memory pair this many times, seeds 0..R-1, alternating")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a further config override for every run (VALUE as JSON), e.g. data.stream_buffer_mb=64")
+    ap.add_argument("--layout", choices=("carved", "prepared"), default="carved",
+                    help="carved: no split column, val/test carved out of every file by id; prepared: a split "
+                         "column, each split in files of its own, as `raydistill data prepare` writes")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_scale.json"))
     args = ap.parse_args()
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -159,7 +196,7 @@ def main() -> None:
     teacher = None
     for scale in args.scales:
         data = work / f"data{scale}"
-        write_data(data, args.base_rows * scale, seed=scale)
+        (write_prepared if args.layout == "prepared" else write_data)(data, args.base_rows * scale, seed=scale)
         if teacher is None:
             teacher = train_teacher(data, work)
         runs = ([(s, stream) for s in range(args.repeats) for stream in (True, False)] if scale == args.scales[0]
