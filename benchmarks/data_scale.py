@@ -61,31 +61,42 @@ def write_data(folder: Path, rows: int, seed: int = 0, rows_per_file: int = 4096
         pq.write_table(table, folder / f"part-{part:05d}.parquet")
 
 
+def write_with_split_column(data, folder: Path, grouped: bool = True) -> None:
+    """The rows of a carved set (``data``: its ``stream.StreamData``) written again to ``folder`` with a ``split``
+    column naming the rows its carving gives to train, val and test, by ``data.write_parquet`` in files of at most
+    4,096 rows: ``grouped``, each split in files of its own (train files first), as ``raydistill data prepare``
+    lays a set out; otherwise sorted by id, every split in every file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydistill.data import Arrays, write_parquet
+    from raydistill.stream import _bucket
+
+    table = pa.concat_tables(pq.read_table(f) for f in data.train.files)
+    ids = table["id"].to_numpy()
+    bucket = _bucket(ids, data.train.seed)
+    split = np.full(len(ids), "train", dtype=object)
+    for name in ("val", "test"):
+        lo, hi = data.plan(name).carve
+        split[(bucket >= lo) & (bucket < hi)] = name
+    order = (np.lexsort((ids, [("train", "val", "test").index(v) for v in split])) if grouped
+             else np.argsort(ids, kind="stable"))
+    x = np.asarray(table["features"].combine_chunks().flatten()).reshape(len(ids), *data.shape)
+    write_parquet(Arrays(x[order], table["label"].to_numpy()[order], ids[order], data.num_classes, data.shape),
+                  folder, rows_per_file=4096, split=split[order])
+
+
 def write_prepared(folder: Path, rows: int, seed: int = 0) -> None:
     """``write_data``'s rows laid out as ``raydistill data prepare`` writes a set: a split column naming the rows
     that carving would give (``stream.plan_stream`` with the default fractions and data.seed 0), each split in
-    files of its own of at most 4,096 rows (``data.write_parquet``, as prepare calls it)."""
-    import pyarrow.parquet as pq
-
+    files of its own."""
     from raydistill import config
-    from raydistill.data import Arrays, write_parquet
-    from raydistill.stream import _bucket, plan_stream
+    from raydistill.stream import plan_stream
 
     carved = folder.with_name(folder.name + "-carved")
     write_data(carved, rows, seed=seed)
-    plan = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(carved),
-                                          "data.shape": list(SHAPE)}).data)
-    table = pq.read_table(carved)
-    ids = table["id"].to_numpy()
-    bucket = _bucket(ids, plan.train.seed)
-    split = np.full(len(ids), "train", dtype=object)
-    for name in ("val", "test"):
-        lo, hi = plan.plan(name).carve
-        split[(bucket >= lo) & (bucket < hi)] = name
-    order = np.lexsort((ids, [("train", "val", "test").index(v) for v in split]))
-    x = np.asarray(table["features"].combine_chunks().flatten()).reshape(len(ids), *SHAPE)
-    write_parquet(Arrays(x[order], table["label"].to_numpy()[order], ids[order], 10, SHAPE), folder,
-                  rows_per_file=4096, split=split[order])
+    write_with_split_column(plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(carved),
+                                                           "data.shape": list(SHAPE)}).data), folder)
     shutil.rmtree(carved)
 
 

@@ -77,31 +77,14 @@ def time_epochs(variants: dict, epochs: int) -> dict:
 
 def split_column_copies(work: Path, data) -> dict[str, Path]:
     """The set's rows written again with a ``split`` column naming the same train / val / test rows as ``data``'s
-    carving: sorted by id in files of 4,096 rows holding every split ("interleaved"), and grouped by split into
-    files of their own ("own files"), both by ``raydistill.data.write_parquet`` as ``raydistill data prepare``
-    calls it (it starts a new file where grouped rows change split)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    carving (``data_scale.write_with_split_column``): sorted by id in files of 4,096 rows holding every split
+    ("interleaved"), and grouped by split into files of their own ("own files", as ``raydistill data prepare``
+    writes)."""
+    from data_scale import write_with_split_column
 
-    from raydistill.data import Arrays, write_parquet
-    from raydistill.stream import _bucket
-
-    table = pa.concat_tables(pq.read_table(f) for f in data.train.files)
-    ids = table["id"].to_numpy()
-    bucket = _bucket(ids, data.train.seed)
-    split = np.full(len(ids), "train", dtype=object)
-    for name in ("val", "test"):
-        lo, hi = data.plan(name).carve
-        split[(bucket >= lo) & (bucket < hi)] = name
-    x = np.asarray(table["features"].combine_chunks().flatten()).reshape(len(ids), *data.shape)
-    y = table["label"].to_numpy()
-    folders = {}
-    for layout, order in (("interleaved", np.argsort(ids, kind="stable")),
-                          ("own files", np.lexsort((ids, [("train", "val", "test").index(s) for s in split])))):
-        folders[layout] = work / layout.replace(" ", "_")
-        write_parquet(Arrays(x[order], y[order], ids[order], data.num_classes, data.shape), folders[layout],
-                      rows_per_file=4096, split=split[order])
+    folders = {"interleaved": work / "interleaved", "own files": work / "own_files"}
+    for layout, folder in folders.items():
+        write_with_split_column(data, folder, grouped=layout == "own files")
     return folders
 
 
