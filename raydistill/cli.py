@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _disconnect_ray() -> None:
+    """End this driver's Ray Train runs and actors (a stage running in a second thread included), if Ray is up."""
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -153,20 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Disconnecting ends this driver's Ray Train runs and actors (a stage running in a second
         # thread included), so the process stops in seconds; checkpoints and finished stages stay.
-        if "ray" in sys.modules:
-            import ray
-
-            ray.shutdown()
+        _disconnect_ray()
         print("raydistill: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # stdout's reader went away (`raydistill run ... | head`): stop as a command killed by SIGPIPE does, quietly
         # (Python's documented handling: point stdout at /dev/null so the exit's flush cannot raise again). Like
         # Ctrl-C, finished stages and checkpoints stay; the same command resumes.
-        if "ray" in sys.modules:
-            import ray
-
-            ray.shutdown()
+        _disconnect_ray()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except UserError as e:
