@@ -33,7 +33,8 @@ class Head:
     tmp: Path  # TMPDIR of the head's processes (Ray workers, job drivers): what they leave in temporary files
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports nothing listens on now (bound together, then released)."""
     sockets = []
     try:
         for _ in range(n):
@@ -118,7 +119,7 @@ def ray_head(log_dir: Path, num_cpus: int = 4):
     env.pop("RAY_ADDRESS", None)
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=120)
     token = (home / ".ray" / "auth_token").read_text().strip()
-    gcs_port, dashboard_port, agent_port, client_port = _free_ports(4)
+    gcs_port, dashboard_port, agent_port, client_port = free_ports(4)
     gcs = f"127.0.0.1:{gcs_port}"
     # RAY_ADDRESS for the head's processes (job drivers included): Ray's own helpers look the cluster up by
     # address=None, which is ambiguous while other Ray clusters run on this machine. No SIGTERM drain wait.

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from shared_head import free_ports
 
 from raydistill import config
 from raydistill.errors import DataError
@@ -25,16 +26,10 @@ TINY = {"teacher.epochs": 1, "distill.epochs": 1, "prune.ratio": 0.0, "quantize.
         "teacher.kwargs": {"widths": [16, 32], "hidden": 64}, "distill.teacher_mode": "cache"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def bucket():
     """A URI maker for a bucket on a local S3 server: ``bucket("digits")`` -> s3://key:secret@data/digits?..."""
-    port = _free_port()
+    (port,) = free_ports(1)
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
