@@ -381,9 +381,11 @@ def row_length_error(feature_column: str, where: str, lengths, shape: tuple[int,
     )
 
 
-def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: str) -> np.ndarray:
+def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: str, copy: bool = True
+                   ) -> np.ndarray:
     """(N,) list column of floats (a pyarrow Array or ChunkedArray) -> (N, *shape) float32, checking every row's
-    length. The in-memory loader and the streamed batches (``stream.to_arrays``) both check rows with it."""
+    length. The in-memory loader and the streamed batches (``stream.to_arrays``) both check rows with it.
+    ``copy=False``: float32 values stay a (read-only) view of Arrow's buffer, for a caller that copies them."""
     shape = tuple(shape)
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -416,7 +418,7 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
         lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
         if len(lengths) != 1 or lengths[0] != need:
             raise row_length_error(feature_column, where, lengths, shape)
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=copy)
     return values.reshape(len(column), *shape)
 
 

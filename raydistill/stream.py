@@ -321,20 +321,22 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
                       id_column=d.id_column, fingerprint=digest.hexdigest(), origin=origin)
 
 
-def to_arrays(data: StreamData, batch, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def to_arrays(data: StreamData, batch, where: str, writable: bool = True
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A batch as read -> x (B, *shape) float32, y (B,) int64, ids (B,) int64; ``where`` names the rows in errors.
 
     ``batch``: a pyarrow Table or RecordBatch (the training stream and ``iter_split``: the list column becomes
     one flat array, checked row by row by the in-memory loader's ``data._flat_features``), or numpy columns (the
     cache builder's ``map_batches``: a list column then arrives as an array of per-row arrays, stacked here;
-    ~3 % of a streamed worker's samples in a py-spy profile when the training stream read numpy)."""
+    ~3 % of a streamed worker's samples in a py-spy profile when the training stream read numpy). ``writable=False``
+    leaves arrays that are views of Ray Data's read-only blocks as they are (for a caller that copies them anyway)."""
     import pyarrow as pa
 
     from raydistill.data import _flat_features, row_length_error
 
     need = math.prod(data.shape)
     if isinstance(batch, (pa.Table, pa.RecordBatch)):
-        x = _flat_features(batch.column(data.feature_column), data.shape, data.feature_column, where)
+        x = _flat_features(batch.column(data.feature_column), data.shape, data.feature_column, where, copy=writable)
         columns = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in (data.label_column, data.id_column)}
     else:
         features = batch[data.feature_column]
@@ -349,8 +351,70 @@ def to_arrays(data: StreamData, batch, where: str) -> tuple[np.ndarray, np.ndarr
         x, columns = np.ascontiguousarray(features, dtype=np.float32).reshape(n, *data.shape), batch
     # writable: Ray Data hands out read-only views of its blocks, which torch.from_numpy warns about (a copy only
     # when the batch is such a view)
+    if not writable:
+        return x, np.asarray(columns[data.label_column], np.int64), np.asarray(columns[data.id_column], np.int64)
     return tuple(np.require(a, requirements="W") for a in (
         x, np.asarray(columns[data.label_column], np.int64), np.asarray(columns[data.id_column], np.int64)))
+
+
+class ShuffleBuffer:
+    """A seeded local shuffle buffer over numpy rows: each batch is drawn uniformly at random from the rows it
+    holds, and batches are given out only while it holds at least ``size`` rows (then, at the end, until it is
+    empty). Rows go in by blocks (``add``) and come out as batches of ``batch_size`` (``batches``; every batch full
+    but the last one of ``drain``). Holds at most ``size`` rows plus one block, whatever the data's size.
+
+    Why not Ray Data's ``iter_batches(local_shuffle_buffer_size=...)``: its buffer concatenates Arrow blocks and
+    ``take``s rows out of them, which for a list column of features costs more than decoding them. py-spy on a
+    reading process (CIFAR-sized rows as ``raydistill data prepare`` writes them, batches of 256, buffer 4,096):
+    the shuffle buffer's ``take``, its re-``take`` of carried rows and its ``combine_chunks`` were 45 % of the
+    process's CPU; ``pyarrow.Table.take`` of 1,000 such rows costs 23 CPU-ms on a list column (7 on a fixed-size
+    list), several times what copying them with numpy costs (docs/benchmarks.md, "Streaming: the shuffle
+    buffer"). Here each row is copied twice: into a free slot of the buffer, and out in its batch; only the slot
+    numbers move."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.columns = max(1, int(size)), None
+        self.restart(seed)
+
+    def restart(self, seed: int) -> None:
+        """Empty, with a new seed (a new epoch); keeps its arrays, whose pages are then already mapped."""
+        self.rng = np.random.default_rng(seed)
+        self.live = np.zeros(0, np.int64)  # the slots holding rows not yet given out, in the order they came
+        self.free = np.arange(0 if self.columns is None else len(self.columns[0]), dtype=np.int64)
+
+    @property
+    def n(self) -> int:
+        return len(self.live)
+
+    def add(self, *columns: np.ndarray) -> None:
+        """Put a block of rows in: arrays of equal length (x, y, ids, ...)."""
+        m = len(columns[0])
+        if m > len(self.free):  # room for a full buffer and two blocks of this size (so it rarely grows again)
+            had = 0 if self.columns is None else len(self.columns[0])
+            grown = [np.empty((max(had + m, self.size + 2 * m), *c.shape[1:]), c.dtype) for c in columns]
+            for new, old in zip(grown, self.columns or ()):
+                new[:had] = old
+            self.columns, self.free = grown, np.concatenate([self.free, np.arange(had, len(grown[0]))])
+        slots, self.free = self.free[:m], self.free[m:]
+        for buf, c in zip(self.columns, columns):
+            buf[slots] = c
+        self.live = np.concatenate([self.live, slots])
+
+    def _take(self, k: int) -> tuple[np.ndarray, ...]:
+        chosen = self.rng.choice(len(self.live), size=k, replace=False)
+        slots = self.live[chosen]
+        self.live, self.free = np.delete(self.live, chosen), np.concatenate([self.free, slots])
+        return tuple(buf[slots] for buf in self.columns)
+
+    def batches(self, batch_size: int):
+        """Batches of ``batch_size`` while the buffer holds at least ``size`` rows (and a batch's worth)."""
+        while self.n >= max(self.size, batch_size):
+            yield self._take(batch_size)
+
+    def drain(self, batch_size: int):
+        """The rows left, in random batches: the input has ended."""
+        while self.n:
+            yield self._take(min(batch_size, self.n))
 
 
 def _read_columns(data: StreamData, plan: SplitPlan) -> list[str]:

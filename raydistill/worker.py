@@ -149,34 +149,12 @@ class InMemoryTrain:
         pass
 
 
-# What the training stream asks Ray Data for at a time, cut into training batches here: about READ_ROWS rows, at
-# most READ_BYTES. Why: every batch Ray Data's iterator hands out (through its local shuffle buffer and prefetch
-# threads) has a cost of its own, paid in the Train worker's own process, beside training; with small rows it is
-# most of the reading. `python benchmarks/stream_batches.py` (docs/benchmarks.md, 2026-12-02 10th session), CPU per
-# 1,000 rows in the reading process: rows of 40 floats, batches of 64 25 ms, of 1,024 11 ms; CIFAR-sized rows
-# (12 KiB), batches of 64 60 ms, of 256 43 ms, of 1,024 35 ms. The byte cap (3 MiB: 256 such rows) takes most of
-# that gain for big rows without the memory of larger batches: `benchmarks/data_scale.py` at 1 MiB (85 rows) and
-# 3 MiB gave streamed KD samples/s at 1x of 2,252-2,708 and, in two runs, 2,853-3,567 and 2,023-2,487 (3 seeds
-# each; end to end the machine's noise is larger than the change), the largest worker's VmRSS at 16x 1.287x and
-# 1.286x its 1x peak, and the streamed-memory test's private growth between +13 and +47 MB (3 runs) and between -1
-# and +68 MB (6 runs; 1,000 -> 8,000 rows then, bound 82). Asking for 1,024 rows of 12 KiB had raised that growth
-# by 47-89 MB.
-READ_ROWS = 1024
-READ_BYTES = 3 * 2**20
-
-
-def read_rows(batch_size: int, shuffle_buffer: int, row_bytes: int) -> int:
-    """Rows asked of Ray Data at a time: a whole number of training batches (so every batch but an epoch's last
-    is full), about READ_ROWS and READ_BYTES at most, and never more than the shuffle buffer (Ray Data would
-    enlarge a buffer smaller than what it is asked for); at least one training batch."""
-    fits = min(READ_ROWS, shuffle_buffer, READ_BYTES // max(1, row_bytes))
-    return batch_size * max(1, fits // batch_size)
-
-
 class StreamedTrain:
     """This worker's shard of a streamed training split (``ray.train.get_dataset_shard``, or the whole Ray
-    Dataset in a Tune trial): read batch by batch, shuffled by the file order (reshuffled per epoch by Ray
-    Data) and a local shuffle buffer of ``data.shuffle_buffer`` rows seeded by the epoch.
+    Dataset in a Tune trial): read block by block as Ray Data produces them (``iter_batches(batch_size=None)``),
+    shuffled by the file order (reshuffled per epoch by Ray Data) and a local shuffle buffer of
+    ``data.shuffle_buffer`` rows seeded by the epoch (``stream.ShuffleBuffer``: numpy rows, not Ray Data's
+    buffer of Arrow blocks, which cost more CPU in this process than decoding the rows; see there).
 
     A reader thread runs ahead of training by at most ``READ_AHEAD_BYTES`` of batches, and goes on into the
     next epoch the loop said it will ask for (``expect``) as soon as it has read this one. Why: every epoch is a
@@ -210,7 +188,7 @@ class StreamedTrain:
         self._thread.start()
 
     def _read(self, epochs: tuple[tuple[int, int, int], ...], out: queue.Queue, stop: threading.Event) -> None:
-        from raydistill.stream import to_arrays
+        from raydistill.stream import ShuffleBuffer, to_arrays
 
         def put(item) -> bool:  # False once stopped
             while not stop.is_set():
@@ -222,17 +200,18 @@ class StreamedTrain:
             return False
 
         try:
+            rows = ShuffleBuffer(self.buffer)
             for epoch, batch_size, seed in epochs:
-                chunk = read_rows(batch_size, self.buffer, 4 * math.prod(self.shape))
-                for batch in self.shard.iter_batches(batch_size=chunk, batch_format="pyarrow",
-                                                     local_shuffle_buffer_size=self.buffer,
-                                                     local_shuffle_seed=seed * 100_003 + epoch):
-                    # one training batch at a time, copied out of the chunk (to_arrays: Arrow's buffers are
-                    # read-only), so the queue holds batches, as before, not chunks
-                    for i in range(0, batch.num_rows, batch_size):
-                        x, y, ids = to_arrays(self.data, batch.slice(i, batch_size), "the streamed training rows")
-                        if not put((epoch, (torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)))):
+                rows.restart(seed * 100_003 + epoch)
+                # whole blocks (up to stream.STREAM_BLOCK_BYTES): Ray Data's per-batch cost is paid per block
+                for block in self.shard.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    rows.add(*to_arrays(self.data, block, "the streamed training rows", writable=False))
+                    for batch in rows.batches(batch_size):  # fresh arrays, so the queue holds batches
+                        if not put((epoch, tuple(torch.from_numpy(a) for a in batch))):
                             return
+                for batch in rows.drain(batch_size):
+                    if not put((epoch, tuple(torch.from_numpy(a) for a in batch))):
+                        return
                 if not put((epoch, self._END)):
                     return
         except BaseException as error:  # handed to the loop, raised there with its traceback

@@ -206,8 +206,8 @@ def test_the_stream_reader_runs_ahead_through_the_epochs_without_changing_them(r
     assert all(np.array_equal(a, b) for a, b in zip(each_on_its_own, read_ahead))
     assert len(read_ahead[0]) == data.train.rows and not np.array_equal(read_ahead[0], read_ahead[1])
     assert ahead._thread is None or not ahead._thread.is_alive()  # done after the last announced epoch
-    # Ray Data is asked for 64 rows at a time (the shuffle buffer), cut here into batches of 32: every batch full
-    # but the epoch's last, as many as the rows need
+    # whole blocks from Ray Data through the shuffle buffer (64 rows) in batches of 32: every batch full but the
+    # epoch's last, as many as the rows need
     sizes = [len(y) for _, y, _ in open_train().batches(0, 32, 0)]
     assert sizes[:-1] == [32] * (len(sizes) - 1) and 0 < sizes[-1] <= 32 and sum(sizes) == data.train.rows
 

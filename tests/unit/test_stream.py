@@ -10,7 +10,7 @@ import pytest
 from raydistill import config
 from raydistill.errors import DataError
 from raydistill.prepare import prepare
-from raydistill.stream import iter_split, plan_stream, streams
+from raydistill.stream import ShuffleBuffer, iter_split, plan_stream, streams
 
 
 def _folder(path, rows=400, files=4, width=6, seed=0):
@@ -176,3 +176,41 @@ def test_declared_splits_are_not_written_aside_and_an_unreadable_file_is_named(t
         write_aside(s, tmp_path / "splits")
     assert "\n" not in str(err.value)
     assert not [p for p in (tmp_path / "splits").iterdir()]  # nothing half-written left behind
+
+
+def _shuffled(size: int, seed: int, blocks: list[int], batch_size: int) -> list[np.ndarray]:
+    """The ids of each batch a ShuffleBuffer gives for rows 0.. added in blocks of the given sizes."""
+    rows, out, start = ShuffleBuffer(size, seed), [], 0
+    for m in blocks:
+        ids = np.arange(start, start + m)
+        rows.add(np.repeat(ids[:, None].astype(np.float32), 3, axis=1), ids)  # x (m, 3) says which row it is
+        start += m
+        out += [(x, i) for x, i in rows.batches(batch_size)]
+        assert rows.n < max(size, batch_size)  # a batch comes out once the buffer holds `size` rows, not later
+    out += [(x, i) for x, i in rows.drain(batch_size)]
+    assert all(np.array_equal(x[:, 0], i) and x.flags.writeable for x, i in out)  # rows stay whole, fresh arrays
+    return [i for _, i in out]
+
+
+def test_the_shuffle_buffer_gives_every_row_once_in_a_seeded_order_within_its_reach():
+    blocks = [50, 7, 120, 1, 64, 300, 33]  # blocks of any size, some larger than the buffer
+    batches = _shuffled(100, seed=3, blocks=blocks, batch_size=16)
+    ids = np.concatenate(batches)
+    assert sorted(ids) == list(range(sum(blocks)))  # every row exactly once
+    assert [len(b) for b in batches[:-1]] == [16] * (len(batches) - 1) and 0 < len(batches[-1]) <= 16
+    assert np.array_equal(ids, np.concatenate(_shuffled(100, seed=3, blocks=blocks, batch_size=16)))  # seeded
+    other = np.concatenate(_shuffled(100, seed=4, blocks=blocks, batch_size=16))
+    assert not np.array_equal(ids, other) and not np.array_equal(ids, np.sort(ids))
+    # a local shuffle, not a full one: the p-th row out was among the first p + 100 (the buffer) + a block's rows
+    # in; and rows are mixed across blocks, not only within their own
+    assert np.all(ids - np.arange(len(ids)) < 100 + max(blocks))
+    assert np.mean(np.abs(ids - np.arange(len(ids)))) > 30
+    # a restarted buffer (the next epoch) keeps its arrays and starts empty
+    rows = ShuffleBuffer(10, seed=0)
+    rows.add(np.zeros((25, 2), np.float32), np.arange(25))
+    kept = rows.columns[0]
+    rows.restart(1)
+    assert rows.n == 0 and list(rows.drain(4)) == []
+    rows.add(np.ones((25, 2), np.float32), np.arange(25))
+    assert rows.columns[0] is kept and sorted(np.concatenate([i for _, i in rows.drain(4)])) == list(range(25))
+

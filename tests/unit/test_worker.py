@@ -17,7 +17,7 @@ from raydistill.core.losses import (
 )
 from raydistill.job import Phase, TeacherSource
 from raydistill.teacher import InprocessTeacher, TeacherOut, make_teacher
-from raydistill.worker import READ_BYTES, READ_ROWS, read_rows, train_step
+from raydistill.worker import train_step
 
 
 def _phase(batch_size=16):
@@ -295,18 +295,3 @@ def test_topk_cache_gives_the_step_the_chosen_target(topk_loss, tmp_path):
     expected = 0.5 * F.cross_entropy(logits, y) + 0.5 * soft
     loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, out, phase, cfg, 0)
     assert loss == pytest.approx(float(expected), rel=1e-5)
-
-
-@pytest.mark.parametrize("batch_size, shuffle_buffer, row_bytes, expected", [
-    (64, 4096, 160, 1024),  # small rows (40 floats): READ_ROWS rows, 16 batches a chunk
-    (100, 4096, 160, 1000),  # a whole number of batches: never a partial batch inside an epoch
-    (32, 64, 160, 64),  # never more than a small shuffle buffer (Ray Data would enlarge the buffer to the chunk)
-    (64, 4096, 12288, 256),  # CIFAR-sized rows (12 KiB): READ_BYTES holds 256 rows, so four batches of 64
-    (96, 4096, 12288, 192),  # ... or two of 96: whole batches only
-    (128, 200, 12288, 128),  # ... and never more than the shuffle buffer
-    (2000, 4096, 160, 2000),  # a batch larger than READ_ROWS: one batch a chunk
-    (128, 100, 160, 128),  # a buffer smaller than one batch: one batch (Ray Data rounds such a buffer up itself)
-])
-def test_the_stream_is_read_in_whole_batches_of_about_read_rows(batch_size, shuffle_buffer, row_bytes, expected):
-    assert (READ_ROWS, READ_BYTES) == (1024, 3 * 2**20)
-    assert read_rows(batch_size, shuffle_buffer, row_bytes) == expected
