@@ -11,6 +11,13 @@ a local Ray (as Ray Train's local mode reads it), each batch turned into trainin
 * ``ray_data bs N``: ``stream.train_dataset`` read as ``worker.StreamedTrain`` reads it: ``iter_batches`` of N rows,
   pyarrow format, a local shuffle buffer of 4,096 rows (``data.shuffle_buffer``'s default), per-epoch file shuffle;
 * ``ray_data bs 1024, no shuffle``: the same without the local shuffle buffer;
+* ``worker: blocks + ShuffleBuffer, batches of 64``: ``worker.StreamedTrain`` itself, as a Train worker reads its
+  shard: whole Ray Data blocks (``iter_batches(batch_size=None)``) through its numpy ``stream.ShuffleBuffer``
+  (4,096 rows) into training batches of 64, on its reader thread;
+* ``worker before: local shuffle, 256-row reads cut to 64``: what ``StreamedTrain`` did before it (until
+  2026-12-02, 14th session): Ray Data's local shuffle buffer asked for 256 rows at a time (3 MiB of CIFAR-sized rows),
+  each cut into batches of 64; both worker rows are also run on the "own files" copy below (a list column, as
+  ``raydistill data prepare`` writes; ``write_data``'s column is a fixed-size list, whose Arrow ``take`` is cheaper);
 * ``split column, interleaved`` and ``split column, own files``: the same rows with a split column naming the same
   train / val / test rows, read as ``ray_data bs 1024``: in files holding all three splits (sorted by id, 4,096 rows
   a file: the layout ``raydistill data prepare`` wrote before 2026-12-02, and what data from elsewhere may have) and
@@ -104,6 +111,7 @@ def main() -> None:
     from raydistill import config
     from raydistill.cluster import init_ray
     from raydistill.stream import iter_split, plan_stream, to_arrays, train_dataset
+    from raydistill.worker import StreamedTrain
 
     work = Path(tempfile.mkdtemp(prefix="stream_batches_"))
     atexit.register(shutil.rmtree, work, True)  # scratch data and runs, removed at exit
@@ -132,14 +140,34 @@ def main() -> None:
             return n
         return epoch_fn
 
+    def worker(source, stream):  # worker.StreamedTrain: blocks through its numpy shuffle buffer, batches of 64
+        reader = StreamedTrain(stream, source, world=1, shuffle_buffer=SHUFFLE_BUFFER)
+        return lambda epoch: sum(len(y) for _, y, _ in reader.batches(epoch, 64, 0))
+
+    def worker_before(source, stream):  # StreamedTrain until the 14th session: Ray Data's shuffle, 256-row reads
+        def epoch_fn(epoch: int) -> int:
+            n = 0
+            for batch in stream.iter_batches(batch_size=256, batch_format="pyarrow",
+                                             local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=epoch):
+                for i in range(0, batch.num_rows, 64):
+                    n += len(to_arrays(source, batch.slice(i, 64), "rows")[1])
+            return n
+        return epoch_fn
+
     variants = {"pyarrow": pyarrow_epoch}
     variants.update({f"ray_data bs {bs}": ray_data(bs, True) for bs in args.batch_sizes})
     variants["ray_data bs 1024, no shuffle"] = ray_data(1024, False)
+    variants["worker: blocks + ShuffleBuffer, batches of 64"] = worker(data, dataset)
+    variants["worker before: local shuffle, 256-row reads cut to 64"] = worker_before(data, dataset)
     for layout, folder in split_column_copies(work, data).items():
         other = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(folder),
                                                "data.shape": args.shape}).data)
         assert other.train.rows == plan.rows, (layout, other.train.rows, plan.rows)  # the same training rows
         variants[f"split column, {layout}"] = ray_data(1024, True, other)
+        if layout == "own files":
+            own = train_dataset(other, seed=0)
+            variants["own files, worker: blocks + ShuffleBuffer"] = worker(other, own)
+            variants["own files, worker before"] = worker_before(other, own)
     for epoch in range(2):  # untimed: Ray's worker processes start and import on their first read tasks
         variants["ray_data bs 1024, no shuffle"](epoch)
     results = time_epochs(variants, args.epochs)
@@ -159,6 +187,13 @@ def main() -> None:
               f"{r['reader_cpu_s'] * per_k:.0f} | {(r['machine_cpu_s'] - r['reader_cpu_s']) * per_k:.0f} |")
     grouped, mixed = (results[f"split column, {k}"]["machine_cpu_s"] for k in ("own files", "interleaved"))
     print(f"\nsplit column: files of one split use {grouped / mixed:.2f}x the machine CPU of interleaved files")
+    for label, now, before in (("fixed-size list", "worker: blocks + ShuffleBuffer, batches of 64",
+                                "worker before: local shuffle, 256-row reads cut to 64"),
+                               ("own files, list", "own files, worker: blocks + ShuffleBuffer",
+                                "own files, worker before")):
+        a, b = results[now], results[before]
+        print(f"worker's reading, {label}: machine CPU {a['machine_cpu_s'] / b['machine_cpu_s']:.2f}x before, "
+              f"the reading process's own {a['reader_cpu_s'] / b['reader_cpu_s']:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "args": vars(args), "train_rows": plan.rows,

@@ -8,9 +8,9 @@ a row); the features are read batch by batch where they are used:
 
 * training: ``stream.train_dataset`` is a Ray Data ``read_parquet`` over the train split's files (file
   order shuffled every epoch from ``seed`` with ``FileShuffleConfig(seed, reseed_after_execution=True)``),
-  handed to ``TorchTrainer(datasets={"train": ...})``; each worker reads its ``get_dataset_shard`` with
-  ``iter_batches(local_shuffle_buffer_size=..., local_shuffle_seed=seed + epoch)``: a shuffled file
-  order plus a local shuffle buffer, not a full shuffle (benchmarks/data_scale.py: over 3 seeds it cost no
+  handed to ``TorchTrainer(datasets={"train": ...})``; each worker reads its ``get_dataset_shard`` block by
+  block (``iter_batches(batch_size=None)``) into a ``ShuffleBuffer`` seeded by (seed, epoch): a shuffled
+  file order plus a local shuffle buffer, not a full shuffle (benchmarks/data_scale.py: over 3 seeds it cost no
   accuracy against the in-memory path's full per-epoch permutation). Rows keep a deterministic order
   (``preserve_order``), so a run is reproducible. ``worker.StreamedTrain`` reads ahead into the next epoch.
 * validation, test, calibration and the example input: ``iter_split`` yields pyarrow record batches of
@@ -368,8 +368,8 @@ class ShuffleBuffer:
     reading process (CIFAR-sized rows as ``raydistill data prepare`` writes them, batches of 256, buffer 4,096):
     the shuffle buffer's ``take``, its re-``take`` of carried rows and its ``combine_chunks`` were 45 % of the
     process's CPU; ``pyarrow.Table.take`` of 1,000 such rows costs 23 CPU-ms on a list column (7 on a fixed-size
-    list), several times what copying them with numpy costs (docs/benchmarks.md, "Streaming: the shuffle
-    buffer"). Here each row is copied twice: into a free slot of the buffer, and out in its batch; only the slot
+    list), several times what copying them with numpy costs (docs/benchmarks.md, "Streaming: where a streamed
+    epoch's CPU goes"). Here each row is copied twice: into a free slot of the buffer, and out in its batch; only the slot
     numbers move."""
 
     def __init__(self, size: int, seed: int = 0):
@@ -395,6 +395,7 @@ class ShuffleBuffer:
             for new, old in zip(grown, self.columns or ()):
                 new[:had] = old
             self.columns, self.free = grown, np.concatenate([self.free, np.arange(had, len(grown[0]))])
+        self.free.sort()  # the lowest free slots first: the buffer touches only as many rows' pages as it holds
         slots, self.free = self.free[:m], self.free[m:]
         for buf, c in zip(self.columns, columns):
             buf[slots] = c
