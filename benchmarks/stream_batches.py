@@ -14,10 +14,11 @@ a local Ray (as Ray Train's local mode reads it), each batch turned into trainin
 * ``worker: blocks + ShuffleBuffer, batches of 64``: ``worker.StreamedTrain`` itself, as a Train worker reads its
   shard: whole Ray Data blocks (``iter_batches(batch_size=None)``) through its numpy ``stream.ShuffleBuffer``
   (4,096 rows) into training batches of 64, on its reader thread;
-* ``worker before: local shuffle, 256-row reads cut to 64``: what ``StreamedTrain`` did before it (until
-  2026-12-02, 14th session): Ray Data's local shuffle buffer asked for 256 rows at a time (3 MiB of CIFAR-sized rows),
-  each cut into batches of 64; both worker rows are also run on the "own files" copy below (a list column, as
-  ``raydistill data prepare`` writes; ``write_data``'s column is a fixed-size list, whose Arrow ``take`` is cheaper);
+* ``worker before: local shuffle, reads cut to 64``: what ``StreamedTrain`` did before it (until 2026-12-02, 14th
+  session): Ray Data's local shuffle buffer asked for about 1,024 rows at a time, at most 3 MiB (256 CIFAR-sized
+  rows, 1,024 rows of 40 floats), each cut into batches of 64; both worker rows are also run on the "own files"
+  copy below (a list column, as ``raydistill data prepare`` writes; ``write_data``'s column is a fixed-size list,
+  whose Arrow ``take`` is cheaper);
 * ``split column, interleaved`` and ``split column, own files``: the same rows with a split column naming the same
   train / val / test rows, read as ``ray_data bs 1024``: in files holding all three splits (sorted by id, 4,096 rows
   a file: the layout ``raydistill data prepare`` wrote before 2026-12-02, and what data from elsewhere may have) and
@@ -41,6 +42,7 @@ import argparse
 import atexit
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -144,10 +146,13 @@ def main() -> None:
         reader = StreamedTrain(stream, source, world=1, shuffle_buffer=SHUFFLE_BUFFER)
         return lambda epoch: sum(len(y) for _, y, _ in reader.batches(epoch, 64, 0))
 
-    def worker_before(source, stream):  # StreamedTrain until the 14th session: Ray Data's shuffle, 256-row reads
+    def worker_before(source, stream):  # StreamedTrain until the 14th session: Ray Data's shuffle, whole batches
+        # of about 1,024 rows, at most 3 MiB (its read_rows: 256 CIFAR-sized rows, 1,024 rows of 40 floats)
+        reads = 64 * max(1, min(1024, SHUFFLE_BUFFER, 3 * 2**20 // (4 * math.prod(args.shape))) // 64)
+
         def epoch_fn(epoch: int) -> int:
             n = 0
-            for batch in stream.iter_batches(batch_size=256, batch_format="pyarrow",
+            for batch in stream.iter_batches(batch_size=reads, batch_format="pyarrow",
                                              local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=epoch):
                 for i in range(0, batch.num_rows, 64):
                     n += len(to_arrays(source, batch.slice(i, 64), "rows")[1])
@@ -158,7 +163,7 @@ def main() -> None:
     variants.update({f"ray_data bs {bs}": ray_data(bs, True) for bs in args.batch_sizes})
     variants["ray_data bs 1024, no shuffle"] = ray_data(1024, False)
     variants["worker: blocks + ShuffleBuffer, batches of 64"] = worker(data, dataset)
-    variants["worker before: local shuffle, 256-row reads cut to 64"] = worker_before(data, dataset)
+    variants["worker before: local shuffle, reads cut to 64"] = worker_before(data, dataset)
     for layout, folder in split_column_copies(work, data).items():
         other = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(folder),
                                                "data.shape": args.shape}).data)
@@ -188,7 +193,7 @@ def main() -> None:
     grouped, mixed = (results[f"split column, {k}"]["machine_cpu_s"] for k in ("own files", "interleaved"))
     print(f"\nsplit column: files of one split use {grouped / mixed:.2f}x the machine CPU of interleaved files")
     for label, now, before in (("fixed-size list", "worker: blocks + ShuffleBuffer, batches of 64",
-                                "worker before: local shuffle, 256-row reads cut to 64"),
+                                "worker before: local shuffle, reads cut to 64"),
                                ("own files, list", "own files, worker: blocks + ShuffleBuffer",
                                 "own files, worker before")):
         a, b = results[now], results[before]
