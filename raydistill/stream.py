@@ -369,8 +369,8 @@ class ShuffleBuffer:
     the shuffle buffer's ``take``, its re-``take`` of carried rows and its ``combine_chunks`` were 45 % of the
     process's CPU; ``pyarrow.Table.take`` of 1,000 such rows costs 23 CPU-ms on a list column (7 on a fixed-size
     list), several times what copying them with numpy costs (docs/benchmarks.md, "Streaming: where a streamed
-    epoch's CPU goes"). Here each row is copied twice: into a free slot of the buffer, and out in its batch; only the slot
-    numbers move."""
+    epoch's CPU goes"). Here each row is copied twice: into a free slot of the buffer, and out in its batch; only
+    the slot numbers move."""
 
     def __init__(self, size: int, seed: int = 0):
         self.size, self.columns = max(1, int(size)), None
@@ -389,6 +389,8 @@ class ShuffleBuffer:
     def add(self, *columns: np.ndarray) -> None:
         """Put a block of rows in: arrays of equal length (x, y, ids, ...)."""
         m = len(columns[0])
+        if m == 0:  # a block whose rows the split's filter all dropped
+            return
         if m > len(self.free):  # room for a full buffer and two blocks of this size (so it rarely grows again)
             had = 0 if self.columns is None else len(self.columns[0])
             grown = [np.empty((max(had + m, self.size + 2 * m), *c.shape[1:]), c.dtype) for c in columns]

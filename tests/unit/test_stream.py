@@ -205,12 +205,15 @@ def test_the_shuffle_buffer_gives_every_row_once_in_a_seeded_order_within_its_re
     # in; and rows are mixed across blocks, not only within their own
     assert np.all(ids - np.arange(len(ids)) < 100 + max(blocks))
     assert np.mean(np.abs(ids - np.arange(len(ids)))) > 30
-    # a restarted buffer (the next epoch) keeps its arrays and starts empty
+    # a restarted buffer (the next epoch) keeps its arrays and starts empty; an empty block (every row filtered
+    # out) is nothing, first or later
     rows = ShuffleBuffer(10, seed=0)
+    rows.add(np.zeros((0, 2), np.float32), np.arange(0))
     rows.add(np.zeros((25, 2), np.float32), np.arange(25))
     kept = rows.columns[0]
     rows.restart(1)
     assert rows.n == 0 and list(rows.drain(4)) == []
     rows.add(np.ones((25, 2), np.float32), np.arange(25))
+    rows.add(np.ones((0, 2), np.float32), np.arange(0))
     assert rows.columns[0] is kept and sorted(np.concatenate([i for _, i in rows.drain(4)])) == list(range(25))
 
