@@ -19,6 +19,10 @@ a local Ray (as Ray Train's local mode reads it), each batch turned into trainin
   rows, 1,024 rows of 40 floats), each cut into batches of 64; both worker rows are also run on the "own files"
   copy below (a list column, as ``raydistill data prepare`` writes; ``write_data``'s column is a fixed-size list,
   whose Arrow ``take`` is cheaper);
+* ``one reader, whole blocks`` and ``split between 2 readers``: whole blocks with no shuffle, read by this process,
+  and the same dataset split by ``streaming_split(2, equal=True)`` (what ``ray.train.get_dataset_shard`` gives 2
+  Train workers) into two Ray actors that read their halves at once: the cost of splitting the stream between
+  consumers (the readers' own CPU is then in "other processes");
 * ``split column, interleaved`` and ``split column, own files``: the same rows with a split column naming the same
   train / val / test rows, read as ``ray_data bs 1024``: in files holding all three splits (sorted by id, 4,096 rows
   a file: the layout ``raydistill data prepare`` wrote before 2026-12-02, and what data from elsewhere may have) and
@@ -159,11 +163,30 @@ def main() -> None:
             return n
         return epoch_fn
 
+    @ray.remote(num_cpus=0)
+    class SplitReader:  # one consumer of a streaming_split, as a Train worker is
+        def __init__(self, shard):
+            self.shard = shard
+
+        def epoch(self) -> int:
+            return sum(len(to_arrays(data, block, "rows", writable=False)[1])
+                       for block in self.shard.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+    def one_reader(epoch: int) -> int:
+        return sum(len(to_arrays(data, block, "rows", writable=False)[1])
+                   for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+    def split_between(k: int):
+        readers = [SplitReader.remote(shard) for shard in train_dataset(data, seed=0).streaming_split(k, equal=True)]
+        return lambda epoch: sum(ray.get([r.epoch.remote() for r in readers]))
+
     variants = {"pyarrow": pyarrow_epoch}
     variants.update({f"ray_data bs {bs}": ray_data(bs, True) for bs in args.batch_sizes})
     variants["ray_data bs 1024, no shuffle"] = ray_data(1024, False)
     variants["worker: blocks + ShuffleBuffer, batches of 64"] = worker(data, dataset)
     variants["worker before: local shuffle, reads cut to 64"] = worker_before(data, dataset)
+    variants["one reader, whole blocks"] = one_reader
+    variants["split between 2 readers"] = split_between(2)
     for layout, folder in split_column_copies(work, data).items():
         other = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(folder),
                                                "data.shape": args.shape}).data)
@@ -192,6 +215,8 @@ def main() -> None:
               f"{r['reader_cpu_s'] * per_k:.0f} | {(r['machine_cpu_s'] - r['reader_cpu_s']) * per_k:.0f} |")
     grouped, mixed = (results[f"split column, {k}"]["machine_cpu_s"] for k in ("own files", "interleaved"))
     print(f"\nsplit column: files of one split use {grouped / mixed:.2f}x the machine CPU of interleaved files")
+    split, one = (results[k]["machine_cpu_s"] for k in ("split between 2 readers", "one reader, whole blocks"))
+    print(f"split between 2 readers: {split / one:.2f}x the machine CPU of one reader")
     for label, now, before in (("fixed-size list", "worker: blocks + ShuffleBuffer, batches of 64",
                                 "worker before: local shuffle, reads cut to 64"),
                                ("own files, list", "own files, worker: blocks + ShuffleBuffer",
