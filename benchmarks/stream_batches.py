@@ -163,18 +163,20 @@ def main() -> None:
             return n
         return epoch_fn
 
+    def read_blocks(stream) -> int:  # one epoch of whole blocks, no shuffle, each turned into arrays
+        return sum(len(to_arrays(data, block, "rows", writable=False)[1])
+                   for block in stream.iter_batches(batch_size=None, batch_format="pyarrow"))
+
     @ray.remote(num_cpus=0)
     class SplitReader:  # one consumer of a streaming_split, as a Train worker is
         def __init__(self, shard):
             self.shard = shard
 
         def epoch(self) -> int:
-            return sum(len(to_arrays(data, block, "rows", writable=False)[1])
-                       for block in self.shard.iter_batches(batch_size=None, batch_format="pyarrow"))
+            return read_blocks(self.shard)
 
     def one_reader(epoch: int) -> int:
-        return sum(len(to_arrays(data, block, "rows", writable=False)[1])
-                   for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+        return read_blocks(dataset)
 
     def split_between(k: int):
         readers = [SplitReader.remote(shard) for shard in train_dataset(data, seed=0).streaming_split(k, equal=True)]

@@ -782,7 +782,8 @@ def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None, split:
         _META_NUM_CLASSES: str(int(arrays.num_classes)).encode(),
     }
     if split is not None:
-        columns["split"] = pa.array([str(v) for v in split], type=pa.string())
+        split = np.asarray([str(v) for v in split], dtype=object)  # the column, and where grouped rows change split
+        columns["split"] = pa.array(split, type=pa.string())
         metadata[_META_SPLIT_COLUMN] = b"split"
     table = pa.table(columns).replace_schema_metadata(metadata)
 
@@ -806,9 +807,8 @@ def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None, split:
         os.makedirs(tmp)
         runs = [(0, n)]
         if split is not None and n:
-            values = np.asarray([str(v) for v in split], dtype=object)
-            cuts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist(), n]
-            if len(cuts) - 1 == len(set(values.tolist())):  # grouped: one run per split value
+            cuts = [0, *(np.flatnonzero(split[1:] != split[:-1]) + 1).tolist(), n]
+            if len(cuts) - 1 == len(set(split.tolist())):  # grouped: one run per split value
                 runs = list(zip(cuts[:-1], cuts[1:]))
         starts = [(start, min(rows_per_file, end - start)) for begin, end in runs
                   for start in range(begin, max(end, begin + 1), rows_per_file)]

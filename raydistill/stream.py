@@ -349,12 +349,10 @@ def to_arrays(data: StreamData, batch, where: str, writable: bool = True
         if features.size != n * need:
             raise row_length_error(data.feature_column, where, [features.size // max(n, 1)], data.shape)
         x, columns = np.ascontiguousarray(features, dtype=np.float32).reshape(n, *data.shape), batch
+    arrays = x, np.asarray(columns[data.label_column], np.int64), np.asarray(columns[data.id_column], np.int64)
     # writable: Ray Data hands out read-only views of its blocks, which torch.from_numpy warns about (a copy only
     # when the batch is such a view)
-    if not writable:
-        return x, np.asarray(columns[data.label_column], np.int64), np.asarray(columns[data.id_column], np.int64)
-    return tuple(np.require(a, requirements="W") for a in (
-        x, np.asarray(columns[data.label_column], np.int64), np.asarray(columns[data.id_column], np.int64)))
+    return tuple(np.require(a, requirements="W") for a in arrays) if writable else arrays
 
 
 class ShuffleBuffer:

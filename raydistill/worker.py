@@ -199,17 +199,19 @@ class StreamedTrain:
                     continue
             return False
 
+        rows = ShuffleBuffer(self.buffer)
+
+        def shuffled(epoch: int, batch_size: int, seed: int):  # one epoch's batches: fresh arrays, not views
+            rows.restart(seed * 100_003 + epoch)
+            # whole blocks (up to stream.STREAM_BLOCK_BYTES): Ray Data's per-batch cost is paid per block
+            for block in self.shard.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows.add(*to_arrays(self.data, block, "the streamed training rows", writable=False))
+                yield from rows.batches(batch_size)
+            yield from rows.drain(batch_size)
+
         try:
-            rows = ShuffleBuffer(self.buffer)
             for epoch, batch_size, seed in epochs:
-                rows.restart(seed * 100_003 + epoch)
-                # whole blocks (up to stream.STREAM_BLOCK_BYTES): Ray Data's per-batch cost is paid per block
-                for block in self.shard.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    rows.add(*to_arrays(self.data, block, "the streamed training rows", writable=False))
-                    for batch in rows.batches(batch_size):  # fresh arrays, so the queue holds batches
-                        if not put((epoch, tuple(torch.from_numpy(a) for a in batch))):
-                            return
-                for batch in rows.drain(batch_size):
+                for batch in shuffled(epoch, batch_size, seed):
                     if not put((epoch, tuple(torch.from_numpy(a) for a in batch))):
                         return
                 if not put((epoch, self._END)):
