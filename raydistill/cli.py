@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from raydistill.errors import UserError
+from raydistill.redact import redact
 
 BUG_HINT = "raydistill: this is a bug, not a problem with your input; please report it with the traceback above"
 
@@ -54,8 +55,8 @@ def cmd_cache_logits(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out(args.config)
     ctx = open_run(cfg, out, args.address, args.quiet, uses_cache=True, verbose=args.verbose)
     c = prepare_teacher(ctx, with_cache=True).cache
-    print(f"logit cache {c['uri']}: {c['rows']} rows ({c['views']} view(s) per sample, transform {c['transform']}), "
-          f"format {c['format']}" + (f" (k={c['k']})" if c["k"] else "")
+    print(f"logit cache {redact(c['uri'])}: {c['rows']} rows ({c['views']} view(s) per sample, "
+          f"transform {c['transform']}), format {c['format']}" + (f" (k={c['k']})" if c["k"] else "")
           + f", teacher forward samples {c['teacher_forward_samples']}")
     return 0
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"raydistill: error: {msg}", file=sys.stderr)
+        print(f"raydistill: error: {redact(msg)}", file=sys.stderr)  # a location's credentials stay out of it
         return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):

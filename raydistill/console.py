@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from raydistill.redact import redact
+
 # Library log lines that say nothing a user can act on (seen in a default run); hidden unless --verbose.
 _NOISE = {
     "torch.utils._pytree": "is an Enum subclass and is now natively supported by torch.compile",  # torchao import
@@ -103,11 +105,11 @@ def native_stderr_muted():
 def log(msg: str, quiet: bool = False) -> None:
     """One ``[raydistill]`` line (written in one call, so lines from two threads never interleave)."""
     if not quiet:
-        sys.stdout.write(f"[raydistill] {msg}\n")
+        sys.stdout.write(f"[raydistill] {redact(msg)}\n")
         sys.stdout.flush()
 
 
 def line(text: str) -> None:
     """A progress line as is (one epoch of one stage)."""
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(redact(text) + "\n")
     sys.stdout.flush()

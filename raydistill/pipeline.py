@@ -49,6 +49,7 @@ from raydistill.errors import CacheError, CheckpointError, ConfigError, DataErro
 from raydistill.evaluate import evaluate_on_test, quantize_student
 from raydistill.job import StageJob, TeacherSource
 from raydistill.manifest import digest, sha256_file, write_manifest
+from raydistill.redact import redact_obj
 from raydistill.stream import StreamData, plan_stream, streams, write_aside
 from raydistill.teacher import cache_settings, check_cache_for_run
 from raydistill.trainer import in_background
@@ -267,6 +268,7 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     report = build_report(ctx, models, server_stats, teacher, deploy, selection)
     if cfg.prune.ratio > 0:
         report["pruning"] = pruning_coverage(ctx)
+    report = redact_obj(report)  # credentials in a data or cache URI: masked in report.json/.md and MLflow
     from raydistill.report import write_report
 
     write_report(ctx.out, report)

@@ -33,6 +33,7 @@ from raydistill import config as config_mod
 from raydistill.checkpoints import atomic_write_bytes, atomic_write_text
 from raydistill.config import Config
 from raydistill.console import log
+from raydistill.redact import redact_obj
 
 OBJECTIVES = {"accuracy": "max", "macs": "min", "latency_ms_b1": "min"}
 SEARCHES = ("random", "grid", "optuna")  # tune.search: Tune's basic variant generator (random, grid), OptunaSearch
@@ -322,6 +323,7 @@ def write_results(cfg: Config, out: Path, rows: list[dict], teacher_passes, cach
               "teacher_passes_over_data": (teacher_passes / n_train) if teacher_passes is not None else None,
               "constraints": {"max_macs": t.max_macs, "max_latency_ms": t.max_latency_ms},
               "logit_cache": cache_info, "timings": timings}
+    report = redact_obj(report)  # credentials in the cache's URI stay out of it (best_config.yaml keeps them)
     atomic_write_text(out / "sweep_report.json", json.dumps(report, indent=2, default=str))
     keys = list(t.space)
     lines = ["# Sweep: Pareto fronts", "", f"{len(done)} of {len(rows)} trials completed (the rest stopped early "

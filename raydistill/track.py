@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 
 from raydistill.config import Config
 from raydistill.errors import ConfigError
+from raydistill.redact import redact
 
 MLFLOW_DIR = "mlflow"
 TENSORBOARD_DIR = "tensorboard"
@@ -122,7 +123,7 @@ def flat_params(config: dict[str, Any]) -> dict[str, str]:
             params.update({f"{key}.{k}": str(v) for k, v in value.items()})
         elif not isinstance(value, dict):
             params[key] = str(value)
-    return {k: v[:6000] for k, v in params.items()}  # MLflow's limit on a param value
+    return {k: redact(v)[:6000] for k, v in params.items()}  # MLflow's limit on a param value; no URI credentials
 
 
 def _numbers(row: dict[str, Any]) -> dict[str, float]:

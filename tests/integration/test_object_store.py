@@ -67,7 +67,12 @@ def test_a_run_streams_from_an_s3_bucket(ray_local, digits_in_bucket, bucket, tm
     assert (data["train"], data["val"], data["test"]) == (1258, 180, 359)  # the split prepare wrote, kept
     assert data["splits"]["test"]["from"].startswith("declared: rows with split == 'test' in s3://")
     assert report["logit_cache"]["rows"] == 1258  # the teacher pass streamed every training row from the bucket
-    assert report["logit_cache"]["uri"] == bucket("cache")
+    assert report["logit_cache"]["uri"] == bucket("cache").replace("key:secret@", "key:***@")
+    # the URI's secret stays out of what the run records for people and tools; config.yaml, the rerun's input,
+    # keeps the URI as given
+    assert "key:secret@" not in (tmp_path / "run" / "report.json").read_text()
+    assert data["splits"]["test"]["from"].startswith("declared: rows with split == 'test' in s3://key:***@data/")
+    assert "key:secret@" in (tmp_path / "run" / "config.yaml").read_text()
     for name in ("teacher", "student_baseline", "student_kd"):
         assert report["models"][name]["accuracy"] > 0.3, name
 

@@ -26,3 +26,27 @@ def test_raylet_startup_warning_is_dropped_unless_verbose(capsys):
         assert "PYTHON worker processes" in capsys.readouterr().out
     finally:
         console.quiet_libraries(False)
+
+
+def test_credentials_in_a_uri_are_masked_on_the_console_and_in_what_a_run_records(capsys):
+    """A pyarrow URI may carry a key and secret (``s3://KEY:SECRET@bucket``) or credential options
+    (``?secret_key=``, ``session_token=``, Azure's ``account_key=``): the console, report.json and MLflow params
+    show ``***`` in their place and keep the rest of the location (bucket, path, endpoint options)."""
+    from raydistill.console import line, log
+    from raydistill.redact import redact, redact_obj
+    from raydistill.track import flat_params
+
+    uri = "s3://AKID:s3cr3t@data/x?scheme=http&endpoint_override=127.0.0.1:9000&secret_key=s3cr3t&session_token=T0K3N"
+    masked = "s3://AKID:***@data/x?scheme=http&endpoint_override=127.0.0.1:9000&secret_key=***&session_token=***"
+    assert redact(uri) == masked
+    assert redact("abfs://c@acct.dfs.core.windows.net/p?account_key=K1&sas_token=K2") == \
+        "abfs://c@acct.dfs.core.windows.net/p?account_key=***&sas_token=***"
+    for plain in ("/data/cifar10/train.parquet", "hdfs://user@nn:8020/p", "gs://bucket/prefix?scheme=https", "a ? b"):
+        assert redact(plain) == plain
+    log(f"data parquet: train from {uri}")
+    line(f"[teacher] reading {uri}")
+    out = capsys.readouterr().out
+    assert "s3cr3t" not in out and "T0K3N" not in out and out.count(masked) == 2
+    assert redact_obj({"data": {"path": uri, "splits": [uri, 3]}, "n": 1}) == \
+        {"data": {"path": masked, "splits": [masked, 3]}, "n": 1}
+    assert flat_params({"data": {"path": uri}})["data.path"] == masked
