@@ -117,13 +117,14 @@ class Teacher:
 
 # ---- opening a run: validate everything the user gave, before writing anything -------------------------------
 def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, uses_cache: bool,
-             verbose: bool = False) -> RunContext:
+             verbose: bool = False, skip_ray_when_done: bool = False) -> RunContext:
     """Check the run folder, data, models, a given cache and the cluster; then start Ray and write config.yaml
     (with ``scale.num_workers`` resolved: the config a run folder holds is the one that ran).
 
     Where the run needs no Ray for its first stage (``starts_ray_beside``), Ray starts on a helper thread and this
     returns at once: ``prepare_teacher`` trains the teacher meanwhile and then calls ``ctx.wait_for_ray()``, as
-    must anything else that uses Ray first."""
+    must anything else that uses Ray first. ``skip_ray_when_done`` (``run``): there, when every stage is already
+    up to date (``needs_no_ray``), no Ray starts at all."""
     out = Path(out).resolve()
     cfg = resolve_scale(cfg, address)
     if out.is_dir():
@@ -161,12 +162,9 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     s = cfg.scale
     mode = ("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0
             else f"Ray Train: {s.num_workers} data-parallel workers per stage")
-    ray_start, timings = None, {"data": {"seconds": data_s}}
-    if starts_ray_beside(cfg, address, streamed):
-        log(f"{mode}, on a private local Ray starting beside the teacher (pass --address to use a running cluster)",
-            quiet)
-        ray_start = init_ray_in_background(address, quiet, verbose)
-    else:
+    timings = {"data": {"seconds": data_s}}
+    beside = starts_ray_beside(cfg, address, streamed)
+    if not beside:
         if not ray.is_initialized():
             log(f"connecting to {cluster} ..." if cluster else "starting a private local Ray ...", quiet)
         t0 = time.perf_counter()
@@ -190,11 +188,44 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
             log(f"data: {rows} rows {aside['action']} in {out / 'splits'} ({aside_s:.1f} s): "
                 "each evaluation reads them there, not filtered out of every file", quiet)
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
-    return RunContext(cfg=cfg, out=out, quiet=quiet, splits=splits, data_fp=data_fp,
-                      data_ref=splits if streamed or ray_start is not None else ray.put(splits),
-                      t_spec=model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape),
-                      s_spec=model_spec(cfg.student.model, cfg.student.kwargs, K, splits.shape),
-                      stages=StageCache(out), timings=timings, ray_start=ray_start)
+    ctx = RunContext(cfg=cfg, out=out, quiet=quiet, splits=splits, data_fp=data_fp,
+                     data_ref=splits if streamed or beside else ray.put(splits),
+                     t_spec=model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape),
+                     s_spec=model_spec(cfg.student.model, cfg.student.kwargs, K, splits.shape),
+                     stages=StageCache(out), timings=timings)
+    if beside and skip_ray_when_done and needs_no_ray(ctx):
+        from raydistill.console import quiet_libraries
+
+        quiet_libraries(verbose)  # what starting Ray would have done for the console (torchao's import warning)
+        log(f"{mode}; all are up to date, so this rerun starts no Ray", quiet)
+    elif beside:
+        log(f"{mode}, on a private local Ray starting beside the teacher (pass --address to use a running cluster)",
+            quiet)
+        ctx.ray_start = init_ray_in_background(address, quiet, verbose)
+    return ctx
+
+
+def needs_no_ray(ctx: RunContext) -> bool:
+    """Whether this local-mode run is a rerun of a finished one that uses Ray for nothing: the teacher and every
+    student stage up to date (their keys as ``run`` computes them), the live teacher (its actor starts only for a
+    student stage still to train: ``students_to_train``), and none of what loads a teacher or a student through
+    the object store (ensemble, ``student.init_from_teacher``); evaluation, int8 and export run in this process.
+    Why: a rerun of a finished default run waited 4.4 s of its 15 s for a private Ray that nothing used
+    (docs/benchmarks.md). Any doubt answers False, and Ray starts as before."""
+    cfg = ctx.cfg
+    if cfg.distill.teacher_mode != "live" or cfg.teacher.ensemble or cfg.student.init_from_teacher:
+        return False
+    if cfg.teacher.checkpoint:
+        path = Path(cfg.teacher.checkpoint)
+    else:
+        path = ctx.out / "teacher.pt"
+        if not ctx.stages.done("teacher", digest(ctx.common_key, teacher_hash(cfg)), path):
+            return False
+    if not ctx.stages.done("student_baseline", baseline_key(ctx, ""), ctx.out / "student_baseline.pt"):
+        return False
+    kd_key, prune_key = student_keys(ctx, Teacher(model=None, spec={}, sha256=sha256_file(path), path=path))
+    lowrank_key = digest(prune_key, cfg.section_hash("lowrank")) if lowrank_on(cfg) else None
+    return not students_to_train(ctx, kd_key, prune_key, lowrank_key)
 
 
 def starts_ray_beside(cfg: Config, address: str | None, streamed: bool) -> bool:
@@ -216,7 +247,8 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
         verbose: bool = False) -> dict:
     """The whole pipeline; returns the report (also written to report.json/.md/.png in ``out``)."""
     t_start = time.perf_counter()
-    ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache", verbose=verbose)
+    ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache", verbose=verbose,
+                   skip_ray_when_done=True)
     cfg = ctx.cfg
 
     # 1. teacher (and its logit cache) and 2. the label-only student. With Train workers the two Train runs go
@@ -591,9 +623,10 @@ def open_teacher_source(ctx: RunContext, teacher: Teacher, mode: str, start_acto
         return jobs.cached_teacher(teacher.cache["uri"], {k: v for k, v in teacher.cache.items() if k != "uri"}), None
     if mode == "inprocess":
         return jobs.inprocess_teacher(teacher.spec, ray.put(teacher.state())), None
+    if not start_actor:  # every student stage is up to date: no stage asks it for logits
+        # (a finished local-mode rerun runs without Ray, ``needs_no_ray``: no job id to name an actor by)
+        return jobs.live_teacher(teacher_actor_name(teacher.sha256) if ray.is_initialized() else ""), None
     name = teacher_actor_name(teacher.sha256)  # this run's own actor: another run's end never stops it
-    if not start_actor:
-        return jobs.live_teacher(name), None
     ctx.timings["teacher_server_start"] = {"seconds": 0.0, "started": time.perf_counter()}
     return jobs.live_teacher(name), start_teacher_server(name, teacher.spec, teacher.state(), ctx.cfg.scale,
                                                          wait=False)

@@ -64,6 +64,12 @@ def test_default_run_console_is_one_line_per_event(tmp_path):
     quiet = _cli("run", "--quiet", "--out", str(tmp_path / "run"), *SMOKE_ARGS, cwd=tmp_path)  # resumes: all done
     assert quiet.returncode == 0 and quiet.stdout.splitlines()[0].startswith("| model |"), quiet.stdout
     assert all(line.startswith("|") for line in quiet.stdout.strip().splitlines()), quiet.stdout
+    # every stage was up to date: the rerun started no Ray (neither its own nor one that a Ray call starts by itself)
+    assert "ray_start" not in json.loads((tmp_path / "run" / "report.json").read_text())["timings"]
+    assert "Started a local Ray" not in quiet.stderr and "Traceback" not in quiet.stderr, quiet.stderr
+    again = _cli("run", "--out", str(tmp_path / "run"), *SMOKE_ARGS, cwd=tmp_path)
+    assert again.returncode == 0 and "all are up to date, so this rerun starts no Ray" in again.stdout, again.stdout
+    assert "private local Ray" not in again.stdout and "Started a local Ray" not in again.stderr, again.stderr
 
     # cache-logits in the same folder: Ray again starts on a helper thread, and the cache's Ray Data actor pool
     # runs on it once the run has waited for it
