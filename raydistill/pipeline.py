@@ -219,13 +219,12 @@ def needs_no_ray(ctx: RunContext) -> bool:
         path = Path(cfg.teacher.checkpoint)
     else:
         path = ctx.out / "teacher.pt"
-        if not ctx.stages.done("teacher", digest(ctx.common_key, teacher_hash(cfg)), path):
+        if not ctx.stages.done("teacher", teacher_key(ctx), path):
             return False
     if not ctx.stages.done("student_baseline", baseline_key(ctx, ""), ctx.out / "student_baseline.pt"):
         return False
-    kd_key, prune_key = student_keys(ctx, Teacher(model=None, spec={}, sha256=sha256_file(path), path=path))
-    lowrank_key = digest(prune_key, cfg.section_hash("lowrank")) if lowrank_on(cfg) else None
-    return not students_to_train(ctx, kd_key, prune_key, lowrank_key)
+    kd_key, prune_key = student_keys(ctx, sha256_file(path))
+    return not students_to_train(ctx, kd_key, prune_key, lowrank_key(cfg, prune_key))
 
 
 def starts_ray_beside(cfg: Config, address: str | None, streamed: bool) -> bool:
@@ -263,11 +262,11 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
         teacher = prepare_teacher(ctx)
         baseline.result()
         teacher = with_logit_cache(ctx, teacher) if cached else teacher
-    kd_key, prune_key = student_keys(ctx, teacher)
-    lowrank_key = digest(prune_key, cfg.section_hash("lowrank")) if lowrank_on(cfg) else None
+    kd_key, prune_key = student_keys(ctx, teacher.sha256)
+    lowrank = lowrank_key(cfg, prune_key)
     # the teacher source the config asks for; a live actor's process starts while the baseline trains
     source, server = open_teacher_source(ctx, teacher, cfg.distill.teacher_mode,
-                                         start_actor=students_to_train(ctx, kd_key, prune_key, lowrank_key))
+                                         start_actor=students_to_train(ctx, kd_key, prune_key, lowrank))
     init_state = init_state_from_teacher(ctx, teacher) if cfg.student.init_from_teacher else None
     if sequential:
         train_baseline(ctx, init_state, teacher.sha256 if cfg.student.init_from_teacher else "")
@@ -280,8 +279,8 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     selection = choose_student(ctx)  # never worse than training alone: the better one on validation goes on
     if cfg.prune.ratio > 0:
         prune_student(ctx, prune_key, source, selection["chosen"])
-    if lowrank_key is not None:  # optional: SVD-factorize the Linear layers of the student so far, KD fine-tune
-        lowrank_student(ctx, lowrank_key, source, "student_pruned" if cfg.prune.ratio > 0 else selection["chosen"])
+    if lowrank is not None:  # optional: SVD-factorize the Linear layers of the student so far, KD fine-tune
+        lowrank_student(ctx, lowrank, source, "student_pruned" if cfg.prune.ratio > 0 else selection["chosen"])
     server_stats = stop_teacher_server(source, server)
 
     # 5. evaluate every model on the held-out test split, then int8 and the deploy gate
@@ -337,7 +336,7 @@ def prepare_teacher(ctx: RunContext, with_cache: bool = False) -> Teacher:
         ctx.timings["teacher"] = {"seconds": time.perf_counter() - t0, "skipped": True}
     else:
         path = ctx.out / "teacher.pt"
-        key = digest(ctx.common_key, teacher_hash(cfg))
+        key = teacher_key(ctx)
         if ctx.stages.done("teacher", key, path):
             ctx.timings["teacher"] = {"seconds": ctx.stages.records["teacher"]["seconds"], "skipped": True}
             ctx.log("stage teacher: up to date, skipped")
@@ -375,6 +374,11 @@ def baseline_key(ctx: RunContext, teacher_sha: str) -> str:
     cfg, d = ctx.cfg, ctx.cfg.distill
     budget = dict(epochs=d.epochs, lr=d.lr, batch_size=d.batch_size, weight_decay=d.weight_decay)
     return digest(ctx.common_key, cfg.section_hash("student"), teacher_sha, "baseline", budget)
+def teacher_key(ctx: RunContext) -> str:
+    """The teacher stage's key: the data, seed and workers (``common_key``) and the teacher section."""
+    return digest(ctx.common_key, teacher_hash(ctx.cfg))
+
+
 def teacher_hash(cfg: Config) -> str:
     """What the teacher stage's result depends on in the teacher section: ``section_hash("teacher")`` without
     ``pretrained``/``replace_head`` while they are unset (so the keys of runs made before they existed still
@@ -411,19 +415,20 @@ def train_baseline(ctx: RunContext, init_state: Any, teacher_sha: str) -> None:
                                                                jobs.baseline_phases(ctx.cfg), init_state=init_state))
 
 
-def student_keys(ctx: RunContext, teacher: Teacher) -> tuple[str, str]:
-    """The keys of the KD and the pruned student: what their checkpoints were made from."""
+def student_keys(ctx: RunContext, teacher_sha: str) -> tuple[str, str]:
+    """The keys of the KD and the pruned student (``teacher_sha``: the teacher's sha256): what their checkpoints
+    were made from."""
     cfg = ctx.cfg
     cached = cfg.distill.teacher_mode == "cache"
     student_common = digest(ctx.common_key, cfg.section_hash("student"),
-                            teacher.sha256 if cfg.student.init_from_teacher else "")
-    kd_key = digest(student_common, teacher.sha256, cfg.section_hash("distill"), cfg.cache.k if cached else None,
+                            teacher_sha if cfg.student.init_from_teacher else "")
+    kd_key = digest(student_common, teacher_sha, cfg.section_hash("distill"), cfg.cache.k if cached else None,
                     # views only when > 1, so the keys of runs made before cache.views existed still match
                     *([cfg.cache.views] if cached and cfg.cache.views > 1 else []),
                     cfg.cache.topk_loss if cached and cfg.cache.k else None)  # how the top-k became the target
     # the pruned student starts from the KD or the label-only student, whichever choose_student picks: a
     # function of both checkpoints, so of both keys
-    base_key = baseline_key(ctx, teacher.sha256 if cfg.student.init_from_teacher else "")
+    base_key = baseline_key(ctx, teacher_sha if cfg.student.init_from_teacher else "")
     return kd_key, digest(kd_key, base_key, "chosen on val_acc", cfg.section_hash("prune"))
 
 
@@ -463,6 +468,11 @@ def prune_student(ctx: RunContext, key: str, source: TeacherSource | None, start
                         init_state=start_state)
     # it continues the KD student: its epochs follow KD's, as in a sweep trial that runs both in one loop
     train_student(ctx, "student_pruned", key, dataclasses.replace(job, first_epoch=ctx.cfg.distill.epochs))
+
+
+def lowrank_key(cfg: Config, prune_key: str) -> str | None:
+    """The low-rank student's key (it continues the pruned one), or None when ``lowrank`` is off."""
+    return digest(prune_key, cfg.section_hash("lowrank")) if lowrank_on(cfg) else None
 
 
 def lowrank_on(cfg: Config) -> bool:
@@ -623,9 +633,9 @@ def open_teacher_source(ctx: RunContext, teacher: Teacher, mode: str, start_acto
         return jobs.cached_teacher(teacher.cache["uri"], {k: v for k, v in teacher.cache.items() if k != "uri"}), None
     if mode == "inprocess":
         return jobs.inprocess_teacher(teacher.spec, ray.put(teacher.state())), None
-    if not start_actor:  # every student stage is up to date: no stage asks it for logits
-        # (a finished local-mode rerun runs without Ray, ``needs_no_ray``: no job id to name an actor by)
-        return jobs.live_teacher(teacher_actor_name(teacher.sha256) if ray.is_initialized() else ""), None
+    if not start_actor:  # every student stage is up to date: no actor, so none to name (the name takes Ray's job id,
+        # and a finished local-mode rerun runs without Ray: ``needs_no_ray``)
+        return jobs.live_teacher(""), None
     name = teacher_actor_name(teacher.sha256)  # this run's own actor: another run's end never stops it
     ctx.timings["teacher_server_start"] = {"seconds": 0.0, "started": time.perf_counter()}
     return jobs.live_teacher(name), start_teacher_server(name, teacher.spec, teacher.state(), ctx.cfg.scale,
