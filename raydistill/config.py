@@ -54,7 +54,7 @@ class DataConfig:
 @dataclass
 class TeacherConfig:
     model: str = "cnn"  # built-in name, torchvision name, timm:<name>, or package.module:function
-    kwargs: dict[str, Any] = field(default_factory=lambda: {"widths": [64, 128], "hidden": 256})
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"widths": [64, 128], "hidden": 256})  # options passed to the model; the default is the built-in cnn's sizes: a config that names another model and sets no kwargs gives it none ({})
     checkpoint: str | None = None  # a teacher.pt to load instead of training one
     ensemble: list[str] = field(default_factory=list)  # more teacher.pt files: the teacher is then the weighted average of the logits of the run's teacher and these (live actor, cache and in-process alike)
     weights: list[float] | None = None  # one weight per teacher (the run's teacher first, then teacher.ensemble); null = equal
@@ -69,7 +69,7 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     model: str = "cnn"  # built-in name, torchvision name, timm:<name>, or package.module:function
-    kwargs: dict[str, Any] = field(default_factory=lambda: {"widths": [16, 32], "hidden": 64})
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"widths": [16, 32], "hidden": 64})  # options passed to the model; the default is the built-in cnn's sizes: a config that names another model and sets no kwargs gives it none ({})
     init_from_teacher: bool = False  # copy teacher tensors whose names and shapes match
 
 
@@ -471,6 +471,10 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+MODEL_SECTIONS = ("teacher", "student")
+DEFAULT_MODEL = "cnn"  # the model whose sizes the default teacher.kwargs / student.kwargs are
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from nested dicts, rejecting unknown keys with a suggestion."""
     if raw is None:
@@ -496,6 +500,11 @@ def from_dict(raw: dict[str, Any]) -> Config:
                 if key not in fhints:
                     raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted)}")
                 sec_kwargs[key] = _coerce(dotted, v, fhints[key])
+            if name in MODEL_SECTIONS and sec_kwargs.get("model", DEFAULT_MODEL) != DEFAULT_MODEL \
+                    and "kwargs" not in sec_kwargs:
+                # the default kwargs are the built-in cnn's sizes (widths, hidden): another model named without
+                # kwargs of its own would be handed options it does not take
+                sec_kwargs["kwargs"] = {}
             kwargs[name] = cls(**sec_kwargs)
         else:
             kwargs[name] = _coerce(name, value, hints[name])

@@ -19,6 +19,29 @@ def test_overrides_are_typed_and_applied():
     assert cfg.student.kwargs == {"widths": [8, 16]}
 
 
+def test_the_default_kwargs_stay_with_the_default_cnn(tmp_path):
+    """The default teacher/student kwargs are the built-in cnn's sizes: naming another model without kwargs of its
+    own gives it none (it would otherwise be handed `widths`, which it does not take); kwargs that are set stay."""
+    from raydistill.checkpoints import build_from_spec, model_spec
+
+    default = config.load()
+    cfg = config.load(None, {"teacher.model": "mlp", "student.model": "mlp"})
+    assert cfg.teacher.kwargs == {} and cfg.student.kwargs == {}
+    assert config.load(None, {"teacher.model": "cnn"}).teacher.kwargs == default.teacher.kwargs == \
+        {"widths": [64, 128], "hidden": 256}
+    assert config.load(None, {"student.model": "mlp", "student.kwargs": {"hidden": [8]}}).student.kwargs == \
+        {"hidden": [8]}
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("student:\n  model: mlp\n")  # the same from a YAML file; the teacher keeps the cnn's
+    from_yaml = config.load(yaml_path)
+    assert from_yaml.student.kwargs == {} and from_yaml.teacher.kwargs == default.teacher.kwargs
+    model = build_from_spec(model_spec("mlp", from_yaml.student.kwargs, 4, (40,)))  # builds on a tabular shape
+    assert model(__import__("torch").zeros(2, 40)).shape == (2, 4)
+    # a resolved config written out and read back keeps what it resolved to (config.yaml of a run)
+    yaml_path.write_text(cfg.to_yaml())
+    assert config.load(yaml_path).to_dict() == cfg.to_dict()
+
+
 def test_int_accepted_for_float_but_not_bool():
     assert config.load(None, {"distill.temperature": 2}).distill.temperature == 2.0
     with pytest.raises(ConfigError, match="distill.temperature must be a number"):
