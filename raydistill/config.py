@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -508,7 +509,39 @@ def from_dict(raw: dict[str, Any]) -> Config:
             kwargs[name] = cls(**sec_kwargs)
         else:
             kwargs[name] = _coerce(name, value, hints[name])
-    return validate(Config(**kwargs))
+    return validate(absolute_paths(Config(**kwargs)))
+
+
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def is_weights_file(value: str) -> bool:
+    """``teacher.pretrained``: a path (by its suffix, a folder separator, or because it exists), not a model zoo's
+    weight name."""
+    return Path(value).suffix in WEIGHT_FILE_SUFFIXES or os.sep in value or Path(value).exists()
+
+
+def _absolute(value: str | None) -> str | None:
+    """A local path made absolute against the current directory (``~`` expanded); a URI (``s3://...``) as is."""
+    if value is None or "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its local file and folder paths absolute, as the command's current directory gives them. Why:
+    Ray Tune runs each trial in a folder of its own and Ray's worker processes need not share this process's
+    current directory, so a relative ``data.train: train.parquet`` was found by ``run`` and not by a sweep's
+    trials (FileNotFoundError in every trial). A resolved config (``config.yaml`` of a run) keeps them absolute."""
+    data = dataclasses.replace(cfg.data, **{key: _absolute(getattr(cfg.data, key))
+                                            for key in ("root", "path", "train", "val", "test")})
+    pretrained = cfg.teacher.pretrained  # a weights file, or the name of zoo weights (IMAGENET1K_V1), kept as is
+    teacher = dataclasses.replace(
+        cfg.teacher, checkpoint=_absolute(cfg.teacher.checkpoint),
+        ensemble=[_absolute(path) for path in cfg.teacher.ensemble],
+        pretrained=_absolute(pretrained) if pretrained is not None and is_weights_file(pretrained) else pretrained)
+    cache = dataclasses.replace(cfg.cache, path=_absolute(cfg.cache.path))
+    return dataclasses.replace(cfg, data=data, teacher=teacher, cache=cache)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -17,6 +17,8 @@ from raydistill.redact import redact
 # Library log lines that say nothing a user can act on (seen in a default run); hidden unless --verbose.
 _NOISE = {
     "torch.utils._pytree": "is an Enum subclass and is now natively supported by torch.compile",  # torchao import
+    # the end of a sweep with a failed trial: each failure already had its line, with its error (sweep.trial_lines)
+    "ray.tune.tune": "Trials did not complete",
 }
 
 

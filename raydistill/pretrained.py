@@ -19,21 +19,14 @@ replaced only when ``teacher.replace_head`` says so (the new head is the teacher
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from raydistill.config import WEIGHT_FILE_SUFFIXES, is_weights_file  # noqa: F401 (config resolves such paths)
 from raydistill.errors import CheckpointError, ConfigError, ModelError
-
-WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-
-
-def is_weights_file(value: str) -> bool:
-    """A path (by its suffix, a folder separator, or because it exists), not a model zoo's weight name."""
-    return Path(value).suffix in WEIGHT_FILE_SUFFIXES or os.sep in value or Path(value).exists()
 
 
 def head_of(model: nn.Module) -> str:

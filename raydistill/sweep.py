@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -151,9 +152,48 @@ def trial_lines(keys: list[str], total: int, quiet: bool):
                     f"{r.get('training_iteration', 0)} epoch(s), val_acc {r.get('val_acc', float('nan')):.4f}", quiet)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            log(f"trial {trial.trial_id} failed; its error is in results.csv", quiet)
+            error = trial_error(trial)
+            log(f"trial {trial.trial_id} failed: {error_line(error) if error else 'no error recorded'}", quiet)
 
     return TrialLines()
+
+
+def trial_error(trial) -> BaseException | str | None:
+    """The error a failed Tune trial raised, as Tune kept it when it marked the trial failed: the pickled exception,
+    else its text, from the trial's local folder (Tune writes both there before it calls ``on_trial_error``; its
+    ``get_pickled_error`` reads the storage copy, which may not be written yet)."""
+    import cloudpickle
+
+    for path in (trial.pickled_error_file, trial.error_file):
+        if path and os.path.isfile(path):
+            try:
+                if path == trial.pickled_error_file:
+                    with open(path, "rb") as f:
+                        return cloudpickle.load(f)
+                return Path(path).read_text()
+            except Exception:  # an exception that cannot be unpickled here: its text is next
+                continue
+    return trial.get_pickled_error() or trial.get_error()
+
+
+def error_line(error: BaseException | str) -> str:
+    """One line for a failed trial: the exception the trial raised ("FileNotFoundError: train.parquet", or a
+    raydistill error's own message), not the first line of Ray's wrapper ("ray::ImplicitFunc.train() (pid=...)"),
+    which is all that said before. ``error`` is the exception Tune kept, or its text when it could not pickle it."""
+    from raydistill.errors import UserError
+
+    cause = error
+    while isinstance(cause, BaseException) and getattr(cause, "cause", None) is not None:  # RayTaskError's cause
+        cause = cause.cause
+    if isinstance(cause, UserError):
+        return str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    if isinstance(cause, BaseException) and not hasattr(cause, "traceback_str"):
+        message = str(cause).strip().splitlines()
+        return f"{type(cause).__name__}: {message[0]}" if message else type(cause).__name__
+    # text only (a traceback): its last line names the exception
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(cause).splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else "unknown error"
 
 
 def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: str | None = None,
@@ -229,6 +269,10 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[trial_lines(list(t.space), t.num_trials, quiet), *tracking]))
     if not verbose:
+        # Tune logs every failed trial's whole traceback (tune_controller: "Trial task failed for trial ..."); the
+        # trial lines give its error in one line, and results.csv keeps it. Ray Tune's documented switch; a value the
+        # user set wins.
+        os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
         # Tune's default output engine prints its experiment box and result paths whatever the verbosity (tune.py
         # calls experiment_started unconditionally); its legacy engine, documented as RAY_AIR_NEW_OUTPUT=0, prints
         # nothing at verbose=0. Our trial lines are the progress. A value the user set wins.
@@ -243,7 +287,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
         row = {"trial_id": m.get("trial_id"), **{k: res.config.get(k) for k in t.space},
                "completed": bool(m.get("evaluated")), "val_acc": m.get("val_acc"),
                "epochs_run": m.get("training_iteration"),
-               "error": str(res.error).splitlines()[0] if res.error else None}
+               "error": error_line(res.error) if res.error else None}
         for k in ("accuracy", "params", "macs", "latency_ms_b1", "latency_ms_b64", "size_bytes", "sparsity"):
             row[k] = m.get(k) if m.get("evaluated") else None
         row["teacher_forward_samples"] = m.get("teacher_forward_samples")  # per-trial teacher only

@@ -71,18 +71,29 @@ def test_small_sweep_end_to_end(ray_local, tmp_path, tiny_teacher):
 
 
 @pytest.mark.ray
-def test_per_trial_teacher_counts_its_own_forward_passes(ray_local, tmp_path, tiny_teacher, capsys):
+def test_per_trial_teacher_counts_its_own_forward_passes(ray_local, tmp_path, tiny_teacher, capsys, monkeypatch):
     """tune.teacher_mode=inprocess (the benchmark's no-sharing baseline): each distilling trial runs the teacher
-    over its training data every epoch, and the sweep report adds those passes up."""
-    cfg = config.load(None, {**SWEEP, "teacher.checkpoint": tiny_teacher, "tune.teacher_mode": "inprocess",
+    over its training data every epoch, and the sweep report adds those passes up. The data is digits prepared as
+    Parquet and named relative to the current directory, which the trials (Tune runs each in a folder of its own,
+    streaming its data through Ray Data) do not share: the config holds it absolute (``config.absolute_paths``;
+    before, every trial failed with FileNotFoundError)."""
+    from raydistill.prepare import prepare
+
+    prepare("digits", str(tmp_path / "digits"))
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(None, {**SWEEP, "data.source": "parquet", "data.path": "digits",
+                             "teacher.checkpoint": tiny_teacher, "tune.teacher_mode": "inprocess",
                              "tune.num_trials": 2, "tune.scheduler": "none", "distill.epochs": 1,
                              "tune.space": {"distill.alpha": {"uniform": [0.0, 0.9]}}})
-    report = run_sweep(cfg, tmp_path)
+    assert cfg.data.path == str(tmp_path / "digits")
+    report = run_sweep(cfg, tmp_path / "sweep")
+    console = capsys.readouterr().out
+    assert "streamed from Parquet" in console  # the trials read it through Ray Data
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(tmp_path / "results.parquet").to_pylist()
+    rows = pq.read_table(tmp_path / "sweep" / "results.parquet").to_pylist()
     assert len(rows) == 2 and rows[0]["distill.alpha"] == 0.0 < rows[1]["distill.alpha"]  # label-only, then a sample
-    trial_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[raydistill] trial ")]
+    trial_lines = [line for line in console.splitlines() if line.startswith("[raydistill] trial ")]
     assert len(trial_lines) == 2 and all("test accuracy" in line and "distill.alpha=" in line for line in trial_lines)
     epochs = cfg.distill.epochs + cfg.prune.epochs + cfg.prune.finetune_epochs
     n = report["train_samples"]

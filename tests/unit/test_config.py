@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from raydistill import config
@@ -40,6 +42,28 @@ def test_the_default_kwargs_stay_with_the_default_cnn(tmp_path):
     # a resolved config written out and read back keeps what it resolved to (config.yaml of a run)
     yaml_path.write_text(cfg.to_yaml())
     assert config.load(yaml_path).to_dict() == cfg.to_dict()
+
+
+def test_local_paths_are_made_absolute_against_the_current_directory(tmp_path, monkeypatch):
+    """Relative paths in a config mean the command's current directory, which Tune trials and Ray workers do not
+    share: the loaded config holds them absolute. URIs and zoo weight names stay as given."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(None, {"data.source": "parquet", "data.train": "d/train.parquet", "data.val": "d/val",
+                             "data.test": "s3://bucket/test/", "teacher.checkpoint": "t/teacher.pt",
+                             "teacher.ensemble": ["a.pt", "/abs/b.pt"], "cache.path": "cache",
+                             "track.mlflow_uri": "sqlite:///mlflow.db"})
+    assert cfg.data.train == str(tmp_path / "d/train.parquet") and cfg.data.val == str(tmp_path / "d/val")
+    assert cfg.data.test == "s3://bucket/test/" and cfg.track.mlflow_uri == "sqlite:///mlflow.db"
+    assert cfg.teacher.checkpoint == str(tmp_path / "t/teacher.pt")
+    assert cfg.teacher.ensemble == [str(tmp_path / "a.pt"), "/abs/b.pt"] and cfg.cache.path == str(tmp_path / "cache")
+    assert config.load(None, {"data.source": "imagefolder", "data.root": "~/imgs"}).data.root == \
+        str(Path.home() / "imgs")
+    assert config.load(None, {"teacher.pretrained": "w.pth"}).teacher.pretrained == str(tmp_path / "w.pth")
+    assert config.load(None, {"teacher.pretrained": "IMAGENET1K_V1"}).teacher.pretrained == "IMAGENET1K_V1"
+    # a run folder's config.yaml, read back from elsewhere, names the same files
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    monkeypatch.chdir(tmp_path / "..")
+    assert config.load(tmp_path / "c.yaml").to_dict() == cfg.to_dict()
 
 
 def test_int_accepted_for_float_but_not_bool():

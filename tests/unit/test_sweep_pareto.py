@@ -26,3 +26,31 @@ def test_label_only_points_cover_every_pruning_ratio():
     uniform = config.load(None, {"tune.space": {"prune.ratio": {"uniform": [0.2, 0.6]},
                                                 "distill.alpha": {"choice": [0.0, 0.5]}}})
     assert label_only_points(uniform) == [{"prune.ratio": 0.4, "distill.alpha": 0.0}]
+
+
+def test_a_failed_trial_is_named_by_the_error_it_raised():
+    """results.csv and the console's trial line give the trial's own exception, not the first line of Ray's
+    wrapper ("ray::ImplicitFunc.train() (pid=..., ...)"), which is all they gave before."""
+    from ray.exceptions import RayTaskError
+
+    from raydistill.errors import TrainingError
+    from raydistill.sweep import error_line
+
+    def raised(cause):  # what Tune keeps for a trial whose function raised ``cause`` (real Ray classes)
+        try:
+            raise cause
+        except Exception as e:
+            import traceback
+
+            wrapper = RayTaskError("ImplicitFunc.train", traceback.format_exc(), e, proctitle="ray::ImplicitFunc.train",
+                                   pid=123, ip="127.0.0.1")
+            return wrapper.as_instanceof_cause()
+
+    missing = raised(FileNotFoundError("train.parquet"))
+    assert "pid=123" in str(missing).splitlines()[0]  # what the first line is: Ray's wrapper
+    assert error_line(missing) == "FileNotFoundError: train.parquet"
+    nan = TrainingError("loss became nan at step 3 (phase distill); lower the lr")
+    assert error_line(raised(nan)) == str(nan)  # raydistill's own errors: their one line, as the CLI prints them
+    # an exception Tune could not pickle is kept as its text: the traceback's last line names it
+    text = f"Failure # 1 (occurred at 2026-12-03_02-36-36)\n{missing}\n"
+    assert error_line(text) == "FileNotFoundError: train.parquet"
