@@ -28,7 +28,7 @@ from raydistill.errors import ConfigError
 @dataclass
 class DataConfig:
     source: str = "digits"  # digits | cifar10 | imagefolder | parquet | noisy_digits (digits with 50% wrong training labels, the built-in KD benchmark)
-    root: str | None = None  # folder for cifar10 / imagefolder
+    root: str | None = None  # folder for cifar10 / imagefolder (DIR/<class>/<image>, or DIR/train/<class>/... with DIR/val/... and/or DIR/test/...: those folders are its splits)
     path: str | None = None  # parquet file, folder, glob or pyarrow URI (s3://, gs://, ...)
     train: str | None = None  # parquet: the training split's file, folder, glob or URI (instead of path)
     val: str | None = None  # parquet: a declared validation split (else carved from train, seeded)

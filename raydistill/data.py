@@ -6,11 +6,13 @@ shape has 1 to 3 dims: a feature vector (F,), a signal (C, L) or an image (C, H,
 
 * ``digits`` (default): scikit-learn's bundled 8x8 digits, works offline anywhere;
 * ``cifar10``: an already-extracted CIFAR-10 under ``root`` (never downloaded);
-* ``imagefolder``: ``root/<class>/<image>`` decoded with PIL;
+* ``imagefolder``: ``root/<class>/<image>`` decoded with PIL, or ``root/train/<class>/<image>`` beside
+  ``root/val/...`` and/or ``root/test/...`` (the folders are then its declared splits);
 * ``parquet``: local or remote parquet with a label column and either flat float
   features plus a ``shape`` or encoded image bytes.
 
-Splits. A source may declare its splits: cifar10 its official test batch; parquet a file, folder, glob or
+Splits. A source may declare its splits: cifar10 its official test batch; an image folder its train/val/test
+folders; parquet a file, folder, glob or
 URI per split (``train``, ``val``, ``test``) or one ``split_column`` whose values are train/val/test (a
 folder written by ``raydistill data prepare`` names its split column in the schema metadata, so it is used
 by default). A declared split is used as is; test is carved (seeded, stratified) from the training pool
@@ -300,22 +302,58 @@ def _load_cifar10(root, image_size: int | None):
     return parts
 
 
-def _load_imagefolder(root, image_size: int):
+# Folder names of declared splits in an image folder (DIR/train/<class>/<image>, DIR/val/..., DIR/test/...), the
+# layout of ImageNet's and most image-classification sets.
+IMAGEFOLDER_SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+
+
+def imagefolder_splits(root) -> dict[str, str] | None:
+    """``{"train": DIR/train, "val": DIR/val, "test": DIR/test}`` (the ones present) when ``root`` holds a ``train``
+    folder and a val or test folder, each of class folders; None for a plain ``DIR/<class>/<image>`` folder.
+    Why: torchvision's ImageFolder on such a root takes ``train`` and ``val`` for two classes, and the split each
+    image is in for its label."""
+    def folder_of_classes(path: str) -> bool:
+        return os.path.isdir(path) and any(entry.is_dir() for entry in os.scandir(path))
+
+    found = {}
+    for split, names in IMAGEFOLDER_SPLIT_NAMES.items():
+        for name in names:
+            path = os.path.join(os.fspath(root), name)
+            if folder_of_classes(path):
+                found[split] = path
+                break
+    return found if "train" in found and len(found) > 1 else None
+
+
+def _load_imagefolder(root, image_size: int, class_to_idx: dict[str, int] | None = None):
+    """(x, y, ids, class names) of ``root``/<class>/<image>; with ``class_to_idx`` (another split's classes) its
+    class folders must be among them and keep their labels."""
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     if root is None or not os.path.isdir(root):
         raise DataError(
             f"image folder {root!r} not found; pass root=DIR laid out as DIR/<class>/<image>"
         )
     try:
-        dataset = ImageFolder(os.fspath(root))
+        if class_to_idx is None:
+            dataset = ImageFolder(os.fspath(root))
+            samples, classes = dataset.samples, dataset.classes
+        else:
+            classes, _ = find_classes(os.fspath(root))
+            unknown = sorted(set(classes) - set(class_to_idx))
+            if unknown:
+                raise DataError(f"image folder {root} has class folder(s) {', '.join(unknown[:5])} that the training "
+                                "folder has not; give every split the training folder's classes")
+            samples = make_dataset(os.fspath(root), {c: class_to_idx[c] for c in classes}, IMG_EXTENSIONS)
+            classes = sorted(class_to_idx, key=class_to_idx.get)
     except (FileNotFoundError, OSError) as error:
         raise DataError(
             f"no images found under {root} ({error}); lay images out as DIR/<class>/<image>"
         ) from error
-    x = np.stack([_decode_image(path, image_size, repr(path)) for path, _ in dataset.samples])
-    y = np.asarray([label for _, label in dataset.samples], dtype=np.int64)
-    return x.astype(np.float32), y, np.arange(len(y), dtype=np.int64), len(dataset.classes)
+    x = np.stack([_decode_image(path, image_size, repr(path)) for path, _ in samples])
+    y = np.asarray([label for _, label in samples], dtype=np.int64)
+    return x.astype(np.float32), y, np.arange(len(y), dtype=np.int64), classes
 
 
 def _parquet_dataset(path):
@@ -601,8 +639,18 @@ def load_splits(
         origin["test"] = f"declared: a stratified {test_fraction} of the digits, true labels (data.seed={seed})"
         normalize = True
     elif source == "imagefolder":
-        *pool, hint = _load_imagefolder(root, image_size or 32)
-        where, normalize = f"the image folder {root}", True
+        layout = imagefolder_splits(root) if root is not None and os.path.isdir(root) else None
+        x, y, ids, classes = _load_imagefolder(layout["train"] if layout else root, image_size or 32)
+        pool, hint, normalize = (x, y, ids), len(classes), True
+        where = f"the image folder {layout['train'] if layout else root}"
+        offset = len(ids)
+        for name in ("val", "test"):
+            if layout and name in layout:  # declared by the folder layout: used as is, ids after the others
+                vx, vy, vids, _ = _load_imagefolder(layout[name], image_size or 32,
+                                                    {c: i for i, c in enumerate(classes)})
+                declared[name] = (vx, vy, vids + offset)
+                offset += len(vids)
+                origin[name] = f"declared: the image folder {layout[name]}"
     else:
         if split_column and (train or val or test):
             raise DataError("declare splits either as files (data.train/val/test) or with data.split_column, "

@@ -168,6 +168,42 @@ def test_imagefolder_loads_classes_as_rgb(tmp_path):
     assert set(splits.test.y) == {0, 1}  # stratified
 
 
+def test_imagefolder_with_train_val_test_folders_declares_its_splits(tmp_path):
+    """DIR/train/<class>/, DIR/val/<class>/, DIR/test/<class>/ (ImageNet's layout): the folders are the splits, used
+    as is, with the training folder's class labels. Read as one image folder, `train`, `val` and `test` would be
+    the classes and each image's split its label."""
+    _write_imagefolder(tmp_path / "train", per_class=6)
+    _write_imagefolder(tmp_path / "val", per_class=2)
+    (tmp_path / "test" / "dog").mkdir(parents=True)  # a split may lack a class; its labels stay the training ones
+    Image.new("RGB", (9, 7), (10, 10, 200)).save(tmp_path / "test" / "dog" / "0.png")
+    splits = data.load_splits("imagefolder", root=tmp_path, image_size=5)
+    assert splits.num_classes == 2 and [len(s) for s in (splits.train, splits.val, splits.test)] == [12, 4, 1]
+    assert list(splits.test.y) == [1] and sorted(splits.val.y) == [0, 0, 1, 1]
+    ids = [set(s.ids.tolist()) for s in (splits.train, splits.val, splits.test)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert splits.origin["val"] == f"declared: the image folder {tmp_path / 'val'}"
+    assert splits.origin["train"] == f"the image folder {tmp_path / 'train'}"  # nothing carved from it
+    # only train/ and val/: the test split is carved from train/, seeded
+    (tmp_path / "test" / "dog" / "0.png").unlink()
+    (tmp_path / "test" / "dog").rmdir()
+    (tmp_path / "test").rmdir()
+    splits = data.load_splits("imagefolder", root=tmp_path, image_size=5, test_fraction=0.25)
+    assert [len(s) for s in (splits.train, splits.val, splits.test)] == [9, 4, 3]
+    assert splits.origin["test"].startswith(f"carved at random from the image folder {tmp_path / 'train'}")
+    # a class folder the training folder has not is refused, naming it
+    (tmp_path / "val" / "fox").mkdir()
+    Image.new("RGB", (9, 7), (10, 200, 10)).save(tmp_path / "val" / "fox" / "0.png")
+    with pytest.raises(ValueError, match="class folder.*fox.*training folder"):
+        data.load_splits("imagefolder", root=tmp_path)
+    # a plain image folder whose classes happen to be called train and val is read as before
+    plain = tmp_path / "plain"
+    for label in ("train", "val"):
+        (plain / label).mkdir(parents=True)
+        Image.new("RGB", (9, 7), (200, 10, 10)).save(plain / label / "0.png")
+        Image.new("RGB", (9, 7), (200, 10, 10)).save(plain / label / "1.png")
+    assert data.load_splits("imagefolder", root=plain, val_fraction=0.25, test_fraction=0.25).num_classes == 2
+
+
 def test_imagefolder_corrupt_file_is_named(tmp_path):
     _write_imagefolder(tmp_path)
     (tmp_path / "dog" / "broken.png").write_bytes(b"not a png at all")
