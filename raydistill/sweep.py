@@ -173,7 +173,10 @@ def trial_error(trial) -> BaseException | str | None:
                 return Path(path).read_text()
             except Exception:  # an exception that cannot be unpickled here: its text is next
                 continue
-    return trial.get_pickled_error() or trial.get_error()
+    try:  # the storage copy (a remote storage_path); this runs inside a Tune callback, which must not fail the sweep
+        return trial.get_pickled_error() or trial.get_error()
+    except Exception:
+        return None
 
 
 def error_line(error: BaseException | str) -> str:
