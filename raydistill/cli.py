@@ -75,9 +75,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, overrides)
     out = Path(args.out) if args.out else _default_out(args.config).with_name(_default_out(args.config).name + "-tune")
     report = run_sweep(cfg, out, resume=args.resume, address=args.address, quiet=args.quiet, verbose=args.verbose)
-    best = report["best"]
+    best, failed = report["best"], report["failed_trials"]
     if best:
         print(f"best trial: accuracy {best['accuracy']:.4f}, {best['macs']:,} MACs -> {out / 'best_config.yaml'}")
+    elif failed and len(failed) == report["trials"]:
+        # nothing to pick from: a script must see it in the status (Ray Tune's own `tune.run` raises TuneError
+        # when trials fail; the Tuner API only returns them). Every trial stopped by bad input (a NaN loss from the
+        # learning rate, bad data) is bad input, exit 2 as `raydistill run` gives; anything else exits 1. Each
+        # trial's error is on its console line and in results.csv
+        message = (f"all {len(failed)} trials failed, the first with: {failed[0]['error']}; "
+                   f"see {out / 'results.csv'}")
+        if all(f["bad_input"] for f in failed):
+            raise UserError(message)
+        print(f"raydistill: error: {redact(message)}", file=sys.stderr)
+        return 1
     else:
         print("no completed trial met the constraints; see results.csv")
     return 0

@@ -179,15 +179,27 @@ def trial_error(trial) -> BaseException | str | None:
         return None
 
 
+def root_cause(error: BaseException | str) -> BaseException | str:
+    """The exception a trial raised, out of Ray's wrappers (a RayTaskError's ``cause``)."""
+    while isinstance(error, BaseException) and getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error
+
+
+def is_bad_input(error: BaseException | str | None) -> bool:
+    """Whether a trial failed on bad input (a raydistill UserError: a NaN loss from the learning rate, bad data)."""
+    from raydistill.errors import UserError
+
+    return error is not None and isinstance(root_cause(error), UserError)
+
+
 def error_line(error: BaseException | str) -> str:
     """One line for a failed trial: the exception the trial raised ("FileNotFoundError: train.parquet", or a
     raydistill error's own message), not the first line of Ray's wrapper ("ray::ImplicitFunc.train() (pid=...)"),
     which is all that said before. ``error`` is the exception Tune kept, or its text when it could not pickle it."""
     from raydistill.errors import UserError
 
-    cause = error
-    while isinstance(cause, BaseException) and getattr(cause, "cause", None) is not None:  # RayTaskError's cause
-        cause = cause.cause
+    cause = root_cause(error)
     if isinstance(cause, UserError):
         return str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     if isinstance(cause, BaseException) and not hasattr(cause, "traceback_str"):
@@ -290,7 +302,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
         row = {"trial_id": m.get("trial_id"), **{k: res.config.get(k) for k in t.space},
                "completed": bool(m.get("evaluated")), "val_acc": m.get("val_acc"),
                "epochs_run": m.get("training_iteration"),
-               "error": error_line(res.error) if res.error else None}
+               "error": error_line(res.error) if res.error else None, "bad_input": is_bad_input(res.error)}
         for k in ("accuracy", "params", "macs", "latency_ms_b1", "latency_ms_b64", "size_bytes", "sparsity"):
             row[k] = m.get(k) if m.get("evaluated") else None
         row["teacher_forward_samples"] = m.get("teacher_forward_samples")  # per-trial teacher only
@@ -363,7 +375,10 @@ def write_results(cfg: Config, out: Path, rows: list[dict], teacher_passes, cach
                          "label_only_accuracy": ref["accuracy"], "best_val_acc": best["val_acc"],
                          "label_only_val_acc": ref["val_acc"], "label_only_trial": ref["trial_id"],
                          "difference_points": 100 * (best["accuracy"] - ref["accuracy"])}
-    report = {"trials": len(rows), "completed": len(done), "best": best, "label_only_trials": label_only,
+    failed = [{"trial_id": r["trial_id"], "error": r["error"], "bad_input": r.get("bad_input", False)}
+              for r in rows if r.get("error")]
+    report = {"trials": len(rows), "completed": len(done), "failed_trials": failed, "best": best,
+              "label_only_trials": label_only,
               "best_vs_label_only_same_ratio": vs_label_only,
               "pareto_macs": fronts["macs"], "pareto_latency": fronts["latency_ms_b1"],
               "teacher_forward_samples": teacher_passes, "train_samples": n_train,

@@ -103,6 +103,35 @@ def test_per_trial_teacher_counts_its_own_forward_passes(ray_local, tmp_path, ti
     assert report["teacher_forward_samples"] == epochs * n
 
 
+@pytest.mark.ray
+def test_a_sweep_whose_every_trial_failed_on_bad_input_exits_2(ray_local, tmp_path, tiny_teacher, capsys):
+    """Every student diverges (learning rate 1e30): each trial's console line names its error, results.csv keeps
+    it, no best_config.yaml is written, and the command exits with one line, status 2 as for bad input in
+    `raydistill run` (it exited 0 before, so a script could not tell a sweep that found nothing from one that
+    worked)."""
+    from raydistill import cli
+
+    settings = {**SWEEP, "teacher.checkpoint": tiny_teacher, "tune.teacher_mode": "inprocess", "tune.num_trials": 2,
+                "tune.scheduler": "none", "distill.epochs": 1, "distill.lr": 1e30,
+                "tune.space": {"distill.alpha": {"uniform": [0.0, 0.9]}}}
+    argv = ["tune", "--out", str(tmp_path)]
+    argv += [a for k, v in settings.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("raydistill: error:")]
+    assert code == 2 and len(errors) == 1, captured.err[-3000:]
+    assert errors[0].startswith("raydistill: error: all 2 trials failed, the first with: loss became nan")
+    failed = [line for line in captured.out.splitlines()
+              if line.startswith("[raydistill] trial ") and " failed: " in line]
+    assert failed and all("at step" in line for line in failed), captured.out[-3000:]
+    import pyarrow.csv as pacsv
+
+    rows = pacsv.read_csv(tmp_path / "results.csv").to_pylist()
+    assert len(rows) == 2 and all(r["error"] and "at step" in r["error"] and r["bad_input"] for r in rows)
+    assert not (tmp_path / "best_config.yaml").exists()
+    assert "Traceback" not in captured.err
+
+
 def _finished_trials(out: Path) -> dict[str, int]:
     """trial dir -> number of result lines, for trials whose last report carried test metrics."""
     found = {}

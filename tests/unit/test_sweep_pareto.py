@@ -34,7 +34,7 @@ def test_a_failed_trial_is_named_by_the_error_it_raised():
     from ray.exceptions import RayTaskError
 
     from raydistill.errors import TrainingError
-    from raydistill.sweep import error_line
+    from raydistill.sweep import error_line, is_bad_input
 
     def raised(cause):  # what Tune keeps for a trial whose function raised ``cause`` (real Ray classes)
         try:
@@ -54,3 +54,6 @@ def test_a_failed_trial_is_named_by_the_error_it_raised():
     # an exception Tune could not pickle is kept as its text: the traceback's last line names it
     text = f"Failure # 1 (occurred at 2026-12-03_02-36-36)\n{missing}\n"
     assert error_line(text) == "FileNotFoundError: train.parquet"
+    # a raydistill error is bad input (a sweep whose every trial stopped on one exits 2); anything else is not
+    assert is_bad_input(raised(nan)) and not is_bad_input(missing) and not is_bad_input(text)
+    assert not is_bad_input(None)
