@@ -42,7 +42,7 @@ class DataConfig:
     image_column: str | None = None  # parquet: encoded image bytes column instead of features
     id_column: str = "id"  # parquet: stable sample id column (row order when absent)
     shape: list[int] | None = None  # parquet: one sample's shape, [F], [C, L] or [C, H, W], of the flat feature column
-    image_size: int | None = None  # resize decoded images to this square size (default 32)
+    image_size: int | list[int] | None = None  # resize decoded images to this size: N (N x N) or [H, W] (default 32)
     val_fraction: float = 0.1  # share of the training pool held out for validation
     test_fraction: float = 0.2  # share held out for test when no test split is declared (cifar10: official)
     seed: int = 0  # split seed: same seed, same ids in each split
@@ -242,6 +242,10 @@ def _suggest(key: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else "; valid keys are listed in docs/config.md"
 
 
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list [a, b, ...]",
+          dict: "a mapping {name: value}"}
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotated type ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
@@ -249,14 +253,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        errors, kinds = [], [a for a in args if a is not type(None)]
+        for a in kinds:
             try:
                 return _coerce(key, value, a)
             except ConfigError as e:
                 errors.append(e)
+        lists = [e for a, e in zip(kinds, errors) if typing.get_origin(a) is list]
+        if isinstance(value, (list, tuple)) and lists:  # a list: what is wrong inside it
+            raise lists[0]
+        if len(kinds) > 1:  # e.g. int | list[int]: name every form it takes
+            raise ConfigError(f"{key} must be {' or '.join(_KINDS.get(typing.get_origin(a) or a, str(a)) for a in kinds)}"
+                              f", got {value!r}")
         raise errors[0]
     if tp is Any:
         return value
@@ -312,6 +320,10 @@ def validate(cfg: Config) -> Config:
     _choice("data.source", cfg.data.source, data.SOURCES)
     _choice("data.shard", cfg.data.shard, data.SHARD_MODES)
     _choice("data.augment", cfg.data.augment, augment.AUGMENTS)
+    try:
+        data.image_hw(cfg.data.image_size)
+    except ValueError as e:
+        raise ConfigError(f"data.{e}") from None
     _choice("distill.teacher_mode", d.teacher_mode, job.TEACHER_MODES)
     _choice("distill.precision", d.precision, tuple(job.PRECISIONS))
     _choice("distill.loss", d.loss, losses.LOGIT_LOSSES)

@@ -183,13 +183,31 @@ def sample_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return dims
 
 
-def _decode_image(data: bytes | str, size: int, what: str) -> np.ndarray:
-    """Decode an encoded image (bytes or a file path) to (3, size, size) float32 in [0, 1]."""
+def image_hw(image_size) -> tuple[int, int] | None:
+    """``data.image_size`` as (height, width): an int is a square (torchvision's ``Resize((h, w))`` takes a pair
+    the same way); None stays None. Anything else is a one-line error."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        size = (image_size, image_size)
+    elif isinstance(image_size, (list, tuple)) and len(image_size) == 2:
+        size = tuple(image_size)
+    else:
+        size = ()
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
+        raise DataError(f"image_size must be a positive integer (a square) or [height, width], got {image_size!r}; "
+                        "pass e.g. 32 or [24, 40]")
+    return size
+
+
+def _decode_image(data: bytes | str, size: tuple[int, int], what: str) -> np.ndarray:
+    """Decode an encoded image (bytes or a file path) to (3, height, width) float32 in [0, 1]; ``size`` is
+    (height, width)."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)  # PIL: (w, h)
             pixels = np.asarray(image, dtype=np.float32)
     except Exception as error:  # PIL raises many types for corrupt or truncated files
         raise DataError(
@@ -199,15 +217,15 @@ def _decode_image(data: bytes | str, size: int, what: str) -> np.ndarray:
     return pixels.transpose(2, 0, 1) / 255.0
 
 
-def _resize(x: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear (antialiased) resize of (N, C, H, W) to (N, C, size, size)."""
+def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (antialiased) resize of (N, C, H, W) to (N, C, height, width); ``size`` is (height, width)."""
     import torch
     import torch.nn.functional as F
 
-    if x.shape[2:] == (size, size):
+    if x.shape[2:] == tuple(size):
         return x
     resized = F.interpolate(
-        torch.from_numpy(x), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        torch.from_numpy(x), size=tuple(size), mode="bilinear", antialias=True, align_corners=False
     )
     return resized.numpy()
 
@@ -250,7 +268,7 @@ def _split_off(index: np.ndarray, y: np.ndarray, n_out: int, seed: int):
 # or, for cifar10, also a fixed test part.
 
 
-def _load_digits(image_size: int | None):
+def _load_digits(image_size: tuple[int, int] | None):
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -264,7 +282,7 @@ def _load_digits(image_size: int | None):
 NOISY_LABEL_RATE = 0.5  # noisy_digits: share of training-pool labels replaced by a wrong class
 
 
-def _load_noisy_digits(image_size: int | None, test_fraction: float, seed: int):
+def _load_noisy_digits(image_size: tuple[int, int] | None, test_fraction: float, seed: int):
     """``noisy_digits``: the bundled digits with label noise, the built-in benchmark where distillation matters.
 
     A stratified ``test_fraction`` of the digits is set aside with its true labels (the fixed test part); in
@@ -282,7 +300,7 @@ def _load_noisy_digits(image_size: int | None, test_fraction: float, seed: int):
     return (x[pool], noisy, ids[pool]), (x[test], y[test], ids[test])
 
 
-def _load_cifar10(root, image_size: int | None):
+def _load_cifar10(root, image_size: tuple[int, int] | None):
     from torchvision.datasets import CIFAR10
 
     if root is None:
@@ -325,7 +343,7 @@ def imagefolder_splits(root) -> dict[str, str] | None:
     return found if "train" in found and len(found) > 1 else None
 
 
-def _load_imagefolder(root, image_size: int, class_to_idx: dict[str, int] | None = None):
+def _load_imagefolder(root, image_size: tuple[int, int], class_to_idx: dict[str, int] | None = None):
     """(x, y, ids, class names) of ``root``/<class>/<image>; with ``class_to_idx`` (another split's classes) its
     class folders must be among them and keep their labels."""
     from torchvision.datasets import ImageFolder
@@ -585,7 +603,7 @@ def load_splits(
     image_column: str | None = None,
     id_column: str = "id",
     shape: Sequence[int] | None = None,
-    image_size: int | None = None,
+    image_size: int | Sequence[int] | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -598,6 +616,7 @@ def load_splits(
     ``cifar10``: ``root``, ``image_size`` (default native 32); test is the official
     test set, val is carved from the official train set and ``test_fraction`` is unused;
     ``imagefolder``: ``root``, ``image_size`` (default 32), images decoded to RGB;
+    ``image_size`` is an int (a square) or (height, width);
     ``parquet``: ``path`` (or ``train``), ``label_column``, ``id_column`` (used when present, else row
     order), and either ``feature_column`` + ``shape`` (1 to 3 dims) or ``image_column`` + ``image_size``;
     declared splits ``val`` / ``test`` (file, folder, glob or URI each) or ``split_column``.
@@ -613,8 +632,7 @@ def load_splits(
     for label, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
             raise DataError(f"{label} must be in [0, 1), got {value!r}")
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    image_size = image_hw(image_size)  # (height, width) or None from here on
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive integer or None, got {limit!r}")
     if not isinstance(seed, int) or seed < 0:
@@ -640,13 +658,13 @@ def load_splits(
         normalize = True
     elif source == "imagefolder":
         layout = imagefolder_splits(root) if root is not None and os.path.isdir(root) else None
-        x, y, ids, classes = _load_imagefolder(layout["train"] if layout else root, image_size or 32)
+        x, y, ids, classes = _load_imagefolder(layout["train"] if layout else root, image_size or (32, 32))
         pool, hint, normalize = (x, y, ids), len(classes), True
         where = f"the image folder {layout['train'] if layout else root}"
         offset = len(ids)
         for name in ("val", "test"):
             if layout and name in layout:  # declared by the folder layout: used as is, ids after the others
-                vx, vy, vids, _ = _load_imagefolder(layout[name], image_size or 32,
+                vx, vy, vids, _ = _load_imagefolder(layout[name], image_size or (32, 32),
                                                     {c: i for i, c in enumerate(classes)})
                 declared[name] = (vx, vy, vids + offset)
                 offset += len(vids)
@@ -661,7 +679,7 @@ def load_splits(
         if location is None and (val or test):
             raise DataError("data.val / data.test need the training data too; set data.train (or data.path)")
         read = dict(label_column=label_column, feature_column=feature_column, image_column=image_column,
-                    id_column=id_column, shape=shape, image_size=image_size or 32)
+                    id_column=id_column, shape=shape, image_size=image_size or (32, 32))
         part = _load_parquet(location, **read, split_column=split_column, split_from_metadata=not (val or test))
         normalize, hint, where = part.normalize, part.hint, f"{location}"
         if part.split is not None:

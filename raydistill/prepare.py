@@ -1,7 +1,7 @@
 """``raydistill data prepare``: convert a data source to Parquet shards with stable ids.
 
     raydistill data prepare digits|cifar10|imagefolder [--root DIR] --out DIR_OR_URI
-                            [--rows-per-file N] [--image-size N] [--seed S]
+                            [--rows-per-file N] [--image-size N|HxW] [--seed S]
                             [--val-fraction F] [--test-fraction F]
 
 Layout: OUT is one folder of ``part-NNNNN.parquet`` files holding every sample of the source,
@@ -34,7 +34,7 @@ import tempfile
 
 import numpy as np
 
-from raydistill.data import Arrays, Splits, load_splits, write_parquet
+from raydistill.data import Arrays, Splits, image_hw, load_splits, write_parquet
 from raydistill.errors import DataError
 
 PREPARE_SOURCES = ("digits", "cifar10", "imagefolder")
@@ -56,8 +56,12 @@ def _check_args(source: str, root, out, rows_per_file, image_size, val_fraction,
         raise DataError("--out is empty; pass a new folder or a URI such as s3://bucket/prefix")
     if not isinstance(rows_per_file, int) or isinstance(rows_per_file, bool) or rows_per_file < 1:
         raise DataError(f"--rows-per-file must be a positive integer, got {rows_per_file!r}; pass e.g. 4096")
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise DataError(f"--image-size must be a positive integer, got {image_size!r}; pass e.g. 32")
+    if image_size is not None:
+        try:
+            image_hw(image_size)
+        except DataError:
+            raise DataError(f"--image-size must be N (N x N) or HxW, positive integers, got {image_size!r}; "
+                            "pass e.g. 32 or 24x40") from None
     for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0.0 < value < 1.0:
             raise DataError(f"{name} must be in (0, 1), got {value!r}; use the same value as the run's data config")
@@ -130,7 +134,7 @@ def prepare(
     *,
     root: str | None = None,
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
-    image_size: int | None = None,
+    image_size: int | tuple[int, int] | list[int] | None = None,
     seed: int = 0,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
@@ -174,6 +178,15 @@ def read_parquet_ray(path: str, columns: list[str] | None = None):
     return dataset.select_columns(columns) if columns else dataset
 
 
+def _image_size_arg(text: str) -> int | tuple[int, int] | str:
+    """``--image-size``: ``N`` or ``HxW``; anything else is passed on as given, for ``_check_args`` to name."""
+    parts = text.lower().split("x")
+    if all(p.strip().isdigit() for p in parts) and len(parts) in (1, 2):
+        values = tuple(int(p) for p in parts)
+        return values[0] if len(values) == 1 else values
+    return text
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     """``raydistill data prepare``: run ``prepare`` and print one summary line."""
     summary = prepare(args.source, args.out, root=args.root, rows_per_file=args.rows_per_file,
@@ -201,8 +214,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="new folder or pyarrow URI (s3://, gs://, ...) for the shards")
     prep.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE, metavar="N",
                       help=f"rows per Parquet file (default {DEFAULT_ROWS_PER_FILE})")
-    prep.add_argument("--image-size", type=int, metavar="N",
-                      help="resize images to N x N (default: native; 32 for imagefolder)")
+    prep.add_argument("--image-size", type=_image_size_arg, metavar="N|HxW",
+                      help="resize images to N x N, or to H x W (e.g. 24x40) (default: native; 32 for imagefolder)")
     prep.add_argument("--seed", type=int, default=0,
                       help="split seed whose train split gives the normalization (= data.seed)")
     prep.add_argument("--val-fraction", type=float, default=0.1, help="= data.val_fraction (default 0.1)")

@@ -96,6 +96,9 @@ def test_int_accepted_for_float_but_not_bool():
     ("distill.dist_beta", -1, "distill.dist_beta must be >= 0"),
     ("distill.dist_gamma", "nan", "distill.dist_gamma must be >= 0, got nan"),  # YAML `nan` is the string
     ("cache.topk_loss", "spares", "cache.topk_loss must be one of tail_filled, sparse.*did you mean 'sparse'"),
+    ("data.image_size", "24x40", r"data.image_size must be an integer or a list \[a, b, ...\], got '24x40'"),
+    ("data.image_size", [24], r"data.image_size must be a positive integer \(a square\) or \[height, width\]"),
+    ("data.image_size", [24, "a"], "data.image_size must be an integer, got 'a'"),
 ])
 def test_bad_values_name_the_key_and_the_fix(key, value, match):
     with pytest.raises(ConfigError, match=match):

@@ -168,6 +168,30 @@ def test_imagefolder_loads_classes_as_rgb(tmp_path):
     assert set(splits.test.y) == {0, 1}  # stratified
 
 
+def test_imagefolder_resized_to_height_and_width(tmp_path):
+    """data.image_size takes [height, width] (torchvision's Resize((h, w))): non-square images keep their aspect
+    instead of being squashed into a square; an int is still a square; anything else is a one-line error."""
+    root = tmp_path / "imgs"
+    for label, color in (("cat", (200, 10, 10)), ("dog", (10, 10, 200))):
+        (root / label).mkdir(parents=True)
+        for i in range(4):  # 12 wide, 6 high, the left half darker: where the pixels land is checked
+            pixels = np.zeros((6, 12, 3), dtype=np.uint8)
+            pixels[:, :, :] = color
+            pixels[:, :6, :] //= 4
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    splits = data.load_splits("imagefolder", root=root, image_size=[6, 12], val_fraction=0.25, test_fraction=0.25)
+    assert splits.shape == (3, 6, 12)
+    x = splits.train.x  # standardized per channel: the darker left half stays below the right half in every row
+    assert (x[:, :, :, :6].mean(axis=3) < x[:, :, :, 6:].mean(axis=3) + 1e-6).all()
+    assert data.load_splits("imagefolder", root=root, image_size=5).shape == (3, 5, 5)
+    assert data.load_splits("digits", image_size=[8, 12], limit=3).shape == (1, 8, 12)
+    for bad in ([6], [6, 0], [6, 12, 3], "6x12", 0, True):
+        with pytest.raises(ValueError, match=r"image_size must be a positive integer \(a square\) or \[height, "
+                                             r"width\]") as info:
+            data.load_splits("imagefolder", root=root, image_size=bad)
+        assert "\n" not in str(info.value)
+
+
 def test_imagefolder_with_train_val_test_folders_declares_its_splits(tmp_path):
     """DIR/train/<class>/, DIR/val/<class>/, DIR/test/<class>/ (ImageNet's layout): the folders are the splits, used
     as is, with the training folder's class labels. Read as one image folder, `train`, `val` and `test` would be

@@ -97,7 +97,8 @@ def test_uri_output_roundtrip(tmp_path):
         ({"source": "mnist"}, "unknown data source 'mnist'"),
         ({"source": "imagefolder"}, "needs --root"),
         ({"source": "digits", "rows_per_file": 0}, "--rows-per-file must be a positive integer"),
-        ({"source": "digits", "image_size": 0}, "--image-size must be a positive integer"),
+        ({"source": "digits", "image_size": 0}, r"--image-size must be N \(N x N\) or HxW"),
+        ({"source": "digits", "image_size": (8, 0)}, r"--image-size must be N \(N x N\) or HxW"),
         ({"source": "digits", "test_fraction": 1.5}, "--test-fraction must be in"),
         ({"source": "imagefolder", "root": "/nonexistent/imgs"}, "image folder"),
     ],
@@ -151,3 +152,12 @@ def test_cli_prepare_and_errors(image_folder, tmp_path, capsys):
     assert code == 2 and "cifar10 needs --root" in err
     code, err = _cli_in_process(capsys, "digits", "--rows-per-file", "many", "--out", str(tmp_path / "d"))
     assert code == 2 and "invalid int value" in err
+    code, err = _cli_in_process(capsys, "digits", "--image-size", "8x", "--out", str(tmp_path / "d"))
+    assert code == 2 and "--image-size must be N (N x N) or HxW" in err and "'8x'" in err
+    # non-square images: --image-size HxW keeps height and width apart
+    code, err = _cli_in_process(capsys, "imagefolder", "--root", str(image_folder), "--image-size", "6x10",
+                                "--out", str(tmp_path / "wide"))
+    assert code == 0, err
+    wide = data.load_splits("parquet", path=str(tmp_path / "wide"))
+    assert wide.shape == (3, 6, 10)
+    _assert_same_splits(wide, data.load_splits("imagefolder", root=str(image_folder), image_size=[6, 10]))
