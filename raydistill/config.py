@@ -34,7 +34,7 @@ class DataConfig:
     val: str | None = None  # parquet: a declared validation split (else carved from train, seeded)
     test: str | None = None  # parquet: a declared test split, used as is (else carved at random)
     split_column: str | None = None  # parquet: a column of train/val/test naming each row's split
-    stream: bool | None = None  # parquet: read through Ray Data batch by batch, never loaded whole; null = auto (parquet with a feature column streams)
+    stream: bool | None = None  # parquet: read through Ray Data batch by batch, never loaded whole; null = auto (parquet with an id column streams: a feature column or encoded images)
     shuffle_buffer: int = 4096  # streamed data: rows in each worker's local shuffle buffer (file order is also reshuffled per epoch)
     stream_buffer_mb: int = 256  # streamed data: object store memory Ray Data may fill reading ahead of training (its backpressure bound)
     label_column: str = "label"  # parquet: integer class column (0..K-1)

@@ -1,7 +1,8 @@
 """Parquet data that is streamed, never loaded: Ray Data into the Train workers, pyarrow batches elsewhere.
 
-``data.stream`` (auto: on for a Parquet source with a flat feature column; digits, CIFAR-10 and image
-folders stay in memory, or go through ``raydistill data prepare`` first) describes the data as a
+``data.stream`` (auto: on for a Parquet source with an id column, its samples a flat feature column or encoded
+images; digits, CIFAR-10 and image folders stay in memory, or go through ``raydistill data prepare`` first)
+describes the data as a
 ``StreamData``: per split the Parquet files and a row filter, plus the sample shape, the class count,
 the split sizes and a fingerprint. Building it reads only the id, label and split columns (8–20 bytes
 a row); the features are read batch by batch where they are used:
@@ -80,6 +81,16 @@ class StreamData:
     id_column: str
     fingerprint: str
     origin: dict[str, str] = field(default_factory=dict)
+    # encoded images (``data.image_column``: PNG/JPEG bytes, or Hugging Face's {"bytes", "path"} struct) instead
+    # of a flat feature column: decoded to (3, H, W) of ``data.image_size`` where they are read, then standardized
+    # per channel with ``channel_stats`` ((mean, std) per channel, from the first training rows: see plan_stream)
+    image_column: str | None = None
+    channel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    @property
+    def sample_column(self) -> str:
+        """The column holding the samples: the encoded images, else the flat features."""
+        return self.image_column or self.feature_column
 
     def describe(self) -> dict[str, dict]:
         return {name: {"from": self.origin.get(name, "?"), "size": getattr(self, name).rows} for name in SPLIT_NAMES}
@@ -107,9 +118,10 @@ def resolve(data):
 
 
 def streams(d) -> bool:
-    """Whether ``data`` (a config's DataConfig) is streamed: ``data.stream``, or auto: Parquet with a feature
-    column and an id column (rows are joined to the cache and carved into splits by id; without ids, in memory)."""
-    if d.source != "parquet" or d.image_column is not None:
+    """Whether ``data`` (a config's DataConfig) is streamed: ``data.stream``, or auto: Parquet (a flat feature
+    column or encoded images) with an id column (rows are joined to the cache and carved into splits by id; without
+    ids, in memory)."""
+    if d.source != "parquet":
         return False
     if d.stream is not None:
         return bool(d.stream)
@@ -198,7 +210,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     """``StreamData`` for a config's ``data`` section: files, filters, sizes, shape, classes, fingerprint.
 
     Reads the id, label and split columns and the schema, never the features."""
-    from raydistill.data import _META_NUM_CLASSES, _META_SHAPE, _META_SPLIT_COLUMN, _labels, _parquet_dataset
+    from raydistill.data import _META_NUM_CLASSES, _META_SHAPE, _META_SPLIT_COLUMN, _labels, _parquet_dataset, image_hw
     from raydistill.data import sample_shape as check_shape
 
     seed = d.seed if seed is None else seed
@@ -211,14 +223,18 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     split_column = d.split_column
     if split_column is None and not (d.val or d.test) and _META_SPLIT_COLUMN in meta:
         split_column = meta[_META_SPLIT_COLUMN].decode()
-    for column in [d.label_column, d.feature_column] + ([split_column] if split_column else []):
+    sample_column = d.image_column or d.feature_column
+    for column in [d.label_column, sample_column] + ([split_column] if split_column else []):
         if column not in names:
             raise DataError(f"column {column!r} not in parquet {location}; available columns: {', '.join(names)}")
     if d.id_column not in names:
         raise DataError(f"streamed parquet data needs an id column ({d.id_column!r} is not in {location}); "
                         "add one (unique integers) or set data.stream: false")
-    shape = d.shape if d.shape is not None else (meta[_META_SHAPE].decode().split(",") if _META_SHAPE in meta
-                                                 else None)
+    if d.image_column is not None:  # decoded to RGB at data.image_size (default 32), as the in-memory loader does
+        shape = [3, *(image_hw(d.image_size) or (32, 32))]
+    else:
+        shape = d.shape if d.shape is not None else (meta[_META_SHAPE].decode().split(",") if _META_SHAPE in meta
+                                                     else None)
     if shape is None:
         raise DataError(f"flat feature column {d.feature_column!r} needs data.shape ([F], [C, L] or [C, H, W]); "
                         "pass data.shape")
@@ -254,7 +270,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
             raise DataError(f"split column {split_column!r} of {location} holds {', '.join(map(repr, unknown[:3]))}; "
                             f"its values must be {', '.join(SPLIT_NAMES)}")
     declared = {name: loc for name, loc in (("val", d.val), ("test", d.test)) if loc}
-    wanted_types = {c: str(dataset.schema.field(c).type) for c in (d.id_column, d.label_column, d.feature_column)}
+    wanted_types = {c: str(dataset.schema.field(c).type) for c in (d.id_column, d.label_column, sample_column)}
     for name, loc in declared.items():
         declared_set = _parquet_dataset(loc)
         other, other_fs, schema = tuple(declared_set.files), _local_or(declared_set.filesystem), declared_set.schema
@@ -304,21 +320,67 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
                             f"0..{num_classes - 1}; fix the labels or the split files")
     on = {f: p.filesystem for p in plans.values() for f in p.files}  # (filesystems are not hashable)
     for file in sorted(on):
-        _check_row_length(file, d.feature_column, shape, on[file])
+        if d.image_column is None:
+            _check_row_length(file, d.feature_column, shape, on[file])
+        else:
+            _check_first_image(file, d.image_column, tuple(shape[1:]), on[file])
     from raydistill.data import _check_disjoint
 
     _check_disjoint({name: kept[name][0] for name in SPLIT_NAMES})
     if d.limit is not None:
         plans = {name: dataclasses.replace(p, rows=min(p.rows, d.limit), limit=d.limit) for name, p in plans.items()}
-    digest = hashlib.sha256(f"stream-v1 {list(shape)} {num_classes} {d.feature_column}".encode())
+    digest = hashlib.sha256(f"stream-v1 {list(shape)} {num_classes} {sample_column}".encode()
+                            + (b" encoded images" if d.image_column else b""))
     for name in SPLIT_NAMES:
         p = plans[name]
         digest.update(f"{name} {p.split_column} {p.split_value} {p.carve} {p.seed} {p.rows}".encode())
         for f in p.files:
             digest.update(_file_digest(f, p.filesystem).encode())
-    return StreamData(name="parquet", shape=shape, num_classes=num_classes, train=plans["train"], val=plans["val"],
+    data = StreamData(name="parquet", shape=shape, num_classes=num_classes, train=plans["train"], val=plans["val"],
                       test=plans["test"], label_column=d.label_column, feature_column=d.feature_column,
-                      id_column=d.id_column, fingerprint=digest.hexdigest(), origin=origin)
+                      id_column=d.id_column, fingerprint=digest.hexdigest(), origin=origin,
+                      image_column=d.image_column)
+    return dataclasses.replace(data, channel_stats=channel_stats(data)) if d.image_column else data
+
+
+STATS_ROWS = 2048  # training rows whose decoded pixels give the per-channel mean and std of streamed images
+
+
+def channel_stats(data: StreamData) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the first ``STATS_ROWS`` training rows (in file order), decoded to [0, 1].
+
+    The in-memory loader standardizes decoded images with the statistics of the whole training split; a streamed
+    set is never held whole, and one pass decoding every image only for this would cost as much as an epoch.
+    torchvision's recipes use fixed per-channel constants for the same reason (ImageNet's mean and std, measured
+    once on a sample); here they are measured on the data's own first rows, the same for every run of it."""
+    sums, squares, n = np.zeros(3), np.zeros(3), 0
+    for x, _, _ in iter_split(data, "train", batch_size=256, limit=STATS_ROWS):
+        sums += x.sum(axis=(0, 2, 3), dtype=np.float64)
+        squares += np.square(x, dtype=np.float64).sum(axis=(0, 2, 3))
+        n += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = sums / max(n, 1)
+    std = np.sqrt(np.maximum(squares / max(n, 1) - mean ** 2, 0.0))
+    std[std == 0] = 1.0  # a constant channel stays constant instead of becoming NaN (as data._standardize)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _check_first_image(path: str, image_column: str, size: tuple[int, int], filesystem=None) -> None:
+    """The first image of a file must decode: a column of something else fails here, before any training (a
+    corrupt image further in fails where it is read, also as a DataError naming its row)."""
+    first = next(_batches_of(path, [image_column], 1, filesystem), None)
+    if first is not None and first.num_rows:
+        _decode_images(first.column(0).to_pylist(), size, f"file {path}")
+
+
+def _decode_images(items, size: tuple[int, int], where: str) -> np.ndarray:
+    """Encoded images (bytes, or {"bytes": ...} structs as Hugging Face datasets write them) -> (N, 3, H, W)
+    float32 in [0, 1] (``data._decode_image``: PIL, RGB, bilinear resize to ``size``)."""
+    from raydistill.data import _decode_image
+
+    if not len(items):
+        return np.zeros((0, 3, *size), np.float32)
+    return np.stack([_decode_image(item["bytes"] if isinstance(item, dict) else item, size,
+                                   f"in row {row} of {where}") for row, item in enumerate(items)])
 
 
 def to_arrays(data: StreamData, batch, where: str, writable: bool = True
@@ -335,7 +397,17 @@ def to_arrays(data: StreamData, batch, where: str, writable: bool = True
     from raydistill.data import _flat_features, row_length_error
 
     need = math.prod(data.shape)
-    if isinstance(batch, (pa.Table, pa.RecordBatch)):
+    if data.image_column is not None:  # encoded images: decoded and standardized here, a fresh (writable) array
+        column = batch.column(data.image_column) if isinstance(batch, (pa.Table, pa.RecordBatch)) \
+            else batch[data.image_column]
+        x = _decode_images(column.to_pylist() if hasattr(column, "to_pylist") else list(column),
+                           tuple(data.shape[1:]), where)
+        if data.channel_stats is not None:
+            mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in data.channel_stats)
+            x = (x - mean) / std
+        columns = {c: (batch.column(c).to_numpy(zero_copy_only=False) if isinstance(batch, (pa.Table, pa.RecordBatch))
+                       else batch[c]) for c in (data.label_column, data.id_column)}
+    elif isinstance(batch, (pa.Table, pa.RecordBatch)):
         x = _flat_features(batch.column(data.feature_column), data.shape, data.feature_column, where, copy=writable)
         columns = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in (data.label_column, data.id_column)}
     else:
@@ -419,8 +491,8 @@ class ShuffleBuffer:
 
 
 def _read_columns(data: StreamData, plan: SplitPlan) -> list[str]:
-    return [data.id_column, data.label_column, data.feature_column] + ([plan.split_column] if plan.split_column
-                                                                       else [])
+    return [data.id_column, data.label_column, data.sample_column] + ([plan.split_column] if plan.split_column
+                                                                      else [])
 
 
 def iter_split(data: StreamData, split: str, batch_size: int = 1024,
@@ -458,7 +530,7 @@ def _filter_rows(batch, data: StreamData, plan: SplitPlan):
     import pyarrow as pa
 
     keep = _keep(plan, batch, data)
-    return batch.select([data.id_column, data.label_column, data.feature_column]).filter(pa.array(keep))
+    return batch.select([data.id_column, data.label_column, data.sample_column]).filter(pa.array(keep))
 
 
 # Ray Data's blocks on the training stream: ~8 MB (~680 CIFAR-sized rows) instead of its default 128 MB, so a
@@ -567,7 +639,7 @@ def write_aside(data: StreamData, folder) -> tuple[StreamData, dict]:
         shutil.rmtree(final, ignore_errors=True)  # another version or a damaged record: write it anew
     tmp = Path(folder) / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    columns = [data.id_column, data.label_column, data.feature_column]
+    columns = [data.id_column, data.label_column, data.sample_column]
     split_columns = sorted({p.split_column for p in todo.values() if p.split_column})
     writers: dict[str, pq.ParquetWriter] = {}
     left = {name: plan.rows for name, plan in todo.items()}

@@ -1,6 +1,7 @@
 """`raydistill run` on samples that are not square images, with a declared test file (issue 13): a 1-D signal
 set (C, L) with the user's own 1-D CNN, a tabular (F,) set with the built-in MLP, a non-square image set
-(3, 24, 40) with the built-in CNN. Local mode, one epoch per stage."""
+(3, 24, 40) with the built-in CNN, as flat features and as PNG images streamed and decoded where they are read.
+Local mode, one epoch per stage."""
 
 import json
 import sys
@@ -29,9 +30,9 @@ def conv1d(num_classes, input_shape, width=8):
 '''
 
 
-def _files(folder, shape, rows=(240, 60), classes=4, seed=0):
+def _files(folder, shape, rows=(240, 60), classes=4, seed=0, encoded=False):
     """A learnable set: each class its own mean per channel (per feature for (F,)) plus noise; train ids 0..,
-    test ids 10000.."""
+    test ids 10000... ``encoded``: the (3, H, W) samples as PNG images (8 bits a channel) in a column ``png``."""
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((classes, shape[0], *[1] * (len(shape) - 1)))
     means = np.broadcast_to(means, (classes, *shape)).reshape(classes, -1).astype(np.float32)
@@ -39,10 +40,24 @@ def _files(folder, shape, rows=(240, 60), classes=4, seed=0):
     for name, n, first in (("train", rows[0], 0), ("test", rows[1], 10_000)):
         y = np.arange(n) % classes
         x = means[y] + 0.5 * rng.standard_normal((n, means.shape[1])).astype(np.float32)
+        columns = {"id": np.arange(first, first + n), "label": y, "features": list(x)}
+        if encoded:
+            columns.pop("features")
+            columns["png"] = [_png(np.clip(128 + 40 * row.reshape(shape), 0, 255).astype(np.uint8)) for row in x]
         path = folder / f"{name}.parquet"
-        pq.write_table(pa.table({"id": np.arange(first, first + n), "label": y, "features": list(x)}), path)
+        pq.write_table(pa.table(columns), path)
         paths.append(str(path))
     return paths
+
+
+def _png(chw: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(chw.transpose(1, 2, 0)).save(out, format="PNG")
+    return out.getvalue()
 
 
 CASES = {
@@ -54,6 +69,10 @@ CASES = {
     "wide_image": ((3, 24, 40), {"student.model": "cnn", "student.kwargs": {"widths": [4, 8], "hidden": 16},
                                  "teacher.model": "cnn", "teacher.kwargs": {"widths": [8, 16], "hidden": 32},
                                  "data.stream": False}),
+    # the same images as PNG bytes (how image sets are shipped as Parquet): streamed, decoded where they are read
+    "encoded_image": ((3, 24, 40), {"student.model": "cnn", "student.kwargs": {"widths": [4, 8], "hidden": 16},
+                                    "teacher.model": "cnn", "teacher.kwargs": {"widths": [8, 16], "hidden": 32},
+                                    "data.image_column": "png", "data.image_size": [24, 40]}),
 }
 
 
@@ -63,7 +82,7 @@ def test_run_on_any_sample_shape_with_a_declared_test_file(case, ray_local, tmp_
     (tmp_path / "shape_models.py").write_text(CONV1D)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("shape_models", None)
-    train, test = _files(tmp_path, shape)
+    train, test = _files(tmp_path, shape, encoded=case == "encoded_image")
     cfg = config.load(None, {**SMOKE, "data.limit": None, "data.source": "parquet", "data.train": train,
                              "data.test": test, "data.shape": list(shape), "prune.ratio": 0.25,
                              "deploy.min_accuracy": 0.0, **overrides})
@@ -73,7 +92,7 @@ def test_run_on_any_sample_shape_with_a_declared_test_file(case, ray_local, tmp_
     data = report["data"]
     assert data["sample_shape"] == list(shape)
     assert data["splits"]["test"] == {"from": f"declared: data.test={test}", "size": 60}
-    assert data["streamed"] is (case == "signal")
+    assert data["streamed"] is (case in ("signal", "encoded_image"))
     assert data["splits"]["val"]["from"].startswith("carved") and 10 < data["splits"]["val"]["size"] < 40
     # the test split is the declared file, row for row: its ids are what every model was scored on
     from raydistill.pipeline import load_data

@@ -217,3 +217,47 @@ def test_the_shuffle_buffer_gives_every_row_once_in_a_seeded_order_within_its_re
     rows.add(np.ones((0, 2), np.float32), np.arange(0))
     assert rows.columns[0] is kept and sorted(np.concatenate([i for _, i in rows.drain(4)])) == list(range(25))
 
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_encoded_images_stream_decoded_as_the_in_memory_loader_decodes_them(tmp_path):
+    """Parquet of encoded images (here Hugging Face's {"bytes", "path"} struct; plain bytes too) with ids streams: the
+    samples are decoded to (3, H, W) at data.image_size where they are read and standardized per channel with the
+    first training rows' statistics, which for a training split that small are the whole split's: the arrays equal
+    the in-memory loader's. A row that is not an image is a one-line error naming the file."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for name, ids in (("train", range(0, 40)), ("val", range(50, 58)), ("test", range(100, 112))):
+        images = [{"bytes": _png(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)), "path": f"{i}.png"} for i in ids]
+        pq.write_table(pa.table({"id": list(ids), "label": [i % 3 for i in ids], "img": images}),
+                       tmp_path / "imgs" / f"{name}.parquet")
+    folder = tmp_path / "imgs"
+    sets = {"data.train": str(folder / "train.parquet"), "data.val": str(folder / "val.parquet"),
+            "data.test": str(folder / "test.parquet"), "data.image_column": "img", "data.image_size": [6, 10]}
+    d = _data(**sets)
+    assert streams(d)
+    s = plan_stream(d)
+    assert s.shape == (3, 6, 10) and s.rows("test") == 12 and s.channel_stats is not None
+    from raydistill.data import load_splits
+
+    in_memory = load_splits("parquet", train=d.train, val=d.val, test=d.test, image_column="img", image_size=[6, 10])
+    x, y, ids = (np.concatenate(a) for a in zip(*iter_split(s, "test", batch_size=5)))
+    assert list(ids) == list(in_memory.test.ids) and list(y) == list(in_memory.test.y)
+    np.testing.assert_allclose(x, in_memory.test.x, rtol=1e-5, atol=1e-5)
+    other = plan_stream(_data(**{**sets, "data.image_size": 8}))
+    assert other.shape == (3, 8, 8) and other.fingerprint != s.fingerprint  # the decoded size is part of the data
+    # not an image: named before any training, in one line
+    pq.write_table(pa.table({"id": [7], "label": [0], "img": [{"bytes": b"not a png", "path": "7.png"}]}),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"cannot decode image in row 0 of file .*bad.parquet") as info:
+        plan_stream(_data(**{**sets, "data.test": str(tmp_path / "bad.parquet")}))
+    assert "\n" not in str(info.value)
