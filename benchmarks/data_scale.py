@@ -10,6 +10,10 @@ label-only and one of KD training, no pruning or int8. While it runs a sampler r
 driver (the `raydistill` process) and of each Ray Train worker (`RayTrainWorker` processes) from /proc;
 the table gives each one's peak, and the KD stage's samples/s (report.json's throughput, global, median epoch).
 
+``--encoding png`` writes the same samples as 8-bit PNG images in a column ``png`` (``data.image_column``), which
+the streamed path decodes where the rows are read (the workers, the cache builder) and the in-memory path decodes
+once, on the driver, when it loads the set.
+
 ``--layout prepared`` writes the same rows as ``raydistill data prepare`` lays a set out instead: a ``split`` column
 naming the rows the carving would give (test 20 %, val 10 %, by the same hash of (seed 0, id)) and each split in
 files of its own (train files first), so a streamed epoch reads the train files only, with no row filter, as it does
@@ -42,7 +46,7 @@ SHAPE = (3, 32, 32)
 
 
 def write_data(folder: Path, rows: int, seed: int = 0, rows_per_file: int = 4096,
-               shape: tuple[int, ...] = SHAPE) -> None:
+               shape: tuple[int, ...] = SHAPE, encoding: str = "float") -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -56,9 +60,30 @@ def write_data(folder: Path, rows: int, seed: int = 0, rows_per_file: int = 4096
         ids = np.arange(start, start + n)
         y = ids % 10
         x = (means[y] + 2.0 * rng.standard_normal((n, *shape)).astype(np.float32)).reshape(n, -1)
-        table = pa.table({"id": ids, "label": y, "features": pa.FixedSizeListArray.from_arrays(
-            pa.array(x.reshape(-1)), x.shape[1])})
+        if encoding == "png":  # the same samples as 8-bit PNG images (x * 32 + 128, clipped), in a column "png"
+            pixels = np.clip(x.reshape(n, *shape) * 32 + 128, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+            table = pa.table({"id": ids, "label": y, "png": [_png(p) for p in pixels]})
+        else:
+            table = pa.table({"id": ids, "label": y, "features": pa.FixedSizeListArray.from_arrays(
+                pa.array(x.reshape(-1)), x.shape[1])})
         pq.write_table(table, folder / f"part-{part:05d}.parquet")
+
+
+def _png(hwc: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(hwc).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_settings(encoding: str) -> dict:
+    """How a run reads the set: a flat feature column of data.shape, or PNG images decoded at 32 x 32."""
+    if encoding == "png":
+        return {"data.image_column": "png", "data.image_size": list(SHAPE[1:])}
+    return {"data.shape": list(SHAPE)}
 
 
 def write_with_split_column(data, folder: Path, grouped: bool = True) -> None:
@@ -142,8 +167,8 @@ class Sampler(threading.Thread):
 
 
 def run_one(data: Path, out: Path, teacher: Path, stream: bool, epochs: int, seed: int = 0,
-            extra: dict | None = None) -> dict:
-    sets = {"seed": seed, "data.source": "parquet", "data.path": str(data), "data.shape": list(SHAPE),
+            extra: dict | None = None, encoding: str = "float") -> dict:
+    sets = {"seed": seed, "data.source": "parquet", "data.path": str(data), **data_settings(encoding),
             "data.stream": stream,
             "teacher.model": "cnn", "teacher.kwargs": {"widths": [16, 32], "hidden": 64},
             "teacher.checkpoint": str(teacher), "student.model": "cnn",
@@ -175,9 +200,9 @@ def run_one(data: Path, out: Path, teacher: Path, stream: bool, epochs: int, see
             "baseline_accuracy": report["models"]["student_baseline"]["accuracy"]}
 
 
-def train_teacher(data: Path, work: Path) -> Path:
+def train_teacher(data: Path, work: Path, encoding: str = "float") -> Path:
     """A teacher checkpoint trained once (in memory, local mode) on the 1x data."""
-    sets = {"data.source": "parquet", "data.path": str(data), "data.shape": list(SHAPE), "data.stream": False,
+    sets = {"data.source": "parquet", "data.path": str(data), **data_settings(encoding), "data.stream": False,
             "teacher.model": "cnn", "teacher.kwargs": {"widths": [16, 32], "hidden": 64}, "teacher.epochs": 2,
             "distill.epochs": 1, "prune.ratio": 0.0, "quantize.scheme": "none", "scale.num_workers": 0}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
@@ -198,8 +223,13 @@ def main() -> None:
     ap.add_argument("--layout", choices=("carved", "prepared"), default="carved",
                     help="carved: no split column, val/test carved out of every file by id; prepared: a split "
                          "column, each split in files of its own, as `raydistill data prepare` writes")
+    ap.add_argument("--encoding", choices=("float", "png"), default="float",
+                    help="float: a flat float32 feature column (data.shape); png: the same samples as 8-bit PNG "
+                         "images (data.image_column), decoded where they are read")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_scale.json"))
     args = ap.parse_args()
+    if args.encoding == "png" and args.layout == "prepared":
+        raise SystemExit("--encoding png writes the carved layout only")
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     work = Path(tempfile.mkdtemp(prefix="raydistill-data-scale-"))
     atexit.register(shutil.rmtree, work, True)  # scratch data and runs (1.3-1.6 GB at 16x), removed at exit
@@ -207,14 +237,17 @@ def main() -> None:
     teacher = None
     for scale in args.scales:
         data = work / f"data{scale}"
-        (write_prepared if args.layout == "prepared" else write_data)(data, args.base_rows * scale, seed=scale)
+        if args.layout == "prepared":
+            write_prepared(data, args.base_rows * scale, seed=scale)
+        else:
+            write_data(data, args.base_rows * scale, seed=scale, encoding=args.encoding)
         if teacher is None:
-            teacher = train_teacher(data, work)
+            teacher = train_teacher(data, work, args.encoding)
         runs = ([(s, stream) for s in range(args.repeats) for stream in (True, False)] if scale == args.scales[0]
                 else [(0, True)])
         for seed, stream in runs:
             row = {"scale": scale, **run_one(data, work / f"run{scale}-{stream}-{seed}", teacher, stream,
-                                             args.epochs, seed, extra)}
+                                             args.epochs, seed, extra, args.encoding)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     first = [r for r in rows if r["scale"] == args.scales[0]]
