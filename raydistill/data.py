@@ -420,13 +420,29 @@ def _parquet_dataset(path):
         raise DataError(f"cannot read parquet at {path!r} ({first}); check the path") from error
 
 
-def _require_columns(names: list[str], wanted: list[str], path) -> None:
+def _require_columns(names: list[str], wanted: list[str], path, schema=None, feature_column: str | None = None
+                     ) -> None:
     missing = [c for c in wanted if c not in names]
     if missing:
         raise DataError(
             f"column(s) {', '.join(map(repr, missing))} not in parquet {path}; "
             f"available columns: {', '.join(names)}"
+            + (image_column_hint(schema) if feature_column in missing else "")
         )
+
+
+def image_column_hint(schema) -> str:
+    """When the feature column is missing: "; ... set data.image_column=NAME" if ``schema`` (a pyarrow schema) has a
+    column of encoded images (binary, or Hugging Face's struct with a binary ``bytes`` field), else ""."""
+    import pyarrow as pa
+
+    for f in schema or ():
+        kind = f.type
+        if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+            kind = kind.field("bytes").type
+        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+            return f"; column {f.name!r} looks like encoded images: set data.image_column={f.name}"
+    return ""
 
 
 def row_length_error(feature_column: str, where: str, lengths, shape: tuple[int, ...]) -> DataError:
@@ -508,7 +524,8 @@ def _load_parquet(path, label_column, feature_column, image_column, id_column, s
     if split_column is None and split_from_metadata and _META_SPLIT_COLUMN in metadata:
         split_column = metadata[_META_SPLIT_COLUMN].decode()
     data_column = image_column if image_column is not None else feature_column
-    _require_columns(names, [label_column, data_column] + ([split_column] if split_column else []), path)
+    _require_columns(names, [label_column, data_column] + ([split_column] if split_column else []), path,
+                     dataset.schema, feature_column if image_column is None else None)
     columns = [label_column, data_column] + ([id_column] if id_column in names else [])
     columns += [split_column] if split_column else []
     try:

@@ -210,7 +210,15 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     """``StreamData`` for a config's ``data`` section: files, filters, sizes, shape, classes, fingerprint.
 
     Reads the id, label and split columns and the schema, never the features."""
-    from raydistill.data import _META_NUM_CLASSES, _META_SHAPE, _META_SPLIT_COLUMN, _labels, _parquet_dataset, image_hw
+    from raydistill.data import (
+        _META_NUM_CLASSES,
+        _META_SHAPE,
+        _META_SPLIT_COLUMN,
+        _labels,
+        _parquet_dataset,
+        image_column_hint,
+        image_hw,
+    )
     from raydistill.data import sample_shape as check_shape
 
     seed = d.seed if seed is None else seed
@@ -226,7 +234,9 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     sample_column = d.image_column or d.feature_column
     for column in [d.label_column, sample_column] + ([split_column] if split_column else []):
         if column not in names:
-            raise DataError(f"column {column!r} not in parquet {location}; available columns: {', '.join(names)}")
+            hint = image_column_hint(dataset.schema) if column == d.feature_column and not d.image_column else ""
+            raise DataError(f"column {column!r} not in parquet {location}; available columns: {', '.join(names)}"
+                            + hint)
     if d.id_column not in names:
         raise DataError(f"streamed parquet data needs an id column ({d.id_column!r} is not in {location}); "
                         "add one (unique integers) or set data.stream: false")

@@ -255,6 +255,13 @@ def test_encoded_images_stream_decoded_as_the_in_memory_loader_decodes_them(tmp_
     np.testing.assert_allclose(x, in_memory.test.x, rtol=1e-5, atol=1e-5)
     other = plan_stream(_data(**{**sets, "data.image_size": 8}))
     assert other.shape == (3, 8, 8) and other.fingerprint != s.fingerprint  # the decoded size is part of the data
+    # forgot data.image_column: the error names the column that holds images, streamed and in memory
+    plain = {k: v for k, v in sets.items() if k not in ("data.image_column", "data.image_size")}
+    with pytest.raises(DataError, match=r"column 'features' not in parquet .*'img' looks like encoded images: set "
+                                        r"data.image_column=img$"):
+        plan_stream(_data(**plain))
+    with pytest.raises(DataError, match="set data.image_column=img$"):
+        load_splits("parquet", train=d.train, test=d.test)
     # not an image: named before any training, in one line
     pq.write_table(pa.table({"id": [7], "label": [0], "img": [{"bytes": b"not a png", "path": "7.png"}]}),
                    tmp_path / "bad.parquet")
