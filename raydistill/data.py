@@ -33,6 +33,7 @@ import io
 import math
 import os
 import posixpath
+import re
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -210,8 +211,10 @@ def _decode_image(data: bytes | str, size: tuple[int, int], what: str) -> np.nda
             image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)  # PIL: (w, h)
             pixels = np.asarray(image, dtype=np.float32)
     except Exception as error:  # PIL raises many types for corrupt or truncated files
+        message = str(error).replace(f" {data!r}", "") if not isinstance(data, bytes) else \
+            re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))  # PIL names its in-memory buffer
         raise DataError(
-            f"cannot decode image {what} ({type(error).__name__}: {error}); "
+            f"cannot decode image {what} ({type(error).__name__}: {message}); "
             "remove or replace that file"
         ) from error
     return pixels.transpose(2, 0, 1) / 255.0

@@ -382,15 +382,17 @@ def _check_first_image(path: str, image_column: str, size: tuple[int, int], file
         _decode_images(first.column(0).to_pylist(), size, f"file {path}")
 
 
-def _decode_images(items, size: tuple[int, int], where: str) -> np.ndarray:
+def _decode_images(items, size: tuple[int, int], where: str, ids=None) -> np.ndarray:
     """Encoded images (bytes, or {"bytes": ...} structs as Hugging Face datasets write them) -> (N, 3, H, W)
-    float32 in [0, 1] (``data._decode_image``: PIL, RGB, bilinear resize to ``size``)."""
+    float32 in [0, 1] (``data._decode_image``: PIL, RGB, bilinear resize to ``size``); an image that does not
+    decode is named by its sample id (``ids``), else by its row in ``items``."""
     from raydistill.data import _decode_image
 
     if not len(items):
         return np.zeros((0, 3, *size), np.float32)
     return np.stack([_decode_image(item["bytes"] if isinstance(item, dict) else item, size,
-                                   f"in row {row} of {where}") for row, item in enumerate(items)])
+                                   f"with id {ids[row]} in {where}" if ids is not None else f"in row {row} of {where}")
+                     for row, item in enumerate(items)])
 
 
 def to_arrays(data: StreamData, batch, where: str, writable: bool = True
@@ -408,15 +410,15 @@ def to_arrays(data: StreamData, batch, where: str, writable: bool = True
 
     need = math.prod(data.shape)
     if data.image_column is not None:  # encoded images: decoded and standardized here, a fresh (writable) array
-        column = batch.column(data.image_column) if isinstance(batch, (pa.Table, pa.RecordBatch)) \
-            else batch[data.image_column]
-        x = _decode_images(column.to_pylist() if hasattr(column, "to_pylist") else list(column),
-                           tuple(data.shape[1:]), where)
+        arrow = isinstance(batch, (pa.Table, pa.RecordBatch))
+        columns = {c: batch.column(c).to_numpy(zero_copy_only=False) if arrow else batch[c]
+                   for c in (data.label_column, data.id_column)}
+        column = batch.column(data.image_column) if arrow else batch[data.image_column]
+        x = _decode_images(column.to_pylist() if arrow else list(column), tuple(data.shape[1:]), where,
+                           columns[data.id_column])
         if data.channel_stats is not None:
             mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in data.channel_stats)
             x = (x - mean) / std
-        columns = {c: (batch.column(c).to_numpy(zero_copy_only=False) if isinstance(batch, (pa.Table, pa.RecordBatch))
-                       else batch[c]) for c in (data.label_column, data.id_column)}
     elif isinstance(batch, (pa.Table, pa.RecordBatch)):
         x = _flat_features(batch.column(data.feature_column), data.shape, data.feature_column, where, copy=writable)
         columns = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in (data.label_column, data.id_column)}

@@ -268,3 +268,10 @@ def test_encoded_images_stream_decoded_as_the_in_memory_loader_decodes_them(tmp_
     with pytest.raises(DataError, match=r"cannot decode image in row 0 of file .*bad.parquet") as info:
         plan_stream(_data(**{**sets, "data.test": str(tmp_path / "bad.parquet")}))
     assert "\n" not in str(info.value)
+    # a bad image further in is named by its sample id where it is read (here: the first rows' statistics)
+    good = pq.read_table(folder / "train.parquet").to_pylist()[:3]
+    good[2]["img"] = {"bytes": b"not a png", "path": "2.png"}
+    pq.write_table(pa.Table.from_pylist(good), tmp_path / "late.parquet")
+    with pytest.raises(DataError, match=r"cannot decode image with id 2 in .*late.parquet \(UnidentifiedImageError: "
+                                        r"cannot identify image file\); remove or replace that file$"):
+        plan_stream(_data(**{**sets, "data.train": str(tmp_path / "late.parquet")}))
