@@ -83,8 +83,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         # when trials fail; the Tuner API only returns them). Every trial stopped by bad input (a NaN loss from the
         # learning rate, bad data) is bad input, exit 2 as `raydistill run` gives; anything else exits 1. Each
         # trial's error is on its console line and in results.csv
-        message = (f"all {len(failed)} trials failed, the first with: {failed[0]['error']}; "
-                   f"see {out / 'results.csv'}")
+        message = (f"all {len(failed)} trials failed, the first with: " if len(failed) > 1
+                   else "the sweep's only trial failed: ") + f"{failed[0]['error']}; see {out / 'results.csv'}"
         if all(f["bad_input"] for f in failed):
             raise UserError(message)
         print(f"raydistill: error: {redact(message)}", file=sys.stderr)

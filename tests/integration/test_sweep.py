@@ -111,7 +111,7 @@ def test_a_sweep_whose_every_trial_failed_on_bad_input_exits_2(ray_local, tmp_pa
     worked)."""
     from raydistill import cli
 
-    settings = {**SWEEP, "teacher.checkpoint": tiny_teacher, "tune.teacher_mode": "inprocess", "tune.num_trials": 2,
+    settings = {**SWEEP, "teacher.checkpoint": tiny_teacher, "tune.teacher_mode": "inprocess", "tune.num_trials": 1,
                 "tune.scheduler": "none", "distill.epochs": 1, "distill.lr": 1e30,
                 "tune.space": {"distill.alpha": {"uniform": [0.0, 0.9]}}}
     argv = ["tune", "--out", str(tmp_path)]
@@ -120,14 +120,14 @@ def test_a_sweep_whose_every_trial_failed_on_bad_input_exits_2(ray_local, tmp_pa
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("raydistill: error:")]
     assert code == 2 and len(errors) == 1, captured.err[-3000:]
-    assert errors[0].startswith("raydistill: error: all 2 trials failed, the first with: loss became nan")
+    assert errors[0].startswith("raydistill: error: the sweep's only trial failed: loss became nan")
     failed = [line for line in captured.out.splitlines()
               if line.startswith("[raydistill] trial ") and " failed: " in line]
     assert failed and all("at step" in line for line in failed), captured.out[-3000:]
     import pyarrow.csv as pacsv
 
     rows = pacsv.read_csv(tmp_path / "results.csv").to_pylist()
-    assert len(rows) == 2 and all(r["error"] and "at step" in r["error"] and r["bad_input"] for r in rows)
+    assert len(rows) == 1 and all(r["error"] and "at step" in r["error"] and r["bad_input"] for r in rows)
     assert not (tmp_path / "best_config.yaml").exists()
     assert "Traceback" not in captured.err
 
