@@ -201,15 +201,15 @@ def image_hw(image_size) -> tuple[int, int] | None:
     return size
 
 
-def _decode_image(data: bytes | str, size: tuple[int, int], what: str) -> np.ndarray:
+def _decode_image(data: bytes | str, size: tuple[int, int], what: str, raw: bool = False) -> np.ndarray:
     """Decode an encoded image (bytes or a file path) to (3, height, width) float32 in [0, 1]; ``size`` is
-    (height, width)."""
+    (height, width). ``raw``: the uint8 pixels instead (``pixels_to_float`` gives the same floats from them)."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
             image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)  # PIL: (w, h)
-            pixels = np.asarray(image, dtype=np.float32)
+            pixels = np.asarray(image, dtype=np.uint8 if raw else np.float32)
     except Exception as error:  # PIL raises many types for corrupt or truncated files
         message = str(error).replace(f" {data!r}", "") if not isinstance(data, bytes) else \
             re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))  # PIL names its in-memory buffer
@@ -217,7 +217,12 @@ def _decode_image(data: bytes | str, size: tuple[int, int], what: str) -> np.nda
             f"cannot decode image {what} ({type(error).__name__}: {message}); "
             "remove or replace that file"
         ) from error
-    return pixels.transpose(2, 0, 1) / 255.0
+    return pixels.transpose(2, 0, 1) if raw else pixels.transpose(2, 0, 1) / 255.0
+
+
+def pixels_to_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1], the very values ``_decode_image`` gives without ``raw``."""
+    return pixels.astype(np.float32) / 255.0
 
 
 def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -382,17 +382,41 @@ def _check_first_image(path: str, image_column: str, size: tuple[int, int], file
         _decode_images(first.column(0).to_pylist(), size, f"file {path}")
 
 
-def _decode_images(items, size: tuple[int, int], where: str, ids=None) -> np.ndarray:
+def _decode_images(items, size: tuple[int, int], where: str, ids=None, raw: bool = False) -> np.ndarray:
     """Encoded images (bytes, or {"bytes": ...} structs as Hugging Face datasets write them) -> (N, 3, H, W)
-    float32 in [0, 1] (``data._decode_image``: PIL, RGB, bilinear resize to ``size``); an image that does not
-    decode is named by its sample id (``ids``), else by its row in ``items``."""
+    float32 in [0, 1] (``data._decode_image``: PIL, RGB, bilinear resize to ``size``; ``raw``: uint8 pixels); an
+    image that does not decode is named by its sample id (``ids``), else by its row in ``items``."""
     from raydistill.data import _decode_image
 
     if not len(items):
-        return np.zeros((0, 3, *size), np.float32)
+        return np.zeros((0, 3, *size), np.uint8 if raw else np.float32)
     return np.stack([_decode_image(item["bytes"] if isinstance(item, dict) else item, size,
-                                   f"with id {ids[row]} in {where}" if ids is not None else f"in row {row} of {where}")
+                                   f"with id {ids[row]} in {where}" if ids is not None else f"in row {row} of {where}",
+                                   raw=raw)
                      for row, item in enumerate(items)])
+
+
+# The training stream's decoded images (``_decode_rows``): uint8 pixels (3 x H x W a row, as a fixed-size list),
+# a quarter of float32's bytes through the object store; the reader turns them into floats.
+PIXELS_COLUMN = "__raydistill_pixels"
+
+
+def _decode_rows(batch, data: StreamData, plan: SplitPlan, where: str):
+    """Ray Data ``map_batches`` step of a stream of encoded images (pyarrow in and out): keep the split's rows (as
+    ``_filter_rows``) and decode their images to uint8 pixels in ``PIXELS_COLUMN``. Why here and not in the
+    training process: these steps run in Ray Data's read tasks, on any CPU of the cluster, in parallel with each
+    other and with training (Ray Data's documented pattern for image decoding, ``map_batches`` after
+    ``read_*``); decoding in a Train worker would cap each GPU at what one thread decodes (a 500 x 375 JPEG takes
+    ~2-3 ms with PIL)."""
+    import pyarrow as pa
+
+    if plan.split_column is not None or plan.carve is not None:
+        batch = batch.filter(pa.array(_keep(plan, batch, data)))
+    ids = batch.column(data.id_column).to_numpy(zero_copy_only=False)
+    pixels = _decode_images(batch.column(data.image_column).to_pylist(), tuple(data.shape[1:]), where, ids, raw=True)
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1), pa.uint8()), math.prod(data.shape))
+    return pa.table({data.id_column: batch.column(data.id_column), data.label_column: batch.column(data.label_column),
+                     PIXELS_COLUMN: flat})
 
 
 def to_arrays(data: StreamData, batch, where: str, writable: bool = True
@@ -409,7 +433,23 @@ def to_arrays(data: StreamData, batch, where: str, writable: bool = True
     from raydistill.data import _flat_features, row_length_error
 
     need = math.prod(data.shape)
-    if data.image_column is not None:  # encoded images: decoded and standardized here, a fresh (writable) array
+    names = batch.column_names if isinstance(batch, (pa.Table, pa.RecordBatch)) else list(batch)
+    if PIXELS_COLUMN in names:  # the training stream's images, decoded by Ray Data (``_decode_rows``)
+        from raydistill.data import pixels_to_float
+
+        arrow = isinstance(batch, (pa.Table, pa.RecordBatch))
+        column = batch.column(PIXELS_COLUMN) if arrow else batch[PIXELS_COLUMN]
+        if arrow:
+            column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+            pixels = column.flatten().to_numpy(zero_copy_only=False)
+        else:  # numpy batches: a 2-D array, or an array of per-row arrays
+            pixels = np.stack(column) if column.dtype == object else np.asarray(column)
+        x = pixels_to_float(pixels.reshape(len(column), *data.shape))
+        mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in data.channel_stats)
+        x = (x - mean) / std
+        columns = {c: batch.column(c).to_numpy(zero_copy_only=False) if arrow else batch[c]
+                   for c in (data.label_column, data.id_column)}
+    elif data.image_column is not None:  # encoded images: decoded and standardized here, a fresh (writable) array
         arrow = isinstance(batch, (pa.Table, pa.RecordBatch))
         columns = {c: batch.column(c).to_numpy(zero_copy_only=False) if arrow else batch[c]
                    for c in (data.label_column, data.id_column)}
@@ -594,7 +634,10 @@ def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True, buffe
     finally:
         context.use_datasource_v2, context.target_max_block_size = saved
     ds.context.execution_options = ingest_options(buffer_mb)
-    if plan.split_column is not None or plan.carve is not None:
+    if data.image_column is not None:  # decoded (and filtered) in the read tasks
+        ds = ds.map_batches(_decode_rows, fn_args=(data, plan, "the streamed training rows"), batch_format="pyarrow",
+                            zero_copy_batch=True)
+    elif plan.split_column is not None or plan.carve is not None:
         ds = ds.map_batches(_filter_rows, fn_args=(data, plan), batch_format="pyarrow", zero_copy_batch=True)
     return ds.limit(plan.limit) if plan.limit is not None else ds
 

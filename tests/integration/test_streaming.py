@@ -230,3 +230,36 @@ def test_the_stream_reader_runs_ahead_through_the_epochs_without_changing_them(r
     with pytest.raises(DataError, match=r"of the streamed training rows has length 7, 3072 per row but data.shape "
                                         r"\[3, 32, 32\] needs 3072"):
         _epoch_ids(broken, [0])
+
+
+def test_streamed_images_are_decoded_by_ray_data_into_the_same_samples(ray_local, tmp_path):
+    """Encoded images on the training stream are decoded in Ray Data's read tasks (uint8 pixels) and turned into
+    floats by the reader: every training sample equals the one the in-process pyarrow read decodes (the path of
+    validation, test and the statistics), carved rows filtered out the same way."""
+    import io
+
+    from PIL import Image
+
+    from raydistill.stream import PIXELS_COLUMN, iter_split, plan_stream, train_dataset
+    from raydistill.worker import StreamedTrain
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(150):
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (7, 11, 3), dtype=np.uint8)).save(out, format="PNG")
+        rows.append({"id": i, "label": i % 3, "png": out.getvalue()})
+    (tmp_path / "imgs").mkdir()
+    for part in range(2):
+        pq.write_table(pa.Table.from_pylist(rows[part * 75:(part + 1) * 75]), tmp_path / "imgs" / f"{part}.parquet")
+    data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(tmp_path / "imgs"),
+                                          "data.image_column": "png", "data.image_size": [6, 10]}).data)
+    ds = train_dataset(data, seed=0)
+    assert PIXELS_COLUMN in ds.schema().names  # decoded before the workers
+    streamed = {}
+    for x, _, ids in StreamedTrain(ds, data, world=1, shuffle_buffer=16).batches(0, 16, 0):
+        streamed.update(zip(ids.tolist(), x.numpy()))
+    in_process = {i: x for xs, _, ids in iter_split(data, "train") for i, x in zip(ids.tolist(), xs)}
+    assert sorted(streamed) == sorted(in_process) and len(streamed) == data.train.rows < 150  # val/test carved out
+    for i, x in in_process.items():
+        np.testing.assert_array_equal(streamed[i], x)
