@@ -53,7 +53,24 @@ def quiet_libraries(verbose: bool) -> None:
     # the progress bars we just turned off are off
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Ray Data logs an error a step raised, with its traceback, three times before it reaches us; for bad input
+    # (a raydistill UserError: an image that does not decode) the command's one line says it all (its log file
+    # keeps them)
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and not any(
+                isinstance(f, _DropUserErrors) for f in handler.filters):
+            handler.addFilter(_DropUserErrors())
     _drop_raylet_startup_warning()
+
+
+class _DropUserErrors(logging.Filter):
+    """Drops a record about a raydistill UserError: its own exception, or the one being handled as it is logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from raydistill.errors import first_user_error
+
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return _VERBOSE or error is None or first_user_error(error) is None
 
 
 # The raylet's "N PYTHON worker processes have been started ... 4x the maximum expected startup concurrency"

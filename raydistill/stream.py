@@ -364,7 +364,7 @@ def channel_stats(data: StreamData) -> tuple[tuple[float, ...], tuple[float, ...
     torchvision's recipes use fixed per-channel constants for the same reason (ImageNet's mean and std, measured
     once on a sample); here they are measured on the data's own first rows, the same for every run of it."""
     sums, squares, n = np.zeros(3), np.zeros(3), 0
-    for x, _, _ in iter_split(data, "train", batch_size=256, limit=STATS_ROWS):
+    for x, _, _ in iter_split(data, "train", batch_size=min(256, STATS_ROWS), limit=STATS_ROWS):
         sums += x.sum(axis=(0, 2, 3), dtype=np.float64)
         squares += np.square(x, dtype=np.float64).sum(axis=(0, 2, 3))
         n += x.shape[0] * x.shape[2] * x.shape[3]
@@ -634,6 +634,11 @@ def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True, buffe
     finally:
         context.use_datasource_v2, context.target_max_block_size = saved
     ds.context.execution_options = ingest_options(buffer_mb)
+    # a DataError a step raises (an image that does not decode, in _decode_rows or the cache builder's to_arrays)
+    # reaches the reader as itself, not as Ray Data's UserCodeException("UDF failed to process a data block."),
+    # whose pickled copy has lost the chain to it: so it is a one-line error, not a bug's traceback (Ray Data's
+    # documented DataContext switch)
+    ds.context.raise_original_map_exception = True
     if data.image_column is not None:  # decoded (and filtered) in the read tasks
         ds = ds.map_batches(_decode_rows, fn_args=(data, plan, "the streamed training rows"), batch_format="pyarrow",
                             zero_copy_batch=True)

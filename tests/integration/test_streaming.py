@@ -232,23 +232,29 @@ def test_the_stream_reader_runs_ahead_through_the_epochs_without_changing_them(r
         _epoch_ids(broken, [0])
 
 
-def test_streamed_images_are_decoded_by_ray_data_into_the_same_samples(ray_local, tmp_path):
-    """Encoded images on the training stream are decoded in Ray Data's read tasks (uint8 pixels) and turned into
-    floats by the reader: every training sample equals the one the in-process pyarrow read decodes (the path of
-    validation, test and the statistics), carved rows filtered out the same way."""
+def _png_rows(ids) -> list[dict]:
+    """Rows of random 7 x 11 RGB PNGs: id, label (id % 3), png (bytes)."""
     import io
 
     from PIL import Image
 
-    from raydistill.stream import PIXELS_COLUMN, iter_split, plan_stream, train_dataset
-    from raydistill.worker import StreamedTrain
-
     rng = np.random.default_rng(0)
     rows = []
-    for i in range(150):
+    for i in ids:
         out = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (7, 11, 3), dtype=np.uint8)).save(out, format="PNG")
         rows.append({"id": i, "label": i % 3, "png": out.getvalue()})
+    return rows
+
+
+def test_streamed_images_are_decoded_by_ray_data_into_the_same_samples(ray_local, tmp_path):
+    """Encoded images on the training stream are decoded in Ray Data's read tasks (uint8 pixels) and turned into
+    floats by the reader: every training sample equals the one the in-process pyarrow read decodes (the path of
+    validation, test and the statistics), carved rows filtered out the same way."""
+    from raydistill.stream import PIXELS_COLUMN, iter_split, plan_stream, train_dataset
+    from raydistill.worker import StreamedTrain
+
+    rows = _png_rows(range(150))
     (tmp_path / "imgs").mkdir()
     for part in range(2):
         pq.write_table(pa.Table.from_pylist(rows[part * 75:(part + 1) * 75]), tmp_path / "imgs" / f"{part}.parquet")
@@ -263,3 +269,28 @@ def test_streamed_images_are_decoded_by_ray_data_into_the_same_samples(ray_local
     assert sorted(streamed) == sorted(in_process) and len(streamed) == data.train.rows < 150  # val/test carved out
     for i, x in in_process.items():
         np.testing.assert_array_equal(streamed[i], x)
+
+
+def test_an_image_that_does_not_decode_on_the_stream_is_one_line(ray_local, tmp_path, monkeypatch, capfd):
+    """An image deep in the training stream (beyond the rows the plan decodes) that does not decode: raised in a
+    Ray Data read task, it ends the run with one line naming its sample id, exit 2, and no traceback from Ray
+    Data's logs (before: Ray Data's UserCodeException, a bug's traceback, exit 1)."""
+    from raydistill import cli, stream
+
+    monkeypatch.setattr(stream, "STATS_ROWS", 16)  # the plan decodes only the first 16 training rows
+    rows = _png_rows(range(200))
+    rows[150]["png"] = b"not a png"
+    for name, part in (("train", rows[:180]), ("val", rows[180:190]), ("test", rows[190:])):
+        pq.write_table(pa.Table.from_pylist(part), tmp_path / f"{name}.parquet")
+    sets = {"data.source": "parquet", "data.train": str(tmp_path / "train.parquet"),
+            "data.val": str(tmp_path / "val.parquet"), "data.test": str(tmp_path / "test.parquet"),
+            "data.image_column": "png", "data.image_size": [7, 11], "teacher.epochs": 1, "distill.epochs": 1,
+            "prune.ratio": 0.0, "scale.max_failures": 0}
+    code = cli.main(["run", "--out", str(tmp_path / "run"),
+                     *[a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]])
+    err = capfd.readouterr().err
+    assert code == 2, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("raydistill: error: cannot decode image with id 150 in the streamed "
+                                            "training rows (UnidentifiedImageError: cannot identify image file); "
+                                            "remove or replace that file")
+    assert "Traceback" not in err and "Exception occurred" not in err, err[-3000:]

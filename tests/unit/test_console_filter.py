@@ -50,3 +50,48 @@ def test_credentials_in_a_uri_are_masked_on_the_console_and_in_what_a_run_record
     assert redact_obj({"data": {"path": uri, "splits": [uri, 3]}, "n": 1}) == \
         {"data": {"path": masked, "splits": [masked, 3]}, "n": 1}
     assert flat_params({"data": {"path": uri}})["data.path"] == masked
+
+
+def test_ray_data_logs_about_bad_input_are_dropped_unless_verbose():
+    """Ray Data logs an error a step raised (with its traceback) before it reaches the command; for a raydistill
+    UserError, here a real RayTaskError(DataError) as a Ray task hands it back, the command's one line says it
+    all. Other errors, and everything with --verbose, still get through."""
+    import logging
+    import sys
+
+    import ray.data  # noqa: F401  (configures the "ray.data" logger and its console handler)
+    from ray.exceptions import RayTaskError
+
+    from raydistill.errors import DataError
+
+    def record(error):
+        return logging.LogRecord("ray.data._internal.execution.streaming_executor_state", logging.ERROR, __file__, 1,
+                                 "An exception was raised from a task", None,
+                                 (type(error), error, None) if error else None)
+
+    def wrapped(cause):
+        try:
+            raise cause
+        except Exception as e:
+            import traceback
+
+            return RayTaskError("MapBatches(_decode_rows)", traceback.format_exc(), e).as_instanceof_cause()
+
+    handlers = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    assert handlers
+    try:
+        console.quiet_libraries(False)
+        bad_input, bug = wrapped(DataError("cannot decode image with id 3")), wrapped(ValueError("a bug"))
+        for handler in handlers:
+            assert not handler.filter(record(bad_input))
+            assert handler.filter(record(bug)) and handler.filter(record(None))
+            try:  # a record without exc_info, logged while the error is being handled
+                raise bad_input
+            except DataError:
+                assert not handler.filter(record(None))
+        console.quiet_libraries(True)
+        assert all(handler.filter(record(bad_input)) for handler in handlers)
+    finally:
+        console.quiet_libraries(False)
+    assert sys.exc_info()[1] is None
