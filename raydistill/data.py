@@ -657,7 +657,8 @@ def load_splits(
     for label, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
             raise DataError(f"{label} must be in [0, 1), got {value!r}")
-    image_size = image_hw(image_size)  # (height, width) or None from here on
+    image_size = image_hw(image_size)  # (height, width) or None (native size) from here on
+    decoded = image_size or (32, 32)  # the size decoded images get (image folders, encoded images in Parquet)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive integer or None, got {limit!r}")
     if not isinstance(seed, int) or seed < 0:
@@ -683,13 +684,13 @@ def load_splits(
         normalize = True
     elif source == "imagefolder":
         layout = imagefolder_splits(root) if root is not None and os.path.isdir(root) else None
-        x, y, ids, classes = _load_imagefolder(layout["train"] if layout else root, image_size or (32, 32))
+        x, y, ids, classes = _load_imagefolder(layout["train"] if layout else root, decoded)
         pool, hint, normalize = (x, y, ids), len(classes), True
         where = f"the image folder {layout['train'] if layout else root}"
         offset = len(ids)
         for name in ("val", "test"):
             if layout and name in layout:  # declared by the folder layout: used as is, ids after the others
-                vx, vy, vids, _ = _load_imagefolder(layout[name], image_size or (32, 32),
+                vx, vy, vids, _ = _load_imagefolder(layout[name], decoded,
                                                     {c: i for i, c in enumerate(classes)})
                 declared[name] = (vx, vy, vids + offset)
                 offset += len(vids)
@@ -704,7 +705,7 @@ def load_splits(
         if location is None and (val or test):
             raise DataError("data.val / data.test need the training data too; set data.train (or data.path)")
         read = dict(label_column=label_column, feature_column=feature_column, image_column=image_column,
-                    id_column=id_column, shape=shape, image_size=image_size or (32, 32))
+                    id_column=id_column, shape=shape, image_size=decoded)
         part = _load_parquet(location, **read, split_column=split_column, split_from_metadata=not (val or test))
         normalize, hint, where = part.normalize, part.hint, f"{location}"
         if part.split is not None:

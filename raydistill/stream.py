@@ -411,7 +411,7 @@ def _decode_rows(batch, data: StreamData, plan: SplitPlan, where: str):
     import pyarrow as pa
 
     if plan.split_column is not None or plan.carve is not None:
-        batch = batch.filter(pa.array(_keep(plan, batch, data)))
+        batch = _filter_rows(batch, data, plan)
     ids = batch.column(data.id_column).to_numpy(zero_copy_only=False)
     pixels = _decode_images(batch.column(data.image_column).to_pylist(), tuple(data.shape[1:]), where, ids, raw=True)
     flat = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1), pa.uint8()), math.prod(data.shape))
@@ -433,33 +433,28 @@ def to_arrays(data: StreamData, batch, where: str, writable: bool = True
     from raydistill.data import _flat_features, row_length_error
 
     need = math.prod(data.shape)
-    names = batch.column_names if isinstance(batch, (pa.Table, pa.RecordBatch)) else list(batch)
-    if PIXELS_COLUMN in names:  # the training stream's images, decoded by Ray Data (``_decode_rows``)
-        from raydistill.data import pixels_to_float
+    arrow = isinstance(batch, (pa.Table, pa.RecordBatch))
+    if data.image_column is not None:  # images: decoded and standardized, a fresh (writable) array
+        columns = {c: batch.column(c).to_numpy(zero_copy_only=False) if arrow else batch[c]
+                   for c in (data.label_column, data.id_column)}
+        if PIXELS_COLUMN in (batch.column_names if arrow else batch):  # decoded by Ray Data (``_decode_rows``)
+            from raydistill.data import pixels_to_float
 
-        arrow = isinstance(batch, (pa.Table, pa.RecordBatch))
-        column = batch.column(PIXELS_COLUMN) if arrow else batch[PIXELS_COLUMN]
-        if arrow:
-            column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-            pixels = column.flatten().to_numpy(zero_copy_only=False)
-        else:  # numpy batches: a 2-D array, or an array of per-row arrays
-            pixels = np.stack(column) if column.dtype == object else np.asarray(column)
-        x = pixels_to_float(pixels.reshape(len(column), *data.shape))
-        mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in data.channel_stats)
-        x = (x - mean) / std
-        columns = {c: batch.column(c).to_numpy(zero_copy_only=False) if arrow else batch[c]
-                   for c in (data.label_column, data.id_column)}
-    elif data.image_column is not None:  # encoded images: decoded and standardized here, a fresh (writable) array
-        arrow = isinstance(batch, (pa.Table, pa.RecordBatch))
-        columns = {c: batch.column(c).to_numpy(zero_copy_only=False) if arrow else batch[c]
-                   for c in (data.label_column, data.id_column)}
-        column = batch.column(data.image_column) if arrow else batch[data.image_column]
-        x = _decode_images(column.to_pylist() if arrow else list(column), tuple(data.shape[1:]), where,
-                           columns[data.id_column])
-        if data.channel_stats is not None:
+            column = batch.column(PIXELS_COLUMN) if arrow else batch[PIXELS_COLUMN]
+            if arrow:
+                column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+                pixels = column.flatten().to_numpy(zero_copy_only=False)
+            else:  # numpy batches: a 2-D array, or an array of per-row arrays
+                pixels = np.stack(column) if column.dtype == object else np.asarray(column)
+            x = pixels_to_float(pixels.reshape(len(column), *data.shape))
+        else:  # encoded, as read with pyarrow (evaluation, the statistics)
+            column = batch.column(data.image_column) if arrow else batch[data.image_column]
+            x = _decode_images(column.to_pylist() if arrow else list(column), tuple(data.shape[1:]), where,
+                               columns[data.id_column])
+        if data.channel_stats is not None:  # None only while plan_stream measures them
             mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in data.channel_stats)
             x = (x - mean) / std
-    elif isinstance(batch, (pa.Table, pa.RecordBatch)):
+    elif arrow:
         x = _flat_features(batch.column(data.feature_column), data.shape, data.feature_column, where, copy=writable)
         columns = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in (data.label_column, data.id_column)}
     else:

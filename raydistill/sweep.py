@@ -187,10 +187,11 @@ def root_cause(error: BaseException | str) -> BaseException | str:
 
 
 def is_bad_input(error: BaseException | str | None) -> bool:
-    """Whether a trial failed on bad input (a raydistill UserError: a NaN loss from the learning rate, bad data)."""
-    from raydistill.errors import UserError
+    """Whether a trial failed on bad input (a raydistill UserError: a NaN loss from the learning rate, bad data);
+    an error Tune kept only as text is not known to be."""
+    from raydistill.errors import first_user_error
 
-    return error is not None and isinstance(root_cause(error), UserError)
+    return isinstance(error, BaseException) and first_user_error(error) is not None
 
 
 def error_line(error: BaseException | str) -> str:
