@@ -167,6 +167,14 @@ def _disconnect_ray() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `raydistill` command itself (tests call main(argv) in a process with Ray of its own)
+        # No Ray call starts a Ray by itself in this process: the command starts or joins one explicitly
+        # (cluster.init_ray). Why: Ray's auto-connect (``ray.init()`` on the first ``ray.get``/``ray.put`` of a
+        # process with none) turned a stage still running on a helper thread, after another stage had failed and
+        # the command was exiting, into a second, unwanted local Ray started at exit (seen here: a 2-worker run
+        # whose teacher hit a NaN while the baseline trained beside it printed Ray's "SIGTERM handler is not set"
+        # warning after its error line, and a new Ray session was started). Ray's switch; a value the user set wins.
+        os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -153,7 +153,7 @@ class ScaleConfig:
     teacher_prefetch: int = 4  # batches per teacher request; the next request is always in flight during the steps
     torch_threads: int = 1  # intra-op threads per worker (CPU); 0 = torch default
     resource_wait_s: float = 300.0  # on a cluster: how long to wait for autoscaled nodes before failing
-    max_failures: int = 2  # times Ray Train restarts a stage from its last checkpoint after a worker error or death
+    max_failures: int = 2  # times a multi-worker stage restarts from its last checkpoint after a worker died or failed (never on bad input)
 
 
 @dataclass

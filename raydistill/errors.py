@@ -14,7 +14,13 @@ from __future__ import annotations
 
 
 class UserError(ValueError):
-    """A problem with the user's input; the message names it and says how to fix it."""
+    """A problem with the user's input; the message names it and says how to fix it.
+
+    ``transient`` says whether the same step can succeed when retried with nothing changed. A user error is not,
+    by default: a NaN loss from the learning rate, a bad image or a wrong key recurs on every try, so a
+    multi-worker stage fails at once instead of restarting its workers ``scale.max_failures`` times first."""
+
+    transient = False
 
 
 class ConfigError(UserError):
@@ -56,9 +62,11 @@ class TrainingError(UserError):
 class TeacherUnavailableError(TrainingError):
     """A worker cannot reach its run's TeacherServer actor (it was stopped or ran out of restarts).
 
-    Raised in the worker instead of Ray's lookup error: Ray Train restarts the worker group from its last
-    checkpoint (``scale.max_failures``); if the actor stays gone, the driver gets this by type and the CLI
-    prints one line."""
+    Raised in the worker instead of Ray's lookup error: the stage restarts its workers from the last checkpoint
+    (``scale.max_failures``), by which time a restarted actor answers again; if the actor stays gone, the driver
+    gets this by type and the CLI prints one line."""
+
+    transient = True
 
 
 class NonFiniteLossError(TrainingError):

@@ -105,3 +105,44 @@ def test_ctrl_c_then_resume_through_worker_and_teacher_deaths(tmp_path, tiny_tea
     after_teacher_kill = [e for e in kd() if e["pid"] != victim][1:]
     assert after_teacher_kill, "no KD epoch finished after the teacher actor was killed"
     print(f"Ctrl-C stopped the run in {stop_s:.1f} s")
+
+
+COUNTING_MODEL = '''
+import os
+
+from raydistill.models import cnn
+
+
+def counted_cnn(**kwargs):
+    """The built-in cnn; every process that builds it appends its pid to the file the test names."""
+    with open(os.environ["RAYDISTILL_TEST_BUILDS"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    return cnn(**kwargs)
+'''
+
+
+def test_bad_input_in_a_two_worker_stage_is_not_retried(tmp_path, tiny_teacher):
+    """A NaN loss from the learning rate fails the same way on every try: the stage's workers are not restarted
+    (Ray Train's own FailureConfig would have restarted them scale.max_failures = 2 times first), and the command
+    ends with the one-line error. Counted by the processes that built the student: the command's own and the two
+    Train workers of one attempt (three attempts: six workers)."""
+    (tmp_path / "countmodels.py").write_text(COUNTING_MODEL)
+    builds = tmp_path / "builds.txt"
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "RAYDISTILL_TEST_BUILDS": str(builds)}
+    sets = {**ARGS, "teacher.checkpoint": tiny_teacher, "student.model": "countmodels:counted_cnn",
+            "student.kwargs": {"widths": [8, 16], "hidden": 32}, "distill.lr": 1e30, "data.limit": 200}
+    cmd = [sys.executable, "-m", "raydistill.cli", "run", "--out", str(tmp_path / "run")]
+    cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    errors = [line for line in err.splitlines() if line.startswith("raydistill:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "loss became nan" in errors[0], out[-2000:] + err[-3000:]
+    assert "restarting its workers" not in out and "Traceback" not in err, out[-2000:] + err[-2000:]
+    workers = set(builds.read_text().split()) - {str(proc.pid)}
+    assert len(workers) == 2, f"the student was built in {len(workers)} worker processes: {sorted(workers)}"

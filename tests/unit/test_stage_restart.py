@@ -1,0 +1,40 @@
+"""Which failures restart a multi-worker stage (raydistill/trainer.py: ``should_restart``): a worker that died or
+raised something that may not recur does, up to ``scale.max_failures`` times; bad input never does. Built from
+Ray Train's real exception types, without starting Ray."""
+
+import pytest
+from ray.exceptions import ActorDiedError
+from ray.train import ControllerError, WorkerGroupError
+
+from raydistill.errors import DataError, NonFiniteLossError, TeacherUnavailableError, first_user_error
+from raydistill.trainer import failure_summary, should_restart
+
+
+def _group(*failures: Exception) -> WorkerGroupError:
+    return WorkerGroupError("rank errors", dict(enumerate(failures)))
+
+
+@pytest.mark.parametrize("error, restarts", [
+    (_group(ActorDiedError()), True),  # a worker killed (a node lost, OOM): the next try can succeed
+    (_group(RuntimeError("gloo: connection reset"), ActorDiedError()), True),
+    (_group(TeacherUnavailableError("the teacher actor 'x' of this run is gone")), True),  # transient
+    (_group(NonFiniteLossError("loss became nan at step 1"), RuntimeError("gloo: connection reset")), False),
+    (_group(DataError("cannot decode image with id 3")), False),
+    (ControllerError(RuntimeError("placement group removed")), False),  # not the workers' failure
+])
+def test_bad_input_never_restarts_a_stage(error, restarts):
+    assert should_restart(error, first_user_error(error), 0, 2) is restarts
+
+
+def test_restarts_stop_at_max_failures_and_minus_one_means_always():
+    died = _group(ActorDiedError())
+    assert [should_restart(died, None, n, 2) for n in range(4)] == [True, True, False, False]
+    assert should_restart(died, None, 0, 0) is False
+    assert should_restart(died, None, 1000, -1) is True
+
+
+def test_the_restart_line_says_what_failed():
+    assert failure_summary(_group(ActorDiedError(), RuntimeError("x")), None) == \
+        "Train worker failed (rank 0: ActorDiedError, rank 1: RuntimeError)"
+    gone = TeacherUnavailableError("the teacher actor 'x' of this run is gone (dead)\nmore")
+    assert failure_summary(_group(gone), gone) == "the teacher actor 'x' of this run is gone (dead)"
