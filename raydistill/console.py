@@ -81,6 +81,28 @@ class _DropUserErrors(logging.Filter):
 _RAYLET_STARTUP_WARNING = "PYTHON worker processes have been started"
 
 
+# The raylet's message when a worker process dies ("A worker died or was killed while executing a task by an
+# unexpected system error. To troubleshoot ... Worker PID: 6205 Worker exit type: SYSTEM_ERROR ..."): ~900
+# characters a death, in Ray's colours, and nothing in it that a user acts on beyond which process died and how. It
+# becomes one line (``worker_death_line``); what happens next has a line of its own (a Train stage's restart, see
+# trainer.fit) or is Ray's (an actor's restart, a task's retry). --verbose shows Ray's message.
+_RAYLET_WORKER_DEATH = "A worker died or was killed while executing a task"
+
+
+def worker_death_line(text: str) -> str | None:
+    """One console line for the raylet's worker-death message ``text`` (None for any other message)."""
+    import re
+
+    if _RAYLET_WORKER_DEATH not in text:
+        return None
+    pid = re.search(r"Worker PID: (\d+)", text)
+    kind = re.search(r"Worker exit type: (\w+)", text)
+    how = {"SYSTEM_ERROR": "killed, out of memory or crashed", "NODE_OUT_OF_MEMORY": "out of memory"}.get(
+        kind.group(1) if kind else "", "exited unexpectedly")
+    return (f"Ray: worker process {pid.group(1) if pid else '?'} died ({how}"
+            f"{'; ' + kind.group(1) if kind else ''}); --verbose shows Ray's message")
+
+
 def _drop_raylet_startup_warning() -> None:
     try:
         from ray._private import worker as ray_worker
@@ -91,9 +113,15 @@ def _drop_raylet_startup_warning() -> None:
         return
 
     def print_to_stdstream(data, *args, **kwargs):
-        if not _VERBOSE and data.get("pid") == "raylet" and any(
-                _RAYLET_STARTUP_WARNING in line for line in data.get("lines", ())):
-            return None
+        if not _VERBOSE and data.get("pid") == "raylet":
+            lines = data.get("lines", ())
+            if any(_RAYLET_STARTUP_WARNING in line for line in lines):
+                return None
+            deaths = [worker_death_line(line) for line in lines]
+            if deaths and all(deaths):
+                for death in deaths:
+                    log(death)
+                return None
         return original(data, *args, **kwargs)
 
     print_to_stdstream._raydistill_filtered = True

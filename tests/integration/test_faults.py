@@ -93,6 +93,11 @@ def test_ctrl_c_then_resume_through_worker_and_teacher_deaths(tmp_path, tiny_tea
     assert rc == 0, text[-3000:]
     # finished stages are not redone
     assert "stage student_baseline: up to date, skipped" in text
+    # the console: the killed worker and the restart, one line each (Ray's ~900-character message only --verbose)
+    assert f"[raydistill] Ray: worker process {victim} died (" in text, text[-3000:]
+    assert "stage student_kd: Train worker failed (" in text and "; restarting its workers from the last epoch " \
+        "checkpoint (restart 1 of 2)" in text, text[-3000:]
+    assert "Lease ID" not in text and "Traceback" not in text, text[-3000:]
     assert (out / "student_baseline.pt").read_bytes() == baseline_bytes
     report = json.loads((out / "report.json").read_text())
     assert "student_kd" in report["models"]

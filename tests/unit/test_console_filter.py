@@ -28,6 +28,28 @@ def test_raylet_startup_warning_is_dropped_unless_verbose(capsys):
         console.quiet_libraries(False)
 
 
+DEATH = ("A worker died or was killed while executing a task by an unexpected system error. To troubleshoot the "
+         "problem, check the logs for the dead worker. Lease ID: 06 Worker ID: bf1e Node ID: a483 Worker IP address: "
+         "192.0.2.2 Worker port: 44353 Worker PID: 6205 Worker exit type: SYSTEM_ERROR Worker exit detail: Worker "
+         "unexpectedly exits with a connection error code 2. End of file. Some common causes include: (1) the "
+         "process was killed by the OOM killer due to high memory usage, (2) ray stop --force was called, or (3) ...")
+
+
+def test_a_worker_death_is_one_line_unless_verbose(capsys):
+    """The raylet's ~900-character message for a dead worker process (as a Train worker killed by pid gives it)
+    becomes one line naming the process and how it ended; --verbose shows Ray's own."""
+    try:
+        console.quiet_libraries(False)
+        _print([DEATH])
+        assert capsys.readouterr().out == ("[raydistill] Ray: worker process 6205 died (killed, out of memory or "
+                                           "crashed; SYSTEM_ERROR); --verbose shows Ray's message\n")
+        console.quiet_libraries(True)
+        _print([DEATH])
+        assert "Lease ID" in capsys.readouterr().out
+    finally:
+        console.quiet_libraries(False)
+
+
 def test_credentials_in_a_uri_are_masked_on_the_console_and_in_what_a_run_records(capsys):
     """A pyarrow URI may carry a key and secret (``s3://KEY:SECRET@bucket``) or credential options
     (``?secret_key=``, ``session_token=``, Azure's ``account_key=``): the console, report.json and MLflow params
