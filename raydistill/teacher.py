@@ -217,8 +217,9 @@ class LiveTeacher:
     """Logits from the run's shared TeacherServer actor, looked up by name (loaded once there).
 
     An actor that cannot be found, or that died for good while a request was out, raises
-    ``TeacherUnavailableError`` (never Ray's lookup traceback): Ray Train restarts the workers from their last
-    checkpoint, and if the actor stays gone the driver reports it in one line."""
+    ``TeacherUnavailableError`` (never Ray's lookup traceback), a transient error: the stage restarts its workers
+    from their last checkpoint (``trainer.should_restart``), and if the actor stays gone the driver reports it in
+    one line."""
 
     def __init__(self, actor_name: str, device: torch.device, rank: int):
         try:
