@@ -194,10 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             traceback.print_exc()
-        from raydistill.errors import first_user_error
+        from raydistill.errors import first_user_error, message_line
 
         e = first_user_error(e) or e  # raised in a Ray task: Ray's RayTaskError(DataError) reads as its cause
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = message_line(e)
         print(f"raydistill: error: {redact(msg)}", file=sys.stderr)  # a location's credentials stay out of it
         return 2
     except OSError as e:

@@ -76,6 +76,13 @@ class NonFiniteLossError(TrainingError):
     exception in ``WorkerGroupError.worker_failures``), see ``first_user_error``."""
 
 
+def message_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its type's name when the message is empty: how an error is shown
+    in one line (the CLI's error line, a failed trial's line, a stage's restart line)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def first_user_error(error: BaseException | None) -> UserError | None:
     """The first ``UserError`` in ``error``'s chain of causes, including the per-worker failures
     Ray Train and Ray Tasks wrap it in; None when the chain holds none (then it is a bug)."""

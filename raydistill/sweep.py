@@ -198,11 +198,11 @@ def error_line(error: BaseException | str) -> str:
     """One line for a failed trial: the exception the trial raised ("FileNotFoundError: train.parquet", or a
     raydistill error's own message), not the first line of Ray's wrapper ("ray::ImplicitFunc.train() (pid=...)"),
     which is all that said before. ``error`` is the exception Tune kept, or its text when it could not pickle it."""
-    from raydistill.errors import UserError
+    from raydistill.errors import UserError, message_line
 
     cause = root_cause(error)
     if isinstance(cause, UserError):
-        return str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        return message_line(cause)
     if isinstance(cause, BaseException) and not hasattr(cause, "traceback_str"):
         message = str(cause).strip().splitlines()
         return f"{type(cause).__name__}: {message[0]}" if message else type(cause).__name__

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from raydistill.cluster import started_locally
 from raydistill.console import line, log
-from raydistill.errors import first_user_error
+from raydistill.errors import first_user_error, message_line
 from raydistill.job import StageJob
 
 
@@ -136,7 +136,7 @@ def failure_summary(error: BaseException, user_error) -> str:
     """What failed, in a few words, for the restart line: the transient user error's message, or which worker
     ranks failed and with what (``rank 0: ActorDiedError``)."""
     if user_error is not None:
-        return str(user_error).splitlines()[0]
+        return message_line(user_error)
     failures = getattr(error, "worker_failures", None) or {}
     parts = []
     for rank, failure in sorted(failures.items()):

@@ -38,3 +38,5 @@ def test_the_restart_line_says_what_failed():
         "Train worker failed (rank 0: ActorDiedError, rank 1: RuntimeError)"
     gone = TeacherUnavailableError("the teacher actor 'x' of this run is gone (dead)\nmore")
     assert failure_summary(_group(gone), gone) == "the teacher actor 'x' of this run is gone (dead)"
+    silent = TeacherUnavailableError()  # no message: the restart line names the error's type instead of failing
+    assert failure_summary(_group(silent), silent) == "TeacherUnavailableError"
