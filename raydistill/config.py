@@ -41,7 +41,7 @@ class DataConfig:
     feature_column: str = "features"  # parquet: flat float-list column (needs data.shape)
     image_column: str | None = None  # parquet: encoded image bytes column instead of features
     id_column: str = "id"  # parquet: stable sample id column (row order when absent)
-    shape: list[int] | None = None  # parquet: one sample's shape, [F], [C, L] or [C, H, W], of the flat feature column
+    shape: list[int] | None = None  # parquet: a sample's [F], [C, L] or [C, H, W]; must match a shape the files record
     image_size: int | list[int] | None = None  # resize decoded images to this size: N (N x N) or [H, W] (default 32)
     val_fraction: float = 0.1  # share of the training pool held out for validation
     test_fraction: float = 0.2  # share held out for test when no test split is declared (cifar10: official)

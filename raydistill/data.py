@@ -184,6 +184,25 @@ def sample_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return dims
 
 
+def flat_feature_shape(given, metadata: dict, location) -> tuple[int, ...]:
+    """The sample shape of a flat feature column: ``data.shape`` (``given``) or, when it is None, the shape the
+    files were written with (``raydistill.shape`` in their schema metadata, from ``write_parquet``). Both set and
+    different is a one-line error: the row length can match (3 x 24 x 32 = 3 x 32 x 24) while every sample would be
+    read in the wrong layout, scrambled without a word."""
+    written = sample_shape(metadata[_META_SHAPE].decode().split(",")) if _META_SHAPE in metadata else None
+    if given is None:
+        if written is None:
+            raise DataError("flat feature column needs data.shape ([F], [C, L] or [C, H, W], e.g. [1, 8, 8]); "
+                            "pass data.shape, or data.image_column for encoded images")
+        return written
+    shape = sample_shape(given)
+    if written is not None and shape != written:
+        raise DataError(f"data.shape {list(shape)} differs from the shape {list(written)} that the parquet data "
+                        f"at {location} was written with (its raydistill.shape metadata); drop data.shape or set "
+                        f"it to {list(written)}")
+    return shape
+
+
 def image_hw(image_size) -> tuple[int, int] | None:
     """``data.image_size`` as (height, width): an int is a square (torchvision's ``Resize((h, w))`` takes a pair
     the same way); None stays None. Anything else is a one-line error."""
@@ -569,14 +588,8 @@ def _load_parquet(path, label_column, feature_column, image_column, id_column, s
         ).astype(np.float32)
         normalize = True
     else:
-        if shape is None and _META_SHAPE in metadata:
-            shape = metadata[_META_SHAPE].decode().split(",")
-        if shape is None:
-            raise DataError(
-                f"flat feature column {feature_column!r} needs data.shape ([F], [C, L] or [C, H, W], e.g. "
-                "[1, 8, 8]); pass data.shape, or data.image_column for encoded images"
-            )
-        x = _flat_features(table[feature_column], sample_shape(shape), feature_column, str(path))
+        x = _flat_features(table[feature_column], flat_feature_shape(shape, metadata, path), feature_column,
+                           str(path))
         normalize = False
     split = None
     if split_column:

@@ -212,10 +212,10 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     Reads the id, label and split columns and the schema, never the features."""
     from raydistill.data import (
         _META_NUM_CLASSES,
-        _META_SHAPE,
         _META_SPLIT_COLUMN,
         _labels,
         _parquet_dataset,
+        flat_feature_shape,
         image_column_hint,
         image_hw,
     )
@@ -243,11 +243,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     if d.image_column is not None:  # decoded to RGB at data.image_size (default 32), as the in-memory loader does
         shape = [3, *(image_hw(d.image_size) or (32, 32))]
     else:
-        shape = d.shape if d.shape is not None else (meta[_META_SHAPE].decode().split(",") if _META_SHAPE in meta
-                                                     else None)
-    if shape is None:
-        raise DataError(f"flat feature column {d.feature_column!r} needs data.shape ([F], [C, L] or [C, H, W]); "
-                        "pass data.shape")
+        shape = flat_feature_shape(d.shape, meta, location)
     shape = check_shape(shape)
     hint = int(meta[_META_NUM_CLASSES]) if _META_NUM_CLASSES in meta else 0
     files, filesystem = tuple(dataset.files), _local_or(dataset.filesystem)

@@ -72,6 +72,10 @@ def files(tmp_path_factory):
                                                           "features": list(sig[:20].astype(np.float64))})
     f["sig_short"] = _parquet(d / "sig_short.parquet", {"id": np.arange(100, 120), "label": np.arange(20) % 4,
                                                         "features": list(sig[:20, :30])})
+    from raydistill.data import Arrays, write_parquet
+
+    write_parquet(Arrays(sig.reshape(40, 2, 20), np.arange(40) % 4, np.arange(40), 4, (2, 20)), d / "written.parquet")
+    f["sig_written"] = str(d / "written.parquet")  # its schema metadata records the shape (2, 20)
     return f
 
 
@@ -119,6 +123,12 @@ CASES = [  # (id, args, words the one-line message must contain)
      ["sample ids are in both the train and the test split", "fix the split files"]),
     ("row length differs from data.shape", [*SIGNAL, "--set", "data.test=@sig_short"],
      ["sig_short.parquet has length 30 per row but data.shape [2, 20] needs 40"]),
+    ("data.shape differs from the shape the files were written with (streamed)",
+     [*SIGNAL, "--set", "data.train=null", "--set", "data.path=@sig_written", "--set", "data.shape=[4,10]"],
+     ["data.shape [4, 10] differs from the shape [2, 20]", "written.parquet", "drop data.shape or set it to [2, 20]"]),
+    ("data.shape differs from the shape the files were written with (in memory)",
+     [*SIGNAL, "--set", "data.train=null", "--set", "data.path=@sig_written", "--set", "data.shape=[4,10]",
+      "--set", "data.stream=false"], ["data.shape [4, 10] differs from the shape [2, 20]"]),
     ("labels outside 0..K-1 in a declared split", [*SIGNAL, "--set", "data.test=@sig_labels"],
      ["declared test split has label 6", "classes 0..3"]),
     ("split file with another schema", [*SIGNAL, "--set", "data.val=@sig_schema"],

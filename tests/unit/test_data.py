@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -132,10 +133,22 @@ def test_parquet_missing_label_column_lists_columns(digits, tmp_path):
 
 
 def test_parquet_wrong_feature_length_names_both_numbers(digits, tmp_path):
-    path = tmp_path / "d.parquet"
-    data.write_parquet(digits.val, path)
+    path = tmp_path / "d.parquet"  # a file with no shape in its metadata: data.shape is all there is to go by
+    pq.write_table(pa.table({"label": digits.val.y, "features": list(digits.val.x.reshape(len(digits.val.y), -1))}),
+                   path)
     with pytest.raises(ValueError, match=r"length 64 per row but data.shape \[3, 8, 8\] needs 192"):
         data.load_splits("parquet", path=path, shape=[3, 8, 8])
+
+
+def test_data_shape_must_match_the_shape_the_files_were_written_with(digits, tmp_path):
+    """write_parquet records (1, 8, 8); data.shape [1, 8, 8] agrees; [8, 8] or [1, 4, 16] would read the same 64
+    floats in another layout, scrambled: a one-line error naming both shapes."""
+    path = tmp_path / "d.parquet"
+    data.write_parquet(digits.val, path)
+    assert data.load_splits("parquet", path=path, shape=[1, 8, 8]).train.shape == (1, 8, 8)
+    for wrong in ([8, 8], [1, 4, 16], [3, 8, 8]):
+        with pytest.raises(ValueError, match=re.escape(f"data.shape {wrong} differs from the shape [1, 8, 8]")):
+            data.load_splits("parquet", path=path, shape=wrong)
 
 
 def test_parquet_empty_and_missing(tmp_path):
