@@ -203,6 +203,16 @@ def flat_feature_shape(given, metadata: dict, location) -> tuple[int, ...]:
     return shape
 
 
+def check_split_shape(name: str, location, metadata: dict, shape: tuple[int, ...]) -> None:
+    """A declared val or test file that records its sample shape (``raydistill.shape``) must record the training
+    data's: rows of one length but another layout would be read as scrambled samples."""
+    if _META_SHAPE in metadata:
+        written = sample_shape(metadata[_META_SHAPE].decode().split(","))
+        if written != tuple(shape):
+            raise DataError(f"declared {name} split {location} was written with sample shape {list(written)} but the "
+                            f"training data's is {list(shape)}; write every split with the same sample shape")
+
+
 def image_hw(image_size) -> tuple[int, int] | None:
     """``data.image_size`` as (height, width): an int is a square (torchvision's ``Resize((h, w))`` takes a pair
     the same way); None stays None. Anything else is a one-line error."""
@@ -738,6 +748,9 @@ def load_splits(
         for name, loc in (("val", val), ("test", test)):
             if not loc:
                 continue
+            if image_column is None:  # flat features: read in the training data's shape, which the file must record
+                check_split_shape(name, loc, _parquet_dataset(loc).schema.metadata or {}, part.x.shape[1:])
+                read["shape"] = part.x.shape[1:]
             other = _load_parquet(loc, **read)
             _check_same_schema(name, other, part, loc)
             if not (other.has_ids and part.has_ids):  # row numbers: each file numbered after the last

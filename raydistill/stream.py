@@ -215,6 +215,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         _META_SPLIT_COLUMN,
         _labels,
         _parquet_dataset,
+        check_split_shape,
         flat_feature_shape,
         image_column_hint,
         image_hw,
@@ -286,6 +287,8 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
                 raise DataError(f"declared {name} split {loc} has a different schema: column {column!r} is {found} "
                                 f"there but {kind} in the training data; write every split with the same columns and "
                                 "types")
+        if d.image_column is None:
+            check_split_shape(name, loc, schema.metadata or {}, shape)
         c = _columns_of(other, [d.id_column, d.label_column], loc, other_fs)
         plans[name] = SplitPlan(other, rows=len(c[d.id_column]), filesystem=other_fs)
         kept[name] = (c[d.id_column].astype(np.int64), _labels(c[d.label_column], f"column {d.label_column!r}"))

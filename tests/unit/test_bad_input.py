@@ -76,6 +76,9 @@ def files(tmp_path_factory):
 
     write_parquet(Arrays(sig.reshape(40, 2, 20), np.arange(40) % 4, np.arange(40), 4, (2, 20)), d / "written.parquet")
     f["sig_written"] = str(d / "written.parquet")  # its schema metadata records the shape (2, 20)
+    write_parquet(Arrays(sig[:20].reshape(20, 4, 10), np.arange(20) % 4, np.arange(100, 120), 4, (4, 10)),
+                  d / "sig_4x10.parquet")
+    f["sig_4x10"] = str(d / "sig_4x10.parquet")  # rows of the signals' length, recorded as another shape
     return f
 
 
@@ -129,6 +132,11 @@ CASES = [  # (id, args, words the one-line message must contain)
     ("data.shape differs from the shape the files were written with (in memory)",
      [*SIGNAL, "--set", "data.train=null", "--set", "data.path=@sig_written", "--set", "data.shape=[4,10]",
       "--set", "data.stream=false"], ["data.shape [4, 10] differs from the shape [2, 20]"]),
+    ("a declared split written with another sample shape (streamed)", [*SIGNAL, "--set", "data.test=@sig_4x10"],
+     ["declared test split", "sig_4x10.parquet was written with sample shape [4, 10]", "training data's is [2, 20]"]),
+    ("a declared split written with another sample shape (in memory)",
+     [*SIGNAL, "--set", "data.test=@sig_4x10", "--set", "data.stream=false"],
+     ["sig_4x10.parquet was written with sample shape [4, 10] but the training data's is [2, 20]"]),
     ("labels outside 0..K-1 in a declared split", [*SIGNAL, "--set", "data.test=@sig_labels"],
      ["declared test split has label 6", "classes 0..3"]),
     ("split file with another schema", [*SIGNAL, "--set", "data.val=@sig_schema"],
