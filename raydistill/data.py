@@ -511,7 +511,8 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
     ):
         raise DataError(
             f"feature column {feature_column!r} has type {column.type}, not a list of floats; "
-            "store one flat float list per row (or use image_column for encoded images)"
+            "store one float list per row, flat or nested one level per dimension (or use image_column for "
+            "encoded images)"
         )
     if column.null_count:
         raise DataError(
@@ -520,6 +521,9 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
     if len(column) == 0:  # no rows (a batch whose rows all belong to another split): no length to check
         return np.zeros((0, *shape), np.float32)
     need = math.prod(shape)
+    if _is_list(column.type.value_type):  # nested lists, one level per dimension: what HF datasets' Array2D/3D
+        # features and ``x.tolist()`` of a (N, C, H, W) array write
+        return _nested_features(column, shape, feature_column, where)
     if pa.types.is_fixed_size_list(column.type):  # every row has the type's length: no need to count them
         if column.type.list_size != need:
             raise row_length_error(feature_column, where, [column.type.list_size], shape)
@@ -529,6 +533,39 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
             raise row_length_error(feature_column, where, lengths, shape)
     values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=copy)
     return values.reshape(len(column), *shape)
+
+
+def _is_list(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+
+
+def _nested_features(column, shape: tuple[int, ...], feature_column: str, where: str) -> np.ndarray:
+    """A column of nested lists, one nesting level per dimension of ``data.shape`` -> (N, *shape) float32. Each
+    level's lengths must be the shape's, the same in every row: a (4, 2, 4) nesting read as (2, 4, 4), or a
+    (C, H * W) one as (C, H, W), would only be the same floats in another layout, so either is a one-line error,
+    not a reshape. Written here: Arrow has no "nested lists to a tensor" conversion (``to_numpy`` gives arrays of
+    arrays)."""
+    import pyarrow.compute as pc
+
+    found, level = [], column
+    while _is_list(level.type):
+        if level.null_count:
+            raise DataError(f"feature column {feature_column!r} of {where} has {level.null_count} missing "
+                            f"{'rows' if not found else 'nested lists'}; drop those rows")
+        lengths = ([level.type.list_size] if hasattr(level.type, "list_size")
+                   else np.unique(pc.list_value_length(level).to_numpy(zero_copy_only=False)).tolist())
+        if len(lengths) != 1:  # ragged: rows (or their nested lists) of different lengths at this level
+            raise DataError(f"feature column {feature_column!r} of {where} holds nested lists of different lengths "
+                            f"({', '.join(map(str, lengths[:5]))}) at nesting level {len(found) + 1}; every row must "
+                            f"be one array of data.shape {list(shape)}")
+        found.append(int(lengths[0]))
+        level = level.flatten()
+    if tuple(found) != shape:
+        raise DataError(f"feature column {feature_column!r} of {where} holds nested lists of shape {found} per row "
+                        f"but data.shape is {list(shape)}; set data.shape to {found} or write flat rows")
+    return level.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), *shape)
 
 
 @dataclass

@@ -418,6 +418,12 @@ def _decode_rows(batch, data: StreamData, plan: SplitPlan, where: str):
                      PIXELS_COLUMN: flat})
 
 
+def _nested_to_lists(rows) -> list:
+    """Numpy's form of a nested list column (object arrays of object arrays ... of float arrays) -> Python lists,
+    for pyarrow to rebuild the column; only the cache builder's numpy batches of nested rows come this way."""
+    return [_nested_to_lists(r) if r.dtype == object else r.tolist() for r in rows]
+
+
 def to_arrays(data: StreamData, batch, where: str, writable: bool = True
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A batch as read -> x (B, *shape) float32, y (B,) int64, ids (B,) int64; ``where`` names the rows in errors.
@@ -458,7 +464,14 @@ def to_arrays(data: StreamData, batch, where: str, writable: bool = True
         columns = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in (data.label_column, data.id_column)}
     else:
         features = batch[data.feature_column]
-        if features.dtype == object:  # a list column arrives as an array of arrays
+        if len(features) and features.dtype == object and features[0].dtype == object:
+            # nested lists (one level per dimension) arrive as arrays of arrays of arrays: the Arrow path's checks
+            import pyarrow as pa
+
+            from raydistill.data import _flat_features
+
+            features = _flat_features(pa.array(_nested_to_lists(features)), data.shape, data.feature_column, where)
+        elif features.dtype == object:  # a list column arrives as an array of arrays
             lengths = sorted({len(f) for f in features})
             if set(lengths) - {need}:
                 raise row_length_error(data.feature_column, where, lengths, data.shape)

@@ -1,7 +1,8 @@
 """`raydistill run` on samples that are not square images, with a declared test file (issue 13): a 1-D signal
 set (C, L) with the user's own 1-D CNN, a tabular (F,) set with the built-in MLP, a non-square image set
 (3, 24, 40) with the built-in CNN, as flat features and as PNG images streamed and decoded where they are read.
-Local mode, one epoch per stage."""
+The signals are stored as nested lists, one level per dimension (``x.tolist()``, HF datasets' Array2D), the others
+as flat rows. Local mode, one epoch per stage."""
 
 import json
 import sys
@@ -30,9 +31,10 @@ def conv1d(num_classes, input_shape, width=8):
 '''
 
 
-def _files(folder, shape, rows=(240, 60), classes=4, seed=0, encoded=False):
+def _files(folder, shape, rows=(240, 60), classes=4, seed=0, encoded=False, nested=False):
     """A learnable set: each class its own mean per channel (per feature for (F,)) plus noise; train ids 0..,
-    test ids 10000... ``encoded``: the (3, H, W) samples as PNG images (8 bits a channel) in a column ``png``."""
+    test ids 10000... ``encoded``: the (3, H, W) samples as PNG images (8 bits a channel) in a column ``png``;
+    ``nested``: each sample as nested lists of its shape instead of one flat list."""
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((classes, shape[0], *[1] * (len(shape) - 1)))
     means = np.broadcast_to(means, (classes, *shape)).reshape(classes, -1).astype(np.float32)
@@ -41,6 +43,8 @@ def _files(folder, shape, rows=(240, 60), classes=4, seed=0, encoded=False):
         y = np.arange(n) % classes
         x = means[y] + 0.5 * rng.standard_normal((n, means.shape[1])).astype(np.float32)
         columns = {"id": np.arange(first, first + n), "label": y, "features": list(x)}
+        if nested:
+            columns["features"] = pa.array(x.reshape(n, *shape).tolist(), pa.list_(pa.list_(pa.float32())))
         if encoded:
             columns.pop("features")
             columns["png"] = [_png(np.clip(128 + 40 * row.reshape(shape), 0, 255).astype(np.uint8)) for row in x]
@@ -82,7 +86,7 @@ def test_run_on_any_sample_shape_with_a_declared_test_file(case, ray_local, tmp_
     (tmp_path / "shape_models.py").write_text(CONV1D)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("shape_models", None)
-    train, test = _files(tmp_path, shape, encoded=case == "encoded_image")
+    train, test = _files(tmp_path, shape, encoded=case == "encoded_image", nested=case == "signal")
     cfg = config.load(None, {**SMOKE, "data.limit": None, "data.source": "parquet", "data.train": train,
                              "data.test": test, "data.shape": list(shape), "prune.ratio": 0.25,
                              "deploy.min_accuracy": 0.0, **overrides})

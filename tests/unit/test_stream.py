@@ -93,6 +93,44 @@ def test_fixed_size_list_features_load_in_memory_and_streamed_and_a_wrong_size_i
         plan_stream(_data(**{"data.path": str(path), "data.shape": [3, 3]}))
 
 
+@pytest.mark.parametrize("fixed", [False, True], ids=["lists", "fixed_size_lists"])
+def test_nested_list_features_load_as_their_shape_and_a_wrong_nesting_is_one_line(fixed, tmp_path):
+    """(C, H, W) samples stored as nested lists, one level per dimension (``x.tolist()``, HF datasets' Array3D):
+    in memory, streamed, and as numpy batches (the cache builder's), the same arrays as the flat layout. Another
+    nesting of the same floats, or ragged rows, is a one-line error, never a reshape."""
+    from raydistill.data import load_splits
+    from raydistill.stream import to_arrays
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((90, 2, 3, 4)).astype(np.float32)
+    if fixed:
+        column = pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(
+            pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 4), 3), 2)
+    else:
+        column = pa.array(x.tolist(), pa.list_(pa.list_(pa.list_(pa.float32()))))
+    path = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"id": np.arange(90), "label": np.arange(90) % 3, "features": column}), path)
+    s = plan_stream(_data(**{"data.path": str(path), "data.shape": [2, 3, 4]}))
+    got = {int(i): row for xs, _, ids in iter_split(s, "train", batch_size=7) for i, row in zip(ids, xs)}
+    assert got and all(np.array_equal(row, x[i]) for i, row in got.items())
+    in_memory = load_splits("parquet", path=str(path), shape=(2, 3, 4), seed=0)
+    assert np.array_equal(in_memory.test.x, x[in_memory.test.ids])
+    table = pq.read_table(path)
+    numpy_batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("id", "label", "features")}
+    assert np.array_equal(to_arrays(s, numpy_batch, "numpy rows")[0], x)
+    for wrong in ([3, 2, 4], [2, 12], [24]):
+        with pytest.raises(DataError, match=rf"nested.parquet holds nested lists of shape \[2, 3, 4\] per row but "
+                                            rf"data.shape is \[{', '.join(map(str, wrong))}\]"):
+            load_splits("parquet", path=str(path), shape=wrong, seed=0)
+    ragged = tmp_path / "ragged.parquet"
+    rows = x[:4].tolist()
+    rows[2][1] = rows[2][1][:2]  # one row's second channel has 2 rows, not 3
+    pq.write_table(pa.table({"id": np.arange(4), "label": [0, 1, 2, 0], "features": rows}), ragged)
+    with pytest.raises(DataError, match=r"ragged.parquet holds nested lists of different lengths \(2, 3\) at "
+                                        r"nesting level 2"):
+        load_splits("parquet", path=str(ragged), shape=(2, 3, 4), seed=0)
+
+
 def _interleaved_digits(folder) -> str:
     """Digits with a split column, all splits in every file (sorted by id), as data from elsewhere may come."""
     from raydistill.data import Arrays, load_splits, write_parquet
