@@ -185,15 +185,15 @@ def sample_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def flat_feature_shape(given, metadata: dict, location) -> tuple[int, ...]:
-    """The sample shape of a flat feature column: ``data.shape`` (``given``) or, when it is None, the shape the
+    """The sample shape of a feature column: ``data.shape`` (``given``) or, when it is None, the shape the
     files were written with (``raydistill.shape`` in their schema metadata, from ``write_parquet``). Both set and
     different is a one-line error: the row length can match (3 x 24 x 32 = 3 x 32 x 24) while every sample would be
     read in the wrong layout, scrambled without a word."""
     written = sample_shape(metadata[_META_SHAPE].decode().split(",")) if _META_SHAPE in metadata else None
     if given is None:
         if written is None:
-            raise DataError("flat feature column needs data.shape ([F], [C, L] or [C, H, W], e.g. [1, 8, 8]); "
-                            "pass data.shape, or data.image_column for encoded images")
+            raise DataError(f"the feature column of {location} needs data.shape ([F], [C, L] or [C, H, W], e.g. "
+                            "[1, 8, 8]); pass data.shape, or data.image_column for encoded images")
         return written
     shape = sample_shape(given)
     if written is not None and shape != written:
