@@ -184,11 +184,12 @@ def sample_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return dims
 
 
-def flat_feature_shape(given, metadata: dict, location) -> tuple[int, ...]:
+def flat_feature_shape(given, metadata: dict, location, split: str | None = None) -> tuple[int, ...]:
     """The sample shape of a feature column: ``data.shape`` (``given``) or, when it is None, the shape the
     files were written with (``raydistill.shape`` in their schema metadata, from ``write_parquet``). Both set and
     different is a one-line error: the row length can match (3 x 24 x 32 = 3 x 32 x 24) while every sample would be
-    read in the wrong layout, scrambled without a word."""
+    read in the wrong layout, scrambled without a word. ``split``: ``location`` is that declared val or test split,
+    read in the training data's shape (``given``), which its files must record if they record one."""
     written = sample_shape(metadata[_META_SHAPE].decode().split(",")) if _META_SHAPE in metadata else None
     if given is None:
         if written is None:
@@ -196,21 +197,14 @@ def flat_feature_shape(given, metadata: dict, location) -> tuple[int, ...]:
                             "[1, 8, 8]); pass data.shape, or data.image_column for encoded images")
         return written
     shape = sample_shape(given)
+    if written is not None and shape != written and split is not None:
+        raise DataError(f"declared {split} split {location} was written with sample shape {list(written)} but the "
+                        f"training data's is {list(shape)}; write every split with the same sample shape")
     if written is not None and shape != written:
         raise DataError(f"data.shape {list(shape)} differs from the shape {list(written)} that the parquet data "
                         f"at {location} was written with (its raydistill.shape metadata); drop data.shape or set "
                         f"it to {list(written)}")
     return shape
-
-
-def check_split_shape(name: str, location, metadata: dict, shape: tuple[int, ...]) -> None:
-    """A declared val or test file that records its sample shape (``raydistill.shape``) must record the training
-    data's: rows of one length but another layout would be read as scrambled samples."""
-    if _META_SHAPE in metadata:
-        written = sample_shape(metadata[_META_SHAPE].decode().split(","))
-        if written != tuple(shape):
-            raise DataError(f"declared {name} split {location} was written with sample shape {list(written)} but the "
-                            f"training data's is {list(shape)}; write every split with the same sample shape")
 
 
 def image_hw(image_size) -> tuple[int, int] | None:
@@ -587,9 +581,11 @@ class _Part:
 
 
 def _load_parquet(path, label_column, feature_column, image_column, id_column, shape, image_size,
-                  split_column: str | None = None, split_from_metadata: bool = False) -> _Part:
+                  split_column: str | None = None, split_from_metadata: bool = False,
+                  declared: str | None = None) -> _Part:
     """Read one parquet location. ``split_column`` (or, with ``split_from_metadata``, the column that
-    ``raydistill data prepare`` named in the schema metadata) is read too, for the caller to split on."""
+    ``raydistill data prepare`` named in the schema metadata) is read too, for the caller to split on.
+    ``declared``: the location is that declared split, ``shape`` the training data's (``flat_feature_shape``)."""
     import pyarrow as pa
 
     dataset = _parquet_dataset(path)
@@ -602,6 +598,8 @@ def _load_parquet(path, label_column, feature_column, image_column, id_column, s
                      dataset.schema, feature_column if image_column is None else None)
     columns = [label_column, data_column] + ([id_column] if id_column in names else [])
     columns += [split_column] if split_column else []
+    if image_column is None:  # before the read: a shape the files contradict is an error, not a read
+        shape = flat_feature_shape(shape, metadata, path, split=declared)
     try:
         table = dataset.to_table(columns=columns)
     except (pa.ArrowInvalid, OSError) as error:  # a corrupt or truncated file: pyarrow names it in the message
@@ -635,8 +633,7 @@ def _load_parquet(path, label_column, feature_column, image_column, id_column, s
         ).astype(np.float32)
         normalize = True
     else:
-        x = _flat_features(table[feature_column], flat_feature_shape(shape, metadata, path), feature_column,
-                           str(path))
+        x = _flat_features(table[feature_column], shape, feature_column, str(path))
         normalize = False
     split = None
     if split_column:
@@ -785,10 +782,9 @@ def load_splits(
         for name, loc in (("val", val), ("test", test)):
             if not loc:
                 continue
-            if image_column is None:  # flat features: read in the training data's shape, which the file must record
-                check_split_shape(name, loc, _parquet_dataset(loc).schema.metadata or {}, part.x.shape[1:])
+            if image_column is None:  # feature columns: read in the training data's shape
                 read["shape"] = part.x.shape[1:]
-            other = _load_parquet(loc, **read)
+            other = _load_parquet(loc, **read, declared=name)
             _check_same_schema(name, other, part, loc)
             if not (other.has_ids and part.has_ids):  # row numbers: each file numbered after the last
                 other.ids = other.ids + offset

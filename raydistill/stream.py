@@ -215,7 +215,6 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         _META_SPLIT_COLUMN,
         _labels,
         _parquet_dataset,
-        check_split_shape,
         flat_feature_shape,
         image_column_hint,
         image_hw,
@@ -242,10 +241,9 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         raise DataError(f"streamed parquet data needs an id column ({d.id_column!r} is not in {location}); "
                         "add one (unique integers) or set data.stream: false")
     if d.image_column is not None:  # decoded to RGB at data.image_size (default 32), as the in-memory loader does
-        shape = [3, *(image_hw(d.image_size) or (32, 32))]
+        shape = check_shape([3, *(image_hw(d.image_size) or (32, 32))])
     else:
         shape = flat_feature_shape(d.shape, meta, location)
-    shape = check_shape(shape)
     hint = int(meta[_META_NUM_CLASSES]) if _META_NUM_CLASSES in meta else 0
     files, filesystem = tuple(dataset.files), _local_or(dataset.filesystem)
 
@@ -288,7 +286,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
                                 f"there but {kind} in the training data; write every split with the same columns and "
                                 "types")
         if d.image_column is None:
-            check_split_shape(name, loc, schema.metadata or {}, shape)
+            flat_feature_shape(shape, schema.metadata or {}, loc, split=name)
         c = _columns_of(other, [d.id_column, d.label_column], loc, other_fs)
         plans[name] = SplitPlan(other, rows=len(c[d.id_column]), filesystem=other_fs)
         kept[name] = (c[d.id_column].astype(np.int64), _labels(c[d.label_column], f"column {d.label_column!r}"))
