@@ -21,7 +21,8 @@ only when not declared, val from train only when not declared. ``Splits.origin``
 Image sources (digits, cifar10, imagefolder, parquet images) are scaled to [0, 1] and
 standardized per channel with statistics of the train split only, so no information
 from val/test leaks into training. Flat parquet features are taken as-is (they are
-model-ready numbers; ``write_parquet`` stores already-normalized arrays).
+model-ready numbers; ``write_parquet`` stores already-normalized arrays), except 8-bit pixels
+written with their statistics (``raydistill.pixels`` metadata, ``standardize_pixels``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ _CIFAR_HINT = (
 _META_SHAPE = b"raydistill.shape"
 _META_NUM_CLASSES = b"raydistill.num_classes"
 _META_SPLIT_COLUMN = b"raydistill.split_column"
+# {"mean": [...], "std": [...]} per channel: the feature column holds 8-bit pixels (uint8), read as
+# (pixels / 255 - mean) / std (``standardize_pixels``); written by ``raydistill data prepare`` for 8-bit image sources
+_META_PIXELS = b"raydistill.pixels"
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -110,6 +114,9 @@ class Splits:
     shape: tuple[int, ...]
     name: str
     origin: dict[str, str] | None = None
+    # (mean, std) per channel of the standardization applied to [0, 1] images (train split's statistics); None
+    # for data taken as it is (flat parquet features)
+    channel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def describe(self) -> dict[str, dict]:
         """Per split: where it came from and its size (report.json's ``data.splits``)."""
@@ -261,13 +268,66 @@ def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resized.numpy()
 
 
-def _standardize(train: np.ndarray, others: list[np.ndarray]) -> list[np.ndarray]:
-    """Per-channel (x - mean) / std with statistics of ``train`` only, applied to all."""
+def _standardize(train: np.ndarray, others: list[np.ndarray]
+                 ) -> tuple[list[np.ndarray], tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Per-channel (x - mean) / std with statistics of ``train`` only, applied to all; and those (mean, std)."""
     mean = train.mean(axis=(0, 2, 3), dtype=np.float64).reshape(1, -1, 1, 1)
     std = train.std(axis=(0, 2, 3), dtype=np.float64).reshape(1, -1, 1, 1)
     std[std == 0] = 1.0  # a constant channel stays constant instead of becoming NaN
     mean, std = mean.astype(np.float32), std.astype(np.float32)
-    return [((a - mean) / std).astype(np.float32) for a in [train, *others]]
+    stats = tuple(float(v) for v in mean.ravel()), tuple(float(v) for v in std.ravel())
+    return [((a - mean) / std).astype(np.float32) for a in [train, *others]], stats
+
+
+def standardize_pixels(x: np.ndarray, stats) -> np.ndarray:
+    """8-bit pixel values (N, C, ...) (uint8, or their float32 values 0..255) -> float32 (x / 255 - mean) / std
+    per channel, ``stats`` = (mean, std): bit for bit what ``_standardize`` gives the same image loaded from its
+    source (the same float32 operations in the same order). A float32 ``x`` that is writable is overwritten."""
+    mean, std = (np.asarray(v, np.float32).reshape(1, -1, *[1] * (x.ndim - 2)) for v in stats)
+    x = x if x.dtype == np.float32 and x.flags.writeable else x.astype(np.float32)
+    x /= 255.0
+    x -= mean
+    x /= std
+    return x
+
+
+def to_pixels(x: np.ndarray, stats, rows: int = 4096) -> np.ndarray | None:
+    """Standardized images ``x`` (N, C, ...) float32 -> their uint8 pixels, when ``standardize_pixels`` of those
+    pixels gives ``x`` back bit for bit (images decoded from 8-bit files, at their own size or resized by PIL, as
+    CIFAR-10 and image folders are); None otherwise (e.g. resized by interpolating floats, or not 0..255 / 255).
+    ``rows`` at a time, so that the float64 arithmetic never holds more than a slice of the set."""
+    mean, std = (np.asarray(v, np.float64).reshape(1, -1, *[1] * (x.ndim - 2)) for v in stats)
+    if len(x) == 0:
+        return None
+    pixels = np.empty(x.shape, np.uint8)
+    for start in range(0, len(x), rows):
+        part = x[start:start + rows]
+        values = (part.astype(np.float64) * std + mean) * 255.0
+        rounded = np.rint(values)
+        if rounded.min() < 0 or rounded.max() > 255 or np.abs(values - rounded).max() > 0.01:
+            return None
+        pixels[start:start + rows] = rounded
+        if not np.array_equal(standardize_pixels(pixels[start:start + rows], stats), part):
+            return None
+    return pixels
+
+
+def pixel_stats(metadata: dict, location, shape: tuple[int, ...], value_type) -> tuple | None:
+    """The (mean, std) of a feature column written as 8-bit pixels (``raydistill.pixels`` in the schema metadata),
+    or None for features taken as they are; a file whose column or shape does not fit its metadata is an error."""
+    if _META_PIXELS not in metadata:
+        return None
+    import json
+
+    import pyarrow as pa
+
+    stats = json.loads(metadata[_META_PIXELS])
+    mean, std = tuple(map(float, stats["mean"])), tuple(map(float, stats["std"]))
+    if not pa.types.is_uint8(value_type) or len(shape) != 3 or not len(mean) == len(std) == shape[0]:
+        raise DataError(f"parquet data at {location} is marked as 8-bit pixels of {len(mean)} channels (its "
+                        f"raydistill.pixels metadata) but holds {value_type} values of shape {list(shape)}; rewrite "
+                        "it with raydistill data prepare, or drop that metadata")
+    return mean, std
 
 
 def _split_off(index: np.ndarray, y: np.ndarray, n_out: int, seed: int):
@@ -575,6 +635,7 @@ class _Part:
     schema: dict[str, str]  # column -> type, of the columns read
     split: np.ndarray | None  # values of the split column, when one is used
     split_column: str | None
+    pixels: tuple | None = None  # (mean, std): x holds 8-bit pixel values 0..255 to standardize (``pixel_stats``)
 
     def take(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.x[mask], self.y[mask], self.ids[mask]
@@ -598,8 +659,11 @@ def _load_parquet(path, label_column, feature_column, image_column, id_column, s
                      dataset.schema, feature_column if image_column is None else None)
     columns = [label_column, data_column] + ([id_column] if id_column in names else [])
     columns += [split_column] if split_column else []
+    pixels = None
     if image_column is None:  # before the read: a shape the files contradict is an error, not a read
         shape = flat_feature_shape(shape, metadata, path, split=declared)
+        kind = dataset.schema.field(feature_column).type
+        pixels = pixel_stats(metadata, path, shape, kind.value_type if _is_list(kind) else kind)
     try:
         table = dataset.to_table(columns=columns)
     except (pa.ArrowInvalid, OSError) as error:  # a corrupt or truncated file: pyarrow names it in the message
@@ -644,7 +708,7 @@ def _load_parquet(path, label_column, feature_column, image_column, id_column, s
                             f"its values must be {', '.join(SPLIT_NAMES)}")
     hint = int(metadata[_META_NUM_CLASSES]) if _META_NUM_CLASSES in metadata else 0
     schema = {c: str(dataset.schema.field(c).type) for c in columns if c != split_column}
-    return _Part(x, y, ids, has_ids, normalize, hint, schema, split, split_column)
+    return _Part(x, y, ids, has_ids, normalize, hint, schema, split, split_column, pixels)
 
 
 def _check_same_schema(name: str, part: _Part, train: _Part, location) -> None:
@@ -725,6 +789,7 @@ def load_splits(
                         "source has its own; remove them or use data.source=parquet")
 
     declared: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # split name -> (x, y, ids)
+    pixels = None  # (mean, std) of 8-bit pixel features (the training data's raydistill.pixels metadata)
     origin: dict[str, str] = {}
     hint = 0
     if source == "digits":
@@ -764,7 +829,7 @@ def load_splits(
         read = dict(label_column=label_column, feature_column=feature_column, image_column=image_column,
                     id_column=id_column, shape=shape, image_size=decoded)
         part = _load_parquet(location, **read, split_column=split_column, split_from_metadata=not (val or test))
-        normalize, hint, where = part.normalize, part.hint, f"{location}"
+        normalize, hint, where, pixels = part.normalize, part.hint, f"{location}", part.pixels
         if part.split is not None:
             for name in ("val", "test"):
                 mask = part.split == name
@@ -823,8 +888,11 @@ def load_splits(
     origin["train"] = where + (" less the carved splits" if n_test or n_val else "")
     _check_disjoint({name: p[2] for name, p in zip(SPLIT_NAMES, parts)})
     xs = [p[0] for p in parts]
+    stats = pixels
+    if pixels is not None:  # every split with the training data's statistics, as prepare standardized them
+        xs = [standardize_pixels(a, pixels) for a in xs]
     if normalize:
-        xs = _standardize(xs[0], xs[1:])
+        xs, stats = _standardize(xs[0], xs[1:])
     sample = tuple(int(s) for s in xs[0].shape[1:])
     arrays = [
         Arrays(
@@ -836,7 +904,7 @@ def load_splits(
         )
         for xi, (_, yi, ii) in zip(xs, parts)
     ]
-    return Splits(*arrays, num_classes=num_classes, shape=sample, name=source, origin=origin)
+    return Splits(*arrays, num_classes=num_classes, shape=sample, name=source, origin=origin, channel_stats=stats)
 
 
 def shard_indices(
@@ -893,10 +961,14 @@ def shard_indices(
     return np.sort(keep)
 
 
-def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None, split: np.ndarray | None = None
-                  ) -> list[str]:
+def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None, split: np.ndarray | None = None,
+                  pixel_stats: tuple | None = None) -> list[str]:
     """Write ``arrays`` as parquet with columns ``id`` (int64), ``label`` (int64) and
     ``features`` (list<float32>, x flattened per row); returns the files written.
+
+    ``pixel_stats`` = (mean, std) per channel: ``arrays.x`` holds (N, C, H, W) uint8 pixels (``to_pixels``),
+    written as a fixed-size list<uint8> column with those statistics in the schema metadata, a quarter of the
+    bytes of float32; every reader gives ``standardize_pixels`` of them (the floats they were made from).
 
     ``rows_per_file=None`` writes the single file ``path``; otherwise ``path`` is a
     folder of ``part-NNNNN.parquet`` files (it must not exist or be empty). The shape
@@ -909,20 +981,28 @@ def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None, split:
     written under a temporary name in the same folder (hidden, so readers skip it) and moved into
     place with ``os.replace``.
     """
+    import json
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if rows_per_file is not None and (not isinstance(rows_per_file, int) or rows_per_file < 1):
         raise DataError(f"rows_per_file must be a positive integer or None, got {rows_per_file!r}")
+    if (pixel_stats is not None) != (arrays.x.dtype == np.uint8):
+        raise ValueError("write_parquet writes uint8 x as 8-bit pixels, with pixel_stats, and only those")
     n = len(arrays)
-    flat = np.ascontiguousarray(arrays.x.reshape(n, -1), dtype=np.float32)
-    width = flat.shape[1] if flat.ndim == 2 else math.prod(arrays.shape)
-    offsets = np.arange(n + 1, dtype=np.int64) * width
-    values = pa.array(flat.reshape(-1))
-    if offsets[-1] < 2**31:
-        features = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
-    else:  # more than 2**31 floats need 64-bit offsets
-        features = pa.LargeListArray.from_arrays(pa.array(offsets), values)
+    if pixel_stats is not None:
+        width = math.prod(arrays.shape)
+        features = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(arrays.x).reshape(-1)), width)
+    else:
+        flat = np.ascontiguousarray(arrays.x.reshape(n, -1), dtype=np.float32)
+        width = flat.shape[1] if flat.ndim == 2 else math.prod(arrays.shape)
+        offsets = np.arange(n + 1, dtype=np.int64) * width
+        values = pa.array(flat.reshape(-1))
+        if offsets[-1] < 2**31:
+            features = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+        else:  # more than 2**31 floats need 64-bit offsets
+            features = pa.LargeListArray.from_arrays(pa.array(offsets), values)
     columns = {
         "id": pa.array(np.asarray(arrays.ids, dtype=np.int64)),
         "label": pa.array(np.asarray(arrays.y, dtype=np.int64)),
@@ -932,6 +1012,8 @@ def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None, split:
         _META_SHAPE: ",".join(str(s) for s in arrays.shape).encode(),
         _META_NUM_CLASSES: str(int(arrays.num_classes)).encode(),
     }
+    if pixel_stats is not None:  # float32 statistics as exact decimals (a float32 is exactly a Python float)
+        metadata[_META_PIXELS] = json.dumps({"mean": list(pixel_stats[0]), "std": list(pixel_stats[1])}).encode()
     if split is not None:
         split = np.asarray([str(v) for v in split], dtype=object)  # the column, and where grouped rows change split
         columns["split"] = pa.array(split, type=pa.string())

@@ -7,9 +7,9 @@
 Layout: OUT is one folder of ``part-NNNNN.parquet`` files holding every sample of the source,
 grouped by split (the train files first, then val, then test; each file rows of one split, sorted
 by id), with columns ``id`` (int64, the source's own
-sample id), ``label`` (int64), ``features`` (flat float32 list) and ``split`` (train | val |
-test: the split the source gave with ``--seed``, ``--val-fraction``, ``--test-fraction``); the
-shape, the class count and the name of the split column are in the Parquet schema metadata.
+sample id), ``label`` (int64), ``features`` (flat float32 list, or uint8 pixels: below) and ``split``
+(train | val | test: the split the source gave with ``--seed``, ``--val-fraction``, ``--test-fraction``);
+the shape, the class count and the name of the split column are in the Parquet schema metadata.
 Point a run at it with
 
     --set data.source=parquet --set data.path=OUT
@@ -17,7 +17,10 @@ Point a run at it with
 The loader keeps the written splits (the schema names the split column), so a run on OUT trains,
 validates and tests on exactly the samples (and arrays) the source itself gives; CIFAR-10 keeps its
 official test batch. The features are stored already standardized, with the statistics of that
-train split only (flat parquet features are model-ready and not re-normalized on load).
+train split only (flat parquet features are model-ready and not re-normalized on load). 8-bit images
+(CIFAR-10 at its own size, image folders: every value k / 255) are stored instead as their uint8 pixels, a
+fixed-size list a quarter of float32's size, with those statistics in the metadata (``raydistill.pixels``);
+every reader (``data.standardize_pixels``) gives back bit for bit the standardized floats.
 
 OUT may be a local folder or any pyarrow filesystem URI (``s3://``, ``gs://``, ``hdfs://``,
 ``file://``); it must not exist or be empty. Shards are written locally first (atomically,
@@ -34,7 +37,7 @@ import tempfile
 
 import numpy as np
 
-from raydistill.data import Arrays, Splits, image_hw, load_splits, write_parquet
+from raydistill.data import Arrays, Splits, image_hw, load_splits, to_pixels, write_parquet
 from raydistill.errors import DataError
 
 PREPARE_SOURCES = ("digits", "cifar10", "imagefolder")
@@ -106,13 +109,15 @@ def _remote_target(out: str):
     return filesystem, base
 
 
-def write_shards(pool: Arrays, out: str, rows_per_file: int, split: np.ndarray | None = None) -> list[str]:
+def write_shards(pool: Arrays, out: str, rows_per_file: int, split: np.ndarray | None = None,
+                 pixel_stats: tuple | None = None) -> list[str]:
     """Write ``pool`` as ``part-NNNNN.parquet`` shards under ``out`` (folder or URI); returns
-    the files written (as URIs when ``out`` is one)."""
+    the files written (as URIs when ``out`` is one). ``pixel_stats``: ``pool.x`` is uint8 pixels
+    (``data.write_parquet``)."""
     out = os.fspath(out)
     if not _is_uri(out):
         _check_empty_local(out)
-        return write_parquet(pool, out, rows_per_file=rows_per_file, split=split)
+        return write_parquet(pool, out, rows_per_file=rows_per_file, split=split, pixel_stats=pixel_stats)
 
     import pyarrow.fs as pafs
 
@@ -120,7 +125,7 @@ def write_shards(pool: Arrays, out: str, rows_per_file: int, split: np.ndarray |
     staging = tempfile.mkdtemp(prefix="raydistill-prepare-")
     try:
         local = os.path.join(staging, "shards")
-        files = write_parquet(pool, local, rows_per_file=rows_per_file, split=split)
+        files = write_parquet(pool, local, rows_per_file=rows_per_file, split=split, pixel_stats=pixel_stats)
         filesystem.create_dir(base, recursive=True)
         pafs.copy_files(local, base, destination_filesystem=filesystem)
     finally:
@@ -148,7 +153,13 @@ def prepare(
     splits = load_splits(source, root=root, image_size=image_size, seed=seed,
                          val_fraction=val_fraction, test_fraction=test_fraction)
     pool, split = pool_of(splits)
-    files = write_shards(pool, os.fspath(out), rows_per_file, split)
+    # 8-bit images (CIFAR-10 at its own size, image folders) are stored as their uint8 pixels when those give back
+    # exactly the standardized floats: a quarter of float32's bytes on disk and through every streamed epoch
+    stats = splits.channel_stats if len(splits.shape) == 3 else None
+    pixels = to_pixels(pool.x, stats) if stats is not None else None
+    if pixels is not None:
+        pool = Arrays(pixels, pool.y, pool.ids, pool.num_classes, pool.shape)
+    files = write_shards(pool, os.fspath(out), rows_per_file, split, stats if pixels is not None else None)
     return {
         "source": source,
         "out": os.fspath(out),
@@ -156,6 +167,7 @@ def prepare(
         "rows": len(pool),
         "shape": list(splits.shape),
         "num_classes": splits.num_classes,
+        "features": "8-bit pixels" if pixels is not None else "float32",
         "split": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
                   "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction},
     }
@@ -164,6 +176,8 @@ def prepare(
 def read_parquet_ray(path: str, columns: list[str] | None = None):
     """A ``ray.data.Dataset`` over prepared shards (a folder, file, glob-free list or any
     pyarrow filesystem URI), with columns ``id``, ``label``, ``features`` (or ``columns``).
+    ``features`` are the stored values: for 8-bit images uint8 pixels, which ``stream.to_arrays``
+    (or ``data.standardize_pixels`` with the metadata's statistics) turns into model inputs.
 
     On a multi-node cluster ``path`` must be readable from every node: shared storage
     (NFS) or an object store URI (``s3://``, ``gs://``)."""
@@ -193,8 +207,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                       image_size=args.image_size, seed=args.seed, val_fraction=args.val_fraction,
                       test_fraction=args.test_fraction)
     split = summary["split"]
-    print(f"wrote {summary['rows']} rows of {summary['source']} (shape {summary['shape']}, "
-          f"{summary['num_classes']} classes) in {len(summary['files'])} file(s) to {summary['out']}; "
+    print(f"wrote {summary['rows']} rows of {summary['source']} (shape {summary['shape']} as "
+          f"{summary['features']}, {summary['num_classes']} classes) in {len(summary['files'])} file(s) to "
+          f"{summary['out']}; "
           f"use --set data.source=parquet --set data.path={summary['out']} "
           f"(its split column keeps the splits {split['train']}/{split['val']}/{split['test']} of --seed "
           f"{split['seed']})")

@@ -83,7 +83,9 @@ class StreamData:
     origin: dict[str, str] = field(default_factory=dict)
     # encoded images (``data.image_column``: PNG/JPEG bytes, or Hugging Face's {"bytes", "path"} struct) instead
     # of a flat feature column: decoded to (3, H, W) of ``data.image_size`` where they are read, then standardized
-    # per channel with ``channel_stats`` ((mean, std) per channel, from the first training rows: see plan_stream)
+    # per channel with ``channel_stats`` ((mean, std) per channel, from the first training rows: see plan_stream).
+    # A flat feature column of 8-bit pixels (``raydistill.pixels`` metadata, as ``raydistill data prepare`` writes
+    # images) is standardized with the ``channel_stats`` written there (``data.standardize_pixels``).
     image_column: str | None = None
     channel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
@@ -213,11 +215,13 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     from raydistill.data import (
         _META_NUM_CLASSES,
         _META_SPLIT_COLUMN,
+        _is_list,
         _labels,
         _parquet_dataset,
         flat_feature_shape,
         image_column_hint,
         image_hw,
+        pixel_stats,
     )
     from raydistill.data import sample_shape as check_shape
 
@@ -242,8 +246,11 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
                         "add one (unique integers) or set data.stream: false")
     if d.image_column is not None:  # decoded to RGB at data.image_size (default 32), as the in-memory loader does
         shape = check_shape([3, *(image_hw(d.image_size) or (32, 32))])
+        pixels = None
     else:
         shape = flat_feature_shape(d.shape, meta, location)
+        kind = dataset.schema.field(d.feature_column).type
+        pixels = pixel_stats(meta, location, shape, kind.value_type if _is_list(kind) else kind)
     hint = int(meta[_META_NUM_CLASSES]) if _META_NUM_CLASSES in meta else 0
     files, filesystem = tuple(dataset.files), _local_or(dataset.filesystem)
 
@@ -346,7 +353,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     data = StreamData(name="parquet", shape=shape, num_classes=num_classes, train=plans["train"], val=plans["val"],
                       test=plans["test"], label_column=d.label_column, feature_column=d.feature_column,
                       id_column=d.id_column, fingerprint=digest.hexdigest(), origin=origin,
-                      image_column=d.image_column)
+                      image_column=d.image_column, channel_stats=pixels)
     return dataclasses.replace(data, channel_stats=channel_stats(data)) if d.image_column else data
 
 
@@ -478,6 +485,10 @@ def to_arrays(data: StreamData, batch, where: str, writable: bool = True
         if features.size != n * need:
             raise row_length_error(data.feature_column, where, [features.size // max(n, 1)], data.shape)
         x, columns = np.ascontiguousarray(features, dtype=np.float32).reshape(n, *data.shape), batch
+    if data.image_column is None and data.channel_stats is not None:  # 8-bit pixels (``plan_stream``)
+        from raydistill.data import standardize_pixels
+
+        x = standardize_pixels(x, data.channel_stats)
     arrays = x, np.asarray(columns[data.label_column], np.int64), np.asarray(columns[data.id_column], np.int64)
     # writable: Ray Data hands out read-only views of its blocks, which torch.from_numpy warns about (a copy only
     # when the batch is such a view)

@@ -34,3 +34,31 @@ def test_read_parquet_ray_reads_prepared_shards(ray_local, digits_shards, tmp_pa
     assert read_parquet_ray(uri_out, columns=["id"]).count() == 1797
     with pytest.raises(ValueError, match="run `raydistill data prepare` first"):
         read_parquet_ray(str(tmp_path / "missing"))
+
+
+@pytest.mark.ray
+def test_8bit_pixel_shards_through_ray_data_give_the_sources_floats(ray_local, tmp_path):
+    """An image folder prepared as uint8 pixels, read by Ray Data in numpy batches (as the cache builder maps the
+    training rows) and turned into arrays by the stream's reader: the very floats the folder itself gives."""
+    from PIL import Image
+
+    from raydistill import config
+    from raydistill.stream import plan_stream, to_arrays
+
+    rng = np.random.default_rng(1)
+    for label in range(3):
+        (tmp_path / "imgs" / f"c{label}").mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, size=(9, 7, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / f"c{label}" / f"{i}.png")
+    out = tmp_path / "pixels"
+    assert prepare("imagefolder", str(out), root=str(tmp_path / "imgs"), image_size=8)["features"] == "8-bit pixels"
+    streamed = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(out)}).data)
+    x, _, ids = (np.concatenate(a) for a in zip(*(
+        to_arrays(streamed, batch, "rows")
+        for batch in read_parquet_ray(str(out)).iter_batches(batch_size=5, batch_format="numpy"))))
+    source = data.load_splits("imagefolder", root=str(tmp_path / "imgs"), image_size=8)
+    expected = np.empty_like(x)
+    for part in (source.train, source.val, source.test):
+        expected[np.searchsorted(np.sort(ids), part.ids)] = part.x
+    np.testing.assert_array_equal(x[np.argsort(ids)], expected)
