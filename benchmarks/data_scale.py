@@ -14,6 +14,11 @@ the table gives each one's peak, and the KD stage's samples/s (report.json's thr
 the streamed path decodes where the rows are read (the workers, the cache builder) and the in-memory path decodes
 once, on the driver, when it loads the set.
 
+``--encoding pixels`` writes the same 8-bit samples as the PNG encoding, but as raw uint8 pixels (a fixed-size
+binary column, a row's C x H x W bytes) with their per-channel statistics in the schema metadata
+(``raydistill.pixels``): what ``raydistill data prepare`` writes for CIFAR-10 and image folders, a quarter of
+float32's bytes; both paths standardize them as they read them.
+
 ``--layout prepared`` writes the same rows as ``raydistill data prepare`` lays a set out instead: a ``split`` column
 naming the rows the carving would give (test 20 %, val 10 %, by the same hash of (seed 0, id)) and each split in
 files of its own (train files first), so a streamed epoch reads the train files only, with no row filter, as it does
@@ -63,10 +68,29 @@ def write_data(folder: Path, rows: int, seed: int = 0, rows_per_file: int = 4096
         if encoding == "png":  # the same samples as 8-bit PNG images (x * 32 + 128, clipped), in a column "png"
             pixels = np.clip(x.reshape(n, *shape) * 32 + 128, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
             table = pa.table({"id": ids, "label": y, "png": [_png(p) for p in pixels]})
+        elif encoding == "pixels":  # the same 8-bit samples as raw uint8 pixels, as `data prepare` stores images
+            pixels = np.clip(x * 32 + 128, 0, 255).astype(np.uint8)
+            table = pa.table({"id": ids, "label": y, "features": pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(x.shape[1]), n, [None, pa.py_buffer(pixels.reshape(-1))])}
+            ).replace_schema_metadata(pixel_metadata(shape))
         else:
             table = pa.table({"id": ids, "label": y, "features": pa.FixedSizeListArray.from_arrays(
                 pa.array(x.reshape(-1)), x.shape[1])})
         pq.write_table(table, folder / f"part-{part:05d}.parquet")
+
+
+def pixel_metadata(shape: tuple[int, ...]) -> dict[bytes, bytes]:
+    """Schema metadata of the ``pixels`` encoding: the per-channel mean and std (float32) of the pixels / 255 of
+    4,096 rows drawn as ``write_data`` draws them, the same at every scale (``raydistill.pixels``)."""
+    means = np.random.default_rng(12345).standard_normal((10, shape[0], *[1] * (len(shape) - 1))).astype(np.float32)
+    rng = np.random.default_rng(54321)
+    y = np.arange(4096) % 10
+    x = means[y] + 2.0 * rng.standard_normal((4096, *shape)).astype(np.float32)
+    pixels = np.clip(x * 32 + 128, 0, 255).astype(np.uint8).astype(np.float32) / 255.0
+    axes = (0, *range(2, len(shape) + 1))
+    stats = {"mean": [float(v) for v in pixels.mean(axis=axes, dtype=np.float64).astype(np.float32)],
+             "std": [float(v) for v in pixels.std(axis=axes, dtype=np.float64).astype(np.float32)]}
+    return {b"raydistill.pixels": json.dumps(stats).encode(), b"raydistill.shape": ",".join(map(str, shape)).encode()}
 
 
 def _png(hwc: np.ndarray) -> bytes:
@@ -94,7 +118,7 @@ def write_with_split_column(data, folder: Path, grouped: bool = True) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raydistill.data import Arrays, write_parquet
+    from raydistill.data import Arrays, _flat_features, write_parquet
     from raydistill.stream import _bucket
 
     table = pa.concat_tables(pq.read_table(f) for f in data.train.files)
@@ -106,12 +130,13 @@ def write_with_split_column(data, folder: Path, grouped: bool = True) -> None:
         split[(bucket >= lo) & (bucket < hi)] = name
     order = (np.lexsort((ids, [("train", "val", "test").index(v) for v in split])) if grouped
              else np.argsort(ids, kind="stable"))
-    x = np.asarray(table["features"].combine_chunks().flatten()).reshape(len(ids), *data.shape)
+    x = _flat_features(table["features"], data.shape, "features", "the set")  # float32, or uint8 pixels
+    stats = data.channel_stats if x.dtype == np.uint8 else None  # 8-bit pixels stay pixels, with their statistics
     write_parquet(Arrays(x[order], table["label"].to_numpy()[order], ids[order], data.num_classes, data.shape),
-                  folder, rows_per_file=4096, split=split[order])
+                  folder, rows_per_file=4096, split=split[order], pixel_stats=stats)
 
 
-def write_prepared(folder: Path, rows: int, seed: int = 0) -> None:
+def write_prepared(folder: Path, rows: int, seed: int = 0, encoding: str = "float") -> None:
     """``write_data``'s rows laid out as ``raydistill data prepare`` writes a set: a split column naming the rows
     that carving would give (``stream.plan_stream`` with the default fractions and data.seed 0), each split in
     files of its own."""
@@ -119,7 +144,7 @@ def write_prepared(folder: Path, rows: int, seed: int = 0) -> None:
     from raydistill.stream import plan_stream
 
     carved = folder.with_name(folder.name + "-carved")
-    write_data(carved, rows, seed=seed)
+    write_data(carved, rows, seed=seed, encoding=encoding)
     write_with_split_column(plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(carved),
                                                            "data.shape": list(SHAPE)}).data), folder)
     shutil.rmtree(carved)
@@ -223,9 +248,10 @@ def main() -> None:
     ap.add_argument("--layout", choices=("carved", "prepared"), default="carved",
                     help="carved: no split column, val/test carved out of every file by id; prepared: a split "
                          "column, each split in files of its own, as `raydistill data prepare` writes")
-    ap.add_argument("--encoding", choices=("float", "png"), default="float",
+    ap.add_argument("--encoding", choices=("float", "png", "pixels"), default="float",
                     help="float: a flat float32 feature column (data.shape); png: the same samples as 8-bit PNG "
-                         "images (data.image_column), decoded where they are read")
+                         "images (data.image_column), decoded where they are read; pixels: the same 8-bit "
+                         "samples as uint8 pixels with their statistics, as `raydistill data prepare` stores images")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_scale.json"))
     args = ap.parse_args()
     if args.encoding == "png" and args.layout == "prepared":
@@ -238,7 +264,7 @@ def main() -> None:
     for scale in args.scales:
         data = work / f"data{scale}"
         if args.layout == "prepared":
-            write_prepared(data, args.base_rows * scale, seed=scale)
+            write_prepared(data, args.base_rows * scale, seed=scale, encoding=args.encoding)
         else:
             write_data(data, args.base_rows * scale, seed=scale, encoding=args.encoding)
         if teacher is None:

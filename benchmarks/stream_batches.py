@@ -23,6 +23,10 @@ a local Ray (as Ray Train's local mode reads it), each batch turned into trainin
   and the same dataset split by ``streaming_split(2, equal=True)`` (what ``ray.train.get_dataset_shard`` gives 2
   Train workers) into two Ray actors that read their halves at once: the cost of splitting the stream between
   consumers (the readers' own CPU is then in "other processes");
+* ``pyarrow, 8-bit pixels`` and ``worker: blocks + ShuffleBuffer, 8-bit pixels``: the same samples quantized to 8
+  bits (``data_scale.py --encoding pixels``) and stored as ``raydistill data prepare`` stores images: uint8 pixels
+  in a fixed-size binary column (a row's bytes), standardized by the reader (``data.standardize_pixels``); a quarter
+  of the bytes;
 * ``split column, interleaved`` and ``split column, own files``: the same rows with a split column naming the same
   train / val / test rows, read as ``ray_data bs 1024``: in files holding all three splits (sorted by id, 4,096 rows
   a file: the layout ``raydistill data prepare`` wrote before 2026-12-02, and what data from elsewhere may have) and
@@ -198,6 +202,13 @@ def main() -> None:
             own = train_dataset(other, seed=0)
             variants["own files, worker: blocks + ShuffleBuffer"] = worker(other, own)
             variants["own files, worker before"] = worker_before(other, own)
+    if len(args.shape) == 3:  # the same 8-bit samples as uint8 pixels, as `raydistill data prepare` stores images
+        write_data(work / "pixels", args.rows, shape=tuple(args.shape), encoding="pixels")
+        pixels = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(work / "pixels"),
+                                                "data.shape": args.shape}).data)
+        assert pixels.train.rows == plan.rows and pixels.channel_stats is not None
+        variants["pyarrow, 8-bit pixels"] = lambda epoch: sum(len(y) for _, y, _ in iter_split(pixels, "train"))
+        variants["worker: blocks + ShuffleBuffer, 8-bit pixels"] = worker(pixels, train_dataset(pixels, seed=0))
     for epoch in range(2):  # untimed: Ray's worker processes start and import on their first read tasks
         variants["ray_data bs 1024, no shuffle"](epoch)
     results = time_epochs(variants, args.epochs)
@@ -226,6 +237,14 @@ def main() -> None:
         a, b = results[now], results[before]
         print(f"worker's reading, {label}: machine CPU {a['machine_cpu_s'] / b['machine_cpu_s']:.2f}x before, "
               f"the reading process's own {a['reader_cpu_s'] / b['reader_cpu_s']:.2f}x")
+    if "pyarrow, 8-bit pixels" in results:
+        for kind, float_row, pixel_row in (("pyarrow", "pyarrow", "pyarrow, 8-bit pixels"),
+                                           ("worker", "worker: blocks + ShuffleBuffer, batches of 64",
+                                            "worker: blocks + ShuffleBuffer, 8-bit pixels")):
+            a, b = results[pixel_row], results[float_row]
+            print(f"{kind}, 8-bit pixels against float32 features: machine CPU "
+                  f"{a['machine_cpu_s'] / b['machine_cpu_s']:.2f}x, "
+                  f"the reading process's own {a['reader_cpu_s'] / b['reader_cpu_s']:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "args": vars(args), "train_rows": plan.rows,

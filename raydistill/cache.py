@@ -134,13 +134,15 @@ class TeacherLogits:
         self.train = ray.get(data_ref[0]).train if stream is None else None
         self.k, self.views, self.augment, self.stream = k, views, augment, stream
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch) -> dict[str, np.ndarray]:
+        """``batch``: a pyarrow Table (``batch_format="pyarrow"``: the streamed rows are read by the training
+        stream's own reader, ``stream.to_arrays``); returns numpy columns."""
         import torch
 
         from raydistill.core.losses import teacher_topk
 
         if self.stream is None:
-            i = batch["id"]  # positions in range(samples x views)
+            i = batch.column("id").to_numpy()  # positions in range(samples x views)
             rows, views = i // self.views, i % self.views  # (B,) position in the training split, (B,) view id
             ids, x = self.train.ids[rows].astype(np.int64), self.train.x[rows]
         else:  # streamed rows, each labelled in every view
@@ -206,7 +208,7 @@ def build_cache(uri: str, *, teacher_spec: dict, teacher_state: dict, teacher_sh
         kwargs["data_ref"] = [ray.put(splits)]
     out = ds.map_batches(
         TeacherLogits, fn_constructor_kwargs=kwargs,
-        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor, num_gpus=num_gpus_per_actor)
     from raydistill.console import native_stderr_muted
 

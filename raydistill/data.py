@@ -65,8 +65,9 @@ _CIFAR_HINT = (
 _META_SHAPE = b"raydistill.shape"
 _META_NUM_CLASSES = b"raydistill.num_classes"
 _META_SPLIT_COLUMN = b"raydistill.split_column"
-# {"mean": [...], "std": [...]} per channel: the feature column holds 8-bit pixels (uint8), read as
-# (pixels / 255 - mean) / std (``standardize_pixels``); written by ``raydistill data prepare`` for 8-bit image sources
+# {"mean": [...], "std": [...]} per channel: the feature column holds 8-bit pixels, each row's C x H x W uint8 values
+# as one fixed-size binary value, read as (pixels / 255 - mean) / std (``standardize_pixels``); written by
+# ``raydistill data prepare`` for 8-bit image sources
 _META_PIXELS = b"raydistill.pixels"
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -312,21 +313,26 @@ def to_pixels(x: np.ndarray, stats, rows: int = 4096) -> np.ndarray | None:
     return pixels
 
 
-def pixel_stats(metadata: dict, location, shape: tuple[int, ...], value_type) -> tuple | None:
-    """The (mean, std) of a feature column written as 8-bit pixels (``raydistill.pixels`` in the schema metadata),
-    or None for features taken as they are; a file whose column or shape does not fit its metadata is an error."""
+def pixel_stats(metadata: dict, location, shape: tuple[int, ...], kind) -> tuple | None:
+    """The (mean, std) of a feature column written as 8-bit pixels (``raydistill.pixels`` in the schema metadata;
+    ``kind`` is the column's Arrow type), or None for features taken as they are; a file whose column or shape
+    does not fit its metadata, or raw bytes with no such metadata, is an error."""
+    import pyarrow as pa
+
     if _META_PIXELS not in metadata:
+        if pa.types.is_binary(kind) or pa.types.is_fixed_size_binary(kind) or pa.types.is_large_binary(kind):
+            raise DataError(f"feature column of parquet data at {location} holds bytes ({kind}) with no "
+                            "raydistill.pixels metadata saying what they are; store one float list per row, encoded "
+                            "images in data.image_column, or write it with raydistill data prepare")
         return None
     import json
 
-    import pyarrow as pa
-
     stats = json.loads(metadata[_META_PIXELS])
     mean, std = tuple(map(float, stats["mean"])), tuple(map(float, stats["std"]))
-    if not pa.types.is_uint8(value_type) or len(shape) != 3 or not len(mean) == len(std) == shape[0]:
+    if (kind != pa.binary(math.prod(shape)) or len(shape) != 3 or not len(mean) == len(std) == shape[0]):
         raise DataError(f"parquet data at {location} is marked as 8-bit pixels of {len(mean)} channels (its "
-                        f"raydistill.pixels metadata) but holds {value_type} values of shape {list(shape)}; rewrite "
-                        "it with raydistill data prepare, or drop that metadata")
+                        f"raydistill.pixels metadata) but its feature column is {kind} for shape {list(shape)}; "
+                        "rewrite it with raydistill data prepare, or drop that metadata")
     return mean, std
 
 
@@ -547,8 +553,9 @@ def row_length_error(feature_column: str, where: str, lengths, shape: tuple[int,
 def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: str, copy: bool = True
                    ) -> np.ndarray:
     """(N,) list column of floats (a pyarrow Array or ChunkedArray) -> (N, *shape) float32, checking every row's
-    length. The in-memory loader and the streamed batches (``stream.to_arrays``) both check rows with it.
-    ``copy=False``: float32 values stay a (read-only) view of Arrow's buffer, for a caller that copies them."""
+    length (a fixed-size binary column of 8-bit pixels: (N, *shape) uint8). The in-memory loader and the streamed
+    batches (``stream.to_arrays``) both check rows with it. ``copy=False``: float32 values (and pixels) stay a
+    (read-only) view of Arrow's buffer, for a caller that copies them."""
     shape = tuple(shape)
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -558,6 +565,16 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
         # more (Arrow concatenates even a single list chunk): 2.9 -> 1.7 CPU-ms per 1,000 CIFAR-sized rows in
         # 64-row slices, a small part of the 43-60 a streamed worker spends reading them
         column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    if pa.types.is_fixed_size_binary(column.type):  # 8-bit pixels, a row's uint8 values as one binary value
+        # (``write_parquet`` with ``pixel_stats``): uint8 (N, *shape), a view of Arrow's buffer, for the caller to
+        # standardize (``standardize_pixels``); ``pixel_stats`` accepts such a column only with its metadata
+        need = math.prod(shape)
+        if column.type.byte_width != need:
+            raise row_length_error(feature_column, where, [column.type.byte_width], shape)
+        if column.null_count:
+            raise DataError(f"feature column {feature_column!r} has {column.null_count} empty rows; drop them")
+        values = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * need, offset=column.offset * need)
+        return (values.copy() if copy else values).reshape(len(column), *shape)
     if not (
         pa.types.is_list(column.type)
         or pa.types.is_large_list(column.type)
@@ -662,8 +679,7 @@ def _load_parquet(path, label_column, feature_column, image_column, id_column, s
     pixels = None
     if image_column is None:  # before the read: a shape the files contradict is an error, not a read
         shape = flat_feature_shape(shape, metadata, path, split=declared)
-        kind = dataset.schema.field(feature_column).type
-        pixels = pixel_stats(metadata, path, shape, kind.value_type if _is_list(kind) else kind)
+        pixels = pixel_stats(metadata, path, shape, dataset.schema.field(feature_column).type)
     try:
         table = dataset.to_table(columns=columns)
     except (pa.ArrowInvalid, OSError) as error:  # a corrupt or truncated file: pyarrow names it in the message
@@ -967,8 +983,12 @@ def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None, split:
     ``features`` (list<float32>, x flattened per row); returns the files written.
 
     ``pixel_stats`` = (mean, std) per channel: ``arrays.x`` holds (N, C, H, W) uint8 pixels (``to_pixels``),
-    written as a fixed-size list<uint8> column with those statistics in the schema metadata, a quarter of the
-    bytes of float32; every reader gives ``standardize_pixels`` of them (the floats they were made from).
+    written as a fixed-size binary column (each row's C x H x W bytes in that order) with those statistics in the
+    schema metadata; every reader gives ``standardize_pixels`` of them (the floats they were made from). Why bytes
+    and not a list<uint8>: Parquet has no 8-bit type, so a list stores each pixel as a dictionary-encoded INT32
+    with its own repetition and definition levels, and decoding them costs about what float32 lists cost (16
+    against 20 CPU-ms per 1,000 CIFAR-sized rows); one binary value a row reads in ~1 (docs/benchmarks.md,
+    "Streaming: where a streamed epoch's CPU goes"), at the same size on disk (a quarter of float32's).
 
     ``rows_per_file=None`` writes the single file ``path``; otherwise ``path`` is a
     folder of ``part-NNNNN.parquet`` files (it must not exist or be empty). The shape
@@ -993,7 +1013,8 @@ def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None, split:
     n = len(arrays)
     if pixel_stats is not None:
         width = math.prod(arrays.shape)
-        features = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(arrays.x).reshape(-1)), width)
+        features = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(width), n, [None, pa.py_buffer(np.ascontiguousarray(arrays.x).reshape(-1))])
     else:
         flat = np.ascontiguousarray(arrays.x.reshape(n, -1), dtype=np.float32)
         width = flat.shape[1] if flat.ndim == 2 else math.prod(arrays.shape)

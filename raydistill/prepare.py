@@ -7,7 +7,7 @@
 Layout: OUT is one folder of ``part-NNNNN.parquet`` files holding every sample of the source,
 grouped by split (the train files first, then val, then test; each file rows of one split, sorted
 by id), with columns ``id`` (int64, the source's own
-sample id), ``label`` (int64), ``features`` (flat float32 list, or uint8 pixels: below) and ``split``
+sample id), ``label`` (int64), ``features`` (flat float32 list, or 8-bit pixels: below) and ``split``
 (train | val | test: the split the source gave with ``--seed``, ``--val-fraction``, ``--test-fraction``);
 the shape, the class count and the name of the split column are in the Parquet schema metadata.
 Point a run at it with
@@ -18,9 +18,10 @@ The loader keeps the written splits (the schema names the split column), so a ru
 validates and tests on exactly the samples (and arrays) the source itself gives; CIFAR-10 keeps its
 official test batch. The features are stored already standardized, with the statistics of that
 train split only (flat parquet features are model-ready and not re-normalized on load). 8-bit images
-(CIFAR-10 at its own size, image folders: every value k / 255) are stored instead as their uint8 pixels, a
-fixed-size list a quarter of float32's size, with those statistics in the metadata (``raydistill.pixels``);
-every reader (``data.standardize_pixels``) gives back bit for bit the standardized floats.
+(CIFAR-10 at its own size, image folders: every value k / 255) are stored instead as their uint8 pixels, each
+row's C x H x W bytes as one fixed-size binary value (a quarter of float32's size; ``data.write_parquet`` says
+why not a list), with those statistics in the metadata (``raydistill.pixels``); every reader
+(``data.standardize_pixels``) gives back bit for bit the standardized floats.
 
 OUT may be a local folder or any pyarrow filesystem URI (``s3://``, ``gs://``, ``hdfs://``,
 ``file://``); it must not exist or be empty. Shards are written locally first (atomically,
@@ -176,8 +177,9 @@ def prepare(
 def read_parquet_ray(path: str, columns: list[str] | None = None):
     """A ``ray.data.Dataset`` over prepared shards (a folder, file, glob-free list or any
     pyarrow filesystem URI), with columns ``id``, ``label``, ``features`` (or ``columns``).
-    ``features`` are the stored values: for 8-bit images uint8 pixels, which ``stream.to_arrays``
-    (or ``data.standardize_pixels`` with the metadata's statistics) turns into model inputs.
+    ``features`` are the stored values: for 8-bit images each row's uint8 pixels as bytes, which
+    ``stream.to_arrays`` (or ``numpy.frombuffer`` and ``data.standardize_pixels`` with the metadata's
+    statistics) turns into model inputs.
 
     On a multi-node cluster ``path`` must be readable from every node: shared storage
     (NFS) or an object store URI (``s3://``, ``gs://``)."""

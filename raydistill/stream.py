@@ -215,7 +215,6 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     from raydistill.data import (
         _META_NUM_CLASSES,
         _META_SPLIT_COLUMN,
-        _is_list,
         _labels,
         _parquet_dataset,
         flat_feature_shape,
@@ -249,8 +248,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         pixels = None
     else:
         shape = flat_feature_shape(d.shape, meta, location)
-        kind = dataset.schema.field(d.feature_column).type
-        pixels = pixel_stats(meta, location, shape, kind.value_type if _is_list(kind) else kind)
+        pixels = pixel_stats(meta, location, shape, dataset.schema.field(d.feature_column).type)
     hint = int(meta[_META_NUM_CLASSES]) if _META_NUM_CLASSES in meta else 0
     files, filesystem = tuple(dataset.files), _local_or(dataset.filesystem)
 
@@ -423,72 +421,36 @@ def _decode_rows(batch, data: StreamData, plan: SplitPlan, where: str):
                      PIXELS_COLUMN: flat})
 
 
-def _nested_to_lists(rows) -> list:
-    """Numpy's form of a nested list column (object arrays of object arrays ... of float arrays) -> Python lists,
-    for pyarrow to rebuild the column; only the cache builder's numpy batches of nested rows come this way."""
-    return [_nested_to_lists(r) if r.dtype == object else r.tolist() for r in rows]
-
-
 def to_arrays(data: StreamData, batch, where: str, writable: bool = True
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A batch as read -> x (B, *shape) float32, y (B,) int64, ids (B,) int64; ``where`` names the rows in errors.
-
-    ``batch``: a pyarrow Table or RecordBatch (the training stream and ``iter_split``: the list column becomes
-    one flat array, checked row by row by the in-memory loader's ``data._flat_features``), or numpy columns (the
-    cache builder's ``map_batches``: a list column then arrives as an array of per-row arrays, stacked here;
-    ~3 % of a streamed worker's samples in a py-spy profile when the training stream read numpy). ``writable=False``
-    leaves arrays that are views of Ray Data's read-only blocks as they are (for a caller that copies them anyway)."""
+    """A batch as read (a pyarrow Table or RecordBatch: the training stream, the cache builder's ``map_batches``
+    and ``iter_split``) -> x (B, *shape) float32, y (B,) int64, ids (B,) int64; ``where`` names the rows in
+    errors. The feature column is checked row by row by the in-memory loader's ``data._flat_features``.
+    ``writable=False`` leaves arrays that are views of Ray Data's read-only blocks as they are (for a caller that
+    copies them anyway)."""
     import pyarrow as pa
 
-    from raydistill.data import _flat_features, row_length_error
+    from raydistill.data import _flat_features, standardize_pixels
 
-    need = math.prod(data.shape)
-    arrow = isinstance(batch, (pa.Table, pa.RecordBatch))
+    columns = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in (data.label_column, data.id_column)}
     if data.image_column is not None:  # images: decoded and standardized, a fresh (writable) array
-        columns = {c: batch.column(c).to_numpy(zero_copy_only=False) if arrow else batch[c]
-                   for c in (data.label_column, data.id_column)}
-        if PIXELS_COLUMN in (batch.column_names if arrow else batch):  # decoded by Ray Data (``_decode_rows``)
+        if PIXELS_COLUMN in batch.column_names:  # decoded by Ray Data (``_decode_rows``)
             from raydistill.data import pixels_to_float
 
-            column = batch.column(PIXELS_COLUMN) if arrow else batch[PIXELS_COLUMN]
-            if arrow:
-                column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-                pixels = column.flatten().to_numpy(zero_copy_only=False)
-            else:  # numpy batches: a 2-D array, or an array of per-row arrays
-                pixels = np.stack(column) if column.dtype == object else np.asarray(column)
+            column = batch.column(PIXELS_COLUMN)
+            column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+            pixels = column.flatten().to_numpy(zero_copy_only=False)
             x = pixels_to_float(pixels.reshape(len(column), *data.shape))
         else:  # encoded, as read with pyarrow (evaluation, the statistics)
-            column = batch.column(data.image_column) if arrow else batch[data.image_column]
-            x = _decode_images(column.to_pylist() if arrow else list(column), tuple(data.shape[1:]), where,
+            x = _decode_images(batch.column(data.image_column).to_pylist(), tuple(data.shape[1:]), where,
                                columns[data.id_column])
         if data.channel_stats is not None:  # None only while plan_stream measures them
             mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in data.channel_stats)
             x = (x - mean) / std
-    elif arrow:
-        x = _flat_features(batch.column(data.feature_column), data.shape, data.feature_column, where, copy=writable)
-        columns = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in (data.label_column, data.id_column)}
     else:
-        features = batch[data.feature_column]
-        if len(features) and features.dtype == object and features[0].dtype == object:
-            # nested lists (one level per dimension) arrive as arrays of arrays of arrays: the Arrow path's checks
-            import pyarrow as pa
-
-            from raydistill.data import _flat_features
-
-            features = _flat_features(pa.array(_nested_to_lists(features)), data.shape, data.feature_column, where)
-        elif features.dtype == object:  # a list column arrives as an array of arrays
-            lengths = sorted({len(f) for f in features})
-            if set(lengths) - {need}:
-                raise row_length_error(data.feature_column, where, lengths, data.shape)
-            features = np.stack(features) if len(features) else np.zeros((0, need), np.float32)
-        n = len(features)
-        if features.size != n * need:
-            raise row_length_error(data.feature_column, where, [features.size // max(n, 1)], data.shape)
-        x, columns = np.ascontiguousarray(features, dtype=np.float32).reshape(n, *data.shape), batch
-    if data.image_column is None and data.channel_stats is not None:  # 8-bit pixels (``plan_stream``)
-        from raydistill.data import standardize_pixels
-
-        x = standardize_pixels(x, data.channel_stats)
+        x = _flat_features(batch.column(data.feature_column), data.shape, data.feature_column, where, copy=writable)
+        if data.channel_stats is not None:  # 8-bit pixels (``plan_stream``): uint8 in, fresh float32 out
+            x = standardize_pixels(x, data.channel_stats)
     arrays = x, np.asarray(columns[data.label_column], np.int64), np.asarray(columns[data.id_column], np.int64)
     # writable: Ray Data hands out read-only views of its blocks, which torch.from_numpy warns about (a copy only
     # when the batch is such a view)

@@ -38,8 +38,8 @@ def test_read_parquet_ray_reads_prepared_shards(ray_local, digits_shards, tmp_pa
 
 @pytest.mark.ray
 def test_8bit_pixel_shards_through_ray_data_give_the_sources_floats(ray_local, tmp_path):
-    """An image folder prepared as uint8 pixels, read by Ray Data in numpy batches (as the cache builder maps the
-    training rows) and turned into arrays by the stream's reader: the very floats the folder itself gives."""
+    """An image folder prepared as uint8 pixels, read by Ray Data in pyarrow batches (as the training stream and
+    the cache builder read them) and turned into arrays by the stream's reader: the very floats the folder gives."""
     from PIL import Image
 
     from raydistill import config
@@ -56,7 +56,7 @@ def test_8bit_pixel_shards_through_ray_data_give_the_sources_floats(ray_local, t
     streamed = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(out)}).data)
     x, _, ids = (np.concatenate(a) for a in zip(*(
         to_arrays(streamed, batch, "rows")
-        for batch in read_parquet_ray(str(out)).iter_batches(batch_size=5, batch_format="numpy"))))
+        for batch in read_parquet_ray(str(out)).iter_batches(batch_size=5, batch_format="pyarrow"))))
     source = data.load_splits("imagefolder", root=str(tmp_path / "imgs"), image_size=8)
     expected = np.empty_like(x)
     for part in (source.train, source.val, source.test):

@@ -164,22 +164,22 @@ def test_cli_prepare_and_errors(image_folder, tmp_path, capsys):
 
 
 def test_8bit_images_are_stored_as_their_pixels_and_read_back_bit_for_bit(image_folder, tmp_path):
-    """An image folder's samples are 8-bit: prepare stores them as uint8 pixels (a quarter of float32's bytes)
-    with the train split's statistics in the metadata, and every reader (in memory, the streamed batches as Arrow
-    and as the cache builder's numpy) gives back exactly the floats the run from the folder gives. Digits (values
-    k / 16) stay float32."""
+    """An image folder's samples are 8-bit: prepare stores them as their uint8 pixels (one fixed-size binary value a
+    row, a quarter of float32's bytes) with the train split's statistics in the metadata, and every reader (in
+    memory, the streamed batches) gives back exactly the floats the run from the folder gives. Digits (values
+    k / 16) stay float32 lists."""
     import json
 
     import pyarrow as pa
 
     from raydistill import config
-    from raydistill.stream import iter_split, plan_stream, to_arrays
+    from raydistill.stream import iter_split, plan_stream
 
     out = tmp_path / "pixels"
     assert prepare("imagefolder", str(out), root=str(image_folder), image_size=[6, 10], rows_per_file=4
                    )["features"] == "8-bit pixels"
     table = pq.read_table(out)
-    assert table.schema.field("features").type == pa.list_(pa.uint8(), 3 * 6 * 10)
+    assert table.schema.field("features").type == pa.binary(3 * 6 * 10)
     stats = json.loads(table.schema.metadata[b"raydistill.pixels"])
     source = data.load_splits("imagefolder", root=str(image_folder), image_size=[6, 10])
     assert (tuple(stats["mean"]), tuple(stats["std"])) == source.channel_stats
@@ -188,27 +188,28 @@ def test_8bit_images_are_stored_as_their_pixels_and_read_back_bit_for_bit(image_
     streamed = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(out)}).data)
     assert streamed.channel_stats == source.channel_stats
     for part in ("train", "val", "test"):
-        x, y, ids = (np.concatenate(a) for a in zip(*iter_split(streamed, part)))
+        x, y, ids = (np.concatenate(a) for a in zip(*iter_split(streamed, part, batch_size=3)))  # sliced batches
         in_memory = getattr(loaded, part)
         row = {i: r for r, i in enumerate(in_memory.ids.tolist())}
         np.testing.assert_array_equal(x, in_memory.x[[row[i] for i in ids.tolist()]])
-    batch = table.filter(pc.equal(table["split"], "train")).slice(0, 5)
-    arrow = to_arrays(streamed, batch, "rows")
-    numpy = to_arrays(streamed, {c: np.stack(batch[c].to_numpy(zero_copy_only=False)) if c == "features"
-                                 else batch[c].to_numpy() for c in ("id", "label", "features")}, "rows")
-    for a, b in zip(arrow, numpy):
-        np.testing.assert_array_equal(a, b)
 
     assert prepare("digits", str(tmp_path / "digits"), rows_per_file=2000)["features"] == "float32"
     assert pq.read_schema(next((tmp_path / "digits").glob("*.parquet"))).field("features").type == \
         pa.list_(pa.float32())
 
-    # pixel metadata on a column that is not uint8: one line naming the fix
+    # one line each, naming the fix: pixel metadata on a column that is not the pixels' bytes; bytes with no metadata
     bad = tmp_path / "bad.parquet"
-    pq.write_table(table.set_column(2, "features", pc.cast(table["features"], pa.list_(pa.float32(), 180)))
-                   .replace_schema_metadata(table.schema.metadata), bad)
-    for read in (lambda: data.load_splits("parquet", path=str(bad)),
-                 lambda: plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(bad)}).data)):
-        with pytest.raises(data.DataError, match=r"marked as 8-bit pixels of 3 channels .* holds float values of "
-                                                 r"shape \[3, 6, 10\]; rewrite it with raydistill data prepare"):
-            read()
+    floats = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(len(table) * 180, np.float32)), 180)
+    pq.write_table(table.set_column(2, "features", floats).replace_schema_metadata(table.schema.metadata), bad)
+    unmarked = tmp_path / "unmarked.parquet"
+    pq.write_table(table.replace_schema_metadata({k: v for k, v in table.schema.metadata.items()
+                                                  if k != b"raydistill.pixels"}), unmarked)
+    for path, match in ((bad, r"marked as 8-bit pixels of 3 channels .* its feature column is "
+                              r"fixed_size_list<element: float>\[180\] for shape \[3, 6, 10\]; rewrite it with "
+                              r"raydistill data prepare"),
+                        (unmarked, r"holds bytes \(fixed_size_binary\[180\]\) with no raydistill.pixels metadata")):
+        for read in (lambda: data.load_splits("parquet", path=str(path)),
+                     lambda: plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(path)}).data)):
+            with pytest.raises(data.DataError, match=match) as info:
+                read()
+            assert "\n" not in str(info.value)

@@ -96,8 +96,8 @@ def test_fixed_size_list_features_load_in_memory_and_streamed_and_a_wrong_size_i
 @pytest.mark.parametrize("fixed", [False, True], ids=["lists", "fixed_size_lists"])
 def test_nested_list_features_load_as_their_shape_and_a_wrong_nesting_is_one_line(fixed, tmp_path):
     """(C, H, W) samples stored as nested lists, one level per dimension (``x.tolist()``, HF datasets' Array3D):
-    in memory, streamed, and as numpy batches (the cache builder's), the same arrays as the flat layout. Another
-    nesting of the same floats, or ragged rows, is a one-line error, never a reshape."""
+    in memory, streamed, and as a whole table (as the cache builder maps it), the same arrays as the flat layout.
+    Another nesting of the same floats, or ragged rows, is a one-line error, never a reshape."""
     from raydistill.data import load_splits
     from raydistill.stream import to_arrays
 
@@ -116,8 +116,7 @@ def test_nested_list_features_load_as_their_shape_and_a_wrong_nesting_is_one_lin
     in_memory = load_splits("parquet", path=str(path), shape=(2, 3, 4), seed=0)
     assert np.array_equal(in_memory.test.x, x[in_memory.test.ids])
     table = pq.read_table(path)
-    numpy_batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("id", "label", "features")}
-    assert np.array_equal(to_arrays(s, numpy_batch, "numpy rows")[0], x)
+    assert np.array_equal(to_arrays(s, table, "rows")[0], x)
     for wrong in ([3, 2, 4], [2, 12], [24]):
         with pytest.raises(DataError, match=rf"nested.parquet holds nested lists of shape \[2, 3, 4\] per row but "
                                             rf"data.shape is \[{', '.join(map(str, wrong))}\]"):
