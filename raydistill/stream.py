@@ -421,40 +421,44 @@ def _decode_rows(batch, data: StreamData, plan: SplitPlan, where: str):
                      PIXELS_COLUMN: flat})
 
 
-def to_arrays(data: StreamData, batch, where: str, writable: bool = True
+def to_arrays(data: StreamData, batch, where: str, writable: bool = True, pixels: bool = False
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A batch as read (a pyarrow Table or RecordBatch: the training stream, the cache builder's ``map_batches``
     and ``iter_split``) -> x (B, *shape) float32, y (B,) int64, ids (B,) int64; ``where`` names the rows in
     errors. The feature column is checked row by row by the in-memory loader's ``data._flat_features``.
     ``writable=False`` leaves arrays that are views of Ray Data's read-only blocks as they are (for a caller that
-    copies them anyway)."""
-    import pyarrow as pa
-
-    from raydistill.data import _flat_features, standardize_pixels
+    copies them anyway). ``pixels=True``: 8-bit samples (encoded images, a pixel feature column) come back as
+    their uint8 pixels, for a caller that standardizes what it takes of them (``standardize``): the training
+    stream's shuffle buffer then holds and copies a quarter of the bytes."""
+    from raydistill.data import _flat_features
 
     columns = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in (data.label_column, data.id_column)}
-    if data.image_column is not None:  # images: decoded and standardized, a fresh (writable) array
+    if data.image_column is not None:  # images: their uint8 pixels, decoded by Ray Data or here
         if PIXELS_COLUMN in batch.column_names:  # decoded by Ray Data (``_decode_rows``)
-            from raydistill.data import pixels_to_float
-
             column = batch.column(PIXELS_COLUMN)
-            column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-            pixels = column.flatten().to_numpy(zero_copy_only=False)
-            x = pixels_to_float(pixels.reshape(len(column), *data.shape))
+            column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+            x = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), *data.shape)
         else:  # encoded, as read with pyarrow (evaluation, the statistics)
             x = _decode_images(batch.column(data.image_column).to_pylist(), tuple(data.shape[1:]), where,
-                               columns[data.id_column])
-        if data.channel_stats is not None:  # None only while plan_stream measures them
-            mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in data.channel_stats)
-            x = (x - mean) / std
-    else:
+                               columns[data.id_column], raw=True)
+    else:  # float32, or uint8 for a pixel feature column (``plan_stream``)
         x = _flat_features(batch.column(data.feature_column), data.shape, data.feature_column, where, copy=writable)
-        if data.channel_stats is not None:  # 8-bit pixels (``plan_stream``): uint8 in, fresh float32 out
-            x = standardize_pixels(x, data.channel_stats)
+    if x.dtype == np.uint8 and not pixels:
+        x = standardize(data, x)
     arrays = x, np.asarray(columns[data.label_column], np.int64), np.asarray(columns[data.id_column], np.int64)
     # writable: Ray Data hands out read-only views of its blocks, which torch.from_numpy warns about (a copy only
     # when the batch is such a view)
     return tuple(np.require(a, requirements="W") for a in arrays) if writable else arrays
+
+
+def standardize(data: StreamData, pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels (B, *shape) -> the model's float32 input: per channel with ``data.channel_stats``
+    (``data.standardize_pixels``), or only scaled to [0, 1] while ``plan_stream`` measures those statistics."""
+    from raydistill.data import pixels_to_float, standardize_pixels
+
+    if data.channel_stats is None:
+        return pixels_to_float(pixels)
+    return standardize_pixels(pixels, data.channel_stats)
 
 
 class ShuffleBuffer:

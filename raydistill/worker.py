@@ -188,7 +188,7 @@ class StreamedTrain:
         self._thread.start()
 
     def _read(self, epochs: tuple[tuple[int, int, int], ...], out: queue.Queue, stop: threading.Event) -> None:
-        from raydistill.stream import ShuffleBuffer, to_arrays
+        from raydistill.stream import ShuffleBuffer, standardize, to_arrays
 
         def put(item) -> bool:  # False once stopped
             while not stop.is_set():
@@ -203,11 +203,17 @@ class StreamedTrain:
 
         def shuffled(epoch: int, batch_size: int, seed: int):  # one epoch's batches: fresh arrays, not views
             rows.restart(seed * 100_003 + epoch)
-            # whole blocks (up to stream.STREAM_BLOCK_BYTES): Ray Data's per-batch cost is paid per block
+            # whole blocks (up to stream.STREAM_BLOCK_BYTES): Ray Data's per-batch cost is paid per block. 8-bit
+            # samples go through the buffer as their uint8 pixels (a quarter of float32's bytes to copy in and
+            # out), each batch standardized as it leaves: the same floats, elementwise, as standardizing first
+            def leaving(batches):
+                for x, y, ids in batches:
+                    yield (standardize(self.data, x) if x.dtype == "uint8" else x), y, ids
+
             for block in self.shard.iter_batches(batch_size=None, batch_format="pyarrow"):
-                rows.add(*to_arrays(self.data, block, "the streamed training rows", writable=False))
-                yield from rows.batches(batch_size)
-            yield from rows.drain(batch_size)
+                rows.add(*to_arrays(self.data, block, "the streamed training rows", writable=False, pixels=True))
+                yield from leaving(rows.batches(batch_size))
+            yield from leaving(rows.drain(batch_size))
 
         try:
             for epoch, batch_size, seed in epochs:

@@ -271,6 +271,36 @@ def test_streamed_images_are_decoded_by_ray_data_into_the_same_samples(ray_local
         np.testing.assert_array_equal(streamed[i], x)
 
 
+def test_prepared_8bit_pixels_reach_the_worker_as_the_samples_of_the_image_folder(ray_local, tmp_path):
+    """An image folder prepared as 8-bit pixels (bytes in Parquet): the worker's stream shuffles them as uint8 and
+    standardizes each batch as it leaves, giving every training sample exactly as the in-memory loader and the
+    image folder itself give it."""
+    from PIL import Image
+
+    from raydistill.data import load_splits
+    from raydistill.prepare import prepare
+    from raydistill.stream import plan_stream, train_dataset
+    from raydistill.worker import StreamedTrain
+
+    rng = np.random.default_rng(2)
+    for label in range(3):
+        (tmp_path / "imgs" / f"c{label}").mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 256, (7, 11, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / f"c{label}" / f"{i}.png")
+    assert prepare("imagefolder", str(tmp_path / "px"), root=str(tmp_path / "imgs"), image_size=[6, 10],
+                   rows_per_file=32)["features"] == "8-bit pixels"
+    data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(tmp_path / "px")}).data)
+    streamed = {}
+    for x, _, ids in StreamedTrain(train_dataset(data, seed=0), data, world=1, shuffle_buffer=16).batches(0, 16, 0):
+        assert str(x.dtype) == "torch.float32"
+        streamed.update(zip(ids.tolist(), x.numpy()))
+    source = load_splits("imagefolder", root=str(tmp_path / "imgs"), image_size=[6, 10]).train
+    assert sorted(streamed) == sorted(source.ids.tolist())
+    for i, x in zip(source.ids.tolist(), source.x):
+        np.testing.assert_array_equal(streamed[i], x)
+
+
 def test_an_image_that_does_not_decode_on_the_stream_is_one_line(ray_local, tmp_path, monkeypatch, capfd):
     """An image deep in the training stream (beyond the rows the plan decodes) that does not decode: raised in a
     Ray Data read task, it ends the run with one line naming its sample id, exit 2, and no traceback from Ray
