@@ -313,7 +313,7 @@ def to_pixels(x: np.ndarray, stats, rows: int = 4096) -> np.ndarray | None:
     return pixels
 
 
-def pixel_stats(metadata: dict, location, shape: tuple[int, ...], kind) -> tuple | None:
+def stored_pixel_stats(metadata: dict, location, shape: tuple[int, ...], kind) -> tuple | None:
     """The (mean, std) of a feature column written as 8-bit pixels (``raydistill.pixels`` in the schema metadata;
     ``kind`` is the column's Arrow type), or None for features taken as they are; a file whose column or shape
     does not fit its metadata, or raw bytes with no such metadata, is an error."""
@@ -567,7 +567,7 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
         column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     if pa.types.is_fixed_size_binary(column.type):  # 8-bit pixels, a row's uint8 values as one binary value
         # (``write_parquet`` with ``pixel_stats``): uint8 (N, *shape), a view of Arrow's buffer, for the caller to
-        # standardize (``standardize_pixels``); ``pixel_stats`` accepts such a column only with its metadata
+        # standardize (``standardize_pixels``); ``stored_pixel_stats`` accepts such a column only with its metadata
         need = math.prod(shape)
         if column.type.byte_width != need:
             raise row_length_error(feature_column, where, [column.type.byte_width], shape)
@@ -652,7 +652,7 @@ class _Part:
     schema: dict[str, str]  # column -> type, of the columns read
     split: np.ndarray | None  # values of the split column, when one is used
     split_column: str | None
-    pixels: tuple | None = None  # (mean, std): x holds 8-bit pixel values 0..255 to standardize (``pixel_stats``)
+    pixels: tuple | None = None  # (mean, std): x holds 8-bit pixels to standardize (``stored_pixel_stats``)
 
     def take(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.x[mask], self.y[mask], self.ids[mask]
@@ -679,7 +679,7 @@ def _load_parquet(path, label_column, feature_column, image_column, id_column, s
     pixels = None
     if image_column is None:  # before the read: a shape the files contradict is an error, not a read
         shape = flat_feature_shape(shape, metadata, path, split=declared)
-        pixels = pixel_stats(metadata, path, shape, dataset.schema.field(feature_column).type)
+        pixels = stored_pixel_stats(metadata, path, shape, dataset.schema.field(feature_column).type)
     try:
         table = dataset.to_table(columns=columns)
     except (pa.ArrowInvalid, OSError) as error:  # a corrupt or truncated file: pyarrow names it in the message

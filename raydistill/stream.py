@@ -220,7 +220,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         flat_feature_shape,
         image_column_hint,
         image_hw,
-        pixel_stats,
+        stored_pixel_stats,
     )
     from raydistill.data import sample_shape as check_shape
 
@@ -248,7 +248,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         pixels = None
     else:
         shape = flat_feature_shape(d.shape, meta, location)
-        pixels = pixel_stats(meta, location, shape, dataset.schema.field(d.feature_column).type)
+        pixels = stored_pixel_stats(meta, location, shape, dataset.schema.field(d.feature_column).type)
     hint = int(meta[_META_NUM_CLASSES]) if _META_NUM_CLASSES in meta else 0
     files, filesystem = tuple(dataset.files), _local_or(dataset.filesystem)
 
