@@ -68,29 +68,30 @@ def write_data(folder: Path, rows: int, seed: int = 0, rows_per_file: int = 4096
         if encoding == "png":  # the same samples as 8-bit PNG images (x * 32 + 128, clipped), in a column "png"
             pixels = np.clip(x.reshape(n, *shape) * 32 + 128, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
             table = pa.table({"id": ids, "label": y, "png": [_png(p) for p in pixels]})
-        elif encoding == "pixels":  # the same 8-bit samples as raw uint8 pixels, as `data prepare` stores images
-            pixels = np.clip(x * 32 + 128, 0, 255).astype(np.uint8)
-            table = pa.table({"id": ids, "label": y, "features": pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(x.shape[1]), n, [None, pa.py_buffer(pixels.reshape(-1))])}
-            ).replace_schema_metadata(pixel_metadata(shape))
+        elif encoding == "pixels":  # the same 8-bit samples as uint8 pixels, written as `data prepare` writes images
+            from raydistill.data import Arrays, write_parquet
+
+            pixels = np.clip(x * 32 + 128, 0, 255).astype(np.uint8).reshape(n, *shape)
+            write_parquet(Arrays(pixels, y, ids, 10, shape), folder / f"part-{part:05d}.parquet",
+                          pixel_stats=pixel_stats(shape))
+            continue
         else:
             table = pa.table({"id": ids, "label": y, "features": pa.FixedSizeListArray.from_arrays(
                 pa.array(x.reshape(-1)), x.shape[1])})
         pq.write_table(table, folder / f"part-{part:05d}.parquet")
 
 
-def pixel_metadata(shape: tuple[int, ...]) -> dict[bytes, bytes]:
-    """Schema metadata of the ``pixels`` encoding: the per-channel mean and std (float32) of the pixels / 255 of
-    4,096 rows drawn as ``write_data`` draws them, the same at every scale (``raydistill.pixels``)."""
+def pixel_stats(shape: tuple[int, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``pixels`` encoding's per-channel (mean, std) (float32) of the pixels / 255 of 4,096 rows drawn as
+    ``write_data`` draws them, the same at every scale (``raydistill.pixels`` metadata)."""
     means = np.random.default_rng(12345).standard_normal((10, shape[0], *[1] * (len(shape) - 1))).astype(np.float32)
     rng = np.random.default_rng(54321)
     y = np.arange(4096) % 10
     x = means[y] + 2.0 * rng.standard_normal((4096, *shape)).astype(np.float32)
     pixels = np.clip(x * 32 + 128, 0, 255).astype(np.uint8).astype(np.float32) / 255.0
     axes = (0, *range(2, len(shape) + 1))
-    stats = {"mean": [float(v) for v in pixels.mean(axis=axes, dtype=np.float64).astype(np.float32)],
-             "std": [float(v) for v in pixels.std(axis=axes, dtype=np.float64).astype(np.float32)]}
-    return {b"raydistill.pixels": json.dumps(stats).encode(), b"raydistill.shape": ",".join(map(str, shape)).encode()}
+    return tuple(tuple(float(v) for v in getattr(pixels, f)(axis=axes, dtype=np.float64).astype(np.float32))
+                 for f in ("mean", "std"))
 
 
 def _png(hwc: np.ndarray) -> bytes:

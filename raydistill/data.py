@@ -252,8 +252,10 @@ def _decode_image(data: bytes | str, size: tuple[int, int], what: str, raw: bool
 
 
 def pixels_to_float(pixels: np.ndarray) -> np.ndarray:
-    """uint8 pixels -> float32 in [0, 1], the very values ``_decode_image`` gives without ``raw``."""
-    return pixels.astype(np.float32) / 255.0
+    """uint8 pixels -> float32 in [0, 1] (a new array), the very values ``_decode_image`` gives without ``raw``."""
+    x = pixels.astype(np.float32)
+    x /= 255.0
+    return x
 
 
 def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -280,13 +282,12 @@ def _standardize(train: np.ndarray, others: list[np.ndarray]
     return [((a - mean) / std).astype(np.float32) for a in [train, *others]], stats
 
 
-def standardize_pixels(x: np.ndarray, stats) -> np.ndarray:
-    """8-bit pixel values (N, C, ...) (uint8, or their float32 values 0..255) -> float32 (x / 255 - mean) / std
-    per channel, ``stats`` = (mean, std): bit for bit what ``_standardize`` gives the same image loaded from its
-    source (the same float32 operations in the same order). A float32 ``x`` that is writable is overwritten."""
-    mean, std = (np.asarray(v, np.float32).reshape(1, -1, *[1] * (x.ndim - 2)) for v in stats)
-    x = x if x.dtype == np.float32 and x.flags.writeable else x.astype(np.float32)
-    x /= 255.0
+def standardize_pixels(pixels: np.ndarray, stats) -> np.ndarray:
+    """uint8 pixels (N, C, ...) -> float32 (pixels / 255 - mean) / std per channel, ``stats`` = (mean, std): bit
+    for bit what ``_standardize`` gives the same image loaded from its source (the same float32 operations in the
+    same order)."""
+    mean, std = (np.asarray(v, np.float32).reshape(1, -1, *[1] * (pixels.ndim - 2)) for v in stats)
+    x = pixels_to_float(pixels)
     x -= mean
     x /= std
     return x
@@ -565,18 +566,12 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
         # more (Arrow concatenates even a single list chunk): 2.9 -> 1.7 CPU-ms per 1,000 CIFAR-sized rows in
         # 64-row slices, a small part of the 43-60 a streamed worker spends reading them
         column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    if pa.types.is_fixed_size_binary(column.type):  # 8-bit pixels, a row's uint8 values as one binary value
-        # (``write_parquet`` with ``pixel_stats``): uint8 (N, *shape), a view of Arrow's buffer, for the caller to
-        # standardize (``standardize_pixels``); ``stored_pixel_stats`` accepts such a column only with its metadata
-        need = math.prod(shape)
-        if column.type.byte_width != need:
-            raise row_length_error(feature_column, where, [column.type.byte_width], shape)
-        if column.null_count:
-            raise DataError(f"feature column {feature_column!r} has {column.null_count} empty rows; drop them")
-        values = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * need, offset=column.offset * need)
-        return (values.copy() if copy else values).reshape(len(column), *shape)
+    # 8-bit pixels, a row's uint8 values as one binary value (``write_parquet`` with ``pixel_stats``; only with
+    # their metadata, ``stored_pixel_stats``)
+    pixels = pa.types.is_fixed_size_binary(column.type)
     if not (
-        pa.types.is_list(column.type)
+        pixels
+        or pa.types.is_list(column.type)
         or pa.types.is_large_list(column.type)
         or pa.types.is_fixed_size_list(column.type)
     ):
@@ -589,9 +584,14 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
         raise DataError(
             f"feature column {feature_column!r} has {column.null_count} empty rows; drop them"
         )
+    need = math.prod(shape)
+    if pixels:  # uint8 (N, *shape), a view of Arrow's buffer, for the caller to standardize (``standardize_pixels``)
+        if column.type.byte_width != need:
+            raise row_length_error(feature_column, where, [column.type.byte_width], shape)
+        values = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * need, offset=column.offset * need)
+        return (values.copy() if copy else values).reshape(len(column), *shape)
     if len(column) == 0:  # no rows (a batch whose rows all belong to another split): no length to check
         return np.zeros((0, *shape), np.float32)
-    need = math.prod(shape)
     if _is_list(column.type.value_type):  # nested lists, one level per dimension: what HF datasets' Array2D/3D
         # features and ``x.tolist()`` of a (N, C, H, W) array write
         return _nested_features(column, shape, feature_column, where)
