@@ -18,9 +18,9 @@ folder written by ``raydistill data prepare`` names its split column in the sche
 by default). A declared split is used as is; test is carved (seeded, stratified) from the training pool
 only when not declared, val from train only when not declared. ``Splits.origin`` says where each came from.
 
-Image sources (digits, cifar10, imagefolder, parquet images) are scaled to [0, 1] and
-standardized per channel with statistics of the train split only, so no information
-from val/test leaks into training. Flat parquet features are taken as-is (they are
+Image sources (digits, cifar10, imagefolder, parquet images, and parquet lists of uint8 for a (C, H, W) shape:
+``is_pixel_list``) are scaled to [0, 1] and standardized per channel with statistics of the train split only, so
+no information from val/test leaks into training. Float parquet features are taken as-is (they are
 model-ready numbers; ``write_parquet`` stores already-normalized arrays), except 8-bit pixels
 written with their statistics (``raydistill.pixels`` metadata, ``standardize_pixels``).
 """
@@ -554,7 +554,8 @@ def row_length_error(feature_column: str, where: str, lengths, shape: tuple[int,
 def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: str, copy: bool = True
                    ) -> np.ndarray:
     """(N,) list column of floats (a pyarrow Array or ChunkedArray) -> (N, *shape) float32, checking every row's
-    length (a fixed-size binary column of 8-bit pixels: (N, *shape) uint8). The in-memory loader and the streamed
+    length (a fixed-size binary column of 8-bit pixels, or lists of uint8 for an image shape (``is_pixel_list``):
+    (N, *shape) uint8). The in-memory loader and the streamed
     batches (``stream.to_arrays``) both check rows with it. ``copy=False``: float32 values (and pixels) stay a
     (read-only) view of Arrow's buffer, for a caller that copies them."""
     shape = tuple(shape)
@@ -590,11 +591,12 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
             raise row_length_error(feature_column, where, [column.type.byte_width], shape)
         values = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * need, offset=column.offset * need)
         return (values.copy() if copy else values).reshape(len(column), *shape)
+    dtype = np.uint8 if is_pixel_list(column.type, shape) else np.float32  # 8-bit images: uint8 (see there)
     if len(column) == 0:  # no rows (a batch whose rows all belong to another split): no length to check
-        return np.zeros((0, *shape), np.float32)
+        return np.zeros((0, *shape), dtype)
     if _is_list(column.type.value_type):  # nested lists, one level per dimension: what HF datasets' Array2D/3D
         # features and ``x.tolist()`` of a (N, C, H, W) array write
-        return _nested_features(column, shape, feature_column, where)
+        return _nested_features(column, shape, feature_column, where, dtype)
     if pa.types.is_fixed_size_list(column.type):  # every row has the type's length: no need to count them
         if column.type.list_size != need:
             raise row_length_error(feature_column, where, [column.type.list_size], shape)
@@ -602,7 +604,7 @@ def _flat_features(column, shape: tuple[int, ...], feature_column: str, where: s
         lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
         if len(lengths) != 1 or lengths[0] != need:
             raise row_length_error(feature_column, where, lengths, shape)
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=copy)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=copy)
     return values.reshape(len(column), *shape)
 
 
@@ -612,8 +614,22 @@ def _is_list(kind) -> bool:
     return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
 
 
-def _nested_features(column, shape: tuple[int, ...], feature_column: str, where: str) -> np.ndarray:
-    """A column of nested lists, one nesting level per dimension of ``data.shape`` -> (N, *shape) float32. Each
+def is_pixel_list(kind, shape: Sequence[int]) -> bool:
+    """Whether a feature column of type ``kind`` holds 8-bit images: lists (flat or nested) of uint8 for an image
+    ``shape`` (C, H, W), as numpy's uint8 images, torchvision's ``PILToTensor`` output or Hugging Face's
+    ``Array3D(dtype="uint8")`` are written. They are read as images are (``pixels_to_float``, then per channel with
+    the training data's statistics), not as numbers 0..255: torchvision's ``ToTensor`` and ``Normalize`` do the
+    same to them. uint8 lists of other shapes (counts, codes) stay numbers, as every float list does."""
+    import pyarrow as pa
+
+    while _is_list(kind):
+        kind = kind.value_type
+    return len(shape) == 3 and pa.types.is_uint8(kind)
+
+
+def _nested_features(column, shape: tuple[int, ...], feature_column: str, where: str, dtype=np.float32
+                     ) -> np.ndarray:
+    """A column of nested lists, one nesting level per dimension of ``data.shape`` -> (N, *shape) ``dtype``. Each
     level's lengths must be the shape's, the same in every row: a (4, 2, 4) nesting read as (2, 4, 4), or a
     (C, H * W) one as (C, H, W), would only be the same floats in another layout, so either is a one-line error,
     not a reshape. Written here: Arrow has no "nested lists to a tensor" conversion (``to_numpy`` gives arrays of
@@ -636,7 +652,7 @@ def _nested_features(column, shape: tuple[int, ...], feature_column: str, where:
     if tuple(found) != shape:
         raise DataError(f"feature column {feature_column!r} of {where} holds nested lists of shape {found} per row "
                         f"but data.shape is {list(shape)}; set data.shape to {found} or write flat rows")
-    return level.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), *shape)
+    return level.to_numpy(zero_copy_only=False).astype(dtype).reshape(len(column), *shape)
 
 
 @dataclass
@@ -647,7 +663,7 @@ class _Part:
     y: np.ndarray
     ids: np.ndarray
     has_ids: bool  # False: ids are row numbers (no id column)
-    normalize: bool  # decoded images are standardized; flat features are taken as they are
+    normalize: bool  # decoded images (and uint8 lists of an image shape) are standardized; float lists taken as is
     hint: int  # class count from the schema metadata (0: none)
     schema: dict[str, str]  # column -> type, of the columns read
     split: np.ndarray | None  # values of the split column, when one is used
@@ -714,7 +730,9 @@ def _load_parquet(path, label_column, feature_column, image_column, id_column, s
         normalize = True
     else:
         x = _flat_features(table[feature_column], shape, feature_column, str(path))
-        normalize = False
+        normalize = x.dtype == np.uint8 and pixels is None  # lists of 8-bit pixels: standardized as images are
+        if normalize:
+            x = pixels_to_float(x)
     split = None
     if split_column:
         split = np.asarray(table[split_column].to_pylist(), dtype=object)

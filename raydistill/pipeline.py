@@ -136,8 +136,11 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     data_fp = splits.fingerprint if streamed else fingerprint(splits)
     K = splits.num_classes
     data_s = time.perf_counter() - t0
+    # a feature column with per-channel statistics holds 8-bit pixels (prepared, or uint8 lists): not numbers as is
+    eight_bit = splits.name == "parquet" and cfg.data.image_column is None and splits.channel_stats is not None
     log(f"data {splits.name}: {splits.rows('train')} train / {splits.rows('val')} val / {splits.rows('test')} test, "
         f"{K} classes, sample shape {splits.shape}"
+        + (" of 8-bit pixels (scaled to [0, 1], standardized per channel)" if eight_bit else "")
         + (", streamed from Parquet (Ray Data into the Train workers)" if streamed else ", in memory"), quiet)
     for name, part in splits.describe().items():
         if part["from"].startswith("declared"):

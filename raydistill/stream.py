@@ -85,7 +85,8 @@ class StreamData:
     # of a flat feature column: decoded to (3, H, W) of ``data.image_size`` where they are read, then standardized
     # per channel with ``channel_stats`` ((mean, std) per channel, from the first training rows: see plan_stream).
     # A flat feature column of 8-bit pixels (``raydistill.pixels`` metadata, as ``raydistill data prepare`` writes
-    # images) is standardized with the ``channel_stats`` written there (``data.standardize_pixels``).
+    # images) is standardized with the ``channel_stats`` written there (``data.standardize_pixels``); lists of uint8
+    # for an image shape (``data.is_pixel_list``) with those of the first training rows, as encoded images.
     image_column: str | None = None
     channel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
@@ -220,6 +221,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         flat_feature_shape,
         image_column_hint,
         image_hw,
+        is_pixel_list,
         stored_pixel_stats,
     )
     from raydistill.data import sample_shape as check_shape
@@ -249,6 +251,8 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     else:
         shape = flat_feature_shape(d.shape, meta, location)
         pixels = stored_pixel_stats(meta, location, shape, dataset.schema.field(d.feature_column).type)
+    # lists of uint8 for an image shape: 8-bit images (data.is_pixel_list), standardized with measured statistics
+    pixel_lists = d.image_column is None and is_pixel_list(dataset.schema.field(d.feature_column).type, shape)
     hint = int(meta[_META_NUM_CLASSES]) if _META_NUM_CLASSES in meta else 0
     files, filesystem = tuple(dataset.files), _local_or(dataset.filesystem)
 
@@ -342,7 +346,8 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     if d.limit is not None:
         plans = {name: dataclasses.replace(p, rows=min(p.rows, d.limit), limit=d.limit) for name, p in plans.items()}
     digest = hashlib.sha256(f"stream-v1 {list(shape)} {num_classes} {sample_column}".encode()
-                            + (b" encoded images" if d.image_column else b""))
+                            + (b" encoded images" if d.image_column else b"")
+                            + (b" 8-bit pixel lists" if pixel_lists else b""))
     for name in SPLIT_NAMES:
         p = plans[name]
         digest.update(f"{name} {p.split_column} {p.split_value} {p.carve} {p.seed} {p.rows}".encode())
@@ -352,20 +357,21 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
                       test=plans["test"], label_column=d.label_column, feature_column=d.feature_column,
                       id_column=d.id_column, fingerprint=digest.hexdigest(), origin=origin,
                       image_column=d.image_column, channel_stats=pixels)
-    return dataclasses.replace(data, channel_stats=channel_stats(data)) if d.image_column else data
+    return dataclasses.replace(data, channel_stats=channel_stats(data)) if d.image_column or pixel_lists else data
 
 
 STATS_ROWS = 2048  # training rows whose decoded pixels give the per-channel mean and std of streamed images
 
 
 def channel_stats(data: StreamData) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of the first ``STATS_ROWS`` training rows (in file order), decoded to [0, 1].
+    """Per-channel mean and std of the first ``STATS_ROWS`` training rows (in file order), decoded to [0, 1]
+    (encoded images, or lists of 8-bit pixels: ``data.is_pixel_list``).
 
     The in-memory loader standardizes decoded images with the statistics of the whole training split; a streamed
     set is never held whole, and one pass decoding every image only for this would cost as much as an epoch.
     torchvision's recipes use fixed per-channel constants for the same reason (ImageNet's mean and std, measured
     once on a sample); here they are measured on the data's own first rows, the same for every run of it."""
-    sums, squares, n = np.zeros(3), np.zeros(3), 0
+    sums, squares, n = np.zeros(data.shape[0]), np.zeros(data.shape[0]), 0
     for x, _, _ in iter_split(data, "train", batch_size=min(256, STATS_ROWS), limit=STATS_ROWS):
         sums += x.sum(axis=(0, 2, 3), dtype=np.float64)
         squares += np.square(x, dtype=np.float64).sum(axis=(0, 2, 3))

@@ -125,6 +125,61 @@ def test_parquet_with_encoded_png_images(tmp_path):
     assert np.all(red[:, 0].mean(axis=(1, 2)) > red[:, 1].mean(axis=(1, 2)))
 
 
+def _png_of(pixels):  # (3, H, W) uint8 -> PNG bytes
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.transpose(1, 2, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_uint8_lists_of_an_image_shape_are_read_as_the_8bit_images_they_are(tmp_path):
+    """A feature column of uint8 lists for (C, H, W) -- flat, fixed-size or nested one level per dimension -- gives
+    bit for bit what the same pixels give as PNG images (scaled to [0, 1], standardized per channel with the
+    training data's statistics), in memory and streamed; uint8 lists of another shape stay numbers 0..255."""
+    from raydistill import config
+    from raydistill.stream import iter_split, plan_stream
+
+    rng = np.random.default_rng(0)
+    n, shape = 60, (3, 6, 10)
+    pixels = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+    labels, ids = np.arange(n) % 3, np.arange(n) + 500
+    flat = pixels.reshape(n, -1)
+    columns = {
+        "png": (pa.array([_png_of(p) for p in pixels]), {"image_column": "png", "image_size": [6, 10]}),
+        "flat": (pa.array(list(flat), pa.list_(pa.uint8())), {"shape": list(shape)}),
+        "fixed": (pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]), {"shape": list(shape)}),
+        "nested": (pa.array(pixels.tolist(), pa.list_(pa.list_(pa.list_(pa.uint8())))), {"shape": list(shape)}),
+    }
+    loaded, streamed = {}, {}
+    for name, (column, settings) in columns.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        pq.write_table(pa.table({"id": ids, "label": labels, "features" if name != "png" else "png": column}),
+                       folder / "part-0.parquet")
+        loaded[name] = data.load_splits("parquet", path=folder, val_fraction=0.2, test_fraction=0.2, seed=3,
+                                        **settings)
+        stream = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(folder),
+                                                **{f"data.{k}": v for k, v in settings.items()}}).data)
+        streamed[name] = (stream.channel_stats, [np.concatenate([x for x, _, _ in iter_split(stream, split)])
+                                                 for split in ("train", "val", "test")])
+    for name in ("flat", "fixed", "nested"):
+        assert loaded[name].channel_stats == loaded["png"].channel_stats, name
+        for split in ("train", "val", "test"):
+            a, b = getattr(loaded[name], split), getattr(loaded["png"], split)
+            np.testing.assert_array_equal(a.ids, b.ids)
+            np.testing.assert_array_equal(a.x, b.x)  # bit for bit
+        # the first training rows' statistics (summed in another order: decoded PNGs are channel-last in memory)
+        np.testing.assert_allclose(streamed[name][0], streamed["png"][0], rtol=1e-12)
+        for a, b in zip(streamed[name][1], streamed["png"][1]):
+            np.testing.assert_array_equal(a, b)
+    assert abs(float(loaded["flat"].train.x.mean())) < 1e-5  # standardized, not 0..255
+    # another shape: the same bytes are numbers, taken as they are
+    folder = tmp_path / "vector"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ids, "label": labels, "features": columns["flat"][0]}), folder / "part-0.parquet")
+    vectors = data.load_splits("parquet", path=folder, shape=[flat.shape[1]], val_fraction=0.2, test_fraction=0.2)
+    assert vectors.train.x.dtype == np.float32 and vectors.train.x.max() == 255.0
+
+
 def test_parquet_missing_label_column_lists_columns(digits, tmp_path):
     path = tmp_path / "d.parquet"
     data.write_parquet(digits.val, path)
