@@ -26,7 +26,8 @@ a local Ray (as Ray Train's local mode reads it), each batch turned into trainin
 * ``pyarrow, 8-bit pixels`` and ``worker: blocks + ShuffleBuffer, 8-bit pixels``: the same samples quantized to 8
   bits (``data_scale.py --encoding pixels``) and stored as ``raydistill data prepare`` stores images: uint8 pixels
   in a fixed-size binary column (a row's bytes), standardized by the reader (``data.standardize_pixels``); a quarter
-  of the bytes;
+  of the bytes; ``..., 8-bit pixel lists``: the same pixels as a user's own Parquet may hold them, one list of
+  uint8 a row with no raydistill metadata (read as 8-bit images, ``data.is_pixel_list``);
 * ``split column, interleaved`` and ``split column, own files``: the same rows with a split column naming the same
   train / val / test rows, read as ``ray_data bs 1024``: in files holding all three splits (sorted by id, 4,096 rows
   a file: the layout ``raydistill data prepare`` wrote before 2026-12-02, and what data from elsewhere may have) and
@@ -103,6 +104,24 @@ def split_column_copies(work: Path, data) -> dict[str, Path]:
     for layout, folder in folders.items():
         write_with_split_column(data, folder, grouped=layout == "own files")
     return folders
+
+
+def pixel_lists(src: Path, dst: Path) -> None:
+    """The 8-bit pixel files written again as a user's own Parquet may hold the same images: one list of uint8 a
+    row (as ``pa.array(list(pixels), pa.list_(pa.uint8()))`` writes it), no raydistill metadata; the reader takes
+    them as 8-bit images (``data.is_pixel_list``), with statistics of the first training rows."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dst.mkdir()
+    for file in sorted(src.glob("*.parquet")):
+        table = pq.read_table(file)
+        column = table.column("features").combine_chunks()
+        n, width = len(column), column.type.byte_width
+        values = np.frombuffer(column.buffers()[1], np.uint8, count=n * width, offset=column.offset * width)
+        lists = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * width), pa.array(values))
+        pq.write_table(pa.table({"id": table["id"], "label": table["label"], "features": lists}), dst / file.name)
 
 
 def main() -> None:
@@ -209,6 +228,12 @@ def main() -> None:
         assert pixels.train.rows == plan.rows and pixels.channel_stats is not None
         variants["pyarrow, 8-bit pixels"] = lambda epoch: sum(len(y) for _, y, _ in iter_split(pixels, "train"))
         variants["worker: blocks + ShuffleBuffer, 8-bit pixels"] = worker(pixels, train_dataset(pixels, seed=0))
+        pixel_lists(work / "pixels", work / "pixel_lists")
+        lists = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(work / "pixel_lists"),
+                                               "data.shape": args.shape}).data)
+        assert lists.train.rows == plan.rows and lists.channel_stats is not None  # read as 8-bit images
+        variants["pyarrow, 8-bit pixel lists"] = lambda epoch: sum(len(y) for _, y, _ in iter_split(lists, "train"))
+        variants["worker: blocks + ShuffleBuffer, 8-bit pixel lists"] = worker(lists, train_dataset(lists, seed=0))
     for epoch in range(2):  # untimed: Ray's worker processes start and import on their first read tasks
         variants["ray_data bs 1024, no shuffle"](epoch)
     results = time_epochs(variants, args.epochs)
@@ -240,9 +265,12 @@ def main() -> None:
     if "pyarrow, 8-bit pixels" in results:
         for kind, float_row, pixel_row in (("pyarrow", "pyarrow", "pyarrow, 8-bit pixels"),
                                            ("worker", "worker: blocks + ShuffleBuffer, batches of 64",
-                                            "worker: blocks + ShuffleBuffer, 8-bit pixels")):
+                                            "worker: blocks + ShuffleBuffer, 8-bit pixels"),
+                                           ("pyarrow", "pyarrow", "pyarrow, 8-bit pixel lists"),
+                                           ("worker", "worker: blocks + ShuffleBuffer, batches of 64",
+                                            "worker: blocks + ShuffleBuffer, 8-bit pixel lists")):
             a, b = results[pixel_row], results[float_row]
-            print(f"{kind}, 8-bit pixels against float32 features: machine CPU "
+            print(f"{kind}, {pixel_row.split(', ')[-1]} against float32 features: machine CPU "
                   f"{a['machine_cpu_s'] / b['machine_cpu_s']:.2f}x, "
                   f"the reading process's own {a['reader_cpu_s'] / b['reader_cpu_s']:.2f}x")
     out = Path(args.out)
