@@ -1,8 +1,14 @@
 """``raydistill data prepare``: convert a data source to Parquet shards with stable ids.
 
-    raydistill data prepare digits|cifar10|imagefolder [--root DIR] --out DIR_OR_URI
+    raydistill data prepare digits|cifar10|imagefolder|parquet [--root DIR] --out DIR_OR_URI
                             [--rows-per-file N] [--image-size N|HxW] [--seed S]
                             [--val-fraction F] [--test-fraction F]
+                            [--image-column C | --feature-column C --shape N ...] [--label-column C]
+                            [--id-column C] [--split-column C]     (parquet: how its rows are read)
+
+``parquet`` reads a Parquet set (file, folder, glob or URI at ``--root``) as a run with those ``data.*`` settings
+reads it in memory, and writes it again in this layout: its encoded images (decoded once, not every epoch) and
+uint8 image lists as 8-bit pixels, float lists as they are; its ids, and its split column when it has one.
 
 Layout: OUT is one folder of ``part-NNNNN.parquet`` files holding every sample of the source,
 grouped by split (the train files first, then val, then test; each file rows of one split, sorted
@@ -18,9 +24,9 @@ The loader keeps the written splits (the schema names the split column), so a ru
 validates and tests on exactly the samples (and arrays) the source itself gives; CIFAR-10 keeps its
 official test batch. The features are stored already standardized, with the statistics of that
 train split only (flat parquet features are model-ready and not re-normalized on load). 8-bit images
-(CIFAR-10 at its own size, image folders: every value k / 255) are stored instead as their uint8 pixels, each
-row's C x H x W bytes as one fixed-size binary value (a quarter of float32's size; ``data.write_parquet`` says
-why not a list), with those statistics in the metadata (``raydistill.pixels``); every reader
+(CIFAR-10 at its own size, image folders, Parquet images: every value k / 255) are stored instead as their
+uint8 pixels, each row's C x H x W bytes as one fixed-size binary value (a quarter of float32's size;
+``data.write_parquet`` says why not a list), with those statistics in the metadata (``raydistill.pixels``); every reader
 (``data.standardize_pixels``) gives back bit for bit the standardized floats.
 
 OUT may be a local folder or any pyarrow filesystem URI (``s3://``, ``gs://``, ``hdfs://``,
@@ -41,7 +47,7 @@ import numpy as np
 from raydistill.data import Arrays, Splits, image_hw, load_splits, to_pixels, write_parquet
 from raydistill.errors import DataError
 
-PREPARE_SOURCES = ("digits", "cifar10", "imagefolder")
+PREPARE_SOURCES = ("digits", "cifar10", "imagefolder", "parquet")
 DEFAULT_ROWS_PER_FILE = 4096
 
 
@@ -54,7 +60,7 @@ def _check_args(source: str, root, out, rows_per_file, image_size, val_fraction,
     """Raise a one-line DataError for any argument a user can get wrong."""
     if source not in PREPARE_SOURCES:
         raise DataError(f"unknown data source {source!r} for prepare; use one of: {', '.join(PREPARE_SOURCES)}")
-    if source in ("cifar10", "imagefolder") and not root:
+    if source in ("cifar10", "imagefolder", "parquet") and not root:
         raise DataError(f"{source} needs --root DIR (the folder holding the data); pass --root")
     if not out:
         raise DataError("--out is empty; pass a new folder or a URI such as s3://bucket/prefix")
@@ -144,15 +150,24 @@ def prepare(
     seed: int = 0,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
+    columns: dict | None = None,
 ) -> dict:
     """Convert ``source`` to Parquet shards under ``out``; returns a summary dict with the
-    files, row count, shape, class count and split sizes (see the module docstring)."""
+    files, row count, shape, class count and split sizes (see the module docstring). ``columns``: for
+    ``parquet``, ``data.load_splits``' reading options (``label_column``, ``feature_column``, ``image_column``,
+    ``id_column``, ``shape``, ``split_column``)."""
     source = str(source).strip().lower()
     _check_args(source, root, out, rows_per_file, image_size, val_fraction, test_fraction)
+    if columns and source != "parquet":
+        raise DataError(f"--{next(iter(columns)).replace('_', '-')} is for the parquet source; drop it for {source}")
     if not _is_uri(os.fspath(out)):
         _check_empty_local(os.fspath(out))  # fail before the (possibly slow) load
-    splits = load_splits(source, root=root, image_size=image_size, seed=seed,
-                         val_fraction=val_fraction, test_fraction=test_fraction)
+    if source == "parquet":  # a Parquet set as a run reads it (its declared split column, if any, is kept)
+        splits = load_splits(source, path=root, image_size=image_size, seed=seed, val_fraction=val_fraction,
+                             test_fraction=test_fraction, **(columns or {}))
+    else:
+        splits = load_splits(source, root=root, image_size=image_size, seed=seed,
+                             val_fraction=val_fraction, test_fraction=test_fraction)
     pool, split = pool_of(splits)
     # 8-bit images (CIFAR-10 at its own size, image folders) are stored as their uint8 pixels when those give back
     # exactly the standardized floats: a quarter of float32's bytes on disk and through every streamed epoch
@@ -205,9 +220,10 @@ def _image_size_arg(text: str) -> int | tuple[int, int] | str:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """``raydistill data prepare``: run ``prepare`` and print one summary line."""
+    columns = {key: getattr(args, key) for key in PARQUET_OPTIONS if getattr(args, key) is not None}
     summary = prepare(args.source, args.out, root=args.root, rows_per_file=args.rows_per_file,
                       image_size=args.image_size, seed=args.seed, val_fraction=args.val_fraction,
-                      test_fraction=args.test_fraction)
+                      test_fraction=args.test_fraction, columns=columns)
     split = summary["split"]
     print(f"wrote {summary['rows']} rows of {summary['source']} (shape {summary['shape']} as "
           f"{summary['features']}, {summary['num_classes']} classes) in {len(summary['files'])} file(s) to "
@@ -218,16 +234,28 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# The parquet source's reading options, as a run's data.<key> settings (docs/config.md)
+PARQUET_OPTIONS = {
+    "image_column": "parquet: a column of encoded images (PNG/JPEG bytes, or Hugging Face's image struct)",
+    "feature_column": "parquet: the feature column (default features): float lists, or uint8 lists of images",
+    "shape": "parquet: a feature column's sample shape, e.g. --shape 3 32 32 (= data.shape)",
+    "label_column": "parquet: the label column (default label)",
+    "id_column": "parquet: the id column (default id; the row number without one)",
+    "split_column": "parquet: a column whose values train / val / test declare the splits",
+}
+
+
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``data prepare ...`` on the CLI's subparsers; returns the ``data`` parser."""
     data = subparsers.add_parser("data", help="data tools: convert a source to Parquet shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser(
-        "prepare", help="convert digits / cifar10 / imagefolder to Parquet shards with ids",
+        "prepare", help="convert digits / cifar10 / imagefolder / a Parquet set to Parquet shards with ids",
         description="Convert a data source to Parquet shards (columns id, label, features) that "
                     "data.source=parquet and Ray Data read; see raydistill/prepare.py for the layout.")
-    prep.add_argument("source", help="digits | cifar10 | imagefolder")
-    prep.add_argument("--root", help="cifar10: folder holding cifar-10-batches-py; imagefolder: DIR/<class>/<image>")
+    prep.add_argument("source", help="digits | cifar10 | imagefolder | parquet")
+    prep.add_argument("--root", help="cifar10: folder holding cifar-10-batches-py; imagefolder: DIR/<class>/<image>; "
+                                     "parquet: its file, folder, glob or URI")
     prep.add_argument("--out", required=True, help="new folder or pyarrow URI (s3://, gs://, ...) for the shards")
     prep.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE, metavar="N",
                       help=f"rows per Parquet file (default {DEFAULT_ROWS_PER_FILE})")
@@ -237,6 +265,11 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                       help="split seed whose train split gives the normalization (= data.seed)")
     prep.add_argument("--val-fraction", type=float, default=0.1, help="= data.val_fraction (default 0.1)")
     prep.add_argument("--test-fraction", type=float, default=0.2, help="= data.test_fraction (default 0.2)")
+    for key, help_text in PARQUET_OPTIONS.items():  # the parquet source: how its rows are read (= data.<key>)
+        if key == "shape":
+            prep.add_argument("--shape", type=int, nargs="+", metavar="N", help=help_text)
+        else:
+            prep.add_argument(f"--{key.replace('_', '-')}", metavar="COLUMN", help=help_text)
     prep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     prep.set_defaults(func=cmd_prepare)
     return data

@@ -161,6 +161,20 @@ def test_cli_prepare_and_errors(image_folder, tmp_path, capsys):
     wide = data.load_splits("parquet", path=str(tmp_path / "wide"))
     assert wide.shape == (3, 6, 10)
     _assert_same_splits(wide, data.load_splits("imagefolder", root=str(image_folder), image_size=[6, 10]))
+    # a Parquet set, read with its own columns: the prepared wide set as uint8 image lists named otherwise
+    import pyarrow as pa
+
+    table = pq.read_table(tmp_path / "wide")
+    lists = pa.array(list(np.frombuffer(table["features"].combine_chunks().buffers()[1], np.uint8).reshape(-1, 180)),
+                     pa.list_(pa.uint8()))
+    pq.write_table(pa.table({"key": table["id"], "target": table["label"], "rgb": lists}), tmp_path / "own.parquet")
+    code, err = _cli_in_process(capsys, "parquet", "--root", str(tmp_path / "own.parquet"), "--feature-column", "rgb",
+                                "--label-column", "target", "--id-column", "key", "--shape", "3", "6", "10",
+                                "--out", str(tmp_path / "own"))
+    assert code == 0, err
+    assert pq.read_schema(next((tmp_path / "own").glob("*.parquet"))).field("features").type == pa.binary(180)
+    code, err = _cli_in_process(capsys, "digits", "--shape", "3", "--out", str(tmp_path / "d"))
+    assert code == 2 and "--shape is for the parquet source; drop it for digits" in err
 
 
 def test_8bit_images_are_stored_as_their_pixels_and_read_back_bit_for_bit(image_folder, tmp_path):
@@ -213,3 +227,52 @@ def test_8bit_images_are_stored_as_their_pixels_and_read_back_bit_for_bit(image_
             with pytest.raises(data.DataError, match=match) as info:
                 read()
             assert "\n" not in str(info.value)
+
+
+def test_a_parquet_set_of_encoded_images_or_uint8_lists_is_prepared_as_8bit_pixels(tmp_path):
+    """`data prepare parquet`: a Parquet set as a run reads it -- encoded images in Hugging Face's struct with its
+    own label and id columns and a split column, or uint8 image lists -- is written as `data prepare` writes images
+    (pixel bytes with the statistics, a split column, the source's ids), giving bit for bit the arrays the run on the
+    source gets; float lists stay float32, as they are; the parquet-only options are refused for other sources."""
+    import io
+
+    import pyarrow as pa
+
+    rng = np.random.default_rng(1)
+    n = 48
+    pixels = rng.integers(0, 256, (n, 9, 11, 3), dtype=np.uint8)
+    encoded = []
+    for image in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        encoded.append({"bytes": buffer.getvalue(), "path": None})
+    split = np.where(np.arange(n) < 36, "train", np.where(np.arange(n) < 40, "val", "test"))
+    pq.write_table(pa.table({"sample_id": np.arange(n) * 3 + 5, "y": np.arange(n) % 4, "image": encoded,
+                             "part": split}), tmp_path / "hf.parquet")
+    read = dict(image_column="image", label_column="y", id_column="sample_id", split_column="part")
+    out = tmp_path / "hf_prepared"
+    summary = prepare("parquet", str(out), root=str(tmp_path / "hf.parquet"), image_size=[8, 10], columns=read)
+    assert summary["features"] == "8-bit pixels" and summary["split"]["test"] == 8  # its declared split, kept
+    assert pq.read_schema(next(out.glob("*.parquet"))).field("features").type == pa.binary(3 * 8 * 10)
+    source = data.load_splits("parquet", path=str(tmp_path / "hf.parquet"), image_size=[8, 10], **read)
+    _assert_same_splits(data.load_splits("parquet", path=str(out)), source)
+
+    flat = pa.array(list(pixels.transpose(0, 3, 1, 2).reshape(n, -1)), pa.list_(pa.uint8()))
+    pq.write_table(pa.table({"id": np.arange(n), "label": np.arange(n) % 4, "features": flat}), tmp_path / "u8.parquet")
+    lists = prepare("parquet", str(tmp_path / "u8_prepared"), root=str(tmp_path / "u8.parquet"), seed=2,
+                    columns={"shape": [3, 9, 11]})
+    assert lists["features"] == "8-bit pixels" and lists["shape"] == [3, 9, 11]
+    _assert_same_splits(data.load_splits("parquet", path=str(tmp_path / "u8_prepared")),
+                        data.load_splits("parquet", path=str(tmp_path / "u8.parquet"), shape=[3, 9, 11], seed=2))
+
+    floats = pa.array(list(rng.standard_normal((n, 5)).astype(np.float32)), pa.list_(pa.float32()))
+    pq.write_table(pa.table({"id": np.arange(n), "label": np.arange(n) % 4, "features": floats}),
+                   tmp_path / "f.parquet")
+    assert prepare("parquet", str(tmp_path / "f_prepared"), root=str(tmp_path / "f.parquet"),
+                   columns={"shape": [5]})["features"] == "float32"
+    _assert_same_splits(data.load_splits("parquet", path=str(tmp_path / "f_prepared")),
+                        data.load_splits("parquet", path=str(tmp_path / "f.parquet"), shape=[5]))
+    with pytest.raises(data.DataError, match="--image-column is for the parquet source; drop it for digits"):
+        prepare("digits", str(tmp_path / "d"), columns={"image_column": "png"})
+    with pytest.raises(data.DataError, match="parquet needs --root"):
+        prepare("parquet", str(tmp_path / "p"))
