@@ -7,8 +7,9 @@
                             [--id-column C] [--split-column C]     (parquet: how its rows are read)
 
 ``parquet`` reads a Parquet set (file, folder, glob or URI at ``--root``) as a run with those ``data.*`` settings
-reads it in memory, and writes it again in this layout: its encoded images (decoded once, not every epoch) and
-uint8 image lists as 8-bit pixels, float lists as they are; its ids, and its split column when it has one.
+reads it in memory (the whole set: it must fit in memory, as every source here), and writes it again in this
+layout: its encoded images (decoded once, not every epoch) and uint8 image lists as 8-bit pixels, float lists as
+they are; its ids, and its split column when it has one.
 
 Layout: OUT is one folder of ``part-NNNNN.parquet`` files holding every sample of the source,
 grouped by split (the train files first, then val, then test; each file rows of one split, sorted
