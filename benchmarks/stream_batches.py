@@ -27,7 +27,9 @@ a local Ray (as Ray Train's local mode reads it), each batch turned into trainin
   bits (``data_scale.py --encoding pixels``) and stored as ``raydistill data prepare`` stores images: uint8 pixels
   in a fixed-size binary column (a row's bytes), standardized by the reader (``data.standardize_pixels``); a quarter
   of the bytes; ``..., 8-bit pixel lists``: the same pixels as a user's own Parquet may hold them, one list of
-  uint8 a row with no raydistill metadata (read as 8-bit images, ``data.is_pixel_list``);
+  uint8 a row with no raydistill metadata (read as 8-bit images, ``data.is_pixel_list``); ``..., PNG images``: the
+  same pixels as PNG images in a column (``data_scale.py --encoding png``), decoded in Ray Data's read tasks every
+  epoch (what ``raydistill data prepare parquet`` turns into pixel bytes once);
 * ``split column, interleaved`` and ``split column, own files``: the same rows with a split column naming the same
   train / val / test rows, read as ``ray_data bs 1024``: in files holding all three splits (sorted by id, 4,096 rows
   a file: the layout ``raydistill data prepare`` wrote before 2026-12-02, and what data from elsewhere may have) and
@@ -134,7 +136,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
-    from data_scale import write_data
+    from data_scale import SHAPE, data_settings, write_data
     from throughput import machine
 
     from raydistill import config
@@ -234,6 +236,12 @@ def main() -> None:
         assert lists.train.rows == plan.rows and lists.channel_stats is not None  # read as 8-bit images
         variants["pyarrow, 8-bit pixel lists"] = lambda epoch: sum(len(y) for _, y, _ in iter_split(lists, "train"))
         variants["worker: blocks + ShuffleBuffer, 8-bit pixel lists"] = worker(lists, train_dataset(lists, seed=0))
+        if tuple(args.shape) == SHAPE:  # the same 8-bit samples as PNG images, decoded by Ray Data every epoch
+            write_data(work / "png", args.rows, encoding="png")
+            png = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(work / "png"),
+                                                 **data_settings("png")}).data)
+            assert png.train.rows == plan.rows
+            variants["worker: blocks + ShuffleBuffer, PNG images"] = worker(png, train_dataset(png, seed=0))
     for epoch in range(2):  # untimed: Ray's worker processes start and import on their first read tasks
         variants["ray_data bs 1024, no shuffle"](epoch)
     results = time_epochs(variants, args.epochs)
@@ -268,7 +276,11 @@ def main() -> None:
                                             "worker: blocks + ShuffleBuffer, 8-bit pixels"),
                                            ("pyarrow", "pyarrow", "pyarrow, 8-bit pixel lists"),
                                            ("worker", "worker: blocks + ShuffleBuffer, batches of 64",
-                                            "worker: blocks + ShuffleBuffer, 8-bit pixel lists")):
+                                            "worker: blocks + ShuffleBuffer, 8-bit pixel lists"),
+                                           ("worker", "worker: blocks + ShuffleBuffer, batches of 64",
+                                            "worker: blocks + ShuffleBuffer, PNG images")):
+            if pixel_row not in results:
+                continue
             a, b = results[pixel_row], results[float_row]
             print(f"{kind}, {pixel_row.split(', ')[-1]} against float32 features: machine CPU "
                   f"{a['machine_cpu_s'] / b['machine_cpu_s']:.2f}x, "
