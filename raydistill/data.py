@@ -52,6 +52,7 @@ __all__ = [
     "load_splits",
     "shard_indices",
     "write_parquet",
+    "input_normalization",
 ]
 
 SOURCES = ("digits", "cifar10", "imagefolder", "parquet", "noisy_digits")
@@ -291,6 +292,18 @@ def standardize_pixels(pixels: np.ndarray, stats) -> np.ndarray:
     x -= mean
     x /= std
     return x
+
+
+def input_normalization(source: str, channel_stats) -> dict | None:
+    """How a model of the run takes its input, for the report and the exported artifact: each raw value (a pixel
+    0..255; digits' 0..16) times ``scale``, then (that - mean) / std per channel with the training data's
+    statistics (``channel_stats``), after any resize to ``data.image_size``; None when the samples are the stored
+    numbers as they are (float features)."""
+    if channel_stats is None:
+        return None
+    scale = 1 / 16 if source in ("digits", "noisy_digits") else 1 / 255
+    return {"scale": scale, "mean": list(channel_stats[0]), "std": list(channel_stats[1]),
+            "formula": "per channel: (raw * scale - mean) / std"}
 
 
 def to_pixels(x: np.ndarray, stats, rows: int = 4096) -> np.ndarray | None:

@@ -7,7 +7,8 @@ installed (no raydistill, no torchao, no numpy):
 * ``student.torchscript.pt``: the same model traced with TorchScript, when tracing works
   (a fallback for runtimes without ``torch.export.load``; TorchScript is in maintenance mode);
 * ``predict.py``: loads the artifact and prints one predicted class per input row;
-* ``artifact.json``: formats, input shape, sha256 of each file, torch version.
+* ``artifact.json``: formats, input shape, the input's normalization (scale, per-channel mean and std), sha256
+  of each file, torch version.
 
 Each artifact is loaded back and checked against the model before it is written; every
 file is written atomically (temporary file, then ``os.replace``).
@@ -235,7 +236,8 @@ def _check_same(actual: Tensor, expected: Tensor, what: str) -> None:
         raise RuntimeError(f"the reloaded {what} artifact predicts differently from the model")
 
 
-def export_model(model: nn.Module, example_input: Tensor, out_dir: str | os.PathLike) -> dict[str, Any]:
+def export_model(model: nn.Module, example_input: Tensor, out_dir: str | os.PathLike,
+                 normalization: dict | None = None) -> dict[str, Any]:
     """Write a torch-only deployable artifact of ``model`` into ``out_dir``; return its description.
 
     ``example_input`` is a batch (N, C, H, W) of real or random inputs (only its shape and
@@ -279,6 +281,8 @@ def export_model(model: nn.Module, example_input: Tensor, out_dir: str | os.Path
     files[PREDICT_FILE] = _sha256(PREDICT_SCRIPT.encode())
     meta = {"primary": primary, "format": "torch.export" if primary == PT2_FILE else "torchscript",
             "input_shape": list(example.shape[1:]), "input_dtype": "float32",
+            # what a raw sample goes through before the model (data.input_normalization); None: taken as stored
+            "input_normalization": normalization,
             "num_outputs": int(expected.shape[-1]), "torch": torch.__version__, "files": files, "errors": errors}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -349,8 +353,8 @@ def deploy_gate(student_acc: float, teacher_acc: float, min_accuracy: float | No
 
 
 def export_if_gate_passes(model: nn.Module, example_input: Tensor, out_dir: str | os.PathLike,
-                          gate: dict[str, Any]) -> dict[str, Any] | None:
+                          gate: dict[str, Any], normalization: dict | None = None) -> dict[str, Any] | None:
     """``export_model`` when ``gate["passed"]``; otherwise write nothing and return None."""
     if not gate.get("passed"):
         return None
-    return export_model(model, example_input, out_dir)
+    return export_model(model, example_input, out_dir, normalization)

@@ -44,7 +44,7 @@ from raydistill.cluster import (
 )
 from raydistill.config import Config
 from raydistill.console import log
-from raydistill.data import Splits, fingerprint, image_side, is_image, load_splits
+from raydistill.data import Splits, fingerprint, image_side, input_normalization, is_image, load_splits
 from raydistill.errors import CacheError, CheckpointError, ConfigError, DataError, ModelError, RunFolderError
 from raydistill.evaluate import evaluate_on_test, quantize_student
 from raydistill.job import StageJob, TeacherSource
@@ -711,7 +711,8 @@ def deploy_student(ctx: RunContext, final: torch.nn.Module, final_name: str, mod
     gate = deploy_gate(models[final_name]["accuracy"], models["teacher"]["accuracy"], ctx.cfg.deploy.min_accuracy,
                        ctx.cfg.deploy.min_ratio_to_teacher)
     formats = ctx.cfg.deploy.formats
-    exported = (export_if_gate_passes(final.eval(), test_example(ctx.splits), ctx.out / "deploy", gate)
+    exported = (export_if_gate_passes(final.eval(), test_example(ctx.splits), ctx.out / "deploy", gate,
+                                      input_normalization(ctx.splits.name, ctx.splits.channel_stats))
                 if "pt2" in formats else None)
     ctx.log(f"deploy gate: {gate['message']}")
     onnx = deploy_onnx(ctx, final, models[final_name], gate) if {"onnx", "onnx_int8"} & set(formats) else {}
@@ -791,7 +792,8 @@ def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teach
     return {"models": models, "timings": ctx.timings, "gains": gains,
             "data": {"name": s.name, "fingerprint": ctx.data_fp, "train": s.rows("train"), "val": s.rows("val"),
                      "test": s.rows("test"), "sample_shape": list(s.shape), "splits": s.describe(),
-                     "streamed": isinstance(s, StreamData)},
+                     "streamed": isinstance(s, StreamData),
+                     "normalization": input_normalization(s.name, s.channel_stats)},
             "throughput": {k: v.get("samples_per_s_median") for k, v in ctx.stages.records.items()},
             "teacher_server": server_stats, "latency_threads": LATENCY_THREADS,
             **({"logit_cache": teacher.cache} if teacher.cache else {}), "deploy": deploy,

@@ -1,6 +1,7 @@
 """`raydistill run` on samples that are not square images, with a declared test file (issue 13): a 1-D signal
 set (C, L) with the user's own 1-D CNN, a tabular (F,) set with the built-in MLP, a non-square image set
-(3, 24, 40) with the built-in CNN, as flat features and as PNG images streamed and decoded where they are read.
+(3, 24, 40) with the built-in CNN, as flat features, as PNG images streamed and decoded where they are read, and
+as uint8 lists (read as the 8-bit images they are).
 The signals are stored as nested lists, one level per dimension (``x.tolist()``, HF datasets' Array2D), the others
 as flat rows. Local mode, one epoch per stage."""
 
@@ -31,10 +32,11 @@ def conv1d(num_classes, input_shape, width=8):
 '''
 
 
-def _files(folder, shape, rows=(240, 60), classes=4, seed=0, encoded=False, nested=False):
+def _files(folder, shape, rows=(240, 60), classes=4, seed=0, encoded=False, nested=False, pixels=False):
     """A learnable set: each class its own mean per channel (per feature for (F,)) plus noise; train ids 0..,
     test ids 10000... ``encoded``: the (3, H, W) samples as PNG images (8 bits a channel) in a column ``png``;
-    ``nested``: each sample as nested lists of its shape instead of one flat list."""
+    ``nested``: each sample as nested lists of its shape instead of one flat list; ``pixels``: the PNGs' 8-bit
+    pixels as one flat list of uint8 a row."""
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((classes, shape[0], *[1] * (len(shape) - 1)))
     means = np.broadcast_to(means, (classes, *shape)).reshape(classes, -1).astype(np.float32)
@@ -45,6 +47,8 @@ def _files(folder, shape, rows=(240, 60), classes=4, seed=0, encoded=False, nest
         columns = {"id": np.arange(first, first + n), "label": y, "features": list(x)}
         if nested:
             columns["features"] = pa.array(x.reshape(n, *shape).tolist(), pa.list_(pa.list_(pa.float32())))
+        if pixels:
+            columns["features"] = pa.array(list(np.clip(128 + 40 * x, 0, 255).astype(np.uint8)), pa.list_(pa.uint8()))
         if encoded:
             columns.pop("features")
             columns["png"] = [_png(np.clip(128 + 40 * row.reshape(shape), 0, 255).astype(np.uint8)) for row in x]
@@ -77,6 +81,9 @@ CASES = {
     "encoded_image": ((3, 24, 40), {"student.model": "cnn", "student.kwargs": {"widths": [4, 8], "hidden": 16},
                                     "teacher.model": "cnn", "teacher.kwargs": {"widths": [8, 16], "hidden": 32},
                                     "data.image_column": "png", "data.image_size": [24, 40]}),
+    # the same 8-bit pixels as uint8 lists (numpy images written as they are): streamed, read as images
+    "pixel_lists": ((3, 24, 40), {"student.model": "cnn", "student.kwargs": {"widths": [4, 8], "hidden": 16},
+                                  "teacher.model": "cnn", "teacher.kwargs": {"widths": [8, 16], "hidden": 32}}),
 }
 
 
@@ -86,7 +93,8 @@ def test_run_on_any_sample_shape_with_a_declared_test_file(case, ray_local, tmp_
     (tmp_path / "shape_models.py").write_text(CONV1D)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("shape_models", None)
-    train, test = _files(tmp_path, shape, encoded=case == "encoded_image", nested=case == "signal")
+    train, test = _files(tmp_path, shape, encoded=case == "encoded_image", nested=case == "signal",
+                         pixels=case == "pixel_lists")
     cfg = config.load(None, {**SMOKE, "data.limit": None, "data.source": "parquet", "data.train": train,
                              "data.test": test, "data.shape": list(shape), "prune.ratio": 0.25,
                              "deploy.min_accuracy": 0.0, **overrides})
@@ -96,7 +104,13 @@ def test_run_on_any_sample_shape_with_a_declared_test_file(case, ray_local, tmp_
     data = report["data"]
     assert data["sample_shape"] == list(shape)
     assert data["splits"]["test"] == {"from": f"declared: data.test={test}", "size": 60}
-    assert data["streamed"] is (case in ("signal", "encoded_image"))
+    assert data["streamed"] is (case in ("signal", "encoded_image", "pixel_lists"))
+    # 8-bit images (PNGs, uint8 lists) are scaled and standardized per channel, and the report and the exported
+    # artifact say how; float features are taken as stored
+    eight_bit = case in ("encoded_image", "pixel_lists")
+    assert (data["normalization"] is not None) is eight_bit
+    if eight_bit:
+        assert data["normalization"]["scale"] == 1 / 255 and len(data["normalization"]["mean"]) == 3
     assert data["splits"]["val"]["from"].startswith("carved") and 10 < data["splits"]["val"]["size"] < 40
     # the test split is the declared file, row for row: its ids are what every model was scored on
     from raydistill.pipeline import load_data
@@ -108,3 +122,4 @@ def test_run_on_any_sample_shape_with_a_declared_test_file(case, ray_local, tmp_
     assert models["teacher"]["accuracy"] > 0.5  # 4 classes: it learned from samples of this shape
     artifact = json.loads((out / "deploy" / "artifact.json").read_text())
     assert artifact["input_shape"] == list(shape)  # the exported program takes one sample of this shape
+    assert artifact["input_normalization"] == data["normalization"]
