@@ -751,6 +751,11 @@ def deploy_onnx(ctx: RunContext, final: torch.nn.Module, row: dict, gate: dict) 
                 f"samples) {info['fp32_onnx_size_bytes'] / info['size_bytes']:.1f}x smaller than fp32 ONNX, accuracy "
                 f"{info['accuracy']:.4f} (PyTorch fp32 {info['torch_accuracy']:.4f}); {info['latency_ms_b1']:.3f} ms "
                 f"at batch 1, {info['latency_ms_b64']:.3f} ms at 64")
+    meta_path = ctx.out / "deploy" / "artifact.json"  # ONNX alone (no pt2 export): it wrote the file, not this key
+    meta = json.loads(meta_path.read_text())
+    if "input_normalization" not in meta:
+        meta["input_normalization"] = input_normalization(data.name, data.channel_stats)
+        atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return out
 
 

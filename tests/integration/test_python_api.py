@@ -115,6 +115,11 @@ def test_onnx_int8_is_calibrated_reported_and_in_the_manifest(api_run):
     path = api_run.out / "deploy" / "student_int8.onnx"
     assert read_manifest(api_run.out)["files"]["deploy/student_int8.onnx"]["bytes"] == path.stat().st_size
     assert " static int8 | " in (api_run.out / "report.md").read_text()
+    # the deploy folder says how a raw sample is normalized for the model (digits: values / 16, then per channel)
+    import json
+
+    normalization = json.loads((api_run.out / "deploy" / "artifact.json").read_text())["input_normalization"]
+    assert normalization == api_run.report["data"]["normalization"] and normalization["scale"] == 1 / 16
     # auto: the ViT's only Conv2d (the patch embedding) has one input channel, which torchao cannot quantize
     assert api_run.models["student_int8"]["scheme"] == "weight_only" and "no Conv2d" in api_run.models[
         "student_int8"]["scheme_reason"]
