@@ -63,7 +63,9 @@ PREDICT_SCRIPT = '''"""Predict with the exported student, using only torch (no r
 
 INPUT is a .pt file (a tensor saved with torch.save, or a dict with key "x") or a .npy
 file of shape (N, C, H, W) or (C, H, W). Prints one predicted class per row, or with
---logits one JSON list of logits per row.
+--logits one JSON list of logits per row. Float input is taken as the model's input (already
+normalized); uint8 input is raw 8-bit samples (image pixels 0..255, digits 0..16), normalized here as the
+run normalized its data (artifact.json's input_normalization: / (1 / scale), then (x - mean) / std per channel).
 """
 
 import argparse
@@ -98,7 +100,7 @@ def load_npy(path):
     return torch.frombuffer(payload, dtype=NPY_DTYPES[descr[1:]]).reshape(header["shape"])
 
 
-def load_input(path, input_shape):
+def load_input(path, input_shape, normalization=None):
     path = Path(path)
     if path.suffix == ".npy":
         x = load_npy(path)
@@ -106,12 +108,21 @@ def load_input(path, input_shape):
         x = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(x, dict):
             x = x["x"]
-    x = torch.as_tensor(x).float()
+    raw = torch.as_tensor(x)
+    x = raw.float()
     if input_shape and list(x.shape) == list(input_shape):
         x = x.unsqueeze(0)  # a single sample
     if input_shape and list(x.shape[1:]) != list(input_shape):
         expected = ", ".join(map(str, input_shape))
         raise SystemExit(f"input {path} has shape {tuple(x.shape)}; the model expects (N, {expected})")
+    if raw.dtype == torch.uint8:  # raw 8-bit samples: normalized as the run normalized its data
+        if not normalization:
+            raise SystemExit(f"input {path} is uint8 but this model takes its inputs as stored (no "
+                             "input_normalization in artifact.json); pass float32 inputs")
+        per_channel = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.tensor(normalization["mean"], dtype=torch.float32).reshape(per_channel)
+        std = torch.tensor(normalization["std"], dtype=torch.float32).reshape(per_channel)
+        x = (x / float(round(1 / normalization["scale"])) - mean) / std  # the training data's float32 operations
     return x
 
 
@@ -135,7 +146,7 @@ def main(argv=None):
     parser.add_argument("--logits", action="store_true")
     args = parser.parse_args(argv)
     model = load_model(args.artifact)
-    x = load_input(args.input, meta.get("input_shape"))
+    x = load_input(args.input, meta.get("input_shape"), meta.get("input_normalization"))
     with torch.no_grad():
         logits = torch.cat([model(chunk) for chunk in torch.split(x, 1024)]) if len(x) else torch.empty(0)
     for row in logits:

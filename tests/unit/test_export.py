@@ -77,6 +77,33 @@ def test_artifacts_load_and_predict_with_torch_only(tmp_path):
     assert out.stdout.split() == predictions
 
 
+def test_predict_normalizes_raw_uint8_samples_as_the_run_did(tmp_path):
+    """artifact.json's input_normalization lets predict.py take raw 8-bit samples: a uint8 .npy gives the logits of
+    the model on what the run's reader makes of those pixels (data.standardize_pixels); float input is taken as
+    the model's input; uint8 input for a model with no normalization is refused in one line."""
+    from raydistill.data import input_normalization, standardize_pixels
+
+    model = student().eval()
+    raw = np.random.default_rng(3).integers(0, 256, (5, 1, 8, 8), dtype=np.uint8)
+    stats = ((0.45,), (0.28,))
+    folder = tmp_path / "deploy"
+    export_model(model, torch.zeros(2, 1, 8, 8), folder, input_normalization("parquet", stats))
+    np.save(folder / "raw.npy", raw)
+    done = subprocess.run([sys.executable, str(folder / "predict.py"), str(folder / "raw.npy"), "--logits"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(standardize_pixels(raw, stats)))
+    got = torch.tensor([json.loads(line) for line in done.stdout.splitlines()])
+    assert torch.allclose(got, expected, atol=1e-4)
+
+    bare = tmp_path / "bare"
+    export_model(model, torch.zeros(2, 1, 8, 8), bare)
+    refused = subprocess.run([sys.executable, str(bare / "predict.py"), str(folder / "raw.npy")],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "is uint8 but this model takes its inputs as stored" in refused.stderr
+
+
 def test_model_needing_torchao_is_refused(tmp_path):
     model = quantize_int8(student(), "dynamic")  # torchao ops in the graph: not loadable with torch only
     with pytest.raises(ValueError, match="torchao"):
