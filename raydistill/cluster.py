@@ -59,6 +59,7 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
         # actor and Train's controller must still fit (measured: otherwise runs wait forever).
         kwargs["num_cpus"] = local_ray_cpus()
         kwargs["_system_config"] = dict(PRIVATE_RAY_SYSTEM_CONFIG)  # a copy: Ray adds its session's keys to it
+        _wait_longer_for_the_dashboard()
         # Ray gives its local raylet a fixed 30 s to register; on a machine loaded far beyond its cores that is
         # not always enough (measured here at load average 30-45 on 2 cores), and a second try then succeeds.
         for attempt in range(LOCAL_START_ATTEMPTS):
@@ -73,6 +74,22 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
 
 
 LOCAL_START_ATTEMPTS = 3
+
+# How long ray.init waits for a private local Ray's dashboard to publish its address. Ray's own limit is 60 s
+# (RAY_DASHBOARD_STARTUP_TIMEOUT_S, read once when Ray is imported), after which ray.init raises and the command ends
+# in Ray's traceback. Measured here (2 cores, the test suite's two workers plus a unit-test run beside them): a
+# private Ray's dashboard had loaded its 9 modules 28 s after the session began but had not published its address
+# 73 s in. A command needs that dashboard (Train's placement-group cleaner uses its State API), so a private start
+# waits longer on a loaded machine instead of failing; a user's own RAY_DASHBOARD_STARTUP_TIMEOUT_S wins.
+DASHBOARD_START_TIMEOUT_S = 300
+
+
+def _wait_longer_for_the_dashboard() -> None:
+    from ray._private import ray_constants
+
+    if "RAY_DASHBOARD_STARTUP_TIMEOUT_S" not in os.environ:
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S,
+                                                            DASHBOARD_START_TIMEOUT_S)
 
 # A private local Ray collects no Prometheus metrics. Why: at exit, the driver's metrics recorder flushes to the
 # node's metrics agent and, when that export fails, waits 10 s for it ("open_telemetry_metric_recorder.cc: Failed
