@@ -22,8 +22,10 @@ float32's bytes; both paths standardize them as they read them.
 ``--layout prepared`` writes the same rows as ``raydistill data prepare`` lays a set out instead: a ``split`` column
 naming the rows the carving would give (test 20 %, val 10 %, by the same hash of (seed 0, id)) and each split in
 files of its own (train files first), so a streamed epoch reads the train files only, with no row filter, as it does
-on CIFAR-10 or an image folder after `data prepare`. The default, ``carved``, has no split column: val and test are
-carved out of every file by id, and a streamed epoch reads every file and drops ~30 % of its rows.
+on CIFAR-10 or an image folder after `data prepare`, and with ``data.write_parquet``'s storage: float samples as
+each row's float32 bytes (since 2026-12-03; before, a list of floats), pixels as pixel bytes. The default,
+``carved``, has no split column and float samples as a fixed-size list of floats (a user's own file): val and test
+are carved out of every file by id, and a streamed epoch reads every file and drops ~30 % of its rows.
 
 Goals (issue 13): every process's peak RSS at 16x <= 1.3x its peak at 1x; streamed samples/s at 1x >= 0.8x the
 in-memory path's. The accuracy columns compare the streamed shuffle (a per-epoch file order plus a local shuffle

@@ -17,8 +17,9 @@ a local Ray (as Ray Train's local mode reads it), each batch turned into trainin
 * ``worker before: local shuffle, reads cut to 64``: what ``StreamedTrain`` did before it (until 2026-12-02, 14th
   session): Ray Data's local shuffle buffer asked for about 1,024 rows at a time, at most 3 MiB (256 CIFAR-sized
   rows, 1,024 rows of 40 floats), each cut into batches of 64; both worker rows are also run on the "own files"
-  copy below (a list column, as ``raydistill data prepare`` writes; ``write_data``'s column is a fixed-size list,
-  whose Arrow ``take`` is cheaper);
+  copy below, which holds the same float32 values as ``raydistill data prepare`` writes them since 2026-12-03
+  (each row's values as one fixed-size binary value, ``data.write_parquet``; before, a list column), against
+  ``write_data``'s fixed-size list of floats (a user's own file); ``pyarrow, float32 bytes`` is that copy's floor;
 * ``one reader, whole blocks`` and ``split between 2 readers``: whole blocks with no shuffle, read by this process,
   and the same dataset split by ``streaming_split(2, equal=True)`` (what ``ray.train.get_dataset_shard`` gives 2
   Train workers) into two Ray actors that read their halves at once: the cost of splitting the stream between
@@ -219,7 +220,9 @@ def main() -> None:
                                                "data.shape": args.shape}).data)
         assert other.train.rows == plan.rows, (layout, other.train.rows, plan.rows)  # the same training rows
         variants[f"split column, {layout}"] = ray_data(1024, True, other)
-        if layout == "own files":
+        if layout == "own files":  # float32 bytes, as data prepare writes floats
+            variants["pyarrow, float32 bytes"] = lambda epoch, other=other: sum(
+                len(y) for _, y, _ in iter_split(other, "train"))
             own = train_dataset(other, seed=0)
             variants["own files, worker: blocks + ShuffleBuffer"] = worker(other, own)
             variants["own files, worker before"] = worker_before(other, own)
@@ -265,11 +268,18 @@ def main() -> None:
     print(f"split between 2 readers: {split / one:.2f}x the machine CPU of one reader")
     for label, now, before in (("fixed-size list", "worker: blocks + ShuffleBuffer, batches of 64",
                                 "worker before: local shuffle, reads cut to 64"),
-                               ("own files, list", "own files, worker: blocks + ShuffleBuffer",
+                               ("own files, float32 bytes", "own files, worker: blocks + ShuffleBuffer",
                                 "own files, worker before")):
         a, b = results[now], results[before]
         print(f"worker's reading, {label}: machine CPU {a['machine_cpu_s'] / b['machine_cpu_s']:.2f}x before, "
               f"the reading process's own {a['reader_cpu_s'] / b['reader_cpu_s']:.2f}x")
+    for kind, lists_row, bytes_row in (("pyarrow", "pyarrow", "pyarrow, float32 bytes"),
+                                       ("worker", "worker: blocks + ShuffleBuffer, batches of 64",
+                                        "own files, worker: blocks + ShuffleBuffer")):
+        a, b = results[bytes_row], results[lists_row]
+        print(f"{kind}, float32 bytes (data prepare's layout) against float32 lists: machine CPU "
+              f"{a['machine_cpu_s'] / b['machine_cpu_s']:.2f}x, the reading process's own "
+              f"{a['reader_cpu_s'] / b['reader_cpu_s']:.2f}x")
     if "pyarrow, 8-bit pixels" in results:
         for kind, float_row, pixel_row in (("pyarrow", "pyarrow", "pyarrow, 8-bit pixels"),
                                            ("worker", "worker: blocks + ShuffleBuffer, batches of 64",

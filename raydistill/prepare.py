@@ -9,12 +9,13 @@
 ``parquet`` reads a Parquet set (file, folder, glob or URI at ``--root``) as a run with those ``data.*`` settings
 reads it in memory (the whole set: it must fit in memory, as every source here), and writes it again in this
 layout: its encoded images (decoded once, not every epoch) and uint8 image lists as 8-bit pixels, float lists as
-they are; its ids, and its split column when it has one.
+float32 bytes (below); its ids, and its split column when it has one.
 
 Layout: OUT is one folder of ``part-NNNNN.parquet`` files holding every sample of the source,
 grouped by split (the train files first, then val, then test; each file rows of one split, sorted
 by id), with columns ``id`` (int64, the source's own
-sample id), ``label`` (int64), ``features`` (flat float32 list, or 8-bit pixels: below) and ``split``
+sample id), ``label`` (int64), ``features`` (each row's float32 values, or its 8-bit pixels, as one fixed-size binary
+value: below) and ``split``
 (train | val | test: the split the source gave with ``--seed``, ``--val-fraction``, ``--test-fraction``);
 the shape, the class count and the name of the split column are in the Parquet schema metadata.
 Point a run at it with
@@ -24,7 +25,9 @@ Point a run at it with
 The loader keeps the written splits (the schema names the split column), so a run on OUT trains,
 validates and tests on exactly the samples (and arrays) the source itself gives; CIFAR-10 keeps its
 official test batch. The features are stored already standardized, with the statistics of that
-train split only (flat parquet features are model-ready and not re-normalized on load). 8-bit images
+train split only (flat parquet features are model-ready and not re-normalized on load), each row's float32
+values (little-endian, C order) as one fixed-size binary value marked ``raydistill.tensor: float32`` in the
+metadata (``data.write_parquet`` says why not a list of floats). 8-bit images
 (CIFAR-10 at its own size, image folders, Parquet images: every value k / 255) are stored instead as their
 uint8 pixels, each row's C x H x W bytes as one fixed-size binary value (a quarter of float32's size;
 ``data.write_parquet`` says why not a list), with those statistics in the metadata (``raydistill.pixels``); every reader
@@ -193,9 +196,9 @@ def prepare(
 def read_parquet_ray(path: str, columns: list[str] | None = None):
     """A ``ray.data.Dataset`` over prepared shards (a folder, file, glob-free list or any
     pyarrow filesystem URI), with columns ``id``, ``label``, ``features`` (or ``columns``).
-    ``features`` are the stored values: for 8-bit images each row's uint8 pixels as bytes, which
-    ``stream.to_arrays`` (or ``numpy.frombuffer`` and ``data.standardize_pixels`` with the metadata's
-    statistics) turns into model inputs.
+    ``features`` are the stored values as bytes: each row's float32 values (``numpy.frombuffer(row, "<f4")``)
+    or, for 8-bit images, its uint8 pixels, which ``stream.to_arrays`` (or ``numpy.frombuffer`` and
+    ``data.standardize_pixels`` with the metadata's statistics) turns into model inputs.
 
     On a multi-node cluster ``path`` must be readable from every node: shared storage
     (NFS) or an object store URI (``s3://``, ``gs://``)."""

@@ -288,14 +288,14 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
     for name, loc in declared.items():
         declared_set = _parquet_dataset(loc)
         other, other_fs, schema = tuple(declared_set.files), _local_or(declared_set.filesystem), declared_set.schema
+        if d.image_column is None:  # first: another sample shape is the likelier cause of another feature type
+            flat_feature_shape(shape, schema.metadata or {}, loc, split=name)
         for column, kind in wanted_types.items():
             found = str(schema.field(column).type) if column in schema.names else "missing"
             if found != kind:
                 raise DataError(f"declared {name} split {loc} has a different schema: column {column!r} is {found} "
                                 f"there but {kind} in the training data; write every split with the same columns and "
                                 "types")
-        if d.image_column is None:
-            flat_feature_shape(shape, schema.metadata or {}, loc, split=name)
         c = _columns_of(other, [d.id_column, d.label_column], loc, other_fs)
         plans[name] = SplitPlan(other, rows=len(c[d.id_column]), filesystem=other_fs)
         kept[name] = (c[d.id_column].astype(np.int64), _labels(c[d.label_column], f"column {d.label_column!r}"))

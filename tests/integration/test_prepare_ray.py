@@ -27,7 +27,8 @@ def test_read_parquet_ray_reads_prepared_shards(ray_local, digits_shards, tmp_pa
     for part in (expected.train, expected.val, expected.test):
         labels[part.ids], features[part.ids] = part.y, part.x.reshape(len(part), -1)
     np.testing.assert_array_equal(rows["label"].to_numpy(), labels)
-    np.testing.assert_array_equal(np.stack(rows["features"].to_numpy()), features)
+    # each row's float32 values as its bytes (data.write_parquet): numpy.frombuffer gives them back
+    np.testing.assert_array_equal(np.stack([np.frombuffer(b, "<f4") for b in rows["features"]]), features)
 
     uri_out = (tmp_path / "uri").as_uri()
     prepare("digits", uri_out, rows_per_file=600)

@@ -180,8 +180,7 @@ def test_cli_prepare_and_errors(image_folder, tmp_path, capsys):
 def test_8bit_images_are_stored_as_their_pixels_and_read_back_bit_for_bit(image_folder, tmp_path):
     """An image folder's samples are 8-bit: prepare stores them as their uint8 pixels (one fixed-size binary value a
     row, a quarter of float32's bytes) with the train split's statistics in the metadata, and every reader (in
-    memory, the streamed batches) gives back exactly the floats the run from the folder gives. Digits (values
-    k / 16) stay float32 lists."""
+    memory, the streamed batches) gives back exactly the floats the run from the folder gives."""
     import json
 
     import pyarrow as pa
@@ -207,9 +206,6 @@ def test_8bit_images_are_stored_as_their_pixels_and_read_back_bit_for_bit(image_
         row = {i: r for r, i in enumerate(in_memory.ids.tolist())}
         np.testing.assert_array_equal(x, in_memory.x[[row[i] for i in ids.tolist()]])
 
-    assert prepare("digits", str(tmp_path / "digits"), rows_per_file=2000)["features"] == "float32"
-    assert pq.read_schema(next((tmp_path / "digits").glob("*.parquet"))).field("features").type == \
-        pa.list_(pa.float32())
 
     # one line each, naming the fix: pixel metadata on a column that is not the pixels' bytes; bytes with no metadata
     bad = tmp_path / "bad.parquet"
@@ -221,12 +217,53 @@ def test_8bit_images_are_stored_as_their_pixels_and_read_back_bit_for_bit(image_
     for path, match in ((bad, r"marked as 8-bit pixels of 3 channels .* its feature column is "
                               r"fixed_size_list<element: float>\[180\] for shape \[3, 6, 10\]; rewrite it with "
                               r"raydistill data prepare"),
-                        (unmarked, r"holds bytes \(fixed_size_binary\[180\]\) with no raydistill.pixels metadata")):
+                        (unmarked, r"holds bytes \(fixed_size_binary\[180\]\) with no raydistill.pixels or "
+                                   r"raydistill.tensor metadata")):
         for read in (lambda: data.load_splits("parquet", path=str(path)),
                      lambda: plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(path)}).data)):
             with pytest.raises(data.DataError, match=match) as info:
                 read()
             assert "\n" not in str(info.value)
+
+
+def test_float_samples_are_stored_as_float32_bytes_and_read_back_bit_for_bit(digits_shards, tmp_path):
+    """Samples that are not 8-bit (digits' k / 16, standardized) are stored as each row's float32 values in one
+    fixed-size binary value, marked ``raydistill.tensor: float32``; in memory and in streamed batches of every size
+    (slices at any offset) they are the source's floats bit for bit. Bytes of another width than the shape needs
+    are a one-line error naming the fix."""
+    import pyarrow as pa
+
+    from raydistill import config
+    from raydistill.stream import iter_split, plan_stream
+
+    digits_shards, summary = digits_shards
+    assert summary["features"] == "float32"
+    schema = pq.read_schema(next(digits_shards.glob("*.parquet")))
+    assert schema.field("features").type == pa.binary(4 * 64)
+    assert schema.metadata[b"raydistill.tensor"] == b"float32" and b"raydistill.pixels" not in schema.metadata
+    source = data.load_splits("digits")
+    _assert_same_splits(data.load_splits("parquet", path=str(digits_shards)), source)
+    streamed = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(digits_shards)}).data)
+    for part, batch_size in (("train", 7), ("val", 64), ("test", 1000)):
+        x, y, ids = (np.concatenate(a) for a in zip(*iter_split(streamed, part, batch_size=batch_size)))
+        assert x.dtype == np.float32 and x.shape[1:] == (1, 8, 8)
+        want = getattr(source, part)
+        row = {i: r for r, i in enumerate(want.ids.tolist())}
+        np.testing.assert_array_equal(x, want.x[[row[i] for i in ids.tolist()]])
+        np.testing.assert_array_equal(y, want.y[[row[i] for i in ids.tolist()]])
+
+    table = pq.read_table(next(digits_shards.glob("*.parquet")))
+    short = pa.FixedSizeBinaryArray.from_buffers(pa.binary(252), len(table), [None, pa.py_buffer(
+        np.zeros(len(table) * 252, np.uint8))])
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.set_column(2, "features", short).replace_schema_metadata(table.schema.metadata), bad)
+    match = (r"marked as float32 samples \(its raydistill.tensor metadata\) but its feature column is "
+             r"fixed_size_binary\[252\] for shape \[1, 8, 8\] \(which needs fixed_size_binary\[256\]\); fix data.shape")
+    for read in (lambda: data.load_splits("parquet", path=str(bad)),
+                 lambda: plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(bad)}).data)):
+        with pytest.raises(data.DataError, match=match) as info:
+            read()
+        assert "\n" not in str(info.value)
 
 
 def test_a_parquet_set_of_encoded_images_or_uint8_lists_is_prepared_as_8bit_pixels(tmp_path):
