@@ -1028,8 +1028,9 @@ def write_parquet(arrays: Arrays, path, rows_per_file: int | None = None, split:
     """Write ``arrays`` as parquet with columns ``id`` (int64), ``label`` (int64) and ``features``: each row's
     float32 values (x flattened, C order, little-endian) as one fixed-size binary value, marked float32 in the schema
     metadata (``raydistill.tensor``); returns the files written. Why bytes and not list<float32>: Parquet decodes a
-    list one value at a time with its repetition and definition levels; one binary value a row is copied. pyarrow
-    reads a CIFAR-sized row 3-4x faster so (about 6 against 20-25 CPU-ms per 1,000 rows, docs/benchmarks.md), at
+    list one value at a time with its repetition and definition levels; one binary value a row is copied. On
+    CIFAR-sized rows pyarrow's reading costs 0.30x the machine CPU so, and a streamed worker's 0.73x (15 against 49,
+    92 against 126 CPU-ms per 1,000 rows: docs/benchmarks.md, "Streaming: where a streamed epoch's CPU goes"), at
     the same size on disk; Petastorm's ndarray codec stores tensors as bytes for the same reason. Every reader here
     gives back the same float32 values (``_flat_features``); a float list column from elsewhere reads as before.
 
