@@ -38,7 +38,7 @@ class DataConfig:
     shuffle_buffer: int = 4096  # streamed data: rows in each worker's local shuffle buffer (file order is also reshuffled per epoch)
     stream_buffer_mb: int = 256  # streamed data: object store memory Ray Data may fill reading ahead of training (its backpressure bound)
     label_column: str = "label"  # parquet: integer class column (0..K-1)
-    feature_column: str = "features"  # parquet: float lists, flat or nested per dimension; uint8 ones of a (C, H, W) shape and data prepare's are 8-bit pixels
+    feature_column: str = "features"  # parquet: float lists, flat or nested per dimension, or data prepare's float32 bytes; uint8 lists of a (C, H, W) shape and data prepare's pixel bytes are 8-bit pixels
     image_column: str | None = None  # parquet: encoded image bytes column instead of features
     id_column: str = "id"  # parquet: stable sample id column (row order when absent)
     shape: list[int] | None = None  # parquet: a sample's [F], [C, L] or [C, H, W]; must match a shape the files record

@@ -4,12 +4,14 @@
                             [--rows-per-file N] [--image-size N|HxW] [--seed S]
                             [--val-fraction F] [--test-fraction F]
                             [--image-column C | --feature-column C --shape N ...] [--label-column C]
-                            [--id-column C] [--split-column C]     (parquet: how its rows are read)
+                            [--id-column C] [--split-column C] [--stream]  (parquet: how its rows are read)
 
 ``parquet`` reads a Parquet set (file, folder, glob or URI at ``--root``) as a run with those ``data.*`` settings
-reads it in memory (the whole set: it must fit in memory, as every source here), and writes it again in this
+reads it in memory (the whole set: it must fit in memory, as every other source here), and writes it again in this
 layout: its encoded images (decoded once, not every epoch) and uint8 image lists as 8-bit pixels, float lists as
-float32 bytes (below); its ids, and its split column when it has one.
+float32 bytes (below); its ids, and its split column when it has one. With ``--stream`` it is read as a streamed
+run reads it, file by file in batches, and written a file at a time (``prepare_streamed``: for a set larger than
+memory; rows keep their file order within each split).
 
 Layout: OUT is one folder of ``part-NNNNN.parquet`` files holding every sample of the source,
 grouped by split (the train files first, then val, then test; each file rows of one split, sorted
@@ -45,6 +47,7 @@ import argparse
 import os
 import shutil
 import tempfile
+import uuid
 
 import numpy as np
 
@@ -155,17 +158,24 @@ def prepare(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     columns: dict | None = None,
+    stream: bool = False,
 ) -> dict:
     """Convert ``source`` to Parquet shards under ``out``; returns a summary dict with the
     files, row count, shape, class count and split sizes (see the module docstring). ``columns``: for
     ``parquet``, ``data.load_splits``' reading options (``label_column``, ``feature_column``, ``image_column``,
-    ``id_column``, ``shape``, ``split_column``)."""
+    ``id_column``, ``shape``, ``split_column``). ``stream`` (parquet only): read and write batch by batch
+    (``prepare_streamed``), for a set larger than memory."""
     source = str(source).strip().lower()
     _check_args(source, root, out, rows_per_file, image_size, val_fraction, test_fraction)
     if columns and source != "parquet":
         raise DataError(f"--{next(iter(columns)).replace('_', '-')} is for the parquet source; drop it for {source}")
+    if stream and source != "parquet":
+        raise DataError(f"--stream is for the parquet source; drop it for {source} (it is read in memory)")
     if not _is_uri(os.fspath(out)):
         _check_empty_local(os.fspath(out))  # fail before the (possibly slow) load
+    if stream:
+        return prepare_streamed(out, root=root, rows_per_file=rows_per_file, image_size=image_size, seed=seed,
+                                val_fraction=val_fraction, test_fraction=test_fraction, columns=columns)
     if source == "parquet":  # a Parquet set as a run reads it (its declared split column, if any, is kept)
         splits = load_splits(source, path=root, image_size=image_size, seed=seed, val_fraction=val_fraction,
                              test_fraction=test_fraction, **(columns or {}))
@@ -213,6 +223,91 @@ def read_parquet_ray(path: str, columns: list[str] | None = None):
     return dataset.select_columns(columns) if columns else dataset
 
 
+def prepare_streamed(out: str, *, root: str, rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+                     image_size=None, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
+                     columns: dict | None = None) -> dict:
+    """``prepare("parquet", ..., stream=True)``: the set at ``root`` read as a *streamed* run reads it
+    (``stream.plan_stream``: its ids, labels and split column first, then the samples file by file in batches with
+    pyarrow, ``stream.iter_split``) and written in the prepared layout ``rows_per_file`` rows at a time, so no
+    process holds more than a file's rows (and every row's id and label) whatever the set's size. What differs from
+    the in-memory ``prepare``, and why: within a split the rows keep the source's file order (sorting them by id
+    would need them all at once); 8-bit samples (encoded images, uint8 image lists) are written as their pixels
+    with the per-channel statistics a streamed run of the source uses (its first 2,048 training rows,
+    ``stream.channel_stats``), so a run on the output gives bit for bit the floats a streamed run on the source
+    gives. Writes are atomic: the files go to a hidden folder beside ``out`` (or a local staging folder for a URI)
+    and appear together."""
+    import pyarrow.fs as pafs
+
+    from raydistill import config
+    from raydistill.data import SPLIT_NAMES
+    from raydistill.stream import iter_split, plan_stream
+
+    settings = {"data.source": "parquet", "data.path": root, "data.seed": seed, "data.val_fraction": val_fraction,
+                "data.test_fraction": test_fraction, "data.stream": True,
+                **{f"data.{key}": value for key, value in (columns or {}).items()}}
+    if image_size is not None:
+        settings["data.image_size"] = list(image_size) if isinstance(image_size, (tuple, list)) else image_size
+    data = plan_stream(config.load(None, settings).data)
+    stats = data.channel_stats  # 8-bit samples: their statistics (None: floats, taken as they are)
+    out = os.fspath(out)
+    uri = _is_uri(out)
+    if uri:
+        filesystem, base = _remote_target(out)
+        staging = tempfile.mkdtemp(prefix="raydistill-prepare-")
+        folder = os.path.join(staging, "shards")
+    else:
+        parent, name = os.path.split(os.path.abspath(out))
+        os.makedirs(parent, exist_ok=True)
+        staging, folder = None, os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+    os.makedirs(folder)
+    names: list[str] = []
+    counts = dict.fromkeys(SPLIT_NAMES, 0)
+
+    def write_file(pending: list, rows: int, split: str) -> list:
+        """The first ``rows`` of the batches ``pending`` as the next file; returns the rows left over."""
+        x, y, ids = (np.concatenate(a) for a in zip(*pending))
+        name = f"part-{len(names):05d}.parquet"
+        write_parquet(Arrays(x[:rows], y[:rows], ids[:rows], data.num_classes, data.shape),
+                      os.path.join(folder, name), split=np.full(rows, split, dtype=object), pixel_stats=stats)
+        names.append(name)
+        return [(x[rows:], y[rows:], ids[rows:])] if rows < len(y) else []
+
+    try:
+        for split in SPLIT_NAMES:  # grouped by split, train files first, as ``pool_of`` orders them
+            pending, held = [], 0
+            for batch in iter_split(data, split, batch_size=min(1024, rows_per_file), pixels=stats is not None):
+                pending.append(batch)
+                held += len(batch[1])
+                counts[split] += len(batch[1])
+                while held >= rows_per_file:
+                    pending, held = write_file(pending, rows_per_file, split), held - rows_per_file
+            if held:
+                write_file(pending, held, split)
+        if uri:
+            filesystem.create_dir(base, recursive=True)
+            pafs.copy_files(folder, base, destination_filesystem=filesystem)
+            files = [out.rstrip("/") + "/" + name for name in names]
+        else:
+            _check_empty_local(out)  # nothing appeared there meanwhile
+            if os.path.isdir(out):
+                os.rmdir(out)  # an empty folder given as --out
+            os.replace(folder, out)
+            files = [os.path.join(os.path.abspath(out), name) for name in names]
+    finally:
+        shutil.rmtree(staging or folder, ignore_errors=True)
+    return {
+        "source": "parquet",
+        "out": out,
+        "files": files,
+        "rows": sum(counts.values()),
+        "shape": list(data.shape),
+        "num_classes": data.num_classes,
+        "features": "8-bit pixels" if stats is not None else "float32",
+        "split": {**counts, "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction},
+        "streamed": True,
+    }
+
+
 def _image_size_arg(text: str) -> int | tuple[int, int] | str:
     """``--image-size``: ``N`` or ``HxW``; anything else is passed on as given, for ``_check_args`` to name."""
     parts = text.lower().split("x")
@@ -227,7 +322,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     columns = {key: getattr(args, key) for key in PARQUET_OPTIONS if getattr(args, key) is not None}
     summary = prepare(args.source, args.out, root=args.root, rows_per_file=args.rows_per_file,
                       image_size=args.image_size, seed=args.seed, val_fraction=args.val_fraction,
-                      test_fraction=args.test_fraction, columns=columns)
+                      test_fraction=args.test_fraction, columns=columns, stream=args.stream)
     split = summary["split"]
     print(f"wrote {summary['rows']} rows of {summary['source']} (shape {summary['shape']} as "
           f"{summary['features']}, {summary['num_classes']} classes) in {len(summary['files'])} file(s) to "
@@ -274,6 +369,9 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
             prep.add_argument("--shape", type=int, nargs="+", metavar="N", help=help_text)
         else:
             prep.add_argument(f"--{key.replace('_', '-')}", metavar="COLUMN", help=help_text)
+    prep.add_argument("--stream", action="store_true",
+                      help="parquet: read and write batch by batch, for a set larger than memory (rows keep their "
+                           "file order; 8-bit statistics of the first 2,048 training rows, as a streamed run's)")
     prep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     prep.set_defaults(func=cmd_prepare)
     return data

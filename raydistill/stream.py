@@ -535,9 +535,10 @@ def _read_columns(data: StreamData, plan: SplitPlan) -> list[str]:
                                                                       else [])
 
 
-def iter_split(data: StreamData, split: str, batch_size: int = 1024,
-               limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The rows of ``split`` in file order as (x, y, ids) numpy batches, read with pyarrow batch by batch."""
+def iter_split(data: StreamData, split: str, batch_size: int = 1024, limit: int | None = None,
+               pixels: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The rows of ``split`` in file order as (x, y, ids) numpy batches, read with pyarrow batch by batch
+    (``pixels``: 8-bit samples as their uint8 pixels, ``to_arrays``)."""
     import pyarrow as pa
 
     plan = data.plan(split)
@@ -546,7 +547,8 @@ def iter_split(data: StreamData, split: str, batch_size: int = 1024,
     for file in plan.files:
         for record in _batches_of(file, columns, batch_size, plan.filesystem):
             keep = _keep(plan, record, data)
-            x, y, ids = to_arrays(data, record if keep.all() else record.filter(pa.array(keep)), file)
+            x, y, ids = to_arrays(data, record if keep.all() else record.filter(pa.array(keep)), file,
+                                  pixels=pixels)
             x, y, ids = x[:left], y[:left], ids[:left]
             left -= len(y)
             if len(y):

@@ -313,3 +313,94 @@ def test_a_parquet_set_of_encoded_images_or_uint8_lists_is_prepared_as_8bit_pixe
         prepare("digits", str(tmp_path / "d"), columns={"image_column": "png"})
     with pytest.raises(data.DataError, match="parquet needs --root"):
         prepare("parquet", str(tmp_path / "p"))
+
+
+def _streamed_by_id(path, **settings) -> dict:
+    """{split: {id: (x, y)}} of a Parquet set read as a streamed run reads it (``stream.plan_stream`` and
+    ``stream.iter_split``: pyarrow batches, 8-bit samples standardized with the stream's statistics)."""
+    from raydistill import config
+    from raydistill.stream import iter_split, plan_stream
+
+    streamed = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(path), "data.stream": True,
+                                              **{f"data.{k}": v for k, v in settings.items()}}).data)
+    return {part: {int(i): (xi, int(yi)) for x, y, ids in iter_split(streamed, part, batch_size=4)
+                   for xi, yi, i in zip(x, y, ids)} for part in ("train", "val", "test")}
+
+
+def test_streamed_prepare_writes_a_file_at_a_time_and_a_streamed_run_reads_the_sources_samples(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    """`data prepare parquet --stream`: a set larger than memory is read as a streamed run reads it (files of 13
+    rows in batches) and written 5 rows a file, each file one split, in the prepared layout (uint8 image lists as
+    pixel bytes with the stream's statistics, float lists as float32 bytes); reading the output, streamed or in
+    memory, gives every split's samples, labels and ids exactly as a streamed run on the source gets them. A source
+    that fails mid-way leaves no output and no temporary folder; --stream is refused for other sources."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(3)
+    n = 52
+    source = tmp_path / "u8"
+    source.mkdir()
+    pixels = rng.integers(0, 256, (n, 3, 4, 6), dtype=np.uint8)
+    split = np.where(np.arange(n) % 10 < 7, "train", np.where(np.arange(n) % 10 < 8, "val", "test"))
+    for k, start in enumerate(range(0, n, 13)):
+        rows = slice(start, start + 13)
+        pq.write_table(pa.table({"key": np.arange(n)[rows] * 2 + 1, "label": np.arange(n)[rows] % 3,
+                                 "rgb": pa.array(list(pixels[rows].reshape(-1, 72)), pa.list_(pa.uint8())),
+                                 "part": split[rows]}), source / f"f{k}.parquet")
+    read = {"feature_column": "rgb", "id_column": "key", "split_column": "part", "shape": [3, 4, 6]}
+    out = tmp_path / "u8_prepared"
+    code, err = _cli_in_process(capsys, "parquet", "--root", str(source), "--feature-column", "rgb", "--id-column",
+                                "key", "--split-column", "part", "--shape", "3", "4", "6", "--rows-per-file", "5",
+                                "--stream", "--out", str(out))
+    assert code == 0, err
+    files = sorted(out.glob("*.parquet"))
+    tables = [pq.read_table(f) for f in files]
+    assert all(t.num_rows <= 5 and len(set(t["split"].to_pylist())) == 1 for t in tables)
+    assert [t["split"][0].as_py() for t in tables] == sorted((t["split"][0].as_py() for t in tables),
+                                                             key=("train", "val", "test").index)  # grouped
+    assert tables[0].schema.field("features").type == pa.binary(72)
+    assert b"raydistill.pixels" in tables[0].schema.metadata
+    want = _streamed_by_id(source, **read)
+    assert {k: len(v) for k, v in want.items()} == {"train": 37, "val": 5, "test": 10}
+    got = _streamed_by_id(out)
+    in_memory = data.load_splits("parquet", path=str(out))
+    for part in ("train", "val", "test"):
+        assert sorted(got[part]) == sorted(want[part])
+        for i, (x, y) in want[part].items():
+            np.testing.assert_array_equal(got[part][i][0], x)
+            assert got[part][i][1] == y
+        arrays = getattr(in_memory, part)
+        np.testing.assert_array_equal(arrays.x, np.stack([want[part][int(i)][0] for i in arrays.ids]))
+
+    floats = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"id": np.arange(n), "label": np.arange(n) % 4, "features": pa.array(
+        list(rng.standard_normal((n, 5)).astype(np.float32)), pa.list_(pa.float32()))}), floats)
+    summary = prepare("parquet", str(tmp_path / "f_prepared"), root=str(floats), columns={"shape": [5]},
+                      rows_per_file=8, stream=True, seed=4)
+    assert summary["features"] == "float32" and summary["rows"] == n and summary["streamed"]
+    want, got = _streamed_by_id(floats, shape=[5], seed=4), _streamed_by_id(tmp_path / "f_prepared")
+    assert {part: sorted(v) for part, v in got.items()} == {part: sorted(v) for part, v in want.items()}
+    assert all(np.array_equal(got[p][i][0], want[p][i][0]) for p in want for i in want[p])
+
+    # a row of the wrong length in a second file, beyond the first rows a plan checks, found after files were
+    # written: one line naming that file; nothing left behind
+    broken = tmp_path / "broken_source"
+    broken.mkdir()
+    (broken / "a.parquet").write_bytes(floats.read_bytes())
+    rows = [list(r) for r in rng.standard_normal((80, 5)).astype(np.float32)]
+    rows[-1] = rows[-1][:4]
+    pq.write_table(pa.table({"id": np.arange(1000, 1080), "label": np.arange(80) % 4,
+                             "features": pa.array(rows, pa.list_(pa.float32()))}), broken / "b.parquet")
+    from raydistill import prepare as prepare_module
+
+    written = []
+    monkeypatch.setattr(prepare_module, "write_parquet",
+                        lambda *a, **k: written.append(a[1]) or data.write_parquet(*a, **k))  # counts the files
+    with pytest.raises(data.DataError, match="b.parquet has length 4, 5 per row") as info:
+        prepare("parquet", str(tmp_path / "broken"), root=str(broken), columns={"shape": [5]}, rows_per_file=8,
+                stream=True)
+    assert "\n" not in str(info.value)
+    assert len(written) >= 5  # it failed after files were written
+    assert not (tmp_path / "broken").exists() and not list(tmp_path.glob(".broken*"))
+    with pytest.raises(data.DataError, match="--stream is for the parquet source; drop it for digits"):
+        prepare("digits", str(tmp_path / "d"), stream=True)
