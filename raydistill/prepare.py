@@ -231,7 +231,9 @@ def prepare_streamed(out: str, *, root: str, rows_per_file: int = DEFAULT_ROWS_P
     pyarrow, ``stream.iter_split``) and written in the prepared layout ``rows_per_file`` rows at a time, so no
     process holds more than a file's rows (and every row's id and label) whatever the set's size. What differs from
     the in-memory ``prepare``, and why: within a split the rows keep the source's file order (sorting them by id
-    would need them all at once); 8-bit samples (encoded images, uint8 image lists) are written as their pixels
+    would need them all at once); a set with no declared splits is carved as a streamed run carves it, row by row by
+    a hash of (seed, id), so the split sizes are near the fractions, not exactly them (the in-memory carving is a
+    stratified draw of exact sizes, which needs every label at once); 8-bit samples (encoded images, uint8 image lists) are written as their pixels
     with the per-channel statistics a streamed run of the source uses (its first 2,048 training rows,
     ``stream.channel_stats``), so a run on the output gives bit for bit the floats a streamed run on the source
     gives. Writes are atomic: the files go to a hidden folder beside ``out`` (or a local staging folder for a URI)
