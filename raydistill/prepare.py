@@ -233,11 +233,11 @@ def prepare_streamed(out: str, *, root: str, rows_per_file: int = DEFAULT_ROWS_P
     the in-memory ``prepare``, and why: within a split the rows keep the source's file order (sorting them by id
     would need them all at once); a set with no declared splits is carved as a streamed run carves it, row by row by
     a hash of (seed, id), so the split sizes are near the fractions, not exactly them (the in-memory carving is a
-    stratified draw of exact sizes, which needs every label at once); 8-bit samples (encoded images, uint8 image lists) are written as their pixels
-    with the per-channel statistics a streamed run of the source uses (its first 2,048 training rows,
-    ``stream.channel_stats``), so a run on the output gives bit for bit the floats a streamed run on the source
-    gives. Writes are atomic: the files go to a hidden folder beside ``out`` (or a local staging folder for a URI)
-    and appear together."""
+    stratified draw of exact sizes, which needs every label at once); 8-bit samples (encoded images, uint8 image
+    lists) are written as their pixels with the per-channel statistics a streamed run of the source uses (its
+    first 2,048 training rows, ``stream.channel_stats``), so a run on the output gives bit for bit the floats a
+    streamed run on the source gives. Writes are atomic: the files go to a hidden folder beside ``out`` (or a
+    local staging folder for a URI) and appear together."""
     import pyarrow.fs as pafs
 
     from raydistill import config
