@@ -145,7 +145,7 @@ def to_onnx_int8(onnx_bytes: bytes, calibration: Tensor, batch_size: int = 64) -
 
 def export_onnx_int8(model: nn.Module, onnx_bytes: bytes | None, test_batches: Callable[[], Iterable[tuple[Tensor,
                      Tensor]]], example: Tensor, calibration: Tensor, out_dir: str | Path,
-                     torch_row: dict[str, Any]) -> dict[str, Any]:
+                     torch_row: dict[str, Any], normalization: dict | None = None) -> dict[str, Any]:
     """Quantize the ONNX export of ``model`` (``onnx_bytes``, or exported here when ``None``) to static int8 with
     ONNX Runtime, calibrated on ``calibration`` (validation inputs), and write ``out_dir/student_int8.onnx``.
 
@@ -180,7 +180,7 @@ def export_onnx_int8(model: nn.Module, onnx_bytes: bytes | None, test_batches: C
     out = Path(out_dir)
     atomic_write_bytes(out / ONNX_INT8_FILE, data)
     sha = hashlib.sha256(data).hexdigest()
-    _record_in_artifact_json(out, ONNX_INT8_FILE, sha, shape)
+    _record_in_artifact_json(out, ONNX_INT8_FILE, sha, shape, normalization)
     return {"file": str(out / ONNX_INT8_FILE), "sha256": sha, "size_bytes": len(data),
             "fp32_onnx_size_bytes": len(fp32), "accuracy": correct / max(total, 1),
             "torch_accuracy": torch_row["accuracy"], "agreement": agree / max(total, 1), "max_abs_diff": diff,
@@ -222,7 +222,7 @@ def check_against_torch(ort_model: nn.Module, model: nn.Module, batches: Iterabl
 
 
 def export_onnx(model: nn.Module, test_batches: Callable[[], Iterable[tuple[Tensor, Tensor]]], example: Tensor,
-                out_dir: str | Path, torch_row: dict[str, Any]) -> dict[str, Any]:
+                out_dir: str | Path, torch_row: dict[str, Any], normalization: dict | None = None) -> dict[str, Any]:
     """Export ``model`` to ``out_dir/student.onnx`` once ONNX Runtime reproduces it on the test split.
 
     ``test_batches()`` yields the test split's (x, y) batches (read batch by batch: the split may be streamed);
@@ -252,7 +252,7 @@ def export_onnx(model: nn.Module, test_batches: Callable[[], Iterable[tuple[Tens
     out = Path(out_dir)
     atomic_write_bytes(out / ONNX_FILE, data)
     sha = hashlib.sha256(data).hexdigest()
-    _record_in_artifact_json(out, ONNX_FILE, sha, shape)
+    _record_in_artifact_json(out, ONNX_FILE, sha, shape, normalization)
     return {"file": str(out / ONNX_FILE), "sha256": sha, "size_bytes": len(data), "accuracy": onnx_acc,
             "torch_accuracy": torch_acc, "max_abs_diff": diff, "atol": ATOL, "rtol": RTOL,
             "latency_ms_b1": b1, "latency_ms_b64": b64, "torch_latency_ms_b1": torch_row["latency_ms_b1"],
@@ -260,13 +260,15 @@ def export_onnx(model: nn.Module, test_batches: Callable[[], Iterable[tuple[Tens
             "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)}
 
 
-def _record_in_artifact_json(out: Path, name: str, sha: str, shape: tuple[int, ...]) -> None:
+def _record_in_artifact_json(out: Path, name: str, sha: str, shape: tuple[int, ...],
+                             normalization: dict | None = None) -> None:
     """Add ``name`` (an ONNX file) to the deploy folder's ``artifact.json`` (written by the pt2 export), or write
-    one."""
+    one; either way it says the input's normalization (``data.input_normalization``), as the pt2 export's does."""
     path = out / META_FILE
     meta = json.loads(path.read_text()) if path.is_file() else {
         "primary": name, "format": "onnx", "input_shape": list(shape), "input_dtype": "float32", "files": {}}
     meta["files"][name] = sha
+    meta.setdefault("input_normalization", normalization)
     atomic_write_bytes(path, json.dumps(meta, indent=2).encode())
 
 

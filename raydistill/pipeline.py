@@ -735,9 +735,10 @@ def deploy_onnx(ctx: RunContext, final: torch.nn.Module, row: dict, gate: dict) 
     def test_batches():
         return ((torch.as_tensor(x), torch.as_tensor(y)) for x, y, _ in data.batches("test"))
 
+    normalization = input_normalization(data.name, data.channel_stats)  # artifact.json's, as the pt2 export's
     out: dict[str, dict | None] = {}
     if "onnx" in formats:
-        info = out["onnx"] = export_onnx(final, test_batches, example, ctx.out / "deploy", row)
+        info = out["onnx"] = export_onnx(final, test_batches, example, ctx.out / "deploy", row, normalization)
         ctx.log(f"ONNX: {info['file']} matches PyTorch on the test split (accuracy {info['accuracy']:.4f}, largest "
                 f"logit difference {info['max_abs_diff']:.2g}); ONNX Runtime {info['latency_ms_b1']:.3f} ms at batch "
                 f"1, {info['latency_ms_b64']:.3f} ms at 64 (PyTorch {row['latency_ms_b1']:.3f} / "
@@ -746,16 +747,11 @@ def deploy_onnx(ctx: RunContext, final: torch.nn.Module, row: dict, gate: dict) 
         fp32 = (ctx.out / "deploy" / ONNX_FILE).read_bytes() if "onnx" in formats else None
         calibration = torch.from_numpy(data.head("val", ctx.cfg.quantize.calibration_samples)[0])
         info = out["onnx_int8"] = export_onnx_int8(final, fp32, test_batches, example, calibration,
-                                                   ctx.out / "deploy", row)
+                                                   ctx.out / "deploy", row, normalization)
         ctx.log(f"ONNX int8: {info['file']} (ONNX Runtime static int8, {info['calibration_samples']} calibration "
                 f"samples) {info['fp32_onnx_size_bytes'] / info['size_bytes']:.1f}x smaller than fp32 ONNX, accuracy "
                 f"{info['accuracy']:.4f} (PyTorch fp32 {info['torch_accuracy']:.4f}); {info['latency_ms_b1']:.3f} ms "
                 f"at batch 1, {info['latency_ms_b64']:.3f} ms at 64")
-    meta_path = ctx.out / "deploy" / "artifact.json"  # ONNX alone (no pt2 export): it wrote the file, not this key
-    meta = json.loads(meta_path.read_text())
-    if "input_normalization" not in meta:
-        meta["input_normalization"] = input_normalization(data.name, data.channel_stats)
-        atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return out
 
 

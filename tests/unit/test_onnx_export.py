@@ -52,6 +52,23 @@ def test_onnx_file_reproduces_the_model_at_any_batch_size(exported):
     assert "| ONNX Runtime " in md and "| PyTorch (student_kd) |" in md
 
 
+def test_an_onnx_only_deploy_folder_says_how_its_input_is_normalized(exported, tmp_path):
+    """With no pt2 export, the ONNX export writes artifact.json itself, with the input normalization the pt2 export
+    would have written (predict-side code reads it there); one the pt2 export wrote keeps its own."""
+    from raydistill.data import input_normalization
+
+    model, x, y, _, _ = exported
+    row = {"accuracy": accuracy(model, x, y), "latency_ms_b1": 0.5, "latency_ms_b64": 5.0}
+    normalization = input_normalization("digits", ((0.3,), (0.4,)))
+    export_onnx(model, lambda: [(x, y)], x[:2], tmp_path, row, normalization)
+    meta = json.loads((tmp_path / "artifact.json").read_text())
+    assert meta["format"] == "onnx" and meta["input_normalization"] == normalization
+    (tmp_path / "artifact.json").write_text(json.dumps({"primary": "student.pt2", "files": {},
+                                                        "input_normalization": None}))
+    export_onnx(model, lambda: [(x, y)], x[:2], tmp_path, row, normalization)
+    assert json.loads((tmp_path / "artifact.json").read_text())["input_normalization"] is None
+
+
 def test_onnx_int8_is_static_int8_calibrated_and_recorded(exported):
     model, x, y, out, fp32_info = exported
     fp32 = (out / ONNX_FILE).read_bytes()
