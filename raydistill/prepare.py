@@ -133,18 +133,24 @@ def write_shards(pool: Arrays, out: str, rows_per_file: int, split: np.ndarray |
         _check_empty_local(out)
         return write_parquet(pool, out, rows_per_file=rows_per_file, split=split, pixel_stats=pixel_stats)
 
-    import pyarrow.fs as pafs
-
     filesystem, base = _remote_target(out)
     staging = tempfile.mkdtemp(prefix="raydistill-prepare-")
     try:
         local = os.path.join(staging, "shards")
         files = write_parquet(pool, local, rows_per_file=rows_per_file, split=split, pixel_stats=pixel_stats)
-        filesystem.create_dir(base, recursive=True)
-        pafs.copy_files(local, base, destination_filesystem=filesystem)
+        return _upload(local, out, filesystem, base, [os.path.basename(f) for f in files])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return [out.rstrip("/") + "/" + os.path.basename(f) for f in files]
+
+
+def _upload(folder: str, out: str, filesystem, base: str, names: list[str]) -> list[str]:
+    """Copy the shards ``names`` written in the local ``folder`` to the URI ``out`` (``filesystem`` and ``base``
+    from ``_remote_target``); returns their URIs."""
+    import pyarrow.fs as pafs
+
+    filesystem.create_dir(base, recursive=True)
+    pafs.copy_files(folder, base, destination_filesystem=filesystem)
+    return [out.rstrip("/") + "/" + name for name in names]
 
 
 def prepare(
@@ -238,8 +244,6 @@ def prepare_streamed(out: str, *, root: str, rows_per_file: int = DEFAULT_ROWS_P
     first 2,048 training rows, ``stream.channel_stats``), so a run on the output gives bit for bit the floats a
     streamed run on the source gives. Writes are atomic: the files go to a hidden folder beside ``out`` (or a
     local staging folder for a URI) and appear together."""
-    import pyarrow.fs as pafs
-
     from raydistill import config
     from raydistill.data import SPLIT_NAMES
     from raydistill.stream import iter_split, plan_stream
@@ -286,14 +290,10 @@ def prepare_streamed(out: str, *, root: str, rows_per_file: int = DEFAULT_ROWS_P
             if held:
                 write_file(pending, held, split)
         if uri:
-            filesystem.create_dir(base, recursive=True)
-            pafs.copy_files(folder, base, destination_filesystem=filesystem)
-            files = [out.rstrip("/") + "/" + name for name in names]
+            files = _upload(folder, out, filesystem, base, names)
         else:
             _check_empty_local(out)  # nothing appeared there meanwhile
-            if os.path.isdir(out):
-                os.rmdir(out)  # an empty folder given as --out
-            os.replace(folder, out)
+            os.replace(folder, out)  # POSIX: a folder may replace an empty folder (as write_parquet's)
             files = [os.path.join(os.path.abspath(out), name) for name in names]
     finally:
         shutil.rmtree(staging or folder, ignore_errors=True)
