@@ -26,19 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def _rss(pid: int) -> dict[str, float]:
-    found = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon"):
-                found[key] = int(value.split()[0]) / 1024
-    return found
-
-
 def prepare_once(data: Path, out: Path, stream: bool, rows_per_file: int, settings: list[str]) -> dict:
     cmd = [sys.executable, "-m", "raydistill.cli", "data", "prepare", "parquet", "--root", str(data), "--out",
            str(out), "--rows-per-file", str(rows_per_file), *settings, *(["--stream"] if stream else [])]
+    from data_scale import _rss_mb
+
     peaks = {"VmRSS": 0.0, "RssAnon": 0.0}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -47,8 +39,9 @@ def prepare_once(data: Path, out: Path, stream: bool, rows_per_file: int, settin
     def sample():
         while not done.is_set():
             try:
-                for key, value in _rss(proc.pid).items():
-                    peaks[key] = max(peaks[key], value)
+                rss = _rss_mb(str(proc.pid))
+                for key in peaks:
+                    peaks[key] = max(peaks[key], rss.get(key, 0.0))
             except OSError:  # ended
                 return
             time.sleep(0.1)
