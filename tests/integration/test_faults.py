@@ -151,3 +151,64 @@ def test_bad_input_in_a_two_worker_stage_is_not_retried(tmp_path, tiny_teacher):
     assert "restarting its workers" not in out and "Traceback" not in err, out[-2000:] + err[-2000:]
     workers = set(builds.read_text().split()) - {str(proc.pid)}
     assert len(workers) == 2, f"the student was built in {len(workers)} worker processes: {sorted(workers)}"
+
+
+# The command's own Ctrl-C handling (raydistill/cli.py: main, exit_at_once) with a thread still inside Ray's core
+# worker when the main thread is interrupted, as a stage's helper thread is (Train's ray.get on its controller, the
+# progress printer's queue poll). Through ``ray.shutdown()`` that thread made Ray end the process with status 1
+# ("The core worker has already been shutdown ... The process will exit"): every time in this test, once in a
+# full suite's 2-worker Ctrl-C test above.
+INSIDE_RAY = '''
+import argparse, sys, threading, time
+import ray
+import raydistill.cli as cli
+
+def blocked(args):
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    core_worker = ray._private.worker.global_worker.core_worker
+    def inside_ray():
+        while True:
+            core_worker.get_current_task_id()
+            time.sleep(0.001)
+    threading.Thread(target=inside_ray, daemon=True).start()
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    print(f"ready {raylet}", flush=True)
+    threading.Event().wait()
+
+parser = argparse.ArgumentParser()
+parser.set_defaults(func=blocked, debug=False)
+cli.build_parser = lambda: parser  # the command's main() and its handlers, around a command that blocks in Ray
+sys.argv = ["raydistill"]
+sys.exit(cli.main())
+'''
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie left to a parent that does not reap
+    except FileNotFoundError:
+        return True
+
+
+def test_ctrl_c_exits_130_while_a_thread_is_inside_ray(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", INSIDE_RAY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=ctrl_c_default, start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        while first and not first.startswith("ready "):  # (Ray's own start-up lines)
+            first = proc.stdout.readline()
+        assert first.startswith("ready "), proc.communicate(timeout=60)[0][-2000:]
+        raylet = int(first.split()[1])
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, out[-2000:]
+    assert out.strip().splitlines()[-1] == "raydistill: interrupted; rerun the same command to resume", out[-2000:]
+    deadline = time.time() + 30  # the command's private Ray ends with it (Ray's fate sharing)
+    while not _gone(raylet) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _gone(raylet), f"the private Ray's raylet {raylet} outlived the interrupted command"
