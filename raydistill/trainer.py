@@ -188,8 +188,8 @@ def off_main_thread(fn: Callable[[], Any]) -> Any:
     Why: called on the main thread, TorchTrainer.fit installs its own SIGINT handler, which aborts
     only that trainer and is never removed, so Ctrl-C during a later stage (or while the baseline
     runs beside the teacher) would be swallowed. From a helper thread it installs none, and Ctrl-C
-    raises KeyboardInterrupt in the main thread; the CLI then disconnects from Ray, which ends this
-    driver's Train runs, and exits 130.
+    raises KeyboardInterrupt in the main thread; the CLI then ends the process with status 130
+    (``cli.exit_at_once``), and Ray ends this driver's Train runs.
     """
     if threading.current_thread() is not threading.main_thread():
         return fn()
@@ -199,9 +199,10 @@ def off_main_thread(fn: Callable[[], Any]) -> Any:
 def in_background(fn: Callable[..., Any], *args: Any) -> Future:
     """``fn(*args)`` in a daemon thread; its result or exception arrives in the returned Future.
 
-    Why a daemon thread and not a ThreadPoolExecutor: on Ctrl-C the CLI disconnects from Ray (``ray.shutdown``)
-    while this thread may still be blocked in Train's ``ray.get`` on its controller, and that get does not always
-    return once the core worker is gone (seen here: the driver printed "interrupted" and then never exited).
+    Why a daemon thread and not a ThreadPoolExecutor: on Ctrl-C ``main(argv)`` called in a process of its own (a
+    test's) disconnects from Ray (``ray.shutdown``) while this thread may still be blocked in Train's ``ray.get`` on
+    its controller, and that get does not always return once the core worker is gone (seen here, when the command
+    did the same: the driver printed "interrupted" and then never exited).
     Python joins every ThreadPoolExecutor thread at exit (and ``with ThreadPoolExecutor()`` joins it as soon as
     KeyboardInterrupt leaves the block), so the command would hang instead of exiting 130; a daemon thread is
     not waited for."""
