@@ -164,7 +164,7 @@ import ray
 import raydistill.cli as cli
 
 def blocked(args):
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # (not a head of the suite's)
     core_worker = ray._private.worker.global_worker.core_worker
     def inside_ray():
         while True:
@@ -195,10 +195,11 @@ def test_ctrl_c_exits_130_while_a_thread_is_inside_ray(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", INSIDE_RAY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, preexec_fn=ctrl_c_default, start_new_session=True)
     try:
-        first = proc.stdout.readline()
-        while first and not first.startswith("ready "):  # (Ray's own start-up lines)
-            first = proc.stdout.readline()
-        assert first.startswith("ready "), proc.communicate(timeout=60)[0][-2000:]
+        seen = [proc.stdout.readline()]
+        while seen[-1] and not seen[-1].startswith("ready "):  # (Ray's own start-up lines)
+            seen.append(proc.stdout.readline())
+        first = seen[-1]
+        assert first.startswith("ready "), "".join(seen)[-2000:] + proc.communicate(timeout=60)[0][-2000:]
         raylet = int(first.split()[1])
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
