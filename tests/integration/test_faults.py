@@ -159,12 +159,14 @@ def test_bad_input_in_a_two_worker_stage_is_not_retried(tmp_path, tiny_teacher):
 # ("The core worker has already been shutdown ... The process will exit"): every time in this test, once in a
 # full suite's 2-worker Ctrl-C test above.
 INSIDE_RAY = '''
-import argparse, sys, threading, time
+import argparse, pathlib, sys, threading, time
 import ray
 import raydistill.cli as cli
+from raydistill import cluster
 
 def blocked(args):
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # (not a head of the suite's)
+    cluster.init_ray(None, quiet=True)  # the command's own private local Ray, as `raydistill run` starts it
+    ray.get([ray.remote(lambda: 0).remote() for _ in range(2)])  # worker processes of its own
     core_worker = ray._private.worker.global_worker.core_worker
     def inside_ray():
         while True:
@@ -172,8 +174,15 @@ def blocked(args):
             time.sleep(0.001)
     threading.Thread(target=inside_ray, daemon=True).start()
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    print(f"ready {raylet}", flush=True)
+    children = [pid for pid, ppid in map(parent, pathlib.Path("/proc").glob("[0-9]*/stat")) if ppid == raylet]
+    print("ready", raylet, *children, flush=True)  # (the raylet's children: its agents and workers)
     threading.Event().wait()
+
+def parent(stat):
+    try:
+        return int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):  # ended meanwhile
+        return 0, 0
 
 parser = argparse.ArgumentParser()
 parser.set_defaults(func=blocked, debug=False)
@@ -200,7 +209,7 @@ def test_ctrl_c_exits_130_while_a_thread_is_inside_ray(tmp_path):
             seen.append(proc.stdout.readline())
         first = seen[-1]
         assert first.startswith("ready "), "".join(seen)[-2000:] + proc.communicate(timeout=60)[0][-2000:]
-        raylet = int(first.split()[1])
+        raylet, *children = map(int, first.split()[1:])
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -209,7 +218,11 @@ def test_ctrl_c_exits_130_while_a_thread_is_inside_ray(tmp_path):
             proc.wait()
     assert proc.returncode == 130, out[-2000:]
     assert out.strip().splitlines()[-1] == "raydistill: interrupted; rerun the same command to resume", out[-2000:]
-    deadline = time.time() + 30  # the command's private Ray ends with it (Ray's fate sharing)
-    while not _gone(raylet) and time.time() < deadline:
+    assert len(children) >= 3, children  # the dashboard and runtime-env agents, workers
+    # the command's private Ray ends with it: its raylet (Ray's fate sharing) and the raylet's children (killed
+    # once the command has exited: cli._end_private_ray_workers; left alone they took up to a minute)
+    deadline = time.time() + 10
+    while not all(map(_gone, [raylet, *children])) and time.time() < deadline:
         time.sleep(0.2)
-    assert _gone(raylet), f"the private Ray's raylet {raylet} outlived the interrupted command"
+    left = [pid for pid in [raylet, *children] if not _gone(pid)]
+    assert not left, f"Ray processes {left} of the interrupted command's private Ray are still running"
