@@ -180,21 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         print("raydistill: interrupted; rerun the same command to resume", file=sys.stderr)
-        if argv is None:  # the `raydistill` command itself
-            exit_at_once(130)
-        # Called in a test's own process: disconnecting ends this driver's Ray Train runs and actors (a stage
-        # running in a second thread included); checkpoints and finished stages stay.
-        _disconnect_ray()
-        return 130
+        return _stop(argv, 130)
     except BrokenPipeError:
         # stdout's reader went away (`raydistill run ... | head`): stop as a command killed by SIGPIPE does, quietly
         # (Python's documented handling: point stdout at /dev/null so the exit's flush cannot raise again). Like
         # Ctrl-C, finished stages and checkpoints stay; the same command resumes.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        if argv is None:
-            exit_at_once(128 + signal.SIGPIPE)  # (as after Ctrl-C: see exit_at_once)
-        _disconnect_ray()
-        return 128 + signal.SIGPIPE
+        return _stop(argv, 128 + signal.SIGPIPE)
     except UserError as e:
         if args.debug:
             traceback.print_exc()
@@ -223,6 +215,17 @@ def main(argv: list[str] | None = None) -> int:
             exit_without_a_final_gc()
 
 
+def _stop(argv: list[str] | None, status: int) -> int:
+    """After Ctrl-C or a closed stdout: the `raydistill` command itself ends at once (``exit_at_once``); ``main(argv)``
+    called in a process of its own (a test's) disconnects from Ray, which ends this driver's Ray Train runs and
+    actors (a stage running in a second thread included), and returns ``status``. Checkpoints and finished stages
+    stay either way."""
+    if argv is None:
+        exit_at_once(status)
+    _disconnect_ray()
+    return status
+
+
 def exit_at_once(status: int) -> None:
     """After Ctrl-C (or a closed stdout): release the run folder, flush the console, end the process with ``status``.
 
@@ -233,10 +236,10 @@ def exit_at_once(status: int) -> None:
     machine, in the 2-worker Ctrl-C test (tests/integration/test_faults.py, which passed in the runs before and
     after it): the command exited 1, not 130. Ending the process at once has no such race: a private local Ray's
     node processes share this process's fate (Ray starts them with the parent-death signal) and end with it, its
-    worker processes follow within seconds; on a cluster, Ray ends a driver's Train runs and actors when the driver
-    goes, as after ``ray.shutdown``. Nothing of ours is half-written: every file is written atomically (a temporary
-    file renamed into place, removed as KeyboardInterrupt unwinds the main thread) and the epoch journal is appended
-    and closed line by line; a stage's helper thread is a daemon thread, which a normal exit
+    workers are killed as it ends (``_end_private_ray_workers``); on a cluster, Ray ends a driver's Train runs and
+    actors when the driver goes, as after ``ray.shutdown``. Nothing of ours is half-written: every file is written
+    atomically (a temporary file renamed into place, removed as KeyboardInterrupt unwinds the main thread) and the
+    epoch journal is appended and closed line by line; a stage's helper thread is a daemon thread, which a normal exit
     would not wait for either."""
     from raydistill.locks import release_run_folders
 
