@@ -113,13 +113,17 @@ def test_local_mode_is_reproducible(ray_local, tmp_path, tiny_teacher, capsys):
     assert accuracies == {name: m["accuracy"] for name, m in second["models"].items()}
 
 
-def test_a_private_local_ray_collects_no_metrics(ray_local):
+def test_a_private_local_ray_collects_no_metrics_and_prestarts_no_workers(ray_local):
     """`cluster.init_ray` starts a private Ray (this session's, tests/conftest.py) with metrics collection off:
     with it on, the driver's exit waited 10 s on a failed metrics export in 4 of 8 default runs
-    (docs/benchmarks.md). The cluster's system config, as the GCS holds it, is what every process got."""
+    (docs/benchmarks.md); and with no idle workers prestarted for the driver (they competed with the teacher's
+    training and kept polling: cluster.py). The cluster's system config, as the GCS holds it, is what every
+    process got."""
     from ray._private.state import state
 
-    assert state.get_system_config().get("enable_metrics_collection") is False
+    system_config = state.get_system_config()
+    assert system_config.get("enable_metrics_collection") is False
+    assert system_config.get("prestart_worker_first_driver") is False
 
 
 def test_a_private_local_ray_waits_longer_for_its_dashboard(ray_local, monkeypatch):
