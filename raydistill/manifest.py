@@ -26,7 +26,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from raydistill.checkpoints import atomic_write_bytes
 from raydistill.errors import IntegrityError
 
 __all__ = [
@@ -167,6 +166,10 @@ def write_manifest(run_dir: str | os.PathLike, artifacts: list[str] | None = Non
     key = _signing_key()
     if key:
         manifest["hmac_sha256"] = _signature(manifest, key)
+    # imported here: checkpoints imports torch, and the CLI imports this module to build its parser (every
+    # command, `--help` and a mistyped key included, would pay torch's ~2 s import before its first line)
+    from raydistill.checkpoints import atomic_write_bytes
+
     atomic_write_bytes(run_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
     return manifest
 

@@ -19,6 +19,21 @@ def test_import_loads_neither_torch_nor_ray():
     assert res.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--set", "nosuch.key=1"], ["run", "missing.yaml"],
+                                  ["tune", "--set", "nosuch.key=1"], ["verify", "missing-run"]])
+def test_the_cli_answers_help_and_a_mistyped_config_before_importing_torch(argv, tmp_path):
+    """The parser and the config check come before torch's import (~2 s on 2 cores): `--help`, an unknown key or a
+    missing file answer at once. (A value the config checks against a model or augmentation may still load it.)"""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom raydistill.cli import main\ntry:\n    rc = main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    rc = e.code\nprint(rc, 'torch' in sys.modules, file=sys.stderr)")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path)
+    rc, torch_loaded = res.stderr.split()[-2:]
+    assert (rc, torch_loaded) == ("0" if argv == ["--help"] else "2", "False"), res.stderr
+
+
 def test_config_from_path_dict_config_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("distill:\n  epochs: 3\n")
