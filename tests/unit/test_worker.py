@@ -136,6 +136,7 @@ def test_prefetched_teacher_answers_reach_their_own_batch(depth, monkeypatch):
 
     def spy_step(model, opt, xb, yb, teacher_out, *args, **kwargs):
         seen.append((xb.clone(), teacher_out.logits.argmax(1)))
+        opt.step()  # as train_step does (no gradients: nothing changes), so the scheduler's step follows one
         return 0.0, 0
 
     monkeypatch.setattr(worker, "train_step", spy_step)
@@ -202,7 +203,7 @@ def test_student_trains_on_exactly_the_cached_views(kind, tmp_path, monkeypatch)
     assert distinct > N * 0.8  # the views really differ
     steps = []
     monkeypatch.setattr(worker, "train_step",
-                        lambda m, o, xb, yb, t_out, *a, **k: steps.append((xb, t_out)) or (0.0, 0))
+                        lambda m, o, xb, yb, t_out, *a, **k: steps.append((xb, t_out)) or o.step() or (0.0, 0))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
     phase = _phase(8)
@@ -234,7 +235,7 @@ def test_live_teachers_see_the_students_pixels_and_a_fresh_view_every_epoch(monk
     aug = make_augment("crop_flip", 0, 2, 8)
     steps = []
     monkeypatch.setattr(worker, "train_step",
-                        lambda m, o, xb, yb, t_out, *a, **k: steps.append((xb, t_out)) or (0.0, 0))
+                        lambda m, o, xb, yb, t_out, *a, **k: steps.append((xb, t_out)) or o.step() or (0.0, 0))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.ConstantLR(opt, 1.0)
     phase = _phase(32)
