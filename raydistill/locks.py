@@ -153,3 +153,40 @@ def release_run_folders() -> None:
     """Release every run folder this process holds (at exit; tests call it to hand a folder over)."""
     while _HELD:
         _HELD.popitem()[1].release()
+
+
+# ---- output folders a command creates ------------------------------------------------------------------------
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the CLI's own one-line error for these (cli.main)
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a folder this process creates and writes in, or None. A command checks its output
+    folder with this before it loads data or starts Ray, so that a mistyped ``--out`` is a one-line error at once,
+    without creating anything (the folder is made once every input has been checked). ``os.access`` also sees a
+    read-only mount (EROFS); what it cannot see (a pseudo-filesystem such as /proc) fails the ``make_folder``
+    that follows."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is a file, not a folder"
+        probe = path
+    else:
+        probe = path.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            return f"{probe} is a file, so no folder can be made under it"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return None
+
+
+def make_folder(path: Path, error: type[Exception], fix: str) -> None:
+    """``mkdir -p path``; an OS refusal (other than a full disk, which the CLI reports as such) raised as the
+    user's ``error`` naming the folder, the reason and ``fix``."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise
+        raise error(f"cannot create the folder {path} ({e.strerror or e}); {fix}") from None

@@ -48,6 +48,7 @@ from raydistill.data import Splits, fingerprint, image_side, input_normalization
 from raydistill.errors import CacheError, CheckpointError, ConfigError, DataError, ModelError, RunFolderError
 from raydistill.evaluate import evaluate_on_test, quantize_student
 from raydistill.job import StageJob, TeacherSource
+from raydistill.locks import folder_problem, make_folder
 from raydistill.manifest import digest, sha256_file, write_manifest
 from raydistill.redact import redact_obj
 from raydistill.stream import StreamData, plan_stream, streams, write_aside
@@ -179,7 +180,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
         ray_where = f"{cluster} ({ready})" if cluster else \
             f"a private local Ray ({ready}; pass --address to use a running cluster)"
         log(f"{mode}, on {ray_where}", quiet)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, RunFolderError, OUT_FIX)
     take_run_folder(out, quiet)  # a new folder: held from its creation on
     if streamed:
         t0 = time.perf_counter()
@@ -886,8 +887,15 @@ def take_run_folder(out: Path, quiet: bool) -> None:
         log(f"run folder {out}: took over the lock of a command that is no longer running ({describe(stale)})", quiet)
 
 
+OUT_FIX = "pass an --out folder this user can create and write"
+
+
 def check_run_folder(out: Path, cfg: Config) -> None:
-    """Refuse to mix results: an existing run folder must hold the same resolved config."""
+    """Refuse a run folder that cannot be made or written (``locks.folder_problem``), and mixed results: an
+    existing run folder must hold the same resolved config."""
+    problem = folder_problem(out)
+    if problem:
+        raise RunFolderError(f"run folder {out}: {problem}; {OUT_FIX}")
     existing = out / "config.yaml"
     if existing.exists():
         old = config_mod.from_dict(__import__("yaml").safe_load(existing.read_text()))

@@ -48,6 +48,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from pathlib import Path
 
 import numpy as np
 
@@ -102,8 +103,13 @@ def pool_of(splits: Splits) -> tuple[Arrays, np.ndarray]:
 
 
 def _check_empty_local(out: str) -> None:
+    from raydistill.locks import folder_problem
+
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise DataError(f"output {out} already exists and is not an empty folder; pass a new --out or delete it")
+    problem = folder_problem(Path(out))
+    if problem:
+        raise DataError(f"output {out}: {problem}; pass an --out folder this user can create and write")
 
 
 def _remote_target(out: str):

@@ -206,6 +206,36 @@ def test_run_folder_of_another_config_is_refused(good_run, capsys):
     assert {p.name: p.read_bytes() for p in good_run.iterdir()} == before
 
 
+@pytest.mark.parametrize("command", ["run", "tune", "cache-logits", "data prepare"])
+@pytest.mark.parametrize("where", ["under a file", "a file"])
+def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(command, where, tmp_path, capsys):
+    """--out naming a file, or a folder under one: one line naming it, exit 2, before data or Ray (it was an
+    OSError traceback from the folder's mkdir after the data had loaded); the file is untouched."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a user's file")
+    out = blocker / "run" if where == "under a file" else blocker
+    args = ["data", "prepare", "digits"] if command == "data prepare" else [command, *SMOKE_ARGS]
+    code, err = _run_cli(capsys, [*args, "--out", str(out)])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    said = f"{blocker} is a file" if where == "under a file" or command != "data prepare" else \
+        f"{blocker} already exists and is not an empty folder"  # prepare's own words for a taken --out
+    assert lines[0].startswith("raydistill: error: ") and said in lines[0] and "--out" in lines[0], lines[0]
+    assert blocker.read_text() == "a user's file" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_folder_the_system_refuses_to_make_is_the_users_error():
+    """What ``os.access`` cannot foresee (here /proc, where even root cannot make a folder) fails the mkdir
+    itself: raised as the given user error naming the folder, not as an OSError."""
+    from raydistill.errors import RunFolderError
+    from raydistill.locks import make_folder
+
+    if not Path("/proc/self").exists():
+        pytest.skip("no /proc on this system")
+    with pytest.raises(RunFolderError, match=r"cannot create the folder /proc/raydistill-test/run \(.+\); pass"):
+        make_folder(Path("/proc/raydistill-test/run"), RunFolderError, "pass a folder you can write")
+
+
 def test_nan_in_data_is_refused_before_training(files, tmp_path, capsys):
     code, err = _run_cli(capsys, ["run", "--out", str(tmp_path / "r"), *SMOKE_ARGS, "--set", "data.source=parquet",
                                   "--set", f"data.path={files['nan']}", "--set", "data.shape=[1,8,8]"])
