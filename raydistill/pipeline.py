@@ -131,6 +131,8 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     if out.is_dir():
         take_run_folder(out, quiet)  # a live command in it refuses this one at once, before anything is loaded
     check_run_folder(out, cfg)
+    if uses_cache:
+        check_cache_location(cfg.cache.path)
     t0 = time.perf_counter()
     streamed = streams(cfg.data)
     splits = plan_stream(cfg.data) if streamed else load_data(cfg)
@@ -906,6 +908,18 @@ def check_run_folder(out: Path, cfg: Config) -> None:
             raise RunFolderError(f"run folder {out} holds results of another config "
                                  f"(differs in {', '.join(diff[:4])}); "
                                  "pass a new --out folder or delete the old one")
+
+
+def check_cache_location(path: str | None) -> None:
+    """A local ``cache.path`` must be a folder or one that can be made (``locks.folder_problem``), checked before
+    anything is loaded. An existing folder is not required to be writable: a finished cache may be shared
+    read-only (a URI is checked when it is opened)."""
+    if not path or "://" in path or Path(path).is_dir():
+        return
+    problem = folder_problem(Path(path))
+    if problem:
+        raise CacheError(f"cache.path {path}: {problem}; set it to a folder this user can create and write "
+                         "(or null: RUN/logit_cache)")
 
 
 def check_given_cache(cfg: Config, data_fp: str, image_size: int) -> None:

@@ -224,6 +224,20 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(command
     assert blocker.read_text() == "a user's file" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("command", ["run", "tune", "cache-logits"])
+def test_a_cache_path_that_cannot_be_a_folder_is_refused_before_any_work(command, tmp_path, capsys):
+    """cache.path under a file: one line naming it, exit 2, nothing written (it was a NotADirectoryError
+    traceback from reading cache.json there, after the teacher had trained)."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a user's file")
+    sets = ["--set", "distill.teacher_mode=cache", "--set", f"cache.path={blocker / 'cache'}"]
+    code, err = _run_cli(capsys, [command, *SMOKE_ARGS, *sets, "--out", str(tmp_path / "out")])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("raydistill: error: cache.path ") and f"{blocker} is a file" in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_a_folder_the_system_refuses_to_make_is_the_users_error():
     """What ``os.access`` cannot foresee (here /proc, where even root cannot make a folder) fails the mkdir
     itself: raised as the given user error naming the folder, not as an OSError."""
