@@ -376,6 +376,9 @@ def validate(cfg: Config) -> Config:
         (cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be >= 1 or null", cfg.data.limit),
         (cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1", cfg.data.shuffle_buffer),
         (cfg.data.stream_buffer_mb >= 1, "data.stream_buffer_mb must be >= 1", cfg.data.stream_buffer_mb),
+        # numpy's generators (the splits, the shards, the views) take non-negative seeds; < 2**32 for all of them
+        (0 <= cfg.seed < 2**32, "seed must be in [0, 2**32)", cfg.seed),
+        (0 <= cfg.data.seed < 2**32, "data.seed must be in [0, 2**32)", cfg.data.seed),
     ]
     for ok, msg, value in checks:
         if not ok:

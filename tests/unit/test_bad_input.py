@@ -94,6 +94,8 @@ CASES = [  # (id, args, words the one-line message must contain)
     ("temperature <= 0", ["--set", "distill.temperature=0"], ["distill.temperature must be > 0"]),
     ("alpha out of range", ["--set", "distill.alpha=1.5"], ["distill.alpha must be in [0, 1]"]),
     ("bad choice", ["--set", "prune.importance=l3"], ["prune.importance must be one of"]),
+    ("negative seed", ["--set", "seed=-1"], ["seed must be in [0, 2**32), got -1"]),
+    ("negative data seed", ["--set", "data.seed=-3"], ["data.seed must be in [0, 2**32), got -3"]),
     ("bad yaml", ["@bad_yaml"], ["not valid YAML"]),
     ("missing config file", ["/nonexistent/cfg.yaml"], ["does not exist"]),
     ("class-count mismatch", ["--set", "teacher.checkpoint=@three_classes"], ["predicts 3 classes", "has 10"]),
