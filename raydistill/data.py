@@ -554,18 +554,31 @@ def _require_columns(names: list[str], wanted: list[str], path, schema=None, fea
         )
 
 
-def image_column_hint(schema) -> str:
-    """When the feature column is missing: "; ... set data.image_column=NAME" if ``schema`` (a pyarrow schema) has a
-    column of encoded images (binary, or Hugging Face's struct with a binary ``bytes`` field), else ""."""
+def holds_encoded_images(kind) -> bool:
+    """Whether a pyarrow type can hold encoded images: binary, or Hugging Face's struct with a binary ``bytes``."""
     import pyarrow as pa
 
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        kind = kind.field("bytes").type
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def image_column_hint(schema) -> str:
+    """When the feature column is missing: "; ... set data.image_column=NAME" if ``schema`` (a pyarrow schema) has a
+    column of encoded images (``holds_encoded_images``), else ""."""
     for f in schema or ():
-        kind = f.type
-        if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-            kind = kind.field("bytes").type
-        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        if holds_encoded_images(f.type):
             return f"; column {f.name!r} looks like encoded images: set data.image_column={f.name}"
     return ""
+
+
+def check_image_column(schema, column: str, where: str) -> None:
+    """``data.image_column`` must name a column of encoded images: another type (a feature list, numbers) would
+    fail in the image decoder, row by row, with a message that blames the file."""
+    kind = schema.field(column).type
+    if not holds_encoded_images(kind):
+        raise DataError(f"data.image_column {column!r} of {where} holds {kind}, not encoded image bytes (PNG/JPEG); "
+                        "set data.image_column to such a column, or null to read data.feature_column")
 
 
 def row_length_error(feature_column: str, where: str, lengths, shape: tuple[int, ...]) -> DataError:
@@ -721,6 +734,8 @@ def _load_parquet(path, label_column, feature_column, image_column, id_column, s
     columns = [label_column, data_column] + ([id_column] if id_column in names else [])
     columns += [split_column] if split_column else []
     pixels = None
+    if image_column is not None:
+        check_image_column(dataset.schema, image_column, f"parquet data at {path}")
     if image_column is None:  # before the read: a shape the files contradict is an error, not a read
         shape = flat_feature_shape(shape, metadata, path, split=declared)
         pixels = stored_pixel_stats(metadata, path, shape, dataset.schema.field(feature_column).type)

@@ -218,6 +218,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         _META_SPLIT_COLUMN,
         _labels,
         _parquet_dataset,
+        check_image_column,
         flat_feature_shape,
         image_column_hint,
         image_hw,
@@ -246,6 +247,7 @@ def plan_stream(d, seed: int | None = None) -> StreamData:
         raise DataError(f"streamed parquet data needs an id column ({d.id_column!r} is not in {location}); "
                         "add one (unique integers) or set data.stream: false")
     if d.image_column is not None:  # decoded to RGB at data.image_size (default 32), as the in-memory loader does
+        check_image_column(dataset.schema, d.image_column, f"parquet {location}")
         shape = check_shape([3, *(image_hw(d.image_size) or (32, 32))])
         pixels = None
     else:

@@ -146,6 +146,10 @@ CASES = [  # (id, args, words the one-line message must contain)
     ("augmentation on a non-image shape", [*SIGNAL, "--set", "data.augment=crop"],
      ["data.augment=crop", "shape (2, 20)", "set data.augment: none"]),
     ("image model on a signal", [*SIGNAL, "--set", "student.model=cnn"], ["takes images (C, H, W)", "'mlp'"]),
+    ("image column of feature lists (streamed)", [*SIGNAL, "--set", "data.image_column=features"],
+     ["data.image_column 'features'", "sig_train.parquet holds list<", "not encoded image bytes"]),
+    ("image column of numbers (in memory)", [*SIGNAL, "--set", "data.image_column=label", "--set", "data.stream=false"],
+     ["data.image_column 'label'", "holds int64, not encoded image bytes", "or null to read data.feature_column"]),
 ]
 
 
