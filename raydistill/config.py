@@ -423,6 +423,9 @@ def validate(cfg: Config) -> Config:
         (t.max_concurrent >= 1, "tune.max_concurrent must be >= 1", t.max_concurrent),
         (t.cpus_per_trial > 0, "tune.cpus_per_trial must be > 0", t.cpus_per_trial),
         (t.grace_period >= 1, "tune.grace_period must be >= 1", t.grace_period),
+        (t.max_macs is None or t.max_macs >= 1, "tune.max_macs (--max-macs) must be >= 1 or null", t.max_macs),
+        (t.max_latency_ms is None or t.max_latency_ms > 0, "tune.max_latency_ms (--max-latency-ms) must be > 0 or null",
+         t.max_latency_ms),
     ]:
         if not ok:
             raise ConfigError(f"{msg}, got {value!r}; fix it in the config or with --set")

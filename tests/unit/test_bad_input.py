@@ -244,6 +244,19 @@ def test_a_cache_path_that_cannot_be_a_folder_is_refused_before_any_work(command
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("flag,value,words", [("--max-macs", "-5", "tune.max_macs (--max-macs) must be >= 1"),
+                                               ("--max-latency-ms", "0", "tune.max_latency_ms (--max-latency-ms) "
+                                                                         "must be > 0")])
+def test_a_sweep_constraint_that_no_trial_can_meet_is_refused_before_the_sweep(flag, value, words, tmp_path,
+                                                                                capsys):
+    """A bound no model can meet was accepted, and the whole sweep ran before "no completed trial met the
+    constraints"; now it is one line, exit 2, nothing written."""
+    code, err = _run_cli(capsys, ["tune", *SMOKE_ARGS, flag, value, "--out", str(tmp_path / "sweep")])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_folder_the_system_refuses_to_make_is_the_users_error():
     """What ``os.access`` cannot foresee (here /proc, where even root cannot make a folder) fails the mkdir
     itself: raised as the given user error naming the folder, not as an OSError."""
