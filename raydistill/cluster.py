@@ -70,7 +70,15 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
                 if "timed out during startup" not in str(e) or attempt == LOCAL_START_ATTEMPTS - 1:
                     raise
                 ray.shutdown()
-    ray.init(address=address, **kwargs)
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as e:
+        # "auto" (Ray's: the cluster that `ray start` recorded on this machine) when none runs: Ray's
+        # ConnectionError("Could not find any running Ray instance ..."), the user's input, not a bug
+        if target != "auto" or "Could not find any running Ray instance" not in str(e):
+            raise
+        raise ClusterError("no running Ray cluster on this machine for address 'auto'; start one with `ray start "
+                           "--head`, or drop --address / RAY_ADDRESS to run on a private local Ray") from None
 
 
 LOCAL_START_ATTEMPTS = 3

@@ -257,6 +257,32 @@ def test_a_sweep_constraint_that_no_trial_can_meet_is_refused_before_the_sweep(f
     assert not (tmp_path / "sweep").exists()
 
 
+AUTO_WITH_NO_CLUSTER = """
+import functools
+import sys
+import ray._private.services as services
+from raydistill import cli
+
+# Ray's "auto" joins the cluster named by RAY_TMPDIR/ray/ray_current_cluster (empty here) or any GCS process it
+# finds on the machine: the other tests' Rays are hidden from this one, so the machine looks like a laptop with none
+services.find_gcs_addresses = functools.cache(lambda: [])  # (ray.init clears its cache)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_address_auto_with_no_cluster_running_is_the_users_error(tmp_path):
+    """`--address auto` (Ray's "the cluster `ray start` left on this machine") with none running: one line, exit
+    2 (it was Ray's ConnectionError traceback, reported as a bug)."""
+    argv = ["run", *SMOKE_ARGS, "--address", "auto", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": ""}
+    res = subprocess.run([sys.executable, "-c", AUTO_WITH_NO_CLUSTER, *argv], capture_output=True, text=True,
+                         env=env, timeout=120)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("raydistill:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert errors == ["raydistill: error: no running Ray cluster on this machine for address 'auto'; start one "
+                      "with `ray start --head`, or drop --address / RAY_ADDRESS to run on a private local Ray"]
+
+
 def test_a_folder_the_system_refuses_to_make_is_the_users_error():
     """What ``os.access`` cannot foresee (here /proc, where even root cannot make a folder) fails the mkdir
     itself: raised as the given user error naming the folder, not as an OSError."""
