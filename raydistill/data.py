@@ -169,6 +169,11 @@ def _labels(values: np.ndarray, where: str) -> np.ndarray:
             f"labels in {where} must be integers 0..K-1, got dtype {values.dtype}; "
             "map class names to integer ids first"
         )
+    if np.issubdtype(values.dtype, np.floating) and np.isnan(values).any():  # pyarrow gives a null label as NaN
+        raise DataError(
+            f"labels in {where} must be integers 0..K-1, found {int(np.isnan(values).sum())} missing (null); "
+            "drop those rows or label them"
+        )
     if np.issubdtype(values.dtype, np.floating) and (
         not np.all(np.isfinite(values)) or np.any(values != np.round(values))
     ):

@@ -72,6 +72,9 @@ def files(tmp_path_factory):
                                                           "features": list(sig[:20].astype(np.float64))})
     f["sig_short"] = _parquet(d / "sig_short.parquet", {"id": np.arange(100, 120), "label": np.arange(20) % 4,
                                                         "features": list(sig[:20, :30])})
+    f["sig_null_label"] = _parquet(d / "sig_null_label.parquet", {
+        "id": np.arange(40), "label": pa.array([i % 4 for i in range(39)] + [None], pa.int64()),
+        "features": list(sig)})
     from raydistill.data import Arrays, write_parquet
 
     write_parquet(Arrays(sig.reshape(40, 2, 20), np.arange(40) % 4, np.arange(40), 4, (2, 20)), d / "written.parquet")
@@ -146,6 +149,10 @@ CASES = [  # (id, args, words the one-line message must contain)
     ("augmentation on a non-image shape", [*SIGNAL, "--set", "data.augment=crop"],
      ["data.augment=crop", "shape (2, 20)", "set data.augment: none"]),
     ("image model on a signal", [*SIGNAL, "--set", "student.model=cnn"], ["takes images (C, H, W)", "'mlp'"]),
+    ("a missing label (streamed)", [*SIGNAL, "--set", "data.train=@sig_null_label"],
+     ["labels in column 'label' must be integers 0..K-1, found 1 missing (null); drop those rows or label them"]),
+    ("a missing label (in memory)", [*SIGNAL, "--set", "data.train=@sig_null_label", "--set", "data.stream=false"],
+     ["label column 'label' has missing values; drop those rows"]),
     ("image column of feature lists (streamed)", [*SIGNAL, "--set", "data.image_column=features"],
      ["data.image_column 'features'", "sig_train.parquet holds list<", "not encoded image bytes"]),
     ("image column of numbers (in memory)", [*SIGNAL, "--set", "data.image_column=label", "--set", "data.stream=false"],
