@@ -47,7 +47,7 @@ class DataConfig:
     test_fraction: float = 0.2  # share held out for test when no test split is declared (cifar10: official)
     seed: int = 0  # split seed: same seed, same ids in each split
     limit: int | None = None  # keep at most this many samples per split (smoke runs)
-    shard: str = "random"  # how training data is split across workers: random | classwise
+    shard: str = "random"  # how training data is split across workers: random | classwise (in-memory data only)
     augment: str = "none"  # training inputs (images only): none | crop (random crop after zero padding) | crop_flip (+ horizontal flip: right for CIFAR, wrong for digits); val/test never augmented
     augment_pad: int = 0  # zero padding in pixels before the random crop; 0 = auto, max(1, min(H, W) // 8)
 

@@ -135,6 +135,12 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
         check_cache_location(cfg.cache.path)
     t0 = time.perf_counter()
     streamed = streams(cfg.data)
+    if streamed and cfg.data.shard == "classwise" and cfg.scale.num_workers != 0:
+        # Ray Data hands each Train worker an equal part of the stream (streaming_split); a split by class would
+        # need every worker to read every row. Refused rather than silently split at random.
+        raise ConfigError("data.shard=classwise splits in-memory data by class, but this Parquet data is streamed "
+                          "and Ray Data splits the stream into equal parts; set data.stream=false (the data then "
+                          "loads into memory) or data.shard=random")
     splits = plan_stream(cfg.data) if streamed else load_data(cfg)
     data_fp = splits.fingerprint if streamed else fingerprint(splits)
     K = splits.num_classes

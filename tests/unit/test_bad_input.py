@@ -149,6 +149,8 @@ CASES = [  # (id, args, words the one-line message must contain)
     ("augmentation on a non-image shape", [*SIGNAL, "--set", "data.augment=crop"],
      ["data.augment=crop", "shape (2, 20)", "set data.augment: none"]),
     ("image model on a signal", [*SIGNAL, "--set", "student.model=cnn"], ["takes images (C, H, W)", "'mlp'"]),
+    ("classwise shards of streamed data", [*SIGNAL, "--set", "data.shard=classwise", "--set", "scale.num_workers=2"],
+     ["data.shard=classwise", "streamed", "set data.stream=false", "or data.shard=random"]),
     ("a missing label (streamed)", [*SIGNAL, "--set", "data.train=@sig_null_label"],
      ["labels in column 'label' must be integers 0..K-1, found 1 missing (null); drop those rows or label them"]),
     ("a missing label (in memory)", [*SIGNAL, "--set", "data.train=@sig_null_label", "--set", "data.stream=false"],
