@@ -739,11 +739,11 @@ def _load_parquet(path, label_column, feature_column, image_column, id_column, s
     columns = [label_column, data_column] + ([id_column] if id_column in names else [])
     columns += [split_column] if split_column else []
     pixels = None
-    if image_column is not None:
-        check_image_column(dataset.schema, image_column, f"parquet data at {path}")
     if image_column is None:  # before the read: a shape the files contradict is an error, not a read
         shape = flat_feature_shape(shape, metadata, path, split=declared)
         pixels = stored_pixel_stats(metadata, path, shape, dataset.schema.field(feature_column).type)
+    else:
+        check_image_column(dataset.schema, image_column, f"parquet data at {path}")
     try:
         table = dataset.to_table(columns=columns)
     except (pa.ArrowInvalid, OSError) as error:  # a corrupt or truncated file: pyarrow names it in the message
