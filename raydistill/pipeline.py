@@ -32,7 +32,15 @@ import torch
 
 from raydistill import config as config_mod
 from raydistill import job as jobs
-from raydistill.checkpoints import atomic_write_text, build_from_spec, load_model, load_payload, model_spec, save_model
+from raydistill.checkpoints import (
+    atomic_write_text,
+    build_from_spec,
+    load_model,
+    load_payload,
+    model_spec,
+    save_model,
+    spec_input_shape,
+)
 from raydistill.cluster import (
     check_resources,
     init_ray,
@@ -767,7 +775,6 @@ def deploy_onnx(ctx: RunContext, final: torch.nn.Module, row: dict, gate: dict) 
 def pruning_coverage(ctx: RunContext) -> dict:
     """Which layer groups of the student channel pruning reaches, and why the others are left whole (the
     classifier, attention projections, LayerNorm-coupled widths, ...): the report says it plainly."""
-    from raydistill.checkpoints import spec_input_shape
     from raydistill.core.pruning import ChannelPruner
 
     model = build_from_spec(ctx.s_spec).eval()
@@ -840,17 +847,26 @@ def validate_models(cfg: Config, num_classes: int, shape: tuple[int, ...]) -> No
     ``shape``: bad factories, kwargs or checkpoints fail here with one line, before any Ray worker starts."""
     x = torch.zeros(2, *shape)
     roles = [("student", cfg.student.model, cfg.student.kwargs)]
+    given = {path: load_model(path)[:2] for path in [cfg.teacher.checkpoint or "", *cfg.teacher.ensemble] if path}
     if cfg.teacher.ensemble:
         from raydistill.ensemble import check_member_classes
 
-        main = load_model(cfg.teacher.checkpoint)[1]["num_classes"] if cfg.teacher.checkpoint else num_classes
+        main = given[cfg.teacher.checkpoint][1]["num_classes"] if cfg.teacher.checkpoint else num_classes
         check_member_classes(("teacher", {"num_classes": main}),
-                             [(f"teacher.ensemble[{i}] ({p})", load_model(p)[1]) for i, p in
+                             [(f"teacher.ensemble[{i}] ({p})", given[p][1]) for i, p in
                               enumerate(cfg.teacher.ensemble)], num_classes)
     if cfg.teacher.checkpoint:
-        check_teacher_classes(cfg, load_model(cfg.teacher.checkpoint)[1], num_classes)
+        check_teacher_classes(cfg, given[cfg.teacher.checkpoint][1], num_classes)
     else:
         roles.append(("teacher", cfg.teacher.model, cfg.teacher.kwargs))
+    for path, (model, spec) in given.items():  # a given teacher must run on this data's samples
+        try:
+            with torch.no_grad():
+                model.eval()(x)
+        except Exception as e:
+            raise CheckpointError(f"teacher checkpoint {path} was trained on samples of shape "
+                                  f"{spec_input_shape(spec)} and fails on this data's {tuple(shape)} "
+                                  f"({str(e).splitlines()[0][:120]}); use a teacher trained on this data") from None
     if cfg.lowrank.rank is not None:  # a rank larger than a layer fails here; an energy needs trained weights
         lowrank_ranks(cfg, build_from_spec(model_spec(cfg.student.model, cfg.student.kwargs, num_classes, shape)))
     for role, name, kwargs in roles:

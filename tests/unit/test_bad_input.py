@@ -57,6 +57,13 @@ def files(tmp_path_factory):
     f["truncated"] = str(d / "truncated.pt")
     Path(f["truncated"]).write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     f["good_teacher"] = str(good)
+    from raydistill.checkpoints import build_from_spec
+
+    for name, spec in (("cifar_shaped", model_spec("cnn", {}, 10, (3, 32, 32))),  # teachers of other samples
+                       ("vector", model_spec("mlp", {}, 10, (40,)))):
+        f[name] = str(d / f"{name}.pt")
+        save_model(f[name], build_from_spec(spec).eval(), spec)
+    f["vector_ensemble"] = json.dumps([f["vector"]])
     (d / "badmods.py").write_text("def not_a_module(num_classes):\n    return 42\n")
     sys.path.insert(0, str(d))
     (d / "bad.yaml").write_text("distill: {alpha: [unclosed\n")
@@ -118,6 +125,11 @@ CASES = [  # (id, args, words the one-line message must contain)
                                   "--set", "student.kwargs={}"], ["nn.Module"]),
     ("unknown model name", ["--set", "student.model=cnnn"], ["did you mean", "cnn"]),
     ("corrupt checkpoint", ["--set", "teacher.checkpoint=@garbage"], ["corrupt"]),
+    ("teacher trained on another sample shape", ["--set", "teacher.checkpoint=@cifar_shaped"],
+     ["cifar_shaped.pt was trained on samples of shape (3, 32, 32) and fails on this data's (1, 8, 8)",
+      "use a teacher trained on this data"]),
+    ("ensemble member trained on another sample shape", ["--set", "teacher.ensemble=@vector_ensemble"],
+     ["vector.pt was trained on samples of shape (40,) and fails on this data's (1, 8, 8)"]),
     ("truncated checkpoint", ["--set", "teacher.checkpoint=@truncated"], ["corrupt"]),
     ("missing checkpoint", ["--set", "teacher.checkpoint=/nonexistent/t.pt"], ["does not exist"]),
     ("hint without inprocess", ["--set", "distill.hint_student_layer=features.0",
