@@ -102,12 +102,23 @@ def load_npy(path):
 
 def load_input(path, input_shape, normalization=None):
     path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"input {path} does not exist; pass a .npy file or a tensor saved with torch.save")
     if path.suffix == ".npy":
         x = load_npy(path)
     else:
-        x = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            x = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a torch.save file (pickle, zip or weights-only errors)
+            raise SystemExit(f"input {path} is not a tensor saved with torch.save ({str(e).splitlines()[0][:100]}); "
+                             "pass a .npy file or torch.save(tensor)")
         if isinstance(x, dict):
+            if "x" not in x:
+                raise SystemExit(f"input {path} holds a dict without key 'x' (keys: {sorted(map(str, x))[:5]}); "
+                                 "save the samples as {'x': tensor} or as the tensor itself")
             x = x["x"]
+        if not isinstance(x, torch.Tensor):
+            raise SystemExit(f"input {path} holds a {type(x).__name__}, not a tensor; save the samples as a tensor")
     raw = torch.as_tensor(x)
     x = raw.float()
     if input_shape and list(x.shape) == list(input_shape):

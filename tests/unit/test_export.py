@@ -104,6 +104,27 @@ def test_predict_normalizes_raw_uint8_samples_as_the_run_did(tmp_path):
     assert refused.returncode != 0 and "is uint8 but this model takes its inputs as stored" in refused.stderr
 
 
+def test_predict_refuses_a_bad_input_file_in_one_line(tmp_path):
+    """predict.py's input: a missing file, a file that is no torch.save, a dict without "x" and a saved
+    non-tensor each stop it with one line naming the file and the fix (they were tracebacks)."""
+    import runpy
+
+    folder = tmp_path / "deploy"
+    export_model(student().eval(), torch.zeros(2, 1, 8, 8), folder)
+    load_input = runpy.run_path(str(folder / "predict.py"), run_name="predict")["load_input"]
+    (tmp_path / "text.pt").write_text("not a tensor file")
+    torch.save({"y": torch.zeros(2, 1, 8, 8)}, tmp_path / "dict.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    for name, words in [("missing.npy", "does not exist; pass a .npy file or a tensor saved with torch.save"),
+                        ("text.pt", "is not a tensor saved with torch.save"),
+                        ("dict.pt", "holds a dict without key 'x' (keys: ['y'])"),
+                        ("list.pt", "holds a list, not a tensor")]:
+        with pytest.raises(SystemExit) as stop:
+            load_input(tmp_path / name, [1, 8, 8])
+        message = str(stop.value)
+        assert str(tmp_path / name) in message and words in message and "\n" not in message, message
+
+
 def test_model_needing_torchao_is_refused(tmp_path):
     model = quantize_int8(student(), "dynamic")  # torchao ops in the graph: not loadable with torch only
     with pytest.raises(ValueError, match="torchao"):
