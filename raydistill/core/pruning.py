@@ -523,9 +523,11 @@ class ChannelPruner:
             raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+        self._classifier = None  # the default ignored layer: the report names it as the classifier
         if ignored_layers is None:
             linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
             ignored_layers = linears[-1:]
+            self._classifier = linears[-1] if linears else None
         elif isinstance(ignored_layers, nn.Module) or not all(isinstance(m, nn.Module) for m in ignored_layers):
             raise ValueError(
                 "ignored_layers must be a sequence of nn.Module (e.g. [model.fc]) or None, "
@@ -581,7 +583,10 @@ class ChannelPruner:
             # width; consuming fewer input channels is fine (that is how the classifier
             # shrinks its input while its output stays).
             if module in ignored and self.graph.is_out_channel_pruning_fn(handler):
-                return f"ignored layer {self._names.get(module, type(module).__name__)!r}"
+                name = self._names.get(module, type(module).__name__)
+                if module is self._classifier:
+                    return f"the classifier {name!r} (the last Linear: its outputs are the class logits)"
+                return f"ignored layer {name!r}"
             if module in self._head_split and self.graph.is_out_channel_pruning_fn(handler):
                 return (f"attention projection {self._names.get(module)!r} feeds {self._head_split[module]} heads "
                         "(removing some of its channels breaks the head reshape)")

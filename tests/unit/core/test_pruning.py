@@ -379,6 +379,17 @@ def test_round_to_keeps_multiples():
         assert kept == (n - round(0.3 * n)) // 16 * 16
 
 
+def test_the_skipped_classifier_is_named_as_such():
+    """The report's pruning coverage says why a group stays whole: the default ignored layer is the classifier
+    (it said "ignored layer '8'"); a layer the caller ignores stays "ignored layer"."""
+    x = _x()
+    default = ChannelPruner(small_cnn(), x[:1])
+    assert default.skipped == {"8": "the classifier '8' (the last Linear: its outputs are the class logits)"}
+    model = small_cnn()
+    chosen = ChannelPruner(model, x[:1], ignored_layers=[model[3]])
+    assert chosen.skipped == {"3": "ignored layer '3'", "8": "changes the model output (8)"}
+
+
 def test_output_layer_is_protected_without_classifier():
     # Fully convolutional: the last conv produces the output; nothing to ignore by default.
     torch.manual_seed(0)
