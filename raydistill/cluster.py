@@ -193,6 +193,32 @@ def resource_needs(cfg: Config) -> dict[str, float]:
     return need
 
 
+def check_trial_resources(cfg: Config, address: str | None, teacher_cpus: float) -> None:
+    """Refuse a sweep whose trials can never be scheduled: Tune keeps such a trial PENDING forever, silently (seen:
+    ``tune.cpus_per_trial=64`` on a laptop waited with no line). A private local Ray's CPUs are known before it
+    is up (``local_ray_cpus``); a cluster is asked through its autoscaler first, as ``check_resources`` does.
+    ``teacher_cpus``: what the shared teacher actor holds for the whole sweep (live mode), else 0."""
+    need = cfg.tune.cpus_per_trial + teacher_cpus
+    if joins_cluster(address):
+        import ray
+
+        if ray.cluster_resources().get("CPU", 0) < need and cfg.scale.resource_wait_s > 0:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[{"CPU": need}])
+            deadline = time.time() + cfg.scale.resource_wait_s
+            while time.time() < deadline and ray.cluster_resources().get("CPU", 0) < need:
+                time.sleep(2)
+        have = ray.cluster_resources().get("CPU", 0)
+    else:
+        have = local_ray_cpus()
+    if need > have:
+        beside = f" + {teacher_cpus:g} for the shared teacher actor" if teacher_cpus else ""
+        raise ClusterError(f"tune.cpus_per_trial={cfg.tune.cpus_per_trial:g}{beside} needs {need:g} CPUs for one "
+                           f"trial but the Ray cluster has {have:g}, so no trial could ever start; lower "
+                           "tune.cpus_per_trial or add nodes")
+
+
 def check_resources(cfg: Config, wait_s: float | None = None) -> None:
     """Refuse, instead of waiting forever, a request the cluster can never satisfy.
 

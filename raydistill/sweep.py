@@ -32,6 +32,7 @@ from typing import Any
 
 from raydistill import config as config_mod
 from raydistill.checkpoints import atomic_write_bytes, atomic_write_text
+from raydistill.cluster import check_trial_resources, joins_cluster
 from raydistill.config import Config
 from raydistill.console import log
 from raydistill.redact import redact_obj
@@ -232,11 +233,16 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     t = cfg.tune
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    teacher_cpus = cfg.scale.teacher_cpus if t.teacher_mode == "live" else 0.0  # held by the actor all sweep long
+    if not joins_cluster(address):  # a private Ray's CPUs are known before it starts: refused before any work
+        check_trial_resources(cfg, address, teacher_cpus)
     # Teacher once (trained or loaded) and its logit cache once, through the pipeline's cached stages.
     ctx = open_run(cfg, out, address, quiet,
                    uses_cache=t.teacher_mode == "cache" or cfg.distill.teacher_mode == "cache",
                    verbose=verbose)  # Ray may start beside the teacher: prepare_teacher waits for it
     cfg = ctx.cfg  # scale.num_workers resolved
+    if joins_cluster(address):  # a cluster's once connected (its autoscaler asked first)
+        check_trial_resources(cfg, address, teacher_cpus)
     teacher = prepare_teacher(ctx, with_cache=t.teacher_mode == "cache")
     timings["teacher_and_cache_s" if t.teacher_mode == "cache" else "teacher_s"] = time.perf_counter() - t0
     out, splits = ctx.out, ctx.splits

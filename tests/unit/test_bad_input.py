@@ -278,6 +278,18 @@ def test_a_sweep_constraint_that_no_trial_can_meet_is_refused_before_the_sweep(f
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_trial_larger_than_the_machine_is_refused_before_the_sweep(tmp_path, capsys):
+    """tune.cpus_per_trial above what the private Ray has: Tune kept the trial PENDING forever with no line (seen:
+    64 on this 2-core machine); now one line, exit 2, before the teacher trains (a private Ray's CPUs are known)."""
+    code, err = _run_cli(capsys, ["tune", *SMOKE_ARGS, "--set", "tune.cpus_per_trial=64", "--out",
+                                  str(tmp_path / "sweep")])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("raydistill: error: tune.cpus_per_trial=64 needs 64 CPUs for one trial but the Ray "
+                               "cluster has "), lines[0]
+    assert "lower tune.cpus_per_trial or add nodes" in lines[0] and not (tmp_path / "sweep").exists()
+
+
 AUTO_WITH_NO_CLUSTER = """
 import functools
 import sys
