@@ -193,6 +193,20 @@ def resource_needs(cfg: Config) -> dict[str, float]:
     return need
 
 
+def cache_actor_cpus(cfg: Config) -> float:
+    """The CPUs of each teacher replica in the Ray Data actor pool that builds the logit cache."""
+    return cfg.scale.teacher_cpus or 0.5
+
+
+def cache_needs(cfg: Config) -> dict[str, float]:
+    """The CPUs and GPUs the logit cache's actor pool (``cache.num_actors`` teacher replicas) takes at once; it
+    runs between the teacher's and the students' stages, not beside them."""
+    need = {"CPU": cfg.cache.num_actors * cache_actor_cpus(cfg)}
+    if cfg.scale.teacher_gpus:
+        need["GPU"] = cfg.cache.num_actors * cfg.scale.teacher_gpus
+    return need
+
+
 def check_trial_resources(cfg: Config, address: str | None, teacher_cpus: float) -> None:
     """Refuse a sweep whose trials can never be scheduled: Tune keeps such a trial PENDING forever, silently (seen:
     ``tune.cpus_per_trial=64`` on a laptop waited with no line). A private local Ray's CPUs are known before it
@@ -219,8 +233,10 @@ def check_trial_resources(cfg: Config, address: str | None, teacher_cpus: float)
                            "tune.cpus_per_trial or add nodes")
 
 
-def check_resources(cfg: Config, wait_s: float | None = None) -> None:
-    """Refuse, instead of waiting forever, a request the cluster can never satisfy.
+def check_resources(cfg: Config, wait_s: float | None = None, builds_cache: bool = False) -> None:
+    """Refuse, instead of waiting forever, a request the cluster can never satisfy: the Train stages with the
+    teacher actor beside them and, with ``builds_cache``, the logit cache's actor pool (Ray Data waits forever
+    for actors that cannot be placed; seen: ``cache.num_actors=64`` on a laptop).
 
     On a local Ray (started here) the answer is immediate. On a cluster the request is passed to
     the autoscaler (``request_resources``) and we wait up to ``scale.resource_wait_s`` for the
@@ -230,14 +246,16 @@ def check_resources(cfg: Config, wait_s: float | None = None) -> None:
 
     s = cfg.scale
     need, gpus = resource_needs(cfg), train_gpus(cfg)
+    cache = cache_needs(cfg) if builds_cache else {}
+    wants = {k: max(need.get(k, 0), cache.get(k, 0)) for k in {*need, *cache}}
     wait_s = (0.0 if _started_locally else s.resource_wait_s) if wait_s is None else wait_s
-    if wait_s > 0 and any(ray.cluster_resources().get(k, 0) < v for k, v in need.items()):
+    if wait_s > 0 and any(ray.cluster_resources().get(k, 0) < v for k, v in wants.items()):
         from ray.autoscaler.sdk import request_resources
 
         bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
         request_resources(bundles=[bundle] * s.num_workers)
         deadline = time.time() + wait_s
-        while time.time() < deadline and any(ray.cluster_resources().get(k, 0) < v for k, v in need.items()):
+        while time.time() < deadline and any(ray.cluster_resources().get(k, 0) < v for k, v in wants.items()):
             time.sleep(2)
     have = ray.cluster_resources()
     if s.use_gpu and have.get("GPU", 0) < gpus:
@@ -246,7 +264,30 @@ def check_resources(cfg: Config, wait_s: float | None = None) -> None:
     if s.teacher_gpus > have.get("GPU", 0):
         raise ClusterError(f"scale.teacher_gpus={s.teacher_gpus} but the cluster has {int(have.get('GPU', 0))} GPU(s); "
                            "set scale.teacher_gpus=0 or add a GPU node")
+    _refuse(cfg, need, cache, have)
+
+
+def check_local_cpus(cfg: Config, builds_cache: bool = False) -> None:
+    """``check_resources``' CPU checks for a private local Ray before it starts: its CPUs are known
+    (``local_ray_cpus``), so a request it can never meet is refused at once, without starting it."""
+    need = resource_needs(cfg)
+    cache = cache_needs(cfg) if builds_cache else {}
+    _refuse(cfg, {"CPU": need["CPU"]}, {"CPU": cache["CPU"]} if cache else {}, {"CPU": local_ray_cpus()})
+
+
+def _refuse(cfg: Config, need: dict[str, float], cache: dict[str, float], have: dict[str, float]) -> None:
+    """The one-line refusals of CPUs (and a cache pool's GPUs) that ``have`` cannot give."""
+    s = cfg.scale
     if need["CPU"] > have.get("CPU", 0):
-        raise ClusterError(f"scale.num_workers={s.num_workers} x scale.cpus_per_worker={s.cpus_per_worker} needs "
-                           f"{s.num_workers * s.cpus_per_worker:g} CPUs (plus the teacher's) but the cluster has "
+        live = cfg.distill.teacher_mode == "live"
+        parts = [f"scale.num_workers={s.num_workers} x scale.cpus_per_worker={s.cpus_per_worker:g}"] \
+            + ([f"scale.teacher_cpus={s.teacher_cpus:g} for the teacher actor"] if live else [])
+        raise ClusterError(f"{' + '.join(parts)} need {need['CPU']:g} CPUs at once but the cluster has "
                            f"{have.get('CPU', 0):g}; lower them or add nodes")
+    for key, have_n in (("CPU", have.get("CPU", 0)), ("GPU", have.get("GPU", 0))):
+        if cache.get(key, 0) > have_n:
+            per = f"{cache_actor_cpus(cfg):g} CPUs (scale.teacher_cpus)" if key == "CPU" else \
+                f"{s.teacher_gpus:g} GPUs (scale.teacher_gpus)"
+            raise ClusterError(f"cache.num_actors={cfg.cache.num_actors} teacher replicas x {per} need "
+                               f"{cache[key]:g} {key}s to build the logit cache but the cluster has {have_n:g}; "
+                               "lower cache.num_actors or add nodes")

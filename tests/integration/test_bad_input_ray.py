@@ -42,7 +42,8 @@ def test_gpu_requested_where_none_exists(ray_local, tmp_path, capsys):
 def test_more_workers_than_cpus_fails_fast(ray_local, tmp_path, capsys):
     code, err = _run_cli(capsys, ["run", "--out", str(tmp_path / "r"), *SMOKE_ARGS, "--set", "scale.num_workers=64",
                                   "--set", "scale.cpus_per_worker=1"])
-    assert code == 2 and "needs 64 CPUs" in err
+    assert code == 2 and "scale.num_workers=64 x scale.cpus_per_worker=1 + scale.teacher_cpus=0.5 for the teacher " \
+        "actor need 64.5 CPUs at once but the cluster has " in err
 
 
 @pytest.mark.ray

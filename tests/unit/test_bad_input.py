@@ -290,6 +290,26 @@ def test_a_trial_larger_than_the_machine_is_refused_before_the_sweep(tmp_path, c
     assert "lower tune.cpus_per_trial or add nodes" in lines[0] and not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize("command,sets,words", [
+    ("cache-logits", ["cache.num_actors=100000"], "cache.num_actors=100000 teacher replicas x 0.5 CPUs "
+                                                  "(scale.teacher_cpus) need 50000 CPUs to build the logit cache"),
+    ("run", ["distill.teacher_mode=cache", "cache.num_actors=100000"], "need 50000 CPUs to build the logit cache"),
+    ("run", ["scale.teacher_cpus=100000"], "scale.num_workers=0 x scale.cpus_per_worker=0.5 + "
+                                           "scale.teacher_cpus=100000 for the teacher actor need 100000 CPUs at once"),
+])
+def test_a_teacher_pool_or_actor_larger_than_the_machine_is_refused_before_ray_starts(command, sets, words,
+                                                                                        tmp_path, capsys):
+    """cache.num_actors teacher replicas that cannot all be placed made Ray Data wait forever with no line (seen:
+    64 on this 2-core machine, killed after minutes); a teacher actor larger than the machine was refused only
+    after Ray had started, in words that named only the Train workers. A private Ray's CPUs are known before it
+    starts (cluster.local_ray_cpus): one line, exit 2, nothing started or written."""
+    argv = [command, *SMOKE_ARGS, *[a for s in sets for a in ("--set", s)], "--out", str(tmp_path / "run")]
+    code, err = _run_cli(capsys, argv)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in err, err
+    assert "lower" in lines[0] and "or add nodes" in lines[0] and not (tmp_path / "run").exists()
+
+
 AUTO_WITH_NO_CLUSTER = """
 import functools
 import sys
