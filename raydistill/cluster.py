@@ -214,16 +214,7 @@ def check_trial_resources(cfg: Config, address: str | None, teacher_cpus: float)
     ``teacher_cpus``: what the shared teacher actor holds for the whole sweep (live mode), else 0."""
     need = cfg.tune.cpus_per_trial + teacher_cpus
     if joins_cluster(address):
-        import ray
-
-        if ray.cluster_resources().get("CPU", 0) < need and cfg.scale.resource_wait_s > 0:
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[{"CPU": need}])
-            deadline = time.time() + cfg.scale.resource_wait_s
-            while time.time() < deadline and ray.cluster_resources().get("CPU", 0) < need:
-                time.sleep(2)
-        have = ray.cluster_resources().get("CPU", 0)
+        have = _ask_and_wait({"CPU": need}, [{"CPU": need}], cfg.scale.resource_wait_s).get("CPU", 0)
     else:
         have = local_ray_cpus()
     if need > have:
@@ -242,22 +233,13 @@ def check_resources(cfg: Config, wait_s: float | None = None, builds_cache: bool
     the autoscaler (``request_resources``) and we wait up to ``scale.resource_wait_s`` for the
     nodes to join (GPU workers often start at zero), then fail naming what is missing.
     """
-    import ray
-
     s = cfg.scale
     need, gpus = resource_needs(cfg), train_gpus(cfg)
     cache = cache_needs(cfg) if builds_cache else {}
     wants = {k: max(need.get(k, 0), cache.get(k, 0)) for k in {*need, *cache}}
     wait_s = (0.0 if _started_locally else s.resource_wait_s) if wait_s is None else wait_s
-    if wait_s > 0 and any(ray.cluster_resources().get(k, 0) < v for k, v in wants.items()):
-        from ray.autoscaler.sdk import request_resources
-
-        bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
-        request_resources(bundles=[bundle] * s.num_workers)
-        deadline = time.time() + wait_s
-        while time.time() < deadline and any(ray.cluster_resources().get(k, 0) < v for k, v in wants.items()):
-            time.sleep(2)
-    have = ray.cluster_resources()
+    bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    have = _ask_and_wait(wants, [bundle] * s.num_workers, wait_s)
     if s.use_gpu and have.get("GPU", 0) < gpus:
         raise ClusterError(f"scale.use_gpu=true with scale.num_workers={s.num_workers} needs {gpus} GPU(s) "
                            f"but the cluster has {int(have.get('GPU', 0))}; set scale.use_gpu=false or add GPU nodes")
@@ -267,12 +249,27 @@ def check_resources(cfg: Config, wait_s: float | None = None, builds_cache: bool
     _refuse(cfg, need, cache, have)
 
 
+def _ask_and_wait(wants: dict[str, float], bundles: list[dict], wait_s: float) -> dict[str, float]:
+    """The cluster's resources, after asking its autoscaler for ``bundles`` and waiting up to ``wait_s`` for
+    ``wants`` when they are not there yet (GPU nodes often start at zero)."""
+    import ray
+
+    if wait_s > 0 and any(ray.cluster_resources().get(k, 0) < v for k, v in wants.items()):
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+        deadline = time.time() + wait_s
+        while time.time() < deadline and any(ray.cluster_resources().get(k, 0) < v for k, v in wants.items()):
+            time.sleep(2)
+    return ray.cluster_resources()
+
+
 def check_local_cpus(cfg: Config, builds_cache: bool = False) -> None:
     """``check_resources``' CPU checks for a private local Ray before it starts: its CPUs are known
     (``local_ray_cpus``), so a request it can never meet is refused at once, without starting it."""
-    need = resource_needs(cfg)
     cache = cache_needs(cfg) if builds_cache else {}
-    _refuse(cfg, {"CPU": need["CPU"]}, {"CPU": cache["CPU"]} if cache else {}, {"CPU": local_ray_cpus()})
+    # CPUs only: the GPUs a private Ray will have are what it detects when it starts (check_resources then)
+    _refuse(cfg, resource_needs(cfg), {"CPU": cache["CPU"]} if cache else {}, {"CPU": local_ray_cpus()})
 
 
 def _refuse(cfg: Config, need: dict[str, float], cache: dict[str, float], have: dict[str, float]) -> None:

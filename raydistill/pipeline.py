@@ -43,13 +43,11 @@ from raydistill.checkpoints import (
 )
 from raydistill.cluster import (
     cache_actor_cpus,
-    cache_needs,
     check_local_cpus,
     check_resources,
     init_ray,
     init_ray_in_background,
     joins_cluster,
-    local_ray_cpus,
     resolve_scale,
     resource_needs,
 )
@@ -85,7 +83,6 @@ class RunContext:
     stages: StageCache
     timings: dict[str, dict] = field(default_factory=dict)
     ray_start: Future | None = None  # a private local Ray starting on a helper thread (open_run)
-    builds_cache: bool = False  # the run may build a logit cache (its actor pool's resources are checked)
 
     def log(self, msg: str) -> None:
         log(msg, self.quiet)
@@ -97,7 +94,7 @@ class RunContext:
         t0 = time.perf_counter()
         seconds = self.ray_start.result()
         self.ray_start = None
-        check_resources(self.cfg, builds_cache=self.builds_cache)  # immediate on a private local Ray
+        check_resources(self.cfg)  # immediate on a private local Ray; open_run checked its CPUs (check_local_cpus)
         waited = time.perf_counter() - t0
         self.timings["ray_start"] = {"seconds": seconds, "waited": waited, "beside": "teacher"}
         self.log(f"private local Ray ready in {seconds:.1f} s (started beside the teacher; waited {waited:.1f} s "
@@ -189,7 +186,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     timings = {"data": {"seconds": data_s}}
     if not joins_cluster(address):  # a private Ray's CPUs are known: what it can never give is refused before it starts
         check_local_cpus(cfg, builds_cache=uses_cache)
-    beside = starts_ray_beside(cfg, address, streamed, uses_cache)
+    beside = starts_ray_beside(cfg, address, streamed)
     if not beside:
         if not ray.is_initialized():
             log(f"connecting to {cluster} ..." if cluster else "starting a private local Ray ...", quiet)
@@ -218,7 +215,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
                      data_ref=splits if streamed or beside else ray.put(splits),
                      t_spec=model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape),
                      s_spec=model_spec(cfg.student.model, cfg.student.kwargs, K, splits.shape),
-                     stages=StageCache(out), timings=timings, builds_cache=uses_cache)
+                     stages=StageCache(out), timings=timings)
     if beside and skip_ray_when_done and needs_no_ray(ctx):
         from raydistill.console import quiet_libraries
 
@@ -253,20 +250,18 @@ def needs_no_ray(ctx: RunContext) -> bool:
     return not students_to_train(ctx, kd_key, prune_key, lowrank_key(cfg, prune_key))
 
 
-def starts_ray_beside(cfg: Config, address: str | None, streamed: bool, builds_cache: bool = False) -> bool:
+def starts_ray_beside(cfg: Config, address: str | None, streamed: bool) -> bool:
     """Whether Ray can start on a helper thread while the teacher trains: a private local Ray (no cluster to
     join) in Ray Train's local mode on in-memory data needs no Ray until the teacher's logits are served
     (``TorchTrainer`` with ``num_workers=0`` runs the loop here and starts no actor), and a private Ray's start
     is most of a laptop run's fixed cost (6-9 s on 2 cores, ``benchmarks/overhead.py``) while the teacher trains
-    on one thread (``scale.torch_threads``). Only when its resources (and, with ``builds_cache``, the logit
-    cache's actor pool) are known to fit without asking Ray (CPUs only, within ``local_ray_cpus``), so that a
-    request it cannot meet is still refused before any training."""
+    on one thread (``scale.torch_threads``). Only when it asks for CPUs alone, which ``open_run`` has already
+    checked against the private Ray's (``check_local_cpus``), so that a request it cannot meet is still refused
+    before any training."""
     import ray
 
-    need, cache = resource_needs(cfg), cache_needs(cfg) if builds_cache else {}
     return (not ray.is_initialized() and not joins_cluster(address) and cfg.scale.num_workers == 0 and not streamed
-            and set(need) == {"CPU"} and need["CPU"] <= local_ray_cpus()
-            and set(cache) <= {"CPU"} and cache.get("CPU", 0) <= local_ray_cpus())
+            and set(resource_needs(cfg)) == {"CPU"})
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ import numpy as np
 
 from raydistill.data import Arrays, Splits, image_hw, load_splits, to_pixels, write_parquet
 from raydistill.errors import DataError
+from raydistill.locks import folder_problem
 
 PREPARE_SOURCES = ("digits", "cifar10", "imagefolder", "parquet")
 DEFAULT_ROWS_PER_FILE = 4096
@@ -103,8 +104,6 @@ def pool_of(splits: Splits) -> tuple[Arrays, np.ndarray]:
 
 
 def _check_empty_local(out: str) -> None:
-    from raydistill.locks import folder_problem
-
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise DataError(f"output {out} already exists and is not an empty folder; pass a new --out or delete it")
     problem = folder_problem(Path(out))
