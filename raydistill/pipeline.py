@@ -174,8 +174,8 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     from raydistill.track import check_tracking
 
     check_tracking(cfg, out)  # an unreachable tracking server fails here, before any training
-    if uses_cache:
-        check_given_cache(cfg, data_fp, image_side(splits.shape))
+    # the logit cache's actor pool runs only when the cache is still to build: its CPUs are asked only then
+    builds_cache = uses_cache and not check_given_cache(cfg, out, data_fp, image_side(splits.shape))
     # Ray's start takes seconds (6-9 s on a 2-core laptop): say so before, not only after, the wait
     import ray
 
@@ -185,14 +185,14 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
             else f"Ray Train: {s.num_workers} data-parallel workers per stage")
     timings = {"data": {"seconds": data_s}}
     if not joins_cluster(address):  # a private Ray's CPUs are known: what it can never give is refused before it starts
-        check_local_cpus(cfg, builds_cache=uses_cache)
+        check_local_cpus(cfg, builds_cache=builds_cache)
     beside = starts_ray_beside(cfg, address, streamed)
     if not beside:
         if not ray.is_initialized():
             log(f"connecting to {cluster} ..." if cluster else "starting a private local Ray ...", quiet)
         t0 = time.perf_counter()
         init_ray(address, quiet, verbose)
-        check_resources(cfg, builds_cache=uses_cache)
+        check_resources(cfg, builds_cache=builds_cache)
         ray_s = time.perf_counter() - t0
         timings["ray_start"] = {"seconds": ray_s}
         ready = f"ready in {ray_s:.1f} s"
@@ -947,12 +947,23 @@ def check_cache_location(path: str | None) -> None:
                          "(or null: RUN/logit_cache)")
 
 
-def check_given_cache(cfg: Config, data_fp: str, image_size: int) -> None:
+def check_given_cache(cfg: Config, out: Path, data_fp: str, image_size: int) -> bool:
     """Refuse a user-given cache that does not match before any training: with a teacher checkpoint the
-    teacher's hash is known up front (a teacher trained in this run is checked once it exists)."""
-    if not (cfg.cache.path and cfg.teacher.checkpoint and not cfg.teacher.ensemble and cache_exists(cfg.cache.path)):
-        return  # (an ensemble's cache is checked once the ensemble is built, in with_logit_cache)
-    check_cache_for_run(cfg, cfg.cache.path, sha256_file(Path(cfg.teacher.checkpoint)), data_fp, image_size)
+    teacher's hash is known up front (a teacher trained in this run is checked once it exists). Returns whether
+    the cache this run will use (``cache.path``, else ``RUN/logit_cache`` of an earlier try) is already built for
+    this teacher and data: then no actor pool will build it, and its CPUs are not asked of the cluster."""
+    if not (cfg.teacher.checkpoint and not cfg.teacher.ensemble):
+        return False  # (an ensemble's cache is checked once the ensemble is built, in with_logit_cache)
+    uri = cfg.cache.path or str(out / "logit_cache")
+    if not cache_exists(uri):
+        return False
+    try:
+        check_cache_for_run(cfg, uri, sha256_file(Path(cfg.teacher.checkpoint)), data_fp, image_size)
+    except CacheError:
+        if cfg.cache.path:
+            raise
+        return False  # the run's own cache of another teacher or data: rebuilt (with_logit_cache)
+    return True
 
 
 def cache_exists(uri: str) -> bool:
