@@ -111,7 +111,9 @@ def run(config_or_path: Any = None, out: str | os.PathLike | None = None, *, add
 
     ``out`` is the run folder (default ``runs/<config name>``); a second call with the same config resumes and
     skips what is done. Starts a local Ray in this process unless ``address`` (or ``RAY_ADDRESS``) names a
-    cluster; it stays up for later calls. Raises ``raydistill.errors.UserError`` on bad input."""
+    cluster; it stays up for later calls. A Ray this process is already on (the script's own ``ray.init()``) is
+    used as it is: a cluster it joined counts as ``address`` (data-parallel workers by default), a local one as
+    none (local mode). Raises ``raydistill.errors.UserError`` on bad input."""
     from raydistill.pipeline import run as run_pipeline
 
     cfg = load_config(config_or_path, **overrides)

@@ -19,8 +19,26 @@ CLUSTER_WORKERS = 2  # scale.num_workers: null on a cluster: data-parallel worke
 
 
 def joins_cluster(address: str | None) -> bool:
-    """Whether this command joins an existing cluster (``--address`` / ``RAY_ADDRESS``) instead of starting Ray."""
-    return bool(address or os.environ.get("RAY_ADDRESS"))
+    """Whether this command joins an existing cluster (``--address`` / ``RAY_ADDRESS``, or the cluster a script
+    connected this process to with its own ``ray.init(address=...)`` before calling the API) instead of starting
+    Ray."""
+    return bool(address or os.environ.get("RAY_ADDRESS")) or ray_in_process() == "cluster"
+
+
+def ray_in_process() -> str | None:
+    """The Ray this process is already on, before raydistill starts one: None (none yet), "local" (this process
+    started it: ``init_ray``, or a script's own plain ``ray.init()``) or "cluster" (it connected to a running one:
+    ``ray.init(address=...)``, Ray Client)."""
+    if "ray" not in sys.modules:  # not imported: not initialized (and this check costs no import)
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    # Ray has no public "did this process start its Ray": the driver's node object is a head it started, or a
+    # connection to one (connect_only); Ray Client has none
+    node = getattr(ray._private.worker, "_global_node", None)
+    return "local" if node is not None and getattr(node, "head", False) else "cluster"
 
 
 def resolve_scale(cfg: Config, address: str | None) -> Config:
@@ -35,6 +53,7 @@ def resolve_scale(cfg: Config, address: str | None) -> Config:
 def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray in-process. Ray's own INFO lines, its
     workers' forwarded output and its non-actionable warnings are shown only with ``verbose``."""
+    global _started_locally
     import ray
 
     from raydistill.console import quiet_libraries
@@ -43,11 +62,11 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
     target = address or os.environ.get("RAY_ADDRESS")
     if target and target not in ("auto", "local"):
         check_reachable(target)  # also when Ray is already up here: a wrong address is refused, never ignored
-    if ray.is_initialized():
+    if ray.is_initialized():  # this command's earlier start, or a script's own ray.init() before the API call
+        _started_locally = ray_in_process() == "local"
         return
     kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": verbose,
                               "logging_level": "INFO" if verbose else "ERROR"}
-    global _started_locally
     # set on every start, not only on a local one: a process that ran locally, shut Ray down and now joins a
     # cluster must not keep treating it as this one machine (resource waits, Train's preemption watcher)
     _started_locally = not joins_cluster(address)
@@ -215,6 +234,10 @@ def check_trial_resources(cfg: Config, address: str | None, teacher_cpus: float)
     need = cfg.tune.cpus_per_trial + teacher_cpus
     if joins_cluster(address):
         have = _ask_and_wait({"CPU": need}, [{"CPU": need}], cfg.scale.resource_wait_s).get("CPU", 0)
+    elif ray_in_process():  # the local Ray a script started with its own ray.init(num_cpus=...)
+        import ray
+
+        have = ray.cluster_resources().get("CPU", 0)
     else:
         have = local_ray_cpus()
     if need > have:

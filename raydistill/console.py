@@ -61,6 +61,7 @@ def quiet_libraries(verbose: bool) -> None:
                 isinstance(f, _DropUserErrors) for f in handler.filters):
             handler.addFilter(_DropUserErrors())
     _drop_raylet_startup_warning()
+    _drop_forwarded_train_noise()
 
 
 class _DropUserErrors(logging.Filter):
@@ -126,6 +127,42 @@ def _drop_raylet_startup_warning() -> None:
 
     print_to_stdstream._raydistill_filtered = True
     ray_worker.print_to_stdstream = print_to_stdstream
+
+
+# What Ray's workers print that a script's own ``ray.init()`` forwards to its console (log_to_driver: raydistill's
+# own Ray never forwards it unless --verbose): every Train report of every worker ("Reporting training result N:
+# TrainingReport(checkpoint=..., metrics={...})", logged by a Ray Train logger named by its file path, so no logger
+# name reaches it) and the core worker's notice for Train's PreemptionWatcher actor ("... has constructor arguments
+# in the object store and max_restarts > 0"), one per stage. Seen in a script's run on 2 workers: 3 such lines a
+# stage. Dropped from the forwarded output from raydistill's first call in the process on, unless that call is
+# verbose; the rest of the workers' output is shown.
+_FORWARDED_NOISE = ("Reporting training result ", "has constructor arguments in the object store and max_restarts > 0")
+
+
+def _drop_forwarded_train_noise() -> None:
+    """Wrap the handler through which a driver with ``log_to_driver`` prints its workers' output (Ray's
+    ``global_worker_stdstream_dispatcher``, internal: Ray has no public filter) so that ``_FORWARDED_NOISE`` lines
+    are dropped unless verbose. Nothing to do when Ray forwards nothing (raydistill's own Ray) or is not up."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # pragma: no cover - if Ray moves it, nothing is dropped
+        return
+    with dispatcher._lock:
+        for i, (name, handler) in enumerate(dispatcher.handlers):
+            if name != "ray_print_logs" or getattr(handler, "_raydistill_filtered", False):
+                continue
+
+            def filtered(data, _handler=handler):
+                lines = data.get("lines") or []
+                if not _VERBOSE and any(n in line for line in lines for n in _FORWARDED_NOISE):
+                    lines = [line for line in lines if not any(n in line for n in _FORWARDED_NOISE)]
+                    if not lines:
+                        return None
+                    data = {**data, "lines": lines}
+                return _handler(data)
+
+            filtered._raydistill_filtered = True
+            dispatcher.handlers[i] = (name, filtered)
 
 
 _VERBOSE = False

@@ -48,6 +48,7 @@ from raydistill.cluster import (
     init_ray,
     init_ray_in_background,
     joins_cluster,
+    ray_in_process,
     resolve_scale,
     resource_needs,
 )
@@ -179,12 +180,14 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     # Ray's start takes seconds (6-9 s on a 2-core laptop): say so before, not only after, the wait
     import ray
 
-    cluster = None if not joins_cluster(address) else f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}"
+    already = ray_in_process()  # a script's own ray.init() before this API call (or an earlier command here)
+    where = address or os.environ.get("RAY_ADDRESS") or (already and ray.get_runtime_context().gcs_address)
+    cluster = f"the Ray cluster at {where}" if joins_cluster(address) else None
     s = cfg.scale
     mode = ("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0
             else f"Ray Train: {s.num_workers} data-parallel workers per stage")
     timings = {"data": {"seconds": data_s}}
-    if not joins_cluster(address):  # a private Ray's CPUs are known: what it can never give is refused before it starts
+    if not joins_cluster(address) and not already:  # a private Ray's CPUs are known: refused before it starts
         check_local_cpus(cfg, builds_cache=builds_cache)
     beside = starts_ray_beside(cfg, address, streamed)
     if not beside:
@@ -196,8 +199,12 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
         ray_s = time.perf_counter() - t0
         timings["ray_start"] = {"seconds": ray_s}
         ready = f"ready in {ray_s:.1f} s"
-        ray_where = f"{cluster} ({ready})" if cluster else \
-            f"a private local Ray ({ready}; pass --address to use a running cluster)"
+        if already:
+            ray_where = (f"{cluster}, which this process had already joined" if cluster else
+                         "the local Ray already running in this process")
+        else:
+            ray_where = f"{cluster} ({ready})" if cluster else \
+                f"a private local Ray ({ready}; pass --address to use a running cluster)"
         log(f"{mode}, on {ray_where}", quiet)
     make_folder(out, RunFolderError, OUT_FIX)
     take_run_folder(out, quiet)  # a new folder: held from its creation on

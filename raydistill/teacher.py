@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import time
 from typing import Any, NamedTuple
 
@@ -52,7 +53,14 @@ class TeacherServer:
         if num_threads > 0:
             torch.set_num_threads(num_threads)
         if isinstance(state, list):  # [ObjectRef]: the weights stay in the object store while the actor may restart
-            state = ray.get(state[0])
+            # This get blocks no caller: the actor's event loop serves nothing before __init__ returns. Ray's
+            # "Using blocking ray.get inside async actor" warning (meant for gets inside coroutines) is switched off
+            # for it with Ray's own switch; a script's own ray.init() forwards actors' output, so it was printed.
+            os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = "0"
+            try:
+                state = ray.get(state[0])
+            finally:
+                del os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_from_spec(spec, state).to(self.device).eval()
         self.window_s = batch_window_ms / 1000.0
@@ -127,8 +135,6 @@ class TeacherServer:
         self.stats.update(requests=0, samples=0, forward_passes=0, forward_s=0.0, requests_by_rank={})
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
 

@@ -121,9 +121,13 @@ def test_a_private_local_ray_collects_no_metrics_and_prestarts_no_workers(ray_lo
     process got."""
     from ray._private.state import state
 
+    from raydistill import cluster
+
     system_config = state.get_system_config()
     assert system_config.get("enable_metrics_collection") is False
     assert system_config.get("prestart_worker_first_driver") is False
+    # a Ray this process started is local: a later run here (or a script's own plain ray.init()) is not on a cluster
+    assert cluster.ray_in_process() == "local" and not cluster.joins_cluster(None)
 
 
 def test_a_private_local_ray_waits_longer_for_its_dashboard(ray_local, monkeypatch):

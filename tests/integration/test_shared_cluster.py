@@ -277,13 +277,19 @@ def test_a_run_with_no_address_on_a_machine_whose_ray_start_head_is_live(head, t
     head (as `ray start --head` without --temp-dir leaves it). A plain `ray.init()` joins that head (checked
     first: the file is live); `raydistill run` with no address starts its own private Ray in local mode, says so,
     completes, and never connects to the head."""
+    # the probe is also a script that joined the cluster with its own ray.init() before calling raydistill: the
+    # API then runs on that cluster, as a command given --address does (2 data-parallel workers by default)
     probe = ("import ray; ray.init(logging_level='ERROR'); "
-             "print('joined', ray.get_runtime_context().gcs_address, flush=True); ray.shutdown()")
+             "print('joined', ray.get_runtime_context().gcs_address, flush=True); "
+             "from raydistill import cluster, config; "
+             "print('in process:', cluster.ray_in_process(), cluster.joins_cluster(None), "
+             "cluster.resolve_scale(config.load(None), None).scale.num_workers, flush=True); ray.shutdown()")
     with ray_address_file(head.gcs):
         joined = subprocess.run([sys.executable, "-c", probe], env=head.env, capture_output=True, text=True,
                                 timeout=300)
         port = head.gcs.rsplit(":", 1)[1]  # the head reports its node's address, the port is the head's own
         assert re.search(rf"^joined \S+:{port}$", joined.stdout, re.M), joined.stdout + joined.stderr[-3000:]
+        assert "in process: cluster True 2" in joined.stdout, joined.stdout + joined.stderr[-3000:]
         drivers = _head_drivers(head)
         res = subprocess.run([sys.executable, "-m", "raydistill.cli", "run", "--out", str(tmp_path / "run"),
                               *_sets({"teacher.checkpoint": tiny_teacher, "data.limit": 200, "distill.epochs": 1,

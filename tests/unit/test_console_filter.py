@@ -28,6 +28,32 @@ def test_raylet_startup_warning_is_dropped_unless_verbose(capsys):
         console.quiet_libraries(False)
 
 
+def test_train_reports_forwarded_to_a_scripts_own_ray_init_are_dropped_unless_verbose():
+    """A script that calls ray.init() itself before raydistill.run gets its workers' output forwarded (Ray's
+    log_to_driver): every Train worker's "Reporting training result" line and the core worker's PreemptionWatcher
+    notice reached its console (seen: 3 a stage on 2 workers). They are dropped unless verbose; the rest of the
+    worker's output still gets through. No Ray: the batches go through Ray's dispatcher as its log thread sends them."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    seen = []
+    dispatcher.add_handler("ray_print_logs", lambda data: seen.append(list(data["lines"])))  # as ray.init adds it
+    report = "Reporting training result 1: TrainingReport(checkpoint=None, metrics={'loss': 2.28}) from rank 1"
+    watcher = ("[2026-12-04 11:44:06,741 E 24211 24276] core_worker.cc:2465: Actor with class name: "
+               "'PreemptionWatcher' and ID: 'f6e5' has constructor arguments in the object store and max_restarts > 0")
+    try:
+        console.quiet_libraries(False)
+        console.quiet_libraries(False)  # idempotent: wrapped once
+        dispatcher.emit({"lines": [report, "the user's own print"], "pid": 7, "is_err": False})
+        dispatcher.emit({"lines": [watcher], "pid": 8, "is_err": True})
+        assert seen == [["the user's own print"]]
+        console.quiet_libraries(True)  # --verbose / verbose=True shows everything
+        dispatcher.emit({"lines": [report, watcher], "pid": 7, "is_err": False})
+        assert seen[-1] == [report, watcher]
+    finally:
+        console.quiet_libraries(False)
+        dispatcher.remove_handler("ray_print_logs")
+
+
 DEATH = ("A worker died or was killed while executing a task by an unexpected system error. To troubleshoot the "
          "problem, check the logs for the dead worker. Lease ID: 06 Worker ID: bf1e Node ID: a483 Worker IP address: "
          "192.0.2.2 Worker port: 44353 Worker PID: 6205 Worker exit type: SYSTEM_ERROR Worker exit detail: Worker "
