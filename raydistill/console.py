@@ -41,8 +41,11 @@ def quiet_libraries(verbose: bool) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
             logger.addFilter(_DropMessage(text))
-    # Ray Train's local mode logs every report ("Reported metrics: ...") and a notice that it is in local mode
+    # Ray Train's local mode logs every report ("Reported metrics: ...") and a notice that it is in local mode; Tune
+    # where its results went (a sweep's own line says it). Raydistill's own Ray sets Ray's loggers to ERROR; a
+    # script's own ray.init() leaves them at INFO
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
     try:
         from ray.data import DataContext  # first: importing ray.data (re)configures the "ray.data" logger
 
@@ -133,10 +136,12 @@ def _drop_raylet_startup_warning() -> None:
 # own Ray never forwards it unless --verbose): every Train report of every worker ("Reporting training result N:
 # TrainingReport(checkpoint=..., metrics={...})", logged by a Ray Train logger named by its file path, so no logger
 # name reaches it) and the core worker's notice for Train's PreemptionWatcher actor ("... has constructor arguments
-# in the object store and max_restarts > 0"), one per stage. Seen in a script's run on 2 workers: 3 such lines a
-# stage. Dropped from the forwarded output from raydistill's first call in the process on, unless that call is
-# verbose; the rest of the workers' output is shown.
-_FORWARDED_NOISE = ("Reporting training result ", "has constructor arguments in the object store and max_restarts > 0")
+# in the object store and max_restarts > 0"), one per stage; and a Tune trial's line for every epoch's checkpoint.
+# Seen in a script's run on 2 workers: 3 such lines a stage; in its 2-trial sweep: one a trial epoch. Dropped
+# from the forwarded output from raydistill's first call in the process on, unless that call is verbose; the rest
+# of the workers' output is shown.
+_FORWARDED_NOISE = ("Reporting training result ", "has constructor arguments in the object store and max_restarts > 0",
+                    "Checkpoint successfully created at: ")  # the last: every epoch of every Tune trial
 
 
 def _drop_forwarded_train_noise() -> None:

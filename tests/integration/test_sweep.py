@@ -25,7 +25,21 @@ def test_small_sweep_end_to_end(ray_local, tmp_path, tiny_teacher):
     job = Path(__file__).resolve().parents[2] / "jobs" / "sweep.yaml"
     # the documented sweep job in smoke mode, with a ready teacher (training one is the pipeline tests' job)
     cfg = config.load(job, {**SWEEP, "teacher.checkpoint": tiny_teacher, "track.mlflow": True})
-    report = run_sweep(cfg, tmp_path, quiet=True)
+    import logging
+
+    class Keep(logging.Handler):  # Tune's own warnings, as a script's console would show them ("ray" propagates none)
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    warnings, keep = [], Keep(logging.WARNING)
+    logging.getLogger("ray.tune").addHandler(keep)
+    try:
+        report = run_sweep(cfg, tmp_path, quiet=True)
+    finally:
+        logging.getLogger("ray.tune").removeHandler(keep)
+    # none that a user cannot act on: Tune ignoring max_concurrent_trials beside our search algorithm's own limit
+    # (it did, every sweep), or short trials' checkpoints forcing experiment snapshots (Ray's switch turns it off)
+    assert not [w for w in warnings if "max_concurrent_trials" in w or "snapshotting" in w], warnings
     from mlflow import MlflowClient
 
     from raydistill.track import mlflow_uri

@@ -45,6 +45,8 @@ def test_train_reports_forwarded_to_a_scripts_own_ray_init_are_dropped_unless_ve
         console.quiet_libraries(False)  # idempotent: wrapped once
         dispatcher.emit({"lines": [report, "the user's own print"], "pid": 7, "is_err": False})
         dispatcher.emit({"lines": [watcher], "pid": 8, "is_err": True})
+        dispatcher.emit({"lines": ["Checkpoint successfully created at: Checkpoint(filesystem=local, path=/t/c_0)"],
+                         "pid": 9, "is_err": False})  # a Tune trial's, every epoch
         assert seen == [["the user's own print"]]
         console.quiet_libraries(True)  # --verbose / verbose=True shows everything
         dispatcher.emit({"lines": [report, watcher], "pid": 7, "is_err": False})
