@@ -56,11 +56,15 @@ class TeacherServer:
             # This get blocks no caller: the actor's event loop serves nothing before __init__ returns. Ray's
             # "Using blocking ray.get inside async actor" warning (meant for gets inside coroutines) is switched off
             # for it with Ray's own switch; a script's own ray.init() forwards actors' output, so it was printed.
+            saved = os.environ.get("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC")
             os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = "0"
             try:
                 state = ray.get(state[0])
-            finally:
-                del os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"]
+            finally:  # as it was: a get inside a coroutine would still warn
+                if saved is None:
+                    del os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"]
+                else:
+                    os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = saved
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_from_spec(spec, state).to(self.device).eval()
         self.window_s = batch_window_ms / 1000.0
