@@ -159,11 +159,11 @@ def _drop_forwarded_train_noise() -> None:
 
             def filtered(data, _handler=handler):
                 lines = data.get("lines") or []
-                if not _VERBOSE and any(n in line for line in lines for n in _FORWARDED_NOISE):
-                    lines = [line for line in lines if not any(n in line for n in _FORWARDED_NOISE)]
-                    if not lines:
+                kept = lines if _VERBOSE else [line for line in lines if not any(n in line for n in _FORWARDED_NOISE)]
+                if len(kept) < len(lines):
+                    if not kept:
                         return None
-                    data = {**data, "lines": lines}
+                    data = {**data, "lines": kept}
                 return _handler(data)
 
             filtered._raydistill_filtered = True

@@ -187,7 +187,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     mode = ("Ray Train local mode (scale.num_workers=0): every stage trains in this process" if s.num_workers == 0
             else f"Ray Train: {s.num_workers} data-parallel workers per stage")
     timings = {"data": {"seconds": data_s}}
-    if not joins_cluster(address) and not already:  # a private Ray's CPUs are known: refused before it starts
+    if not cluster and not already:  # a private Ray's CPUs are known: refused before it starts
         check_local_cpus(cfg, builds_cache=builds_cache)
     beside = starts_ray_beside(cfg, address, streamed)
     if not beside:
