@@ -1,7 +1,8 @@
-"""Wall time of an N-trial `raydistill tune` sweep: one shared logit cache vs each trial running its own teacher.
+"""Wall time of an N-trial `raydistill tune` sweep: one shared logit cache vs each trial running its own teacher,
+and trials that reuse a finished trial's process vs a fresh process per trial.
 
-    python benchmarks/sweep.py                          # 8 trials, cache vs inprocess, 2 repeats
-    python benchmarks/sweep.py --trials 12 --modes cache live inprocess --repeats 1
+    python benchmarks/sweep.py                          # 8 trials, cache vs inprocess, reuse on and off, 2 repeats
+    python benchmarks/sweep.py --trials 12 --modes cache live inprocess --reuse on --repeats 1
 
 The sweep is jobs/sweep.yaml (digits; distill 20 + prune 8 + fine-tune 10 epochs per trial, 2 trials
 at a time) with ``--trials`` trials and no early stopping (``tune.scheduler=none``), so every
@@ -11,12 +12,16 @@ variant does the same student work and the same trials (same seed, same sampled 
   live       every trial asks the one shared TeacherServer actor
   inprocess  every trial loads its own teacher copy and computes its own logits (no sharing)
 
+and, with ``--reuse both`` (the default), each of them with ``tune.reuse_actors`` on (the default: a trial that
+ends hands its process to the next) and off (every trial starts its own process: Tune's default).
+
 The teacher is trained once up front and given to every sweep as ``teacher.checkpoint``, so no
 variant pays for training it; each sweep runs in a fresh folder, so ``cache`` pays for building its
 cache every time. Reported per variant: the sweep's total wall time (``run_sweep`` from start to
 results, including the cache build), the trials' part alone, and the teacher forward samples. The
-ratios are to ``inprocess`` from the same repeat; variants are interleaved per repeat so machine
-noise hits them alike. Writes a table to stdout and JSON to benchmarks/results/sweep.json.
+ratios are to ``inprocess`` with the same reuse setting, and to the same mode with fresh processes;
+medians over the repeats; variants are interleaved per repeat so machine noise hits them alike. Writes a table to
+stdout and JSON to benchmarks/results/sweep.json.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def main() -> None:
     from raydistill.job import TEACHER_MODES
 
     ap.add_argument("--modes", nargs="+", default=["cache", "inprocess"], choices=TEACHER_MODES)
+    ap.add_argument("--reuse", choices=["on", "off", "both"], default="both",
+                    help="tune.reuse_actors: on, off, or both as separate variants")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep.json"))
@@ -69,40 +76,51 @@ def main() -> None:
     print(f"teacher trained once in {time.perf_counter() - t0:.0f} s: {teacher.path}", flush=True)
 
     runs: dict[str, list[dict]] = {}
+    reuses = {"on": [True], "off": [False], "both": [True, False]}[args.reuse]
+    variants = [(mode, reuse) for mode in args.modes for reuse in reuses]
     for rep in range(args.repeats):
-        for mode in args.modes:
-            cfg = config.load(job, {**overrides, "tune.teacher_mode": mode,
+        for mode, reuse in variants:
+            cfg = config.load(job, {**overrides, "tune.teacher_mode": mode, "tune.reuse_actors": reuse,
                                     "teacher.checkpoint": str(teacher.path)})
+            folder = work / f"{mode}-{'reuse' if reuse else 'fresh'}-r{rep}"
             t0 = time.perf_counter()
-            report = run_sweep(cfg, work / f"{mode}-r{rep}", quiet=True)
+            report = run_sweep(cfg, folder, quiet=True)
             total = time.perf_counter() - t0
-            accs = sorted(r["accuracy"] for r in json.loads((work / f"{mode}-r{rep}" / "sweep_report.json")
-                                                            .read_text())["pareto_macs"])
-            runs.setdefault(mode, []).append({
+            accs = sorted(r["accuracy"] for r in json.loads((folder / "sweep_report.json").read_text())["pareto_macs"])
+            runs.setdefault((mode, reuse), []).append({
                 "total_s": total, "trials_s": report["timings"]["sweep_s"], "completed": report["completed"],
+                "trial_processes": trial_processes(folder),
                 "teacher_forward_samples": report["teacher_forward_samples"],
                 "teacher_passes_over_data": report["teacher_passes_over_data"],
                 "best_accuracy": report["best"]["accuracy"] if report["best"] else None,
                 "pareto_accuracies": accs})
-            r = runs[mode][-1]
-            print(f"repeat {rep + 1}: {mode:9s} total {total:6.1f} s, trials {r['trials_s']:6.1f} s, "
-                  f"{r['completed']}/{args.trials} completed, teacher passes {r['teacher_passes_over_data']}",
-                  flush=True)
+            r = runs[(mode, reuse)][-1]
+            print(f"repeat {rep + 1}: {mode:9s} reuse_actors={reuse!s:5s} total {total:6.1f} s, trials "
+                  f"{r['trials_s']:6.1f} s in {r['trial_processes']} processes, {r['completed']}/{args.trials} "
+                  f"completed, teacher passes {r['teacher_passes_over_data']}, best {r['best_accuracy']}", flush=True)
+
+    def median(key, variant):
+        return statistics.median(r[key] for r in runs[variant]) if variant in runs else None
 
     rows = []
-    base = statistics.median(r["total_s"] for r in runs["inprocess"]) if "inprocess" in runs else None
-    for mode, rs in runs.items():
-        total = statistics.median(r["total_s"] for r in rs)
-        rows.append({"mode": mode, "total_s": total, "trials_s": statistics.median(r["trials_s"] for r in rs),
+    for (mode, reuse), rs in runs.items():
+        total, to_inprocess, to_fresh = median("total_s", (mode, reuse)), median("total_s", ("inprocess", reuse)), \
+            median("total_s", (mode, False))
+        rows.append({"mode": mode, "reuse_actors": reuse, "total_s": total,
+                     "trials_s": median("trials_s", (mode, reuse)),
+                     "trial_processes": median("trial_processes", (mode, reuse)),
                      "teacher_passes_over_data": rs[0]["teacher_passes_over_data"],
-                     "ratio_to_inprocess": total / base if base else None, "runs": rs})
+                     "ratio_to_inprocess": total / to_inprocess if to_inprocess else None,
+                     "ratio_to_fresh_processes": total / to_fresh if to_fresh else None, "runs": rs})
     print(f"\n{args.trials}-trial sweep, median of {args.repeats}")
-    print("| teacher | sweep wall time (s) | trials only (s) | teacher passes over the data | vs per-trial teacher |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| teacher | trial processes | sweep wall time (s) | trials only (s) | teacher passes over the data "
+          "| vs per-trial teacher | vs a fresh process per trial |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        ratio = f"{r['ratio_to_inprocess']:.2f}" if r["ratio_to_inprocess"] else "-"
-        print(f"| {r['mode']} | {r['total_s']:.1f} | {r['trials_s']:.1f} | "
-              f"{r['teacher_passes_over_data']:.1f} | {ratio} |")
+        ratios = [f"{r[k]:.2f}" if r[k] else "-" for k in ("ratio_to_inprocess", "ratio_to_fresh_processes")]
+        print(f"| {r['mode']} | {'reused' if r['reuse_actors'] else 'one per trial'} ({r['trial_processes']:g}) | "
+              f"{r['total_s']:.1f} | {r['trials_s']:.1f} | {r['teacher_passes_over_data']:.1f} | {ratios[0]} | "
+              f"{ratios[1]} |")
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps({
@@ -110,6 +128,12 @@ def main() -> None:
         "machine": machine(),
         "trials": args.trials, "repeats": args.repeats, "overrides": overrides, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
+
+
+def trial_processes(folder: Path) -> int:
+    """How many processes the sweep's trials ran in: the distinct pids in Tune's per-trial result.json files."""
+    return len({json.loads(line)["pid"] for path in (folder / "tune").glob("sweep-*/trial_*/result.json")
+                for line in path.read_text().splitlines() if line.strip()})
 
 
 if __name__ == "__main__":

@@ -172,6 +172,7 @@ class TuneConfig:
     max_concurrent: int = 2  # trials running at once
     cpus_per_trial: float = 1.0  # logical CPUs per trial (Ray is started with at least 4 locally)
     grace_period: int = 8  # ASHA: epochs every trial runs before it can be stopped
+    reuse_actors: bool = True  # a new trial runs in a finished trial's process (Ray Tune's reuse_actors): no process start and imports per trial; false: a fresh process for every trial
     teacher_mode: str = "cache"  # cache (one teacher pass for the whole sweep) | live (shared actor) | inprocess (each trial its own teacher copy: the costly baseline)
     max_macs: int | None = None  # best_config.yaml: best accuracy among trials under this many MACs
     max_latency_ms: float | None = None  # ... and under this batch-1 latency

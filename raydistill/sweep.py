@@ -286,7 +286,10 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
             trainable, param_space=search_space(t.space),
             # tune.max_concurrent is the search algorithm's own limit (above): Tune ignores max_concurrent_trials
             # beside a BasicVariantGenerator or a ConcurrencyLimiter, with a warning that it does
-            tune_config=tune.TuneConfig(num_samples=t.num_trials, search_alg=search_alg, scheduler=scheduler),
+            # reuse_actors: a trial that ends hands its process to the next one (Tune's documented switch, off by
+            # default): on digits a trial process's start, imports and data load cost more than its epochs
+            tune_config=tune.TuneConfig(num_samples=t.num_trials, search_alg=search_alg, scheduler=scheduler,
+                                        reuse_actors=t.reuse_actors),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1 if verbose else 0,
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

@@ -55,6 +55,11 @@ def test_small_sweep_end_to_end(ray_local, tmp_path, tiny_teacher):
     rows = pq.read_table(tmp_path / "results.parquet").to_pylist()
     assert len(rows) == 4 and (tmp_path / "results.csv").exists() and (tmp_path / "pareto.png").exists()
     assert rows[0]["distill.alpha"] == 0.0  # the label-only student is always evaluated
+    # a trial that ends hands its process to the next (tune.reuse_actors): 4 trials, 2 at a time, in fewer processes
+    # (Tune writes each result's pid); each trial started its own before
+    pids = {json.loads(line)["pid"] for path in (tmp_path / "tune").glob("sweep-*/trial_*/result.json")
+            for line in path.read_text().splitlines() if line.strip()}
+    assert 1 <= len(pids) < len(rows), pids
     done = [r for r in rows if r["completed"]]
     assert done and all(r["accuracy"] is not None and r["macs"] > 0 for r in done)
     for front, cost in ((report["pareto_macs"], "macs"), (report["pareto_latency"], "latency_ms_b1")):
