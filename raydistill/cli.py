@@ -55,7 +55,7 @@ def cmd_cache_logits(args: argparse.Namespace) -> int:
     from raydistill.pipeline import open_run, prepare_teacher
 
     out = Path(args.out) if args.out else _default_out(args.config)
-    ctx = open_run(cfg, out, args.address, args.quiet, uses_cache=True, verbose=args.verbose)
+    ctx = open_run(cfg, out, args.address, args.quiet, uses_cache=True, verbose=args.verbose, cache_only=True)
     c = prepare_teacher(ctx, with_cache=True).cache
     print(f"logit cache {redact(c['uri'])}: {c['rows']} rows ({c['views']} view(s) per sample, "
           f"transform {c['transform']}), format {c['format']}" + (f" (k={c['k']})" if c["k"] else "")

@@ -217,6 +217,15 @@ def cache_actor_cpus(cfg: Config) -> float:
     return cfg.scale.teacher_cpus or 0.5
 
 
+def cache_in_process(cfg: Config, streamed: bool) -> bool:
+    """Whether the command's own process runs the logit cache's teacher pass (``cache.build_cache(in_process=True)``)
+    instead of a Ray Data actor pool: Ray Train's local mode (the students train in this process too) on in-memory
+    data, the teacher on CPU. The pool's actor process, imports and Ray Data executor cost seconds on a laptop for
+    a pass the loop makes in milliseconds on small data; a streamed set, data-parallel workers or a teacher GPU
+    keep the pool (``cache.num_actors`` replicas)."""
+    return cfg.scale.num_workers == 0 and not streamed and not cfg.scale.teacher_gpus
+
+
 def cache_needs(cfg: Config) -> dict[str, float]:
     """The CPUs and GPUs the logit cache's actor pool (``cache.num_actors`` teacher replicas) takes at once; it
     runs between the teacher's and the students' stages, not beside them."""

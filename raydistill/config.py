@@ -122,7 +122,7 @@ class LowRankConfig:
 class CacheConfig:
     path: str | None = None  # logit cache folder or pyarrow URI (default: RUN/logit_cache)
     k: int | None = None  # store top-k probabilities instead of full fp16 logits (None: full)
-    num_actors: int = 1  # teacher replicas in the Ray Data actor pool that builds the cache
+    num_actors: int = 1  # teacher replicas in the Ray Data actor pool that builds the cache (streamed data, Train workers, a teacher GPU; in local mode on in-memory data the command's own process runs the teacher pass)
     batch_size: int = 512  # teacher batch size while building the cache
     views: int = 1  # augmented views per sample stored in the cache (FKD); the student trains on exactly these; > 1 needs data.augment
     topk_loss: str = "tail_filled"  # top-k caches: tail_filled (residual mass spread over the other classes) | sparse (KL over the teacher's top-k classes only, renormalised)

@@ -43,6 +43,7 @@ from raydistill.checkpoints import (
 )
 from raydistill.cluster import (
     cache_actor_cpus,
+    cache_in_process,
     check_local_cpus,
     check_resources,
     init_ray,
@@ -128,14 +129,16 @@ class Teacher:
 
 # ---- opening a run: validate everything the user gave, before writing anything -------------------------------
 def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, uses_cache: bool,
-             verbose: bool = False, skip_ray_when_done: bool = False) -> RunContext:
+             verbose: bool = False, skip_ray_when_done: bool = False, cache_only: bool = False) -> RunContext:
     """Check the run folder, data, models, a given cache and the cluster; then start Ray and write config.yaml
     (with ``scale.num_workers`` resolved: the config a run folder holds is the one that ran).
 
     Where the run needs no Ray for its first stage (``starts_ray_beside``), Ray starts on a helper thread and this
     returns at once: ``prepare_teacher`` trains the teacher meanwhile and then calls ``ctx.wait_for_ray()``, as
     must anything else that uses Ray first. ``skip_ray_when_done`` (``run``): there, when every stage is already
-    up to date (``needs_no_ray``), no Ray starts at all."""
+    up to date (``needs_no_ray``), no Ray starts at all. ``cache_only`` (``cache-logits``): neither does it when
+    this process also runs the cache's teacher pass (``cache_in_process``) and the teacher loads no pretrained
+    weights through the object store: the command then uses Ray for nothing."""
     out = Path(out).resolve()
     cfg = resolve_scale(cfg, address)
     if out.is_dir():
@@ -175,8 +178,11 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     from raydistill.track import check_tracking
 
     check_tracking(cfg, out)  # an unreachable tracking server fails here, before any training
-    # the logit cache's actor pool runs only when the cache is still to build: its CPUs are asked only then
-    builds_cache = uses_cache and not check_given_cache(cfg, out, data_fp, image_side(splits.shape))
+    # the logit cache's actor pool runs only when the cache is still to build, and not in local mode on in-memory
+    # data (this process runs the teacher pass): its CPUs are asked only then
+    # (check_given_cache also refuses a given cache of another teacher or data: always asked)
+    builds_cache = uses_cache and not check_given_cache(cfg, out, data_fp, image_side(splits.shape)) and \
+        not cache_in_process(cfg, streamed)
     # Ray's start takes seconds (6-9 s on a 2-core laptop): say so before, not only after, the wait
     import ray
 
@@ -228,6 +234,11 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
 
         quiet_libraries(verbose)  # what starting Ray would have done for the console (torchao's import warning)
         log(f"{mode}; all are up to date, so this rerun starts no Ray", quiet)
+    elif beside and cache_only and cache_in_process(cfg, streamed) and not cfg.teacher.pretrained:
+        from raydistill.console import quiet_libraries
+
+        quiet_libraries(verbose)
+        log(f"{mode}, the logit cache's teacher pass too; this command starts no Ray", quiet)
     elif beside:
         log(f"{mode}, on a private local Ray starting beside the teacher (pass --address to use a running cluster)",
             quiet)
@@ -381,8 +392,10 @@ def prepare_teacher(ctx: RunContext, with_cache: bool = False) -> Teacher:
     teacher = Teacher(model=model, spec=spec, sha256=sha256_file(path), path=path)
     if cfg.teacher.ensemble:
         teacher = with_ensemble(ctx, teacher)
-    ctx.wait_for_ray()  # the stages after the teacher's use Ray (its actor, the cache, the object store)
-    return with_logit_cache(ctx, teacher) if with_cache else teacher
+    if with_cache and cache_in_process(cfg, isinstance(ctx.splits, StreamData)):
+        teacher = with_logit_cache(ctx, teacher)  # in this process: while Ray may still be starting
+    ctx.wait_for_ray()  # the stages after the teacher's use Ray (its actor, the cache's pool, the object store)
+    return with_logit_cache(ctx, teacher) if with_cache and teacher.cache is None else teacher
 
 
 def with_ensemble(ctx: RunContext, teacher: Teacher) -> Teacher:
@@ -600,7 +613,8 @@ def init_state_from_teacher(ctx: RunContext, teacher: Teacher):
 
 def with_logit_cache(ctx: RunContext, teacher: Teacher) -> Teacher:
     """The teacher with its logit cache: reused if it matches this teacher, data, k and augmented views; built
-    (one teacher pass by a Ray Data actor pool) when absent. A user-given cache that does not match is refused.
+    (one teacher pass by a Ray Data actor pool, or by this process: ``cache_in_process``) when absent. A
+    user-given cache that does not match is refused.
     Commands building one cache at the same moment take turns (``cache.build_lock``): after waiting, the cache
     is checked again, so the teacher pass runs once and every command reads the one finished cache."""
     from raydistill.cache import build_cache, build_lock
@@ -615,15 +629,18 @@ def with_logit_cache(ctx: RunContext, teacher: Teacher) -> Teacher:
             info = reusable_cache(ctx, uri, teacher)
             if info is None:
                 transform = cache_settings(cfg, image_side(ctx.splits.shape))["transform"]
+                in_process = cache_in_process(cfg, isinstance(ctx.splits, StreamData))
                 ctx.log(f"logit cache: one teacher pass over {ctx.splits.rows('train')} samples x {cfg.cache.views} "
-                        f"view(s) ({transform}) with {cfg.cache.num_actors} actor(s)")
+                        f"view(s) ({transform}) "
+                        + ("in this process (local mode)" if in_process else
+                           f"with {cfg.cache.num_actors} actor(s) (Ray Data)"))
                 info = build_cache(uri, teacher_spec=teacher.spec, teacher_state=teacher.state(),
                                    teacher_sha256=teacher.sha256, splits=ctx.splits, data_fingerprint=ctx.data_fp,
                                    k=cfg.cache.k, views=cfg.cache.views, augment=cfg.data.augment,
                                    augment_pad=cfg.data.augment_pad, seed=cfg.seed, num_actors=cfg.cache.num_actors,
                                    cpus_per_actor=cache_actor_cpus(cfg),
                                    num_gpus_per_actor=cfg.scale.teacher_gpus, batch_size=cfg.cache.batch_size,
-                                   num_threads=cfg.scale.torch_threads)
+                                   num_threads=cfg.scale.torch_threads, in_process=in_process)
                 built = True
     ctx.timings["logit_cache"] = {"seconds": time.perf_counter() - t0, **({} if built else {"skipped": True})}
     return dataclasses.replace(teacher, cache={**info.__dict__, "uri": uri})

@@ -91,15 +91,17 @@ def test_given_cache_of_augmented_views_is_checked_with_its_views(ray_local, fil
 
 @pytest.mark.ray
 def test_a_finished_cache_is_reused_whatever_pool_would_have_built_it(ray_local, files, tmp_path, capsys):
-    """cache.num_actors sizes the actor pool that builds a cache; a run that reuses a finished one starts no pool,
-    so a pool larger than the machine is not refused (it was: "need 50000 CPUs to build the logit cache")."""
+    """cache.num_actors sizes the actor pool that builds a cache (with Train workers; in local mode the command's
+    own process labels it); a command that reuses a finished cache starts no pool, so a pool larger than the
+    machine is not refused (it was: "need 50000 CPUs to build the logit cache")."""
     sets = {"teacher.checkpoint": files["good_teacher"], "distill.teacher_mode": "cache", "prune.ratio": 0,
             "quantize.scheme": "none", "cache.path": str(tmp_path / "cache")}
     argv = ["run", "--out", str(tmp_path / "first"), *SMOKE_ARGS, *[a for k, v in sets.items()
                                                                     for a in ("--set", f"{k}={v}")]]
     assert cli.main(argv) == 0, capsys.readouterr().err[-3000:]
     capsys.readouterr()
-    code = cli.main([*argv, "--set", "cache.num_actors=100000", "--out", str(tmp_path / "second")])
+    code = cli.main(["cache-logits", *argv[1:], "--set", "scale.num_workers=1", "--set", "cache.num_actors=100000",
+                     "--out", str(tmp_path / "second")])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     assert f"logit cache {tmp_path / 'cache'}: up to date" in captured.out, captured.out[-3000:]

@@ -290,10 +290,12 @@ def test_a_trial_larger_than_the_machine_is_refused_before_the_sweep(tmp_path, c
     assert "lower tune.cpus_per_trial or add nodes" in lines[0] and not (tmp_path / "sweep").exists()
 
 
-@pytest.mark.parametrize("command,sets,words", [
-    ("cache-logits", ["cache.num_actors=100000"], "cache.num_actors=100000 teacher replicas x 0.5 CPUs "
-                                                  "(scale.teacher_cpus) need 50000 CPUs to build the logit cache"),
-    ("run", ["distill.teacher_mode=cache", "cache.num_actors=100000"], "need 50000 CPUs to build the logit cache"),
+@pytest.mark.parametrize("command,sets,words", [  # (a Train worker: in local mode this process labels the cache)
+    ("cache-logits", ["scale.num_workers=1", "cache.num_actors=100000"],
+     "cache.num_actors=100000 teacher replicas x 0.5 CPUs (scale.teacher_cpus) need 50000 CPUs to build the logit "
+     "cache"),
+    ("run", ["scale.num_workers=1", "distill.teacher_mode=cache", "cache.num_actors=100000"],
+     "need 50000 CPUs to build the logit cache"),
     ("run", ["scale.teacher_cpus=100000"], "scale.num_workers=0 x scale.cpus_per_worker=0.5 + "
                                            "scale.teacher_cpus=100000 for the teacher actor need 100000 CPUs at once"),
 ])
