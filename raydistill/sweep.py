@@ -213,10 +213,33 @@ def error_line(error: BaseException | str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
+def quiet_tune(verbose: bool) -> None:
+    """Ray Tune's documented switches for what it prints that a person cannot act on, unless ``verbose``; a value
+    the user set wins. Called before ``ray.tune`` is first imported: it reads some of them then."""
+    if verbose:
+        return
+    # Tune logs every failed trial's whole traceback (tune_controller: "Trial task failed for trial ..."); the trial
+    # lines give its error in one line, and results.csv keeps it.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # Tune's default output engine prints its experiment box and result paths whatever the verbosity (tune.py calls
+    # experiment_started unconditionally); its legacy engine, documented as RAY_AIR_NEW_OUTPUT=0, prints nothing at
+    # verbose=0. Our trial lines are the progress.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune warns whenever trials' checkpoints forced more than one experiment-state snapshot in 5 s, which short
+    # trials that checkpoint every epoch always do (each snapshot took ~7 ms here); 0: never warn.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune warns when one step of its event loop took over 0.5 s ("... may be a performance bottleneck. Please
+    # consider reporting results less frequently"), four lines at once, which a busy 2-core laptop hits in a sweep of
+    # a minute or more (seen in benchmarks/sweep.py); trials report once an epoch because ASHA decides on epochs.
+    # Read once, when ray.tune is imported.
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
+
+
 def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: str | None = None,
               quiet: bool = False, verbose: bool = False) -> dict:
     import dataclasses
 
+    quiet_tune(verbose)
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -294,19 +317,6 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[trial_lines(list(t.space), t.num_trials, quiet), *tracking]))
-    if not verbose:
-        # Tune logs every failed trial's whole traceback (tune_controller: "Trial task failed for trial ..."); the
-        # trial lines give its error in one line, and results.csv keeps it. Ray Tune's documented switch; a value the
-        # user set wins.
-        os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-        # Tune's default output engine prints its experiment box and result paths whatever the verbosity (tune.py
-        # calls experiment_started unconditionally); its legacy engine, documented as RAY_AIR_NEW_OUTPUT=0, prints
-        # nothing at verbose=0. Our trial lines are the progress. A value the user set wins.
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        # Tune warns whenever trials' checkpoints forced more than one experiment-state snapshot in 5 s, which short
-        # trials that checkpoint every epoch always do (each snapshot took ~7 ms here); Ray's documented switch
-        # (0: never warn). A value the user set wins.
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     t0 = time.perf_counter()
     grid = tuner.fit()
     timings["sweep_s"] = time.perf_counter() - t0

@@ -145,3 +145,32 @@ def test_ray_data_logs_about_bad_input_are_dropped_unless_verbose():
     finally:
         console.quiet_libraries(False)
     assert sys.exc_info()[1] is None
+
+
+
+def test_tunes_slow_step_warning_is_off_in_a_sweep_unless_verbose_or_the_user_set_it(monkeypatch):
+    """Tune warns "... may be a performance bottleneck" (four lines) whenever a step of its event loop took over
+    0.5 s, which a busy 2-core laptop hit in a minute-long sweep; Tune reads its threshold when ray.tune is first
+    imported, so run_sweep sets it before that (sweep.quiet_tune): a fresh interpreter shows Tune taking it."""
+    import os
+    import subprocess
+    import sys
+
+    from raydistill.sweep import quiet_tune
+
+    for name in ("TUNE_WARN_THRESHOLD_S", "TUNE_PRINT_ALL_TRIAL_ERRORS", "RAY_AIR_NEW_OUTPUT",
+                 "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"):
+        monkeypatch.delenv(name, raising=False)
+    quiet_tune(True)  # --verbose shows everything: Tune's own defaults
+    assert "TUNE_WARN_THRESHOLD_S" not in os.environ
+    monkeypatch.setenv("TUNE_WARN_THRESHOLD_S", "2")
+    quiet_tune(False)
+    assert os.environ["TUNE_WARN_THRESHOLD_S"] == "2"  # the user's value wins
+    monkeypatch.delenv("TUNE_WARN_THRESHOLD_S")
+    quiet_tune(False)
+    assert os.environ["TUNE_WARN_THRESHOLD_S"] == "10"
+    probe = ("from raydistill.sweep import quiet_tune; quiet_tune(False); "
+             "from ray.tune.utils.util import warn_if_slow; print(warn_if_slow.DEFAULT_THRESHOLD)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "TUNE_WARN_THRESHOLD_S"})
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "10.0", done.stdout + done.stderr[-2000:]
