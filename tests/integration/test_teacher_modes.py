@@ -28,15 +28,17 @@ def setup(ray_local, tmp_path_factory):
         expected = teacher(x)  # (N, K): what the teacher says for this shard's samples
     root = tmp_path_factory.mktemp("cache")
     caches = {}
-    for k, actors in ((None, 2), (5, 1)):  # two actors once: rows come back in id order whoever computed them
+    # full logits by a Ray Data pool of two actors (rows come back in id order whoever computed them); top-k and
+    # the views by this process, as a local-mode run builds them (cache.build_cache(in_process=True))
+    for k, actors, here in ((None, 2, False), (5, 1, True)):
         uri = str(root / f"k{k}")
         info = build_cache(uri, teacher_spec=SPEC, teacher_state=state, teacher_sha256="t" * 64, splits=splits,
-                           data_fingerprint=data_fp, k=k, num_actors=actors, batch_size=32)
+                           data_fingerprint=data_fp, k=k, num_actors=actors, batch_size=32, in_process=here)
         caches[k] = (uri, info)
     aug = make_augment("crop_flip", 2, 3, 8)  # FKD: 3 augmented views per sample
     info = build_cache(str(root / "views"), teacher_spec=SPEC, teacher_state=state, teacher_sha256="t" * 64,
                        splits=splits, data_fingerprint=data_fp, views=3, augment="crop_flip", augment_pad=2, seed=3,
-                       num_actors=1, batch_size=32)
+                       batch_size=32, in_process=True)
     caches["views"] = (str(root / "views"), info, aug)
     return {"teacher": teacher, "state": state, "splits": splits, "shard": shard, "x": x, "expected": expected,
             "caches": caches, "data_fp": data_fp}
