@@ -229,16 +229,16 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
                      t_spec=model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape),
                      s_spec=model_spec(cfg.student.model, cfg.student.kwargs, K, splits.shape),
                      stages=StageCache(out), timings=timings)
+    no_ray = None  # why this command uses Ray for nothing, if it does not
     if beside and skip_ray_when_done and needs_no_ray(ctx):
+        no_ray = "; all are up to date, so this rerun starts no Ray"
+    elif beside and cache_only and cache_in_process(cfg, streamed) and not cfg.teacher.pretrained:
+        no_ray = ", the logit cache's teacher pass too; this command starts no Ray"
+    if no_ray:
         from raydistill.console import quiet_libraries
 
         quiet_libraries(verbose)  # what starting Ray would have done for the console (torchao's import warning)
-        log(f"{mode}; all are up to date, so this rerun starts no Ray", quiet)
-    elif beside and cache_only and cache_in_process(cfg, streamed) and not cfg.teacher.pretrained:
-        from raydistill.console import quiet_libraries
-
-        quiet_libraries(verbose)
-        log(f"{mode}, the logit cache's teacher pass too; this command starts no Ray", quiet)
+        log(mode + no_ray, quiet)
     elif beside:
         log(f"{mode}, on a private local Ray starting beside the teacher (pass --address to use a running cluster)",
             quiet)
