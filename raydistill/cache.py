@@ -132,6 +132,7 @@ class TeacherLogits:
 
         if num_threads > 0:
             torch.set_num_threads(num_threads)
+
         def value(ref):  # in a Ray Data actor: an object ref; in the command's own process: the value itself
             return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 

@@ -392,10 +392,11 @@ def prepare_teacher(ctx: RunContext, with_cache: bool = False) -> Teacher:
     teacher = Teacher(model=model, spec=spec, sha256=sha256_file(path), path=path)
     if cfg.teacher.ensemble:
         teacher = with_ensemble(ctx, teacher)
-    if with_cache and cache_in_process(cfg, isinstance(ctx.splits, StreamData)):
+    here = with_cache and cache_in_process(cfg, isinstance(ctx.splits, StreamData))
+    if here:
         teacher = with_logit_cache(ctx, teacher)  # in this process: while Ray may still be starting
     ctx.wait_for_ray()  # the stages after the teacher's use Ray (its actor, the cache's pool, the object store)
-    return with_logit_cache(ctx, teacher) if with_cache and teacher.cache is None else teacher
+    return with_logit_cache(ctx, teacher) if with_cache and not here else teacher
 
 
 def with_ensemble(ctx: RunContext, teacher: Teacher) -> Teacher:

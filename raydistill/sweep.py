@@ -233,26 +233,6 @@ def quiet_tune(verbose: bool) -> None:
     # a minute or more (seen in benchmarks/sweep.py); trials report once an epoch because ASHA decides on epochs.
     # Read once, when ray.tune is imported.
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
-    import logging
-
-    state_log = logging.getLogger("ray.tune.execution.experiment_state")
-    if not any(isinstance(f, SnapshotRaceFilter) for f in state_log.filters):
-        state_log.addFilter(SnapshotRaceFilter())
-
-
-class SnapshotRaceFilter:
-    """Drops Tune's ERROR (with a traceback) for a race in its own experiment snapshots: it copies the snapshot
-    folder to storage in the background while the next snapshot writes a searcher state file under a temporary name
-    and renames it (``_atomic_save``), so the copy finds the temporary file gone ("FileNotFoundError: Failed to
-    open local file '.../.<uuid>-tmp-basic-variant-state-....json'"; ray-project/ray#60556 made the names unique,
-    not the copy safe). Tune starts a new copy of the whole folder right after, and the last one, after the last
-    snapshot, has nothing writing beside it. Seen once in a 2-trial sweep in the suite (2026-12-04). Any other
-    failure to save the state is kept."""
-
-    def filter(self, record) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (record.getMessage().startswith("Saving experiment state to storage")
-                    and isinstance(error, FileNotFoundError) and "-tmp-" in str(error))
 
 
 def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: str | None = None,

@@ -180,16 +180,14 @@ def test_tunes_snapshot_copy_racing_its_own_temporary_file_is_not_shown(monkeypa
     """Tune copies its experiment snapshot folder to storage in the background while the next snapshot writes a
     searcher state file under a temporary name and renames it; the copy then fails on the vanished file and Tune
     logs an ERROR with a traceback (seen in a 2-trial sweep of the suite), though its next copy saves the state.
-    sweep.quiet_tune drops exactly that record; any other failure to save the state still shows."""
+    console.quiet_libraries drops exactly that record; any other failure to save the state still shows."""
     import logging
-
-    from raydistill.sweep import SnapshotRaceFilter, quiet_tune
 
     log = logging.getLogger("ray.tune.execution.experiment_state")
     monkeypatch.setattr(log, "filters", [])
-    quiet_tune(False)
-    quiet_tune(False)  # once only
-    assert sum(isinstance(f, SnapshotRaceFilter) for f in log.filters) == 1
+    console.quiet_libraries(False)
+    console.quiet_libraries(False)  # once only
+    assert sum(isinstance(f, console._DropSnapshotRace) for f in log.filters) == 1
     shown = []
 
     class Keep(logging.Handler):
