@@ -125,21 +125,18 @@ class TeacherLogits:
 
     def __init__(self, spec: dict, state_ref, data_ref, k: int | None, views: int = 1, augment: Augment = Augment(),
                  num_threads: int = 1, stream=None):
-        import ray
         import torch
 
         from raydistill.checkpoints import build_from_spec
+        from raydistill.job import resolve  # in a Ray Data actor: object refs; in the command's process: the values
 
         if num_threads > 0:
             torch.set_num_threads(num_threads)
 
-        def value(ref):  # in a Ray Data actor: an object ref; in the command's own process: the value itself
-            return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-
         # refs arrive wrapped in a list so Ray does not resolve them into copies per call
-        self.model = build_from_spec(spec, value(state_ref[0])).eval()
+        self.model = build_from_spec(spec, resolve(state_ref[0])).eval()
         # in memory: zero-copy numpy from the object store, rows picked by position; streamed: rows arrive in the batch
-        self.train = value(data_ref[0]).train if stream is None else None
+        self.train = resolve(data_ref[0]).train if stream is None else None
         self.k, self.views, self.augment, self.stream = k, views, augment, stream
 
     def __call__(self, batch) -> dict[str, np.ndarray]:

@@ -63,7 +63,7 @@ class TeacherSource:
     mode: str  # TEACHER_MODES
     actor_name: str | None = None
     spec: dict | None = None
-    state: Any = None  # ray.ObjectRef of the teacher's state dict
+    state: Any = None  # ray.ObjectRef of the teacher's state dict, or the dict (``resolve``)
     uri: str | None = None
     info: dict | None = None
 
@@ -75,10 +75,10 @@ class StageJob:
     stage: str  # teacher | student_baseline | student_kd | student_pruned | trial | a benchmark's name
     config: Config
     spec: dict  # checkpoints.model_spec of the model being trained
-    data: Any  # ray.ObjectRef of data.Splits
+    data: Any  # ray.ObjectRef of data.Splits, the Splits (``resolve``), or a stream.StreamData
     phases: tuple[Phase, ...]
     teacher: TeacherSource | None = None
-    init_state: Any = None  # ray.ObjectRef of a state dict to start from (None: fresh init from the seed)
+    init_state: Any = None  # ray.ObjectRef of a state dict to start from, or the dict (None: fresh init from the seed)
     journal: str | None = None  # JSON-lines file of finished epochs (fault tests read it)
     verbose: bool = True  # rank 0 prints one line per epoch
     first_epoch: int = 0  # global number of its first epoch: a stage that continues another keeps its data order
@@ -107,6 +107,15 @@ class StageJob:
                    phases=phases, teacher=teacher, init_state=plain["init_state"], journal=plain["journal"],
                    verbose=plain["verbose"], first_epoch=plain["first_epoch"], checkpoint_dir=plain["checkpoint_dir"],
                    progress=plain["progress"])
+
+
+def resolve(ref: Any) -> Any:
+    """What a job's ``data``, ``init_state`` or teacher ``state`` holds: the value behind a Ray object ref, or the
+    value itself. A local-mode run trains in the command's own process and hands its values over as they are while
+    its Ray is still starting, and always when it starts no Ray (``pipeline.RunContext.share``)."""
+    import ray
+
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
 def _fields(obj) -> dict[str, Any]:

@@ -85,9 +85,21 @@ class RunContext:
     stages: StageCache
     timings: dict[str, dict] = field(default_factory=dict)
     ray_start: Future | None = None  # a private local Ray starting on a helper thread (open_run)
+    uses_ray: bool = True  # False: a local-mode run that starts no Ray at all (open_run: ``no_ray_reason``)
 
     def log(self, msg: str) -> None:
         log(msg, self.quiet)
+
+    def share(self, value: Any) -> Any:
+        """``value`` (a state dict) for a stage job: in Ray's object store (``ray.put``: Train workers, Tune trials
+        and actors read it zero-copy), or the value itself when this command starts no Ray (the local-mode loop runs
+        here and reads it as it is: ``job.resolve``)."""
+        if not self.uses_ray:
+            return value
+        import ray
+
+        self.wait_for_ray()
+        return ray.put(value)
 
     def wait_for_ray(self) -> None:
         """Wait for the Ray that ``open_run`` started in the background (no-op when it was started there)."""
@@ -229,12 +241,9 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
                      t_spec=model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape),
                      s_spec=model_spec(cfg.student.model, cfg.student.kwargs, K, splits.shape),
                      stages=StageCache(out), timings=timings)
-    no_ray = None  # why this command uses Ray for nothing, if it does not
-    if beside and skip_ray_when_done and needs_no_ray(ctx):
-        no_ray = "; all are up to date, so this rerun starts no Ray"
-    elif beside and cache_only and cache_in_process(cfg, streamed) and not cfg.teacher.pretrained:
-        no_ray = ", the logit cache's teacher pass too; this command starts no Ray"
+    no_ray = beside and no_ray_reason(ctx, run_stages=skip_ray_when_done, cache_only=cache_only)
     if no_ray:
+        ctx.uses_ray = False
         from raydistill.console import quiet_libraries
 
         quiet_libraries(verbose)  # what starting Ray would have done for the console (torchao's import warning)
@@ -246,15 +255,36 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     return ctx
 
 
-def needs_no_ray(ctx: RunContext) -> bool:
-    """Whether this local-mode run is a rerun of a finished one that uses Ray for nothing: the teacher and every
-    student stage up to date (their keys as ``run`` computes them), the live teacher (its actor starts only for a
-    student stage still to train: ``students_to_train``), and none of what loads a teacher or a student through
-    the object store (ensemble, ``student.init_from_teacher``); evaluation, int8 and export run in this process.
-    Why: a rerun of a finished default run waited 4.4 s of its 15 s for a private Ray that nothing used
-    (docs/benchmarks.md). Any doubt answers False, and Ray starts as before."""
+def no_ray_reason(ctx: RunContext, run_stages: bool, cache_only: bool) -> str | None:
+    """Why this local-mode command on in-memory data (``starts_ray_beside``) needs no Ray at all, as the end of its
+    console line; None when it does. Every stage then trains in this process, the teacher's and students' tensors
+    are handed over as they are (``RunContext.share``), evaluation, int8 and export run here too, and the only use
+    left for Ray is the live teacher's actor: ``run`` (``run_stages``) with the in-process or cached teacher, or a
+    rerun with every stage up to date (``needs_no_ray``), and ``cache-logits`` (``cache_only``: its teacher pass
+    runs here, ``cache_in_process``), start none.
+    Why: a private Ray that nothing uses cost such a command ~10 CPU-s on 2 cores (its GCS, raylet, dashboard and
+    agents, started beside the teacher), its wait for that start when the teacher was done first, and its stop at
+    the end; `raydistill run best_config.yaml` of a sweep (local mode, the sweep's logit cache) is such a run."""
     cfg = ctx.cfg
-    if cfg.distill.teacher_mode != "live" or cfg.teacher.ensemble or cfg.student.init_from_teacher:
+    if cache_only:
+        return ", the logit cache's teacher pass too; this command starts no Ray"
+    if not run_stages:
+        return None
+    if cfg.distill.teacher_mode == "cache":
+        return ", the logit cache built and read here too; this command starts no Ray"
+    if cfg.distill.teacher_mode == "inprocess":
+        return ", the teacher's forward passes too (distill.teacher_mode=inprocess); this command starts no Ray"
+    return "; all are up to date, so this rerun starts no Ray" if needs_no_ray(ctx) else None
+
+
+def needs_no_ray(ctx: RunContext) -> bool:
+    """Whether this local-mode run with the live teacher is a rerun of a finished one that uses Ray for nothing:
+    the teacher and every student stage up to date (their keys as ``run`` computes them: the actor starts only for
+    a student stage still to train, ``students_to_train``). Why: a rerun of a finished default run waited 4.4 s of
+    its 15 s for a private Ray that nothing used (docs/benchmarks.md). Any doubt answers False, and Ray starts as
+    before."""
+    cfg = ctx.cfg
+    if cfg.distill.teacher_mode != "live":
         return False
     if cfg.teacher.checkpoint:
         path = Path(cfg.teacher.checkpoint)
@@ -444,12 +474,9 @@ def teacher_init_state(ctx: RunContext):
     """``teacher.pretrained``: the teacher's initial weights in the object store (None: a fresh init)."""
     if ctx.cfg.teacher.pretrained is None:
         return None
-    ctx.wait_for_ray()
-    import ray
-
     from raydistill.pretrained import pretrained_state
 
-    return ray.put(pretrained_state(ctx.t_spec, ctx.cfg.teacher.pretrained, ctx.cfg.teacher.replace_head))
+    return ctx.share(pretrained_state(ctx.t_spec, ctx.cfg.teacher.pretrained, ctx.cfg.teacher.replace_head))
 
 
 def train_baseline(ctx: RunContext, init_state: Any, teacher_sha: str) -> None:
@@ -502,12 +529,11 @@ def choose_student(ctx: RunContext) -> dict:
 def prune_student(ctx: RunContext, key: str, source: TeacherSource | None, start: str = "student_kd") -> None:
     """Prune the chosen student (``start``: ``choose_student``) while distilling, remove the channels, fine-tune
     with KD."""
-    import ray
 
     if ctx.stages.done("student_pruned", key, ctx.out / "student_pruned.pt"):
         train_student(ctx, "student_pruned", key, None)  # records the skip
         return
-    start_state = ray.put(load_payload(ctx.out / f"{start}.pt")["state_dict"])
+    start_state = ctx.share(load_payload(ctx.out / f"{start}.pt")["state_dict"])
     job = ctx.stage_job("student_pruned", ctx.s_spec, jobs.prune_phases(ctx.cfg), teacher=source,
                         init_state=start_state)
     # it continues the KD student: its epochs follow KD's, as in a sweep trial that runs both in one loop
@@ -550,7 +576,6 @@ def lowrank_ranks(cfg: Config, model: torch.nn.Module) -> dict[str, int]:
 
 def lowrank_student(ctx: RunContext, key: str, source: TeacherSource | None, start: str) -> None:
     """Factorize the Linear layers of the ``start`` student by truncated SVD (core.surgery), fine-tune with KD."""
-    import ray
 
     from raydistill.core.surgery import low_rank_factorize_
 
@@ -564,7 +589,7 @@ def lowrank_student(ctx: RunContext, key: str, source: TeacherSource | None, sta
     ctx.log(f"low rank: {start}'s Linear layers factorized, " + ", ".join(
         f"{n} rank {v['rank']} ({v['params_before']:,} -> {v['params_after']:,} params, rel. error "
         f"{v['rel_error']:.3f})" for n, v in report.items() if n != "skipped"))
-    state = ray.put({k: v.detach().clone() for k, v in model.state_dict().items()})
+    state = ctx.share({k: v.detach().clone() for k, v in model.state_dict().items()})
     job = ctx.stage_job("student_lowrank", {**spec, "lowrank": ranks}, jobs.lowrank_phases(cfg), teacher=source,
                         init_state=state)
     done_epochs = cfg.distill.epochs + (sum(p.epochs for p in jobs.prune_phases(cfg)) if start == "student_pruned"
@@ -601,7 +626,6 @@ def train_model(ctx: RunContext, stage: str, key: str, path: Path, job: StageJob
 
 def init_state_from_teacher(ctx: RunContext, teacher: Teacher):
     """``student.init_from_teacher``: the student's initial tensors, copied from the teacher where they fit."""
-    import ray
 
     from raydistill.core.surgery import init_from_teacher_
 
@@ -609,7 +633,7 @@ def init_state_from_teacher(ctx: RunContext, teacher: Teacher):
     student0 = build_from_spec(ctx.s_spec)
     copied = init_from_teacher_(student0, teacher.model)
     ctx.log(f"init from teacher: copied {len(copied['copied'])} tensors")
-    return ray.put({k: v.clone() for k, v in student0.state_dict().items()})
+    return ctx.share({k: v.clone() for k, v in student0.state_dict().items()})
 
 
 def with_logit_cache(ctx: RunContext, teacher: Teacher) -> Teacher:
@@ -673,14 +697,13 @@ def open_teacher_source(ctx: RunContext, teacher: Teacher, mode: str, start_acto
     """The teacher source for ``mode`` (``distill.teacher_mode``, or ``tune.teacher_mode`` for a sweep's trials),
     and the TeacherServer actor when one is started (``live``, unless ``start_actor`` is false because every
     student stage is up to date). The actor's process starts in the background: ``wait_for_teacher_server``."""
-    import ray
 
     from raydistill.teacher import start_teacher_server, teacher_actor_name
 
     if mode == "cache":
         return jobs.cached_teacher(teacher.cache["uri"], {k: v for k, v in teacher.cache.items() if k != "uri"}), None
     if mode == "inprocess":
-        return jobs.inprocess_teacher(teacher.spec, ray.put(teacher.state())), None
+        return jobs.inprocess_teacher(teacher.spec, ctx.share(teacher.state())), None
     if not start_actor:  # every student stage is up to date: no actor, so none to name (the name takes Ray's job id,
         # and a finished local-mode rerun runs without Ray: ``needs_no_ray``)
         return jobs.live_teacher(""), None

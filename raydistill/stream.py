@@ -112,14 +112,6 @@ class StreamData:
         return head(self, split, n)
 
 
-def resolve(data):
-    """A stage job's ``data``: the in-memory Splits behind an object ref, or what it is (a StreamData, or the
-    Splits themselves, handed over in process while a local-mode run's Ray starts)."""
-    import ray
-
-    return ray.get(data) if isinstance(data, ray.ObjectRef) else data
-
-
 def streams(d) -> bool:
     """Whether ``data`` (a config's DataConfig) is streamed: ``data.stream``, or auto: Parquet (a flat feature
     column or encoded images) with an id column (rows are joined to the cache and carved into splits by id; without

@@ -80,8 +80,7 @@ def trial(params: dict, *, base: dict, data_ref, s_spec: dict, teacher: list[dic
     from ray import tune
 
     from raydistill.evaluate import evaluate_on_test
-    from raydistill.job import StageJob, TeacherSource, trial_phases
-    from raydistill.stream import resolve
+    from raydistill.job import StageJob, TeacherSource, resolve, trial_phases
     from raydistill.worker import TuneSession, run_loop
 
     cfg = trial_config(base, params, teacher_mode)

@@ -39,7 +39,7 @@ from raydistill.checkpoints import build_from_spec
 from raydistill.config import Config, ScaleConfig
 from raydistill.core.losses import TOPK_LOSSES, FeatureHooks
 from raydistill.errors import CacheError, TeacherUnavailableError
-from raydistill.job import TeacherSource
+from raydistill.job import TeacherSource, resolve
 
 NAMESPACE = "raydistill"
 
@@ -340,4 +340,4 @@ def make_teacher(source: TeacherSource | None, cfg: Config, device: torch.device
         except CacheError as e:
             raise CacheError(f"{e} (this stage trains on {cache_settings(cfg, image_size)})") from None
         return CachedTeacher(source.uri, source.info, shard_ids, device, cfg.cache.topk_loss)
-    return InprocessTeacher(source.spec, ray.get(source.state), device, cfg.distill.hint_teacher_layer)
+    return InprocessTeacher(source.spec, resolve(source.state), device, cfg.distill.hint_teacher_layer)

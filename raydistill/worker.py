@@ -46,7 +46,7 @@ from raydistill.core.metrics import accuracy_over
 from raydistill.core.pruning import ChannelPruner, MagnitudePruner, sparsity_schedule
 from raydistill.data import image_side, shard_indices
 from raydistill.errors import NonFiniteLossError
-from raydistill.job import PRECISIONS, Phase, StageJob
+from raydistill.job import PRECISIONS, Phase, StageJob, resolve
 from raydistill.teacher import InprocessTeacher, TeacherOut, make_teacher
 
 
@@ -498,7 +498,7 @@ def open_train_data(job: StageJob, session):
     """This worker's training data and the data its validation reads (``.batches("val")``): an in-memory shard
     of the Splits behind ``job.data``, or, for a streamed run (a StreamData), the worker's Ray Data shard."""
     cfg = job.config
-    from raydistill.stream import StreamData, resolve
+    from raydistill.stream import StreamData
 
     if isinstance(job.data, StreamData):
         shard = session.dataset_shard(job.data, cfg)
@@ -535,7 +535,7 @@ def run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
         spec["plan"] = resumed["plan"]
         model = build_from_spec(spec, resumed["model"])
     else:
-        model = build_from_spec(spec, ray.get(job.init_state) if job.init_state is not None else None)
+        model = build_from_spec(spec, resolve(job.init_state) if job.init_state is not None else None)
     model.to(device)
     start_epoch = resumed["epoch"] + 1 if resumed else job.first_epoch
     example = data.head(2)[0].to(device)

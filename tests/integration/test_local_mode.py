@@ -85,6 +85,28 @@ def test_default_run_console_is_one_line_per_event(tmp_path):
     assert "Traceback" not in cache.stderr, cache.stderr
 
 
+@pytest.mark.parametrize("mode", ["cache", "inprocess"])
+def test_a_local_run_whose_teacher_needs_no_actor_starts_no_ray(mode, ray_local, tmp_path, tiny_teacher):
+    """Local mode on in-memory data with the cached or the in-process teacher: nothing left for Ray to do (the
+    cache is built and read here, the teacher runs here), so `raydistill run` starts none, and hands the students'
+    start weights (the teacher's tensors, the chosen student to prune, the factorized one) over as they are. The
+    same config run here, in this session's Ray (the object store in between, as before), gives the same
+    accuracies."""
+    sets = {**SMOKE, "teacher.checkpoint": tiny_teacher, "distill.teacher_mode": mode,
+            "student.init_from_teacher": True, "lowrank.rank": 8, "lowrank.finetune_epochs": 1}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    res = _cli("run", "--out", str(tmp_path / "cli"), *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "this command starts no Ray" in res.stdout.splitlines()[1], res.stdout[:1000]
+    assert "private local Ray" not in res.stdout and "Started a local Ray" not in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    alone = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert "ray_start" not in alone["timings"] and "student_lowrank" in alone["models"]
+    with_ray = run(config.load(None, sets), tmp_path / "in_ray", quiet=True)  # ray.put and ray.get between stages
+    assert {n: m["accuracy"] for n, m in alone["models"].items()} == \
+        {n: m["accuracy"] for n, m in with_ray["models"].items()}
+
+
 def test_a_run_whose_stdout_is_closed_stops_quietly(tmp_path):
     """`raydistill run ... | head -1`: when the reader of stdout goes away, the command stops as one killed by
     SIGPIPE does (exit 141), with no traceback and no "this is a bug" line; the same command resumes."""
