@@ -471,7 +471,8 @@ def teacher_hash(cfg: Config) -> str:
 
 
 def teacher_init_state(ctx: RunContext):
-    """``teacher.pretrained``: the teacher's initial weights in the object store (None: a fresh init)."""
+    """``teacher.pretrained``: the teacher's initial weights for its stage (``RunContext.share``; None: a fresh
+    init)."""
     if ctx.cfg.teacher.pretrained is None:
         return None
     from raydistill.pretrained import pretrained_state
@@ -529,7 +530,6 @@ def choose_student(ctx: RunContext) -> dict:
 def prune_student(ctx: RunContext, key: str, source: TeacherSource | None, start: str = "student_kd") -> None:
     """Prune the chosen student (``start``: ``choose_student``) while distilling, remove the channels, fine-tune
     with KD."""
-
     if ctx.stages.done("student_pruned", key, ctx.out / "student_pruned.pt"):
         train_student(ctx, "student_pruned", key, None)  # records the skip
         return
@@ -576,7 +576,6 @@ def lowrank_ranks(cfg: Config, model: torch.nn.Module) -> dict[str, int]:
 
 def lowrank_student(ctx: RunContext, key: str, source: TeacherSource | None, start: str) -> None:
     """Factorize the Linear layers of the ``start`` student by truncated SVD (core.surgery), fine-tune with KD."""
-
     from raydistill.core.surgery import low_rank_factorize_
 
     if ctx.stages.done("student_lowrank", key, ctx.out / "student_lowrank.pt"):
@@ -626,7 +625,6 @@ def train_model(ctx: RunContext, stage: str, key: str, path: Path, job: StageJob
 
 def init_state_from_teacher(ctx: RunContext, teacher: Teacher):
     """``student.init_from_teacher``: the student's initial tensors, copied from the teacher where they fit."""
-
     from raydistill.core.surgery import init_from_teacher_
 
     torch.manual_seed(ctx.cfg.seed)
@@ -697,7 +695,6 @@ def open_teacher_source(ctx: RunContext, teacher: Teacher, mode: str, start_acto
     """The teacher source for ``mode`` (``distill.teacher_mode``, or ``tune.teacher_mode`` for a sweep's trials),
     and the TeacherServer actor when one is started (``live``, unless ``start_actor`` is false because every
     student stage is up to date). The actor's process starts in the background: ``wait_for_teacher_server``."""
-
     from raydistill.teacher import start_teacher_server, teacher_actor_name
 
     if mode == "cache":
