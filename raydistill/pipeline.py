@@ -141,16 +141,15 @@ class Teacher:
 
 # ---- opening a run: validate everything the user gave, before writing anything -------------------------------
 def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, uses_cache: bool,
-             verbose: bool = False, skip_ray_when_done: bool = False, cache_only: bool = False) -> RunContext:
+             verbose: bool = False, run_stages: bool = False, cache_only: bool = False) -> RunContext:
     """Check the run folder, data, models, a given cache and the cluster; then start Ray and write config.yaml
     (with ``scale.num_workers`` resolved: the config a run folder holds is the one that ran).
 
     Where the run needs no Ray for its first stage (``starts_ray_beside``), Ray starts on a helper thread and this
     returns at once: ``prepare_teacher`` trains the teacher meanwhile and then calls ``ctx.wait_for_ray()``, as
-    must anything else that uses Ray first. ``skip_ray_when_done`` (``run``): there, when every stage is already
-    up to date (``needs_no_ray``), no Ray starts at all. ``cache_only`` (``cache-logits``): neither does it when
-    this process also runs the cache's teacher pass (``cache_in_process``) and the teacher loads no pretrained
-    weights through the object store: the command then uses Ray for nothing."""
+    must anything else that uses Ray first. There, ``run`` (``run_stages``) with the cached or in-process teacher or
+    with every stage up to date, and ``cache-logits`` (``cache_only``), start no Ray at all (``no_ray_reason``):
+    the command would use it for nothing."""
     out = Path(out).resolve()
     cfg = resolve_scale(cfg, address)
     if out.is_dir():
@@ -241,7 +240,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
                      t_spec=model_spec(cfg.teacher.model, cfg.teacher.kwargs, K, splits.shape),
                      s_spec=model_spec(cfg.student.model, cfg.student.kwargs, K, splits.shape),
                      stages=StageCache(out), timings=timings)
-    no_ray = beside and no_ray_reason(ctx, run_stages=skip_ray_when_done, cache_only=cache_only)
+    no_ray = beside and no_ray_reason(ctx, run_stages=run_stages, cache_only=cache_only)
     if no_ray:
         ctx.uses_ray = False
         from raydistill.console import quiet_libraries
@@ -318,7 +317,7 @@ def run(cfg: Config, out: str | Path, address: str | None = None, quiet: bool = 
     """The whole pipeline; returns the report (also written to report.json/.md/.png in ``out``)."""
     t_start = time.perf_counter()
     ctx = open_run(cfg, out, address, quiet, uses_cache=cfg.distill.teacher_mode == "cache", verbose=verbose,
-                   skip_ray_when_done=True)
+                   run_stages=True)
     cfg = ctx.cfg
 
     # 1. teacher (and its logit cache) and 2. the label-only student. With Train workers the two Train runs go

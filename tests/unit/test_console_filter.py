@@ -147,7 +147,6 @@ def test_ray_data_logs_about_bad_input_are_dropped_unless_verbose():
     assert sys.exc_info()[1] is None
 
 
-
 def test_tunes_slow_step_warning_is_off_in_a_sweep_unless_verbose_or_the_user_set_it(monkeypatch):
     """Tune warns "... may be a performance bottleneck" (four lines) whenever a step of its event loop took over
     0.5 s, which a busy 2-core laptop hit in a minute-long sweep; Tune reads its threshold when ray.tune is first
