@@ -37,6 +37,7 @@ class DataConfig:
     stream: bool | None = None  # parquet: read through Ray Data batch by batch, never loaded whole; null = auto (parquet with an id column streams: a feature column or encoded images)
     shuffle_buffer: int = 4096  # streamed data: rows in each worker's local shuffle buffer (file order is also reshuffled per epoch)
     stream_buffer_mb: int = 256  # streamed data: object store memory Ray Data may fill reading ahead of training (its backpressure bound)
+    local_copy_mb: int = 4096  # streamed data: a worker whose shard fits (and fits in half its free temp disk) keeps the rows its first epoch read in an unlinked local file and reads later epochs from it, fully shuffled; 0 = stream every epoch
     label_column: str = "label"  # parquet: integer class column (0..K-1)
     feature_column: str = "features"  # parquet: float lists, flat or nested per dimension, or data prepare's float32 bytes; uint8 lists of a (C, H, W) shape and data prepare's pixel bytes are 8-bit pixels
     image_column: str | None = None  # parquet: encoded image bytes column instead of features
@@ -377,6 +378,7 @@ def validate(cfg: Config) -> Config:
         (cfg.data.limit is None or cfg.data.limit >= 1, "data.limit must be >= 1 or null", cfg.data.limit),
         (cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1", cfg.data.shuffle_buffer),
         (cfg.data.stream_buffer_mb >= 1, "data.stream_buffer_mb must be >= 1", cfg.data.stream_buffer_mb),
+        (cfg.data.local_copy_mb >= 0, "data.local_copy_mb must be >= 0 (0: no local copy)", cfg.data.local_copy_mb),
         # numpy's generators (the splits, the shards, the views) take non-negative seeds; < 2**32 for all of them
         (0 <= cfg.seed < 2**32, "seed must be in [0, 2**32)", cfg.seed),
         (0 <= cfg.data.seed < 2**32, "data.seed must be in [0, 2**32)", cfg.data.seed),

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -522,6 +523,95 @@ class ShuffleBuffer:
         """The rows left, in random batches: the input has ended."""
         while self.n:
             yield self._take(min(batch_size, self.n))
+
+
+class LocalCopy:
+    """One worker's rows of a streamed training split, written to a local file as its first epoch reads them from
+    the stream, so that later epochs read them back from there (``batches``: a seeded full permutation of the rows,
+    each batch read row by row with ``os.preadv``) instead of decoding Parquet through Ray Data again.
+
+    Why: on a machine whose cores all train (2 Train workers on 2 cores), every streamed epoch paid the Parquet
+    decode and Ray Data's per-block work on the training cores, ~0.7 CPU-s an epoch of CIFAR-sized rows against
+    ~1.25 s of training (docs/benchmarks.md, "Streaming: where a streamed epoch's CPU goes"). tf.data's
+    ``cache(filename)`` and FFCV's local files do the same; Ray Data has no per-worker equivalent
+    (``Dataset.materialize`` keeps the blocks in the object store, that is, in memory).
+
+    Memory: the rows go to the file with ``write`` and come back with ``preadv`` into each batch's own array, never
+    through a memory map, so the file's pages are the kernel's page cache, not this process's resident memory; the
+    labels and ids (16 bytes a row) stay in memory. The file is unlinked as soon as it is created: it disappears
+    with its descriptor, when the worker closes it or dies in any way (SIGKILL too), and leaves nothing in the temp
+    folder. A write that fails (disk full) drops the copy and the epochs go on streaming.
+
+    The order a later epoch draws from is the rows sorted by id, so it depends on which rows the worker holds, not
+    on the order its first epoch read them: a stage resumed at epoch k reads epoch k from the stream and copies it,
+    and in local mode (one worker, every row) its epochs after k are then the batches of a run never interrupted.
+    With several Train workers each keeps the rows Ray Data gave it in its first epoch (an equal share): later
+    epochs shuffle within each worker's share, as a sharded loader does, not across workers."""
+
+    def __init__(self, shape: tuple[int, ...], folder: str | None = None):
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="raydistill-rows-", dir=folder)
+        os.unlink(path)
+        self.fd, self.shape, self.dtype, self.rows = fd, tuple(shape), None, 0
+        self._y: list[np.ndarray] = []
+        self._ids: list[np.ndarray] = []
+        self.y = self.ids = self.order = None  # set by ``finish``
+
+    @property
+    def done(self) -> bool:
+        return self.order is not None
+
+    def add(self, x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> bool:
+        """Append a block of rows; False (and the copy closed) when it cannot take them: a write failed, or the
+        block's sample dtype is not the first block's."""
+        if self.fd is None:
+            return False
+        if self.dtype is None:
+            self.dtype = x.dtype
+        if x.dtype != self.dtype:
+            self.close()
+            return False
+        view = memoryview(np.ascontiguousarray(x)).cast("B")
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:  # ENOSPC, EIO: a copy is an optimization, never a reason to fail the run
+            self.close()
+            return False
+        self._y.append(np.asarray(y, np.int64))
+        self._ids.append(np.asarray(ids, np.int64))
+        self.rows += len(x)
+        return True
+
+    def finish(self) -> bool:
+        """The epoch read every row: later epochs may read them from here. False if the copy was dropped."""
+        if self.fd is None or self.dtype is None:
+            return False
+        self.y, self.ids = np.concatenate(self._y), np.concatenate(self._ids)
+        self._y = self._ids = []
+        self.order = np.argsort(self.ids, kind="stable")  # file positions in id order
+        return True
+
+    def batches(self, batch_size: int, seed: int):
+        """The rows in a permutation seeded by ``seed``, as (x, y, ids) batches of ``batch_size`` (the last one
+        shorter); x is a fresh array of the stored dtype."""
+        perm = self.order[np.random.default_rng(seed).permutation(self.rows)]
+        row_bytes = self.dtype.itemsize * math.prod(self.shape)
+        for i in range(0, self.rows, batch_size):
+            chosen = perm[i:i + batch_size]
+            x = np.empty((len(chosen), *self.shape), self.dtype)
+            flat = x.reshape(len(chosen), -1).view(np.uint8)
+            for j in np.argsort(chosen, kind="stable"):  # in file order: the reads move forward through the file
+                got = os.preadv(self.fd, [flat[j]], int(chosen[j]) * row_bytes)
+                if got != row_bytes:  # the file is ours and unlinked: a short read is a bug, not bad input
+                    raise OSError(f"local copy: read {got} of {row_bytes} bytes of row {chosen[j]}")
+            yield x, self.y[chosen], self.ids[chosen]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _read_columns(data: StreamData, plan: SplitPlan) -> list[str]:

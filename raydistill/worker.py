@@ -161,12 +161,16 @@ class StreamedTrain:
     new Ray Data execution, whose first batch took 0.25-0.8 s on a 2-core machine (start-up, the shuffle buffer
     filling), while the rest of the epoch waited ~0.03 s in all; read ahead, that start-up overlaps the end of
     the previous epoch and its validation instead of stalling the steps (torch's DataLoader with persistent
-    workers and prefetching does the same across epochs)."""
+    workers and prefetching does the same across epochs).
+
+    With ``local_copy_mb`` > 0 and a shard that fits in it and in half the temp folder's free disk, the first epoch
+    read also goes to a ``stream.LocalCopy``, and every later epoch reads that copy (a full seeded permutation of
+    the worker's rows) instead of the stream."""
 
     READ_AHEAD_BYTES = 64 * 2**20
     _END = object()
 
-    def __init__(self, shard, data, world: int, shuffle_buffer: int):
+    def __init__(self, shard, data, world: int, shuffle_buffer: int, local_copy_mb: int = 0):
         from raydistill.stream import head
 
         self.shard, self.data, self.buffer = shard, data, shuffle_buffer
@@ -174,10 +178,15 @@ class StreamedTrain:
         self._head = head(data, "train", 64)
         self._epochs: list[tuple[int, int, int]] = []  # (epoch, batch size, seed) the loop will ask for, in order
         self._queue = self._thread = self._stop = None
+        self.copy = None  # the stream.LocalCopy that later epochs read, once an epoch has filled one
+        self._lock = threading.Lock()
+        # float32 rows (8-bit ones take a quarter), ids and labels: what this worker's copy will take at most
+        need = self.rows * (4 * math.prod(self.shape) + 16)
+        self.will_copy = 0 < need <= local_copy_mb * 2**20 and need <= shutil.disk_usage(tempfile.gettempdir()).free / 2
 
     def expect(self, epochs: list[tuple[int, int, int]]) -> None:
         """The (epoch, batch size, seed) the loop will ask for, in order: the reader runs ahead through them."""
-        self.close()
+        self._stop_reader()
         self._epochs, self._stop = list(epochs), threading.Event()  # this list: what ``batches`` is owed next
         item_bytes = 4 * math.prod(self.shape) * max([bs for _, bs, _ in epochs] or [1])
         self._queue = queue.Queue(maxsize=min(32, max(2, self.READ_AHEAD_BYTES // item_bytes)))
@@ -188,7 +197,7 @@ class StreamedTrain:
         self._thread.start()
 
     def _read(self, epochs: tuple[tuple[int, int, int], ...], out: queue.Queue, stop: threading.Event) -> None:
-        from raydistill.stream import ShuffleBuffer, standardize, to_arrays
+        from raydistill.stream import LocalCopy, ShuffleBuffer, standardize, to_arrays
 
         def put(item) -> bool:  # False once stopped
             while not stop.is_set():
@@ -201,23 +210,38 @@ class StreamedTrain:
 
         rows = ShuffleBuffer(self.buffer)
 
-        def shuffled(epoch: int, batch_size: int, seed: int):  # one epoch's batches: fresh arrays, not views
-            rows.restart(seed * 100_003 + epoch)
-            # whole blocks (up to stream.STREAM_BLOCK_BYTES): Ray Data's per-batch cost is paid per block. 8-bit
-            # samples go through the buffer as their uint8 pixels (a quarter of float32's bytes to copy in and
-            # out), each batch standardized as it leaves: the same floats, elementwise, as standardizing first
-            def leaving(batches):
-                for x, y, ids in batches:
-                    yield (standardize(self.data, x) if x.dtype == "uint8" else x), y, ids
+        # 8-bit samples go through the buffer (and the local copy) as their uint8 pixels (a quarter of float32's
+        # bytes to copy), each batch standardized as it leaves: the same floats, elementwise, as standardizing first
+        def leaving(batches):
+            for x, y, ids in batches:
+                yield (standardize(self.data, x) if x.dtype == "uint8" else x), y, ids
 
-            for block in self.shard.iter_batches(batch_size=None, batch_format="pyarrow"):
-                rows.add(*to_arrays(self.data, block, "the streamed training rows", writable=False, pixels=True))
-                yield from leaving(rows.batches(batch_size))
-            yield from leaving(rows.drain(batch_size))
+        def shuffled(epoch: int, batch_size: int, seed: int, copy):  # one epoch's batches: fresh arrays, not views
+            rows.restart(seed * 100_003 + epoch)
+            try:
+                # whole blocks (up to stream.STREAM_BLOCK_BYTES): Ray Data's per-batch cost is paid per block
+                for block in self.shard.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    block_rows = to_arrays(self.data, block, "the streamed training rows", writable=False,
+                                           pixels=True)
+                    if copy is not None:
+                        copy.add(*block_rows)  # False: dropped (a failed write), this and later epochs stream
+                    rows.add(*block_rows)
+                    yield from leaving(rows.batches(batch_size))
+                yield from leaving(rows.drain(batch_size))
+                with self._lock:  # close() may be dropping the copy: a reader it stopped publishes nothing
+                    if copy is not None and not stop.is_set() and copy.finish():
+                        self.copy, copy = copy, None
+            finally:  # stopped, failed or dropped mid-epoch: the half-written copy goes
+                if copy is not None:
+                    copy.close()
 
         try:
             for epoch, batch_size, seed in epochs:
-                for batch in shuffled(epoch, batch_size, seed):
+                if self.copy is not None:
+                    batches = leaving(self.copy.batches(batch_size, seed * 100_003 + epoch))
+                else:
+                    batches = shuffled(epoch, batch_size, seed, LocalCopy(self.shape) if self.will_copy else None)
+                for batch in batches:
                     if not put((epoch, tuple(torch.from_numpy(a) for a in batch))):
                         return
                 if not put((epoch, self._END)):
@@ -226,6 +250,14 @@ class StreamedTrain:
             put((None, error))
 
     def close(self) -> None:
+        """Stop the reader and drop the local copy (the loop is over)."""
+        self._stop_reader()
+        with self._lock:
+            if self.copy is not None:
+                self.copy.close()
+                self.copy = None
+
+    def _stop_reader(self) -> None:
         """Stop the reader (the loop ended early or failed): it drops what it read ahead and exits."""
         if self._thread is not None:
             self._stop.set()
@@ -502,7 +534,7 @@ def open_train_data(job: StageJob, session):
 
     if isinstance(job.data, StreamData):
         shard = session.dataset_shard(job.data, cfg)
-        return StreamedTrain(shard, job.data, session.world, cfg.data.shuffle_buffer), job.data
+        return StreamedTrain(shard, job.data, session.world, cfg.data.shuffle_buffer, cfg.data.local_copy_mb), job.data
     splits = resolve(job.data)
     shard = shard_indices(splits.train.y, session.world, session.rank, cfg.data.shard, cfg.seed)
     x, y = torch.from_numpy(splits.train.x[shard]), torch.from_numpy(splits.train.y[shard])  # (N, *shape), (N,)

@@ -232,6 +232,59 @@ def test_the_stream_reader_runs_ahead_through_the_epochs_without_changing_them(r
         _epoch_ids(broken, [0])
 
 
+def test_later_epochs_read_the_workers_local_copy_not_the_stream(ray_local, tmp_path):
+    """With data.local_copy_mb, the first epoch streams through Ray Data as before and is copied to local disk;
+    every later epoch is read from that copy: Ray Data is not asked again, each epoch holds every training row
+    once with its own sample, in a seeded full permutation; close() gives back the copy's descriptor. With 0
+    every epoch streams."""
+    from raydistill.stream import iter_split, plan_stream, train_dataset
+    from raydistill.worker import StreamedTrain
+
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    _table(folder, 600, seed=0, rows_per_file=200)
+    data = plan_stream(config.load(None, {"data.source": "parquet", "data.path": str(folder),
+                                          "data.shape": [3, 32, 32]}).data)
+    samples = {}
+    for x, _, ids in iter_split(data, "train"):
+        samples.update(zip(ids.tolist(), x))
+
+    class Counted:  # the worker's Ray Data shard, counting the epochs read from it
+        def __init__(self, shard):
+            self.shard, self.reads = shard, 0
+
+        def iter_batches(self, **kwargs):
+            self.reads += 1
+            return self.shard.iter_batches(**kwargs)
+
+    def epochs(local_copy_mb, n=4):
+        shard = Counted(train_dataset(data, seed=0))
+        train = StreamedTrain(shard, data, world=1, shuffle_buffer=64, local_copy_mb=local_copy_mb)
+        train.expect([(e, 32, 0) for e in range(n)])
+        got = []
+        for e in range(n):
+            batches = list(train.batches(e, 32, 0))
+            for x, _, ids in batches:
+                assert all(np.array_equal(row, samples[i]) for row, i in zip(x.numpy(), ids.tolist()))
+            got.append(np.concatenate([ids.numpy() for _, _, ids in batches]))
+        fds = len(os.listdir("/proc/self/fd"))
+        copied = train.copy is not None
+        train.close()
+        return got, shard.reads, copied, fds - len(os.listdir("/proc/self/fd"))
+
+    streamed, reads, copied, _ = epochs(0)
+    assert reads == 4 and not copied
+    local, reads, copied, freed = epochs(64)
+    assert reads == 1 and copied and freed == 1  # epochs 1-3 from the copy; close() closed its file
+    assert np.array_equal(local[0], streamed[0])  # the first epoch is the stream's, as without a copy
+    for ids in local:
+        assert sorted(ids) == sorted(samples)
+    assert len({tuple(ids) for ids in local}) == 4  # a new order every epoch
+    assert all(np.array_equal(a, b) for a, b in zip(epochs(64)[0], local))  # seeded: the same run, the same epochs
+    # a shard larger than local_copy_mb streams every epoch (600 rows of 12 KiB: ~5 MiB)
+    assert epochs(4, n=2)[1:3] == (2, False)
+
+
 def _png_rows(ids) -> list[dict]:
     """Rows of random 7 x 11 RGB PNGs: id, label (id % 3), png (bytes)."""
     import io

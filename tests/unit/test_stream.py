@@ -1,5 +1,8 @@
 """stream.py without Ray: planning streamed splits from the id/label columns, and reading them batch by batch."""
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +315,71 @@ def test_encoded_images_stream_decoded_as_the_in_memory_loader_decodes_them(tmp_
     with pytest.raises(DataError, match=r"cannot decode image with id 2 in .*late.parquet \(UnidentifiedImageError: "
                                         r"cannot identify image file\); remove or replace that file$"):
         plan_stream(_data(**{**sets, "data.train": str(tmp_path / "late.parquet")}))
+
+
+# ---- a worker's local copy of its rows ----------------------------------------------------------------------
+def _open_fds() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_local_copy_gives_every_row_once_an_epoch_in_a_seeded_order_and_leaves_no_file(tmp_path, dtype):
+    from raydistill.stream import LocalCopy
+
+    rng = np.random.default_rng(0)
+    n, shape = 530, (3, 4, 5)
+    x = (rng.standard_normal((n, *shape)) * 50).astype(dtype)
+    y, ids = rng.integers(0, 7, n), rng.permutation(n) + 1000  # ids in no particular order
+    fds = _open_fds()
+    copy = LocalCopy(shape, folder=str(tmp_path))
+    assert not list(tmp_path.iterdir())  # unlinked at once: nothing to leave behind, even if the process dies
+    for start in range(0, n, 100):  # blocks of the stream's sizes
+        assert copy.add(x[start:start + 100], y[start:start + 100], ids[start:start + 100])
+    assert not copy.done and copy.finish() and copy.done
+    by_id = {i: k for k, i in enumerate(ids)}
+    orders = []
+    for seed in (1, 2, 1):
+        batches = list(copy.batches(64, seed))
+        assert [len(b[0]) for b in batches] == [64] * 8 + [18]
+        got = np.concatenate([b[2] for b in batches])
+        assert sorted(got) == sorted(ids)  # every row once
+        for bx, by, bids in batches:  # each row's sample and label with its id, as added
+            rows = [by_id[i] for i in bids]
+            assert bx.dtype == np.dtype(dtype) and np.array_equal(bx, x[rows]) and np.array_equal(by, y[rows])
+        orders.append(got)
+    assert np.array_equal(orders[0], orders[2]) and not np.array_equal(orders[0], orders[1])
+    # the order depends on the rows held, not on the order they were added in
+    again = LocalCopy(shape, folder=str(tmp_path))
+    back = np.argsort(-ids)
+    again.add(x[back], y[back], ids[back])
+    again.finish()
+    assert np.array_equal(np.concatenate([b[2] for b in again.batches(64, 1)]), orders[0])
+    copy.close()
+    again.close()
+    assert _open_fds() == fds
+
+
+def test_local_copy_drops_itself_on_a_failed_write_or_a_changed_dtype(tmp_path):
+    """A real write failure (the file-size limit, EFBIG) and a block of another sample dtype: ``add`` says False,
+    the copy is closed, ``finish`` says False: the epochs go on streaming."""
+    from raydistill.stream import LocalCopy
+
+    script = textwrap.dedent("""
+        import resource, signal, sys
+        import numpy as np
+        from raydistill.stream import LocalCopy
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
+        copy = LocalCopy((256,), folder=sys.argv[1])
+        block = np.zeros((4, 256), np.float32)  # 4 KiB
+        print(copy.add(block, np.zeros(4), np.arange(4)), copy.add(block, np.zeros(4), np.arange(4, 8)),
+              copy.add(block, np.zeros(4), np.arange(8, 12)), copy.finish(), copy.fd)
+    """)
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "True", "False", "False", "None"]
+
+    copy = LocalCopy((2,), folder=str(tmp_path))
+    assert copy.add(np.zeros((3, 2), np.uint8), np.zeros(3), np.arange(3))
+    assert not copy.add(np.zeros((3, 2), np.float32), np.zeros(3), np.arange(3, 6))
+    assert copy.fd is None and not copy.finish()
