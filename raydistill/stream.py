@@ -13,7 +13,9 @@ a row); the features are read batch by batch where they are used:
   block (``iter_batches(batch_size=None)``) into a ``ShuffleBuffer`` seeded by (seed, epoch): a shuffled
   file order plus a local shuffle buffer, not a full shuffle (benchmarks/data_scale.py: over 3 seeds it cost no
   accuracy against the in-memory path's full per-epoch permutation). Rows keep a deterministic order
-  (``preserve_order``), so a run is reproducible. ``worker.StreamedTrain`` reads ahead into the next epoch.
+  (``preserve_order``), so a run is reproducible. ``worker.StreamedTrain`` reads ahead into the next epoch, and
+  (``data.local_copy_mb``) keeps the rows of its first epoch in a ``LocalCopy`` on local disk, from which every
+  later epoch reads a seeded full permutation of them instead of the stream.
 * validation, test, calibration and the example input: ``iter_split`` yields pyarrow record batches of
   one split as numpy (x, y, ids), so the driver and rank 0 never hold a whole split either. A val or test split
   that is a filter over the training files (carved, or a split column) is first written once per run to files of
