@@ -32,6 +32,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=100_000, help="rows written (70%% are the training split)")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--local-copy-mb", type=int, default=0,
+                    help="data.local_copy_mb: 0 streams every epoch (the default here, as measured before the copy)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stream_memory.json"))
     args = ap.parse_args()
 
@@ -56,7 +58,8 @@ def main() -> None:
                                               "data.shape": [3, 32, 32]}).data)
         init_ray(None, quiet=True)  # the private Ray a command starts; also turns off Ray Data progress bars
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-execution INFO lines
-        reader = StreamedTrain(train_dataset(data, seed=0), data, world=1, shuffle_buffer=SHUFFLE_BUFFER)
+        reader = StreamedTrain(train_dataset(data, seed=0), data, world=1, shuffle_buffer=SHUFFLE_BUFFER,
+                               local_copy_mb=args.local_copy_mb)
         reader.expect([(epoch, BATCH, 0) for epoch in range(args.epochs)])
         samples, rows_read, t0 = [], 0, time.perf_counter()
         for epoch in range(args.epochs):

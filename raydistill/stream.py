@@ -581,8 +581,10 @@ class LocalCopy:
         except OSError:  # ENOSPC, EIO: a copy is an optimization, never a reason to fail the run
             self.close()
             return False
-        self._y.append(np.asarray(y, np.int64))
-        self._ids.append(np.asarray(ids, np.int64))
+        # copies: a view would keep the Ray Data block it points into pinned in the object store for the whole
+        # epoch (measured: every worker then had all of the 16x set's store pages mapped, 413 MB against 200-278)
+        self._y.append(np.array(y, np.int64))
+        self._ids.append(np.array(ids, np.int64))
         self.rows += len(x)
         return True
 
