@@ -383,3 +383,21 @@ def test_local_copy_drops_itself_on_a_failed_write_or_a_changed_dtype(tmp_path):
     assert copy.add(np.zeros((3, 2), np.uint8), np.zeros(3), np.arange(3))
     assert not copy.add(np.zeros((3, 2), np.float32), np.zeros(3), np.arange(3, 6))
     assert copy.fd is None and not copy.finish()
+
+
+def test_local_copy_holds_no_reference_to_the_blocks_it_was_given(tmp_path):
+    """Labels and ids are copied as they come: a view kept until the epoch's end would pin its Ray Data block (the
+    samples too) in the object store for the whole epoch."""
+    import weakref
+
+    from raydistill.stream import LocalCopy
+
+    copy = LocalCopy((4,), folder=str(tmp_path))
+    buffer = np.arange(10 * 6, dtype=np.int64)  # one buffer holding the rows' columns, as an Arrow block's
+    alive = weakref.ref(buffer)  # numpy views point at the array that owns the memory
+    block = buffer.reshape(10, 6)
+    assert copy.add(block[:, :4].astype(np.float32), block[:, 4], block[:, 5])
+    del buffer, block
+    assert alive() is None
+    assert copy.finish() and list(copy.ids) == list(range(5, 60, 6))
+    copy.close()
