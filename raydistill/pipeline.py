@@ -856,12 +856,23 @@ def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teach
     return {"models": models, "timings": ctx.timings, "gains": gains,
             "data": {"name": s.name, "fingerprint": ctx.data_fp, "train": s.rows("train"), "val": s.rows("val"),
                      "test": s.rows("test"), "sample_shape": list(s.shape), "splits": s.describe(),
-                     "streamed": isinstance(s, StreamData),
+                     "streamed": isinstance(s, StreamData), "epochs_read_from": epochs_read_from(ctx.stages.records),
                      "normalization": input_normalization(s.name, s.channel_stats)},
             "throughput": {k: v.get("samples_per_s_median") for k, v in ctx.stages.records.items()},
             "teacher_server": server_stats, "latency_threads": LATENCY_THREADS,
             **({"logit_cache": teacher.cache} if teacher.cache else {}), "deploy": deploy,
             **({"selection": selection} if selection else {}), "config": ctx.cfg.to_dict()}
+
+
+def epochs_read_from(records: dict) -> dict[str, int]:
+    """How many of the trained stages' epochs rank 0 read from each source ("memory", "stream", "local copy": a
+    streamed worker's copy of its first epoch's rows, ``data.local_copy_mb``), over every stage's history."""
+    counts: dict[str, int] = {}
+    for record in records.values():
+        for h in record.get("history") or []:
+            if "read_from" in h:
+                counts[h["read_from"]] = counts.get(h["read_from"], 0) + 1
+    return counts
 
 
 # ---- checks at the edge ---------------------------------------------------------------------------------------

@@ -145,6 +145,9 @@ class InMemoryTrain:
     def expect(self, epochs: list[tuple[int, int, int]]) -> None:  # nothing to read ahead: it is all in memory
         pass
 
+    def read_from(self, epoch: int) -> str:
+        return "memory"
+
     def close(self) -> None:
         pass
 
@@ -180,6 +183,7 @@ class StreamedTrain:
         self._epochs: list[tuple[int, int, int]] = []  # (epoch, batch size, seed) the loop will ask for, in order
         self._queue = self._thread = self._stop = None
         self.copy = None  # the stream.LocalCopy that later epochs read, once an epoch has filled one
+        self._read_from: dict[int, str] = {}  # epoch -> "stream" or "local copy", set as the reader starts it
         self._lock = threading.Lock()
         # float32 rows (8-bit ones take a quarter), ids and labels: what this worker's copy will take at most
         need = self.rows * (4 * math.prod(self.shape) + 16)
@@ -238,6 +242,7 @@ class StreamedTrain:
 
         try:
             for epoch, batch_size, seed in epochs:
+                self._read_from[epoch] = "stream" if self.copy is None else "local copy"
                 if self.copy is not None:
                     batches = leaving(self.copy.batches(batch_size, seed * 100_003 + epoch))
                 else:
@@ -249,6 +254,10 @@ class StreamedTrain:
                     return
         except BaseException as error:  # handed to the loop, raised there with its traceback
             put((None, error))
+
+    def read_from(self, epoch: int) -> str:
+        """Where ``epoch``'s rows came from (the loop has read it): "stream" or "local copy"."""
+        return self._read_from.get(epoch, "stream")
 
     def close(self) -> None:
         """Stop the reader and drop the local copy (the loop is over)."""
@@ -621,7 +630,8 @@ def train_phases(job: StageJob, session, model, spec: dict, data, val, teacher, 
                 plan = plan + pruner.remove_()  # physically smaller model from here on
                 spec["plan"], removed = plan, True
             metrics = {"stage": job.stage, "phase": phase.name, "epoch": epoch, "ratio": ratio,
-                       "samples_per_s_global": stats["samples_per_s"] * world, **stats}
+                       "samples_per_s_global": stats["samples_per_s"] * world, "read_from": data.read_from(epoch),
+                       **stats}
             if isinstance(teacher, InprocessTeacher):
                 metrics["teacher_forward_samples"] = teacher.samples
             if rank == 0:

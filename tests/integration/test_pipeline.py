@@ -41,6 +41,8 @@ def test_report_has_every_model_and_stage(first_run):
     for f in ("report.md", "report.png", "config.yaml", "teacher.pt", "student_kd.pt", "student_pruned.pt"):
         assert (out / f).stat().st_size > 0, f
     assert "| student_pruned |" in (out / "report.md").read_text()
+    # in-memory data: every trained epoch (teacher 1, baseline 1, KD 1, prune 1 + finetune 1 in SMOKE) from memory
+    assert on_disk["data"]["streamed"] is False and set(on_disk["data"]["epochs_read_from"]) == {"memory"}
 
 
 def test_pruned_student_is_physically_smaller(first_run):

@@ -175,6 +175,10 @@ def test_streamed_run_killed_mid_kd_resumes_with_the_stream_at_that_epoch(cached
     assert min(e["epoch"] for e in resumed) >= max(done_before) - 1 and len(epochs) - len(set(epochs)) <= 1
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["data"]["streamed"] is True and report["config"]["scale"]["num_workers"] == 0
+    # each stage's first epoch in a process streams (the baseline's; KD's first after the kill), the later ones
+    # read the worker's local copy of it (data.local_copy_mb: digits' 1,258 rows fit)
+    assert report["data"]["epochs_read_from"]["stream"] == 2, report["data"]
+    assert report["data"]["epochs_read_from"]["local copy"] >= 5, report["data"]
 
 
 def _epoch_ids(train, epochs):
