@@ -867,12 +867,10 @@ def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teach
 def epochs_read_from(records: dict) -> dict[str, int]:
     """How many of the trained stages' epochs rank 0 read from each source ("memory", "stream", "local copy": a
     streamed worker's copy of its first epoch's rows, ``data.local_copy_mb``), over every stage's history."""
-    counts: dict[str, int] = {}
-    for record in records.values():
-        for h in record.get("history") or []:
-            if "read_from" in h:
-                counts[h["read_from"]] = counts.get(h["read_from"], 0) + 1
-    return counts
+    from collections import Counter
+
+    return dict(Counter(h["read_from"] for record in records.values() for h in record.get("history") or []
+                        if "read_from" in h))
 
 
 # ---- checks at the edge ---------------------------------------------------------------------------------------
