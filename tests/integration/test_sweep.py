@@ -163,10 +163,11 @@ def _finished_trials(out: Path) -> dict[str, int]:
 
 @pytest.mark.ray
 def test_interrupted_sweep_resumes_keeping_finished_trials(tmp_path, tiny_teacher):
-    # one trial at a time, three trials of one epoch per phase: stopped after the first, resumed for the rest.
-    # Three, not two: a trial's result.json shows its last line a moment after the trial ends, and under load (the
-    # suite runs on two pytest workers) the second trial was seen finished by the time Ctrl-C landed.
-    trials = 3
+    # one trial at a time, five trials of one epoch per phase: stopped after the first, resumed for the rest.
+    # Five, not two: a trial's result.json shows its last line a moment after the trial ends, and Tune takes a
+    # moment to act on Ctrl-C; under load the second trial was seen finished by the time Ctrl-C landed, and with
+    # reused trial processes (~1 s a trial) all three of three once were (a fresh clone's `.ci/run`, 2026-12-04).
+    trials = 5
     # (each trial's teacher in process: no logit cache to build first; what is tested is the sweep's resume)
     settings = {**SWEEP, "tune.max_concurrent": 1, "tune.scheduler": "none", "tune.num_trials": trials,
                 "distill.epochs": 1, "teacher.checkpoint": tiny_teacher, "tune.teacher_mode": "inprocess"}
