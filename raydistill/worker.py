@@ -167,9 +167,9 @@ class StreamedTrain:
     workers and prefetching does the same across epochs).
 
     With ``local_copy_mb`` > 0 and a shard that fits in it and in half the temp folder's free disk, the first epoch
-    read also goes to a ``stream.LocalCopy``, and every later epoch reads that copy (a full seeded permutation of
-    the worker's rows) instead of the stream. The reader thread reads the copy ahead too: ``os.preadv`` releases
-    the GIL, so on a GPU the reads overlap the steps as the stream's do."""
+    read also goes to a ``stream.LocalCopy`` (when a later epoch is announced), and every later epoch reads that
+    copy (a full seeded permutation of the worker's rows) instead of the stream. The reader thread reads the copy
+    ahead too: ``os.preadv`` releases the GIL, so on a GPU the reads overlap the steps as the stream's do."""
 
     READ_AHEAD_BYTES = 64 * 2**20
     _END = object()
@@ -241,12 +241,15 @@ class StreamedTrain:
                     copy.close()
 
         try:
-            for epoch, batch_size, seed in epochs:
+            for i, (epoch, batch_size, seed) in enumerate(epochs):
                 self._read_from[epoch] = "stream" if self.copy is None else "local copy"
                 if self.copy is not None:
                     batches = leaving(self.copy.batches(batch_size, seed * 100_003 + epoch))
                 else:
-                    batches = shuffled(epoch, batch_size, seed, LocalCopy(self.shape) if self.will_copy else None)
+                    # a copy only for a later epoch to read: the last epoch announced (a one-epoch stage, a stage
+                    # resumed at its last epoch) would write the worker's whole share to disk for nothing
+                    copy = LocalCopy(self.shape) if self.will_copy and i < len(epochs) - 1 else None
+                    batches = shuffled(epoch, batch_size, seed, copy)
                 for batch in batches:
                     if not put((epoch, tuple(torch.from_numpy(a) for a in batch))):
                         return

@@ -287,6 +287,8 @@ def test_later_epochs_read_the_workers_local_copy_not_the_stream(ray_local, tmp_
     assert all(np.array_equal(a, b) for a, b in zip(epochs(64)[0], local))  # seeded: the same run, the same epochs
     # a shard larger than local_copy_mb streams every epoch (600 rows of 12 KiB: ~5 MiB)
     assert epochs(4, n=2)[1:3] == (2, False)
+    # no later epoch announced (a one-epoch stage, one resumed at its last epoch): nothing is copied to disk
+    assert epochs(64, n=1)[1:3] == (1, False)
 
 
 def _png_rows(ids) -> list[dict]:
