@@ -77,7 +77,7 @@ PEAK = textwrap.dedent("""
     threading.Thread(target=sample, daemon=True).start()
     from raydistill import config
     from raydistill.pipeline import run
-    report = run(config.load(None, json.loads(sys.argv[1])), sys.argv[2], quiet=True)
+    report = run(config.load(None, json.loads(sys.argv[1])), sys.argv[2], address=sys.argv[3], quiet=True)
     time.sleep(0.2)
     print(json.dumps({**peak, "streamed": report["data"]["streamed"]}))
 """)
@@ -93,17 +93,21 @@ def _table(path, rows, seed, rows_per_file=500):
                        path / f"part-{part:03d}.parquet")
 
 
-# 16x the rows: the larger run's extra data (176 MiB) is twice the private growth seen from the reading pipeline's
-# fill and the allocator alone (up to +88 MB between 1,000 and 8,000 rows with three pytest workers on 2 cores;
-# -17 to +55 MB alone, at 8,000 and at 16,000 rows alike), while the in-memory path would grow by twice the data
+# 16x the rows: the larger run's extra data (176 MiB) is above the private growth seen from the reading pipeline's
+# fill and the allocator alone, while the in-memory path would grow by twice the data. Measured alone on 2 cores
+# (2026-12-04, the test's runs, one at a time): +101 to +124 MB from 1,000 to 16,000 rows, and +17 MB more at 32,000
+# (RssAnon 641, 731, 748 MB): buffers that fill once, not memory that follows the data (-17 to +55 MB at 8,000 and
+# 16,000 rows alike in 2026-12-02's code)
 SMALL, LARGE = 1_000, 16_000
 
 
-def test_streamed_run_memory_does_not_grow_with_the_data(tmp_path):
+def test_streamed_run_memory_does_not_grow_with_the_data(ray_local, tmp_path):
     """The local-mode training loop runs in the command's own process. With 16x the rows (12 KiB each: 176 MiB more
     data, which the in-memory path holds at least twice, as numpy splits and as torch shards) its private memory
     must grow by less than the extra data. Its total RSS also counts object-store pages it mapped while reading
-    (RssShmem), which grow with the bytes streamed through and are Ray's shared memory, not held data."""
+    (RssShmem), which grow with the bytes streamed through and are Ray's shared memory, not held data. Both runs
+    join the session's Ray (``address``): what is measured is the command's process, and a private Ray each would
+    only add two Ray start-ups (~10 CPU-s each on 2 cores) to the suite."""
     from raydistill.checkpoints import build_from_spec, model_spec, save_model
 
     # the teacher is given (an untrained MLP: what is measured is the data's path, not what KD learns) and labels
@@ -119,8 +123,10 @@ def test_streamed_run_memory_does_not_grow_with_the_data(tmp_path):
         overrides = {"data.source": "parquet", "data.path": str(folder), "data.shape": [3, 32, 32],
                      "teacher.checkpoint": str(teacher), "student.model": "mlp", "student.kwargs": {"hidden": [16]},
                      "distill.epochs": 1, "prune.ratio": 0.0, "quantize.scheme": "none",
-                     "distill.teacher_mode": "inprocess", "data.stream_buffer_mb": 16, "data.shuffle_buffer": 512}
-        cmd = [sys.executable, "-c", PEAK, json.dumps(overrides), str(tmp_path / f"run{rows}")]
+                     "distill.teacher_mode": "inprocess", "data.stream_buffer_mb": 16, "data.shuffle_buffer": 512,
+                     "scale.num_workers": 0}  # local mode, as on a laptop (a run that joins a cluster would use 2)
+        address = ray_local.get_runtime_context().gcs_address
+        cmd = [sys.executable, "-c", PEAK, json.dumps(overrides), str(tmp_path / f"run{rows}"), address]
         procs[rows] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks = {}
     for rows, proc in procs.items():
