@@ -115,6 +115,7 @@ def test_streamed_run_memory_does_not_grow_with_the_data(ray_local, tmp_path):
     spec = model_spec("mlp", {"hidden": [32]}, 4, (3, 32, 32))
     teacher = tmp_path / "teacher.pt"
     save_model(teacher, build_from_spec(spec).eval(), spec)
+    address = ray_local.get_runtime_context().gcs_address
     procs = {}
     for rows in (SMALL, LARGE):  # the two runs at once: each measures its own process (half the test's wall time)
         folder = tmp_path / f"d{rows}"
@@ -125,7 +126,6 @@ def test_streamed_run_memory_does_not_grow_with_the_data(ray_local, tmp_path):
                      "distill.epochs": 1, "prune.ratio": 0.0, "quantize.scheme": "none",
                      "distill.teacher_mode": "inprocess", "data.stream_buffer_mb": 16, "data.shuffle_buffer": 512,
                      "scale.num_workers": 0}  # local mode, as on a laptop (a run that joins a cluster would use 2)
-        address = ray_local.get_runtime_context().gcs_address
         cmd = [sys.executable, "-c", PEAK, json.dumps(overrides), str(tmp_path / f"run{rows}"), address]
         procs[rows] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks = {}
