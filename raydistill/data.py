@@ -372,23 +372,52 @@ def _split_off(index: np.ndarray, y: np.ndarray, n_out: int, seed: int):
 
     Stratified by ``y`` when every class present has >= 2 samples and both parts can
     hold every class; otherwise a plain seeded permutation.
-    """
-    from sklearn.model_selection import train_test_split
 
+    The draws are scikit-learn's ``train_test_split(index, test_size=n_out, random_state=seed, shuffle=True,
+    stratify=...)`` (its ``ShuffleSplit`` / ``StratifiedShuffleSplit``, 1.5 to 1.9), written out here with numpy
+    alone. Why: importing scikit-learn costs ~1.2 CPU-s (scipy.stats, pandas), as much as a whole digits run's data
+    stage, in every command that splits data; and a split written here stays the same whatever scikit-learn a
+    machine has. tests/unit/test_data.py checks it against scikit-learn's own draws.
+    """
     if n_out == 0:
         return np.random.default_rng(seed).permutation(index), index[:0]
     labels = y[index]
     counts = np.bincount(labels)
     counts = counts[counts > 0]
-    stratify = (
-        labels
-        if counts.min() >= 2 and n_out >= len(counts) and len(index) - n_out >= len(counts)
-        else None
-    )
-    rest, out = train_test_split(
-        index, test_size=n_out, random_state=seed, shuffle=True, stratify=stratify
-    )
-    return np.asarray(rest), np.asarray(out)
+    stratify = counts.min() >= 2 and n_out >= len(counts) and len(index) - n_out >= len(counts)
+    rng = np.random.RandomState(seed)  # scikit-learn's check_random_state(seed)
+    if not stratify:  # ShuffleSplit: one permutation, its head is the test part
+        order = rng.permutation(len(index))
+        return index[order[n_out:]], index[order[:n_out]]
+    # StratifiedShuffleSplit._iter_indices, first split
+    classes, y_indices, class_counts = np.unique(labels, return_inverse=True, return_counts=True)
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    n_i = _approximate_mode(class_counts, len(index) - n_out, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_out, rng)
+    rest, out = [], []
+    for i in range(len(classes)):
+        members = class_indices[i].take(rng.permutation(class_counts[i]), mode="clip")
+        rest.extend(members[: n_i[i]])
+        out.extend(members[n_i[i]: n_i[i] + t_i[i]])
+    return index[rng.permutation(rest)], index[rng.permutation(out)]
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """scikit-learn's ``utils.extmath._approximate_mode``: how many of ``n_draws`` each class gets (the floor of
+    its share, then one more to the largest remainders, ties broken by ``rng``)."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 # ---------------------------------------------------------------------------------
@@ -397,13 +426,22 @@ def _split_off(index: np.ndarray, y: np.ndarray, n_out: int, seed: int):
 
 
 def _load_digits(image_size: tuple[int, int] | None):
-    from sklearn.datasets import load_digits
+    """scikit-learn's bundled digits (1,797 8x8 images, pixel values 0-16), read from its file as
+    ``sklearn.datasets.load_digits`` reads it, without importing scikit-learn (~1.2 CPU-s: see ``_split_off``)."""
+    import gzip
+    import importlib.util
 
-    bunch = load_digits()
-    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    spec = importlib.util.find_spec("sklearn")  # finds the package; does not import it
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.source 'digits' needs scikit-learn's bundled copy; install scikit-learn "
+                        "(pip install scikit-learn)")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        table = np.loadtxt(f, delimiter=",")
+    x = (table[:, :-1].reshape(-1, 8, 8).astype(np.float32) / 16.0)[:, None, :, :]
     if image_size is not None:
         x = _resize(x, image_size)
-    y = bunch.target.astype(np.int64)
+    y = table[:, -1].astype(np.int64)
     return x, y, np.arange(len(y), dtype=np.int64)
 
 

@@ -339,3 +339,34 @@ def test_classwise_shards_hold_only_their_classes_and_equal_sizes():
         data.shard_indices(y, 5, 0, mode="classwise")
     with pytest.raises(ValueError, match="unknown shard mode"):
         data.shard_indices(y, 2, 0, mode="iid")
+
+
+def test_splits_and_digits_are_scikit_learns_without_importing_it():
+    """``_split_off`` draws what scikit-learn's ``train_test_split(..., shuffle=True, stratify=...)`` draws, seed
+    for seed, stratified and not, ties between classes included; ``_load_digits`` reads the same digits as
+    ``load_digits``. (data.py writes both out with numpy: importing scikit-learn costs a command ~1.2 CPU-s.)"""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    rng = np.random.default_rng(0)
+    # (pool size, classes, n_out): digits' test and val carving, a --set data.limit run, few rows per class,
+    # a class with one row (not stratified), n_out too small or too large to hold every class (not stratified)
+    cases = [(1797, 10, 360), (1437, 10, 180), (200, 10, 40), (13, 3, 3), (41, 4, 5), (7, 7, 2), (30, 3, 2),
+             (30, 3, 28)]
+    for n, classes, n_out in cases:
+        for seed in (0, 1, 7, 123456):
+            labels = rng.integers(0, classes, n + 20)  # y of a pool, indexed by position
+            index = rng.permutation(n + 20)[:n]  # the positions being split, in some order
+            rest, out = data._split_off(index, labels, n_out, seed)
+            counts = np.bincount(labels[index])
+            counts = counts[counts > 0]
+            stratify = labels[index] if counts.min() >= 2 and min(n_out, n - n_out) >= len(counts) else None
+            want_rest, want_out = train_test_split(index, test_size=n_out, random_state=seed, shuffle=True,
+                                                   stratify=stratify)
+            np.testing.assert_array_equal(rest, want_rest, err_msg=f"{(n, classes, n_out, seed)}")
+            np.testing.assert_array_equal(out, want_out, err_msg=f"{(n, classes, n_out, seed)}")
+    x, y, ids = data._load_digits(None)
+    bunch = load_digits()
+    np.testing.assert_array_equal(x[:, 0], bunch.images.astype(np.float32) / 16.0)
+    np.testing.assert_array_equal(y, bunch.target)
+    assert x.dtype == np.float32 and y.dtype == np.int64 and (ids == np.arange(1797)).all()
