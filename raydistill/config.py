@@ -143,6 +143,11 @@ class DeployConfig:
 
 
 @dataclass
+class ReportConfig:
+    latency_budget_s: float = 2.0  # seconds of timed CPU forwards per model and batch size (1 and 64) for the report's latency columns: up to 30 runs, at least 3 (0: 3 runs, e.g. a CPU smoke run of a GPU job's big models)
+
+
+@dataclass
 class ScaleConfig:
     num_workers: int | None = None  # Ray Train data-parallel workers; 0 = Ray Train local mode (training runs in this process, no worker start-up); null = auto: 0 when the command starts its own local Ray, 2 when it joins a cluster (--address / RAY_ADDRESS)
     use_gpu: bool = False  # one GPU per worker
@@ -198,6 +203,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
@@ -340,6 +346,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"prune.kind=unstructured ranks single weights by magnitude (l1), got "
                           f"prune.importance={p.importance}; set prune.importance=l1 or prune.kind=channel")
     checks = [
+        (cfg.report.latency_budget_s >= 0.0, "report.latency_budget_s must be >= 0 seconds",
+         cfg.report.latency_budget_s),
         (0.0 <= d.alpha <= 1.0, "distill.alpha must be in [0, 1]", d.alpha),
         (d.beta >= 0.0, "distill.beta must be >= 0", d.beta),
         (d.temperature > 0.0, "distill.temperature must be > 0", d.temperature),

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from raydistill.config import Config
-from raydistill.core.metrics import accuracy_over, latency_ms, model_costs, weight_sparsity
+from raydistill.core.metrics import LATENCY_BUDGET_S, accuracy_over, latency_ms, model_costs, weight_sparsity
 from raydistill.errors import ConfigError
 
 LATENCY_THREADS = 1  # latency measured single-threaded: comparable across machines and runs
@@ -41,11 +41,21 @@ def latency_threads():
         torch.set_num_threads(threads)
 
 
-def evaluate_on_test(model: torch.nn.Module, data) -> dict:
-    """Accuracy, params, MACs, latency at batch 1 and 64, size and sparsity of ``model`` on the test split."""
+def latencies(model, shape: tuple[int, ...], budget_s: float = LATENCY_BUDGET_S) -> tuple[float, float]:
+    """Latency (ms) at batch 1 and at batch 64, measured as for every report row: ``LATENCY_THREADS`` threads,
+    up to ``budget_s`` (``report.latency_budget_s``) of timed runs each."""
+    with latency_threads():
+        return (latency_ms(model, shape, batch_size=1, budget_s=budget_s),
+                latency_ms(model, shape, batch_size=64, budget_s=budget_s))
+
+
+def evaluate_on_test(model: torch.nn.Module, data, latency_budget_s: float = LATENCY_BUDGET_S) -> dict:
+    """Accuracy, params, MACs, latency at batch 1 and 64 (``latencies``), size and sparsity of ``model`` on the
+    test split."""
     model = model.cpu().eval()
     with latency_threads():
-        return {"accuracy": test_accuracy(model, data), **model_costs(model, test_example(data))}
+        return {"accuracy": test_accuracy(model, data),
+                **model_costs(model, test_example(data), latency_budget_s=latency_budget_s)}
 
 
 def val_accuracy(model: torch.nn.Module, data) -> float:
@@ -89,9 +99,8 @@ def quantize_student(cfg: Config, final: torch.nn.Module, final_name: str, final
         saved = torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True)
         q = load_quantized(saved["state_dict"], final, scheme)  # measure what was written, not what is in memory
         sparsity = weight_sparsity(q)
+    b1, b64 = latencies(q, shape, cfg.report.latency_budget_s)
     with latency_threads():
         return {"accuracy": test_accuracy(q, data), "params": final_row["params"], "macs": final_row["macs"],
-                "latency_ms_b1": latency_ms(q, shape, batch_size=1),
-                "latency_ms_b64": latency_ms(q, shape, batch_size=64),
-                "size_bytes": size, "sparsity": sparsity, "scheme": scheme,
+                "latency_ms_b1": b1, "latency_ms_b64": b64, "size_bytes": size, "sparsity": sparsity, "scheme": scheme,
                 "scheme_requested": cfg.quantize.scheme, "scheme_reason": reason, "from": final_name, "export": info}

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from raydistill.checkpoints import atomic_write_bytes
+from raydistill.core.metrics import LATENCY_BUDGET_S
 from raydistill.errors import ConfigError, ModelError
 
 ONNX_FILE = "student.onnx"
@@ -145,7 +146,8 @@ def to_onnx_int8(onnx_bytes: bytes, calibration: Tensor, batch_size: int = 64) -
 
 def export_onnx_int8(model: nn.Module, onnx_bytes: bytes | None, test_batches: Callable[[], Iterable[tuple[Tensor,
                      Tensor]]], example: Tensor, calibration: Tensor, out_dir: str | Path,
-                     torch_row: dict[str, Any], normalization: dict | None = None) -> dict[str, Any]:
+                     torch_row: dict[str, Any], normalization: dict | None = None,
+                     latency_budget_s: float = LATENCY_BUDGET_S) -> dict[str, Any]:
     """Quantize the ONNX export of ``model`` (``onnx_bytes``, or exported here when ``None``) to static int8 with
     ONNX Runtime, calibrated on ``calibration`` (validation inputs), and write ``out_dir/student_int8.onnx``.
 
@@ -157,9 +159,8 @@ def export_onnx_int8(model: nn.Module, onnx_bytes: bytes | None, test_batches: C
 
     import onnxruntime as ort
 
-    from raydistill.core.metrics import latency_ms
     from raydistill.core.quantize import needs_reduced_range
-    from raydistill.evaluate import LATENCY_THREADS, latency_threads
+    from raydistill.evaluate import LATENCY_THREADS, latencies
 
     model = model.cpu().eval()
     example = example[:2] if len(example) >= 2 else torch.cat([example, example])
@@ -175,8 +176,7 @@ def export_onnx_int8(model: nn.Module, onnx_bytes: bytes | None, test_batches: C
             correct += int((got.argmax(1) == y).sum())
             total += len(y)
     shape = tuple(example.shape[1:])
-    with latency_threads():
-        b1, b64 = latency_ms(ort_model, shape, batch_size=1), latency_ms(ort_model, shape, batch_size=64)
+    b1, b64 = latencies(ort_model, shape, latency_budget_s)
     out = Path(out_dir)
     atomic_write_bytes(out / ONNX_INT8_FILE, data)
     sha = hashlib.sha256(data).hexdigest()
@@ -222,7 +222,8 @@ def check_against_torch(ort_model: nn.Module, model: nn.Module, batches: Iterabl
 
 
 def export_onnx(model: nn.Module, test_batches: Callable[[], Iterable[tuple[Tensor, Tensor]]], example: Tensor,
-                out_dir: str | Path, torch_row: dict[str, Any], normalization: dict | None = None) -> dict[str, Any]:
+                out_dir: str | Path, torch_row: dict[str, Any], normalization: dict | None = None,
+                latency_budget_s: float = LATENCY_BUDGET_S) -> dict[str, Any]:
     """Export ``model`` to ``out_dir/student.onnx`` once ONNX Runtime reproduces it on the test split.
 
     ``test_batches()`` yields the test split's (x, y) batches (read batch by batch: the split may be streamed);
@@ -234,8 +235,7 @@ def export_onnx(model: nn.Module, test_batches: Callable[[], Iterable[tuple[Tens
 
     import onnxruntime as ort
 
-    from raydistill.core.metrics import latency_ms
-    from raydistill.evaluate import LATENCY_THREADS, latency_threads
+    from raydistill.evaluate import LATENCY_THREADS, latencies
 
     model = model.cpu().eval()
     example = example[:2] if len(example) >= 2 else torch.cat([example, example])  # a size-1 batch would be pinned
@@ -244,8 +244,7 @@ def export_onnx(model: nn.Module, test_batches: Callable[[], Iterable[tuple[Tens
     torch_acc = torch_row["accuracy"]
     diff, onnx_acc = check_against_torch(ort_model, model, test_batches(), torch_acc)
     shape = tuple(example.shape[1:])
-    with latency_threads():
-        b1, b64 = latency_ms(ort_model, shape, batch_size=1), latency_ms(ort_model, shape, batch_size=64)
+    b1, b64 = latencies(ort_model, shape, latency_budget_s)
     import onnx
 
     proto = onnx.load_from_string(data)

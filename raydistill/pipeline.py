@@ -754,12 +754,13 @@ def stop_teacher_server(source: TeacherSource | None, server) -> dict | None:
 
 def evaluate_models(ctx: RunContext, teacher: Teacher) -> dict[str, dict]:
     """One report row per model, measured on the held-out test split (``evaluate.evaluate_on_test``)."""
-    models = {"teacher": evaluate_on_test(teacher.model, ctx.splits)}
+    budget = ctx.cfg.report.latency_budget_s
+    models = {"teacher": evaluate_on_test(teacher.model, ctx.splits, budget)}
     for name in ("student_baseline", "student_kd", "student_pruned", "student_lowrank"):
         if (name == "student_pruned" and ctx.cfg.prune.ratio == 0) or (name == "student_lowrank"
                                                                        and not lowrank_on(ctx.cfg)):
             continue
-        models[name] = evaluate_on_test(load_model(ctx.out / f"{name}.pt")[0], ctx.splits)
+        models[name] = evaluate_on_test(load_model(ctx.out / f"{name}.pt")[0], ctx.splits, budget)
     if "student_pruned" in models and ctx.cfg.prune.kind == "unstructured":  # zeros stored dense: say so
         from raydistill.core.metrics import sparse_size_bytes
 
@@ -802,7 +803,8 @@ def deploy_onnx(ctx: RunContext, final: torch.nn.Module, row: dict, gate: dict) 
     normalization = input_normalization(data.name, data.channel_stats)  # artifact.json's, as the pt2 export's
     out: dict[str, dict | None] = {}
     if "onnx" in formats:
-        info = out["onnx"] = export_onnx(final, test_batches, example, ctx.out / "deploy", row, normalization)
+        info = out["onnx"] = export_onnx(final, test_batches, example, ctx.out / "deploy", row, normalization,
+                                         ctx.cfg.report.latency_budget_s)
         ctx.log(f"ONNX: {info['file']} matches PyTorch on the test split (accuracy {info['accuracy']:.4f}, largest "
                 f"logit difference {info['max_abs_diff']:.2g}); ONNX Runtime {info['latency_ms_b1']:.3f} ms at batch "
                 f"1, {info['latency_ms_b64']:.3f} ms at 64 (PyTorch {row['latency_ms_b1']:.3f} / "
@@ -811,7 +813,8 @@ def deploy_onnx(ctx: RunContext, final: torch.nn.Module, row: dict, gate: dict) 
         fp32 = (ctx.out / "deploy" / ONNX_FILE).read_bytes() if "onnx" in formats else None
         calibration = torch.from_numpy(data.head("val", ctx.cfg.quantize.calibration_samples)[0])
         info = out["onnx_int8"] = export_onnx_int8(final, fp32, test_batches, example, calibration,
-                                                   ctx.out / "deploy", row, normalization)
+                                                   ctx.out / "deploy", row, normalization,
+                                                   ctx.cfg.report.latency_budget_s)
         ctx.log(f"ONNX int8: {info['file']} (ONNX Runtime static int8, {info['calibration_samples']} calibration "
                 f"samples) {info['fp32_onnx_size_bytes'] / info['size_bytes']:.1f}x smaller than fp32 ONNX, accuracy "
                 f"{info['accuracy']:.4f} (PyTorch fp32 {info['torch_accuracy']:.4f}); {info['latency_ms_b1']:.3f} ms "
@@ -860,6 +863,7 @@ def build_report(ctx: RunContext, models: dict, server_stats: dict | None, teach
                      "normalization": input_normalization(s.name, s.channel_stats)},
             "throughput": {k: v.get("samples_per_s_median") for k, v in ctx.stages.records.items()},
             "teacher_server": server_stats, "latency_threads": LATENCY_THREADS,
+            "latency_budget_s": ctx.cfg.report.latency_budget_s,
             **({"logit_cache": teacher.cache} if teacher.cache else {}), "deploy": deploy,
             **({"selection": selection} if selection else {}), "config": ctx.cfg.to_dict()}
 

@@ -62,8 +62,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Shared teacher actor", "",
                   f"{s['requests']} requests merged into {s['forward_passes']} forward passes "
                   f"({s['samples']} samples) from ranks {sorted(s.get('requests_by_rank', {}))}."]
-    lines += ["", f"Latency: median of repeated CPU forwards with {report.get('latency_threads', 1)} thread(s); "
-              "accuracy on the held-out test split.", ""]
+    budget = report.get("latency_budget_s")
+    lines += ["", f"Latency: median of repeated CPU forwards with {report.get('latency_threads', 1)} thread(s)"
+              + (f", up to {budget:g} s of timed runs per model and batch size (at least 3 runs)"
+                 if budget is not None else "") + "; accuracy on the held-out test split.", ""]
     return "\n".join(lines)
 
 

@@ -88,7 +88,7 @@ def trial(params: dict, *, base: dict, data_ref, s_spec: dict, teacher: list[dic
     job = StageJob(stage="trial", config=cfg, spec=s_spec, data=data_ref, phases=trial_phases(cfg), teacher=source,
                    verbose=False)
     summary, model = run_loop(job, TuneSession())
-    final = evaluate_on_test(model, resolve(data_ref))
+    final = evaluate_on_test(model, resolve(data_ref), cfg.report.latency_budget_s)
     last = summary["history"][-1] if summary["history"] else {}
     # "evaluated", not "done": Tune sets its own "done" on a trial's last result, early-stopped or not
     tune.report({**final, "val_acc": last.get("val_acc", float("nan")), "evaluated": True,

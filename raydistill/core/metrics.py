@@ -122,6 +122,9 @@ def count_macs(model: nn.Module, example_input: Tensor) -> int:
     return int(counter.get_total_flops() // 2)
 
 
+LATENCY_BUDGET_S = 2.0  # latency_ms's default time cap (seconds per model and batch size)
+
+
 def latency_ms(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -129,7 +132,7 @@ def latency_ms(
     repeats: int = 30,
     warmup: int = 5,
     num_threads: int | None = None,
-    budget_s: float = 2.0,
+    budget_s: float = LATENCY_BUDGET_S,
 ) -> float:
     """Median wall-clock ms of one CPU forward pass on a random (batch_size, *input_shape) input.
 
@@ -138,12 +141,13 @@ def latency_ms(
     model is never moved. ``num_threads`` pins ``torch.set_num_threads`` for the
     measurement (restored afterwards) so numbers are comparable across machines.
     ``budget_s`` caps the time spent: a big model stops after at least 3 timed runs once the
-    budget is used (a ResNet-18 at batch 64 on 2 CPU cores would otherwise take a minute).
+    budget is used (a ResNet-18 at batch 64 on 2 CPU cores would otherwise take a minute); with
+    ``budget_s=0`` every model gets one warm-up run and 3 timed runs.
     """
-    if batch_size < 1 or repeats < 1 or warmup < 0:
+    if batch_size < 1 or repeats < 1 or warmup < 0 or budget_s < 0:
         raise ValueError(
-            f"latency_ms needs batch_size >= 1, repeats >= 1, warmup >= 0; "
-            f"got {batch_size}, {repeats}, {warmup}"
+            f"latency_ms needs batch_size >= 1, repeats >= 1, warmup >= 0, budget_s >= 0; "
+            f"got {batch_size}, {repeats}, {warmup}, {budget_s}"
         )
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
@@ -241,16 +245,16 @@ def model_summary(
     return {"accuracy": accuracy(model, x_test, y_test), **model_costs(model, example_input)}
 
 
-def model_costs(model: nn.Module, example_input: Tensor) -> dict:
-    """What ``model`` costs: params, macs (batch 1), latency_ms_b1, latency_ms_b64 (CPU), size_bytes, sparsity;
-    ``example_input`` (B, ...) gives the sample shape."""
+def model_costs(model: nn.Module, example_input: Tensor, latency_budget_s: float = LATENCY_BUDGET_S) -> dict:
+    """What ``model`` costs: params, macs (batch 1), latency_ms_b1, latency_ms_b64 (CPU, ``latency_ms`` with
+    ``budget_s=latency_budget_s``), size_bytes, sparsity; ``example_input`` (B, ...) gives the sample shape."""
     example_input = torch.as_tensor(example_input)
     input_shape = tuple(example_input.shape[1:])
     return {
         "params": count_params(model),
         "macs": count_macs(model, example_input),
-        "latency_ms_b1": latency_ms(model, input_shape, batch_size=1),
-        "latency_ms_b64": latency_ms(model, input_shape, batch_size=64),
+        "latency_ms_b1": latency_ms(model, input_shape, batch_size=1, budget_s=latency_budget_s),
+        "latency_ms_b64": latency_ms(model, input_shape, batch_size=64, budget_s=latency_budget_s),
         "size_bytes": size_bytes(model),
         "sparsity": weight_sparsity(model),
     }

@@ -194,6 +194,8 @@ def test_cifar10_job_smoke_on_cpu(cifar_smoke_run):
     assert config["teacher"]["model"] == "resnet18" and config["student"]["model"] == "mobilenet_v2"
     assert config["data"]["path"] == str(cifar_smoke_run.data) and config["scale"]["use_gpu"] is False
     assert config["scale"]["num_workers"] == 0 and config["distill"]["teacher_mode"] == "inprocess"
+    assert config["report"]["latency_budget_s"] == 0 and report["latency_budget_s"] == 0  # 3 timed runs each
+    assert "up to 0 s of timed runs per model and batch size (at least 3 runs)" in (out / "report.md").read_text()
 
 
 def test_job_configs_load_and_cifar_student_is_much_smaller():

@@ -79,6 +79,7 @@ def test_int_accepted_for_float_but_not_bool():
     ("prune.ratio", 1.0, r"prune.ratio must be in \[0, 1\)"),
     ("prune.ratio", -0.1, r"prune.ratio must be in \[0, 1\)"),
     ("distill.temperature", 0, "distill.temperature must be > 0"),
+    ("report.latency_budget_s", -1, "report.latency_budget_s must be >= 0 seconds"),
     ("distill.alpha", 1.5, r"distill.alpha must be in \[0, 1\]"),
     ("distill.epochs", "ten", "distill.epochs must be an integer"),
     ("prune.importance", "l2", "prune.importance must be one of"),

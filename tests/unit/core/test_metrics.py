@@ -1,5 +1,7 @@
 """Tests for raydistill.core.metrics on tiny hand-built models with known answers."""
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -59,6 +61,27 @@ def test_latency_is_positive_and_restores_thread_count():
     ms = metrics.latency_ms(model, (16,), batch_size=2, repeats=3, warmup=1, num_threads=1)
     assert ms > 0
     assert torch.get_num_threads() == threads
+
+
+def test_latency_budget_caps_the_timed_runs():
+    """A forward slower than the budget: one warm-up and 3 timed runs (budget 0 or spent), never the 5 + 30."""
+    calls = []
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            time.sleep(0.002)
+            return x
+
+    for budget in (0.0, 0.001):
+        calls.clear()
+        assert metrics.latency_ms(Slow(), (4,), batch_size=1, budget_s=budget) >= 2.0
+        assert len(calls) == 4, (budget, len(calls))
+    calls.clear()
+    metrics.latency_ms(Slow(), (4,), batch_size=1, budget_s=60.0)
+    assert len(calls) == 35  # within the budget: every warm-up and timed run
+    with pytest.raises(ValueError, match="budget_s >= 0"):
+        metrics.latency_ms(Slow(), (4,), batch_size=1, budget_s=-1.0)
 
 
 def test_size_bytes_grows_with_params():
