@@ -93,16 +93,16 @@ def _table(path, rows, seed, rows_per_file=500):
                        path / f"part-{part:03d}.parquet")
 
 
-# 16x the rows: the larger run's extra data (176 MiB) is above the private growth seen from the reading pipeline's
-# fill and the allocator alone, while the in-memory path would grow by twice the data. Measured alone on 2 cores
-# (2026-12-04, the test's runs, one at a time): +101 to +124 MB from 1,000 to 16,000 rows, and +17 MB more at 32,000
-# (RssAnon 641, 731, 748 MB): buffers that fill once, not memory that follows the data (-17 to +55 MB at 8,000 and
-# 16,000 rows alike in 2026-12-02's code)
-SMALL, LARGE = 1_000, 16_000
+# 24x the rows: the larger run's extra data (270 MiB) is above the private growth seen from the reading pipeline's
+# fill and the allocator alone, while the in-memory path would grow by twice the data. That growth stops with the
+# data but not with the machine's load: from 1,000 to 16,000 rows it was +90 to +167 MB alone (2026-12-04/05) and
+# +186 MB in one full suite (2026-12-05, over the 176 MB that 16,000 rows gave as the bound then); at 32,000 rows only
+# +17 MB more than at 16,000, alone; at 24,000 rows +102 MB with two busy loops on the 2 cores beside it
+SMALL, LARGE = 1_000, 24_000
 
 
 def test_streamed_run_memory_does_not_grow_with_the_data(ray_local, tmp_path):
-    """The local-mode training loop runs in the command's own process. With 16x the rows (12 KiB each: 176 MiB more
+    """The local-mode training loop runs in the command's own process. With 24x the rows (12 KiB each: 270 MiB more
     data, which the in-memory path holds at least twice, as numpy splits and as torch shards) its private memory
     must grow by less than the extra data. Its total RSS also counts object-store pages it mapped while reading
     (RssShmem), which grow with the bytes streamed through and are Ray's shared memory, not held data. Both runs
