@@ -50,8 +50,8 @@ def latencies(model, shape: tuple[int, ...], budget_s: float = LATENCY_BUDGET_S)
 
 
 def evaluate_on_test(model: torch.nn.Module, data, latency_budget_s: float = LATENCY_BUDGET_S) -> dict:
-    """Accuracy, params, MACs, latency at batch 1 and 64 (``latencies``), size and sparsity of ``model`` on the
-    test split."""
+    """Accuracy, params, MACs, latency at batch 1 and 64 (``core.metrics.model_costs``: the same measurement as
+    ``latencies``, within ``latency_budget_s``), size and sparsity of ``model`` on the test split."""
     model = model.cpu().eval()
     with latency_threads():
         return {"accuracy": test_accuracy(model, data),

@@ -92,7 +92,8 @@ def _write_synthetic_cifar(path: Path, n: int = 60) -> None:
     prepared by `raydistill data prepare`, it declares its test split (the last 20 rows, 2 per class) in a split
     column. 60 rows (34 train, 6 val): the smoke run trains the job's real ResNet-18 teacher (CIFAR stem, 6-13
     samples/s on one thread here) beside the digits job; at 100 rows its teacher epoch took 22 s of an 86 s run in a
-    suite (4.7 s of 46 s at 60 rows, the test file alone; the five models' latency is 25 s of either)."""
+    suite (4.7 s of 46 s at 60 rows, the test file alone). Its five models' latency took 25 s of either run at the
+    default budget; the smoke mode's `report.latency_budget_s=0` makes it 3 timed runs each (evaluate 4.6 s)."""
     from raydistill.data import Arrays, write_parquet
 
     rng = np.random.default_rng(0)
