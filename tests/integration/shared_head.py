@@ -8,6 +8,7 @@ test_shared_cluster.py start theirs with ``ray_head``.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,13 +32,46 @@ class Head:
     log: Path
     token: str  # the head's auth token, for its dashboard's HTTP API
     tmp: Path  # TMPDIR of the head's processes (Ray workers, job drivers): what they leave in temporary files
+    proc: subprocess.Popen  # `ray start --head --block`: it exits when any of the head's processes dies
+
+    def died(self) -> str:
+        """'' while the head runs; once it has stopped, a line saying so and the end of its log (for a test's
+        failure message, so that a dead head is not mistaken for the command under test failing)."""
+        if self.proc.poll() is None:
+            return ""
+        return f"\n-- the Ray head itself has stopped (ray start exited {self.proc.returncode}); the end of " \
+               f"{self.log}:\n{self.log.read_text()[-2500:]}"
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports nothing listens on now (bound together, then released)."""
-    sockets = []
+    """``n`` distinct ports nothing listens on now (bound together, then released), drawn at random from 20000 up to
+    the kernel's ephemeral range. Not from the ephemeral range itself (what ``bind(port 0)`` hands out), since a
+    port released there can be taken before the head binds it: by any process's outgoing connection, and by another
+    Ray's own port choices, which are random ports above an ephemeral one. It happened: a CI run's head lost its
+    client-server port that way (``Address already in use``) and ``ray start --block`` stopped the whole head. Below
+    20000 are Ray's worker ports (10002-19999 by default)."""
+    low, high = 20000, _ephemeral_low() - 1
+    sockets: list[socket.socket] = []
     try:
-        for _ in range(n):
+        for candidate in random.sample(range(low, high + 1), min(high + 1 - low, 64 * n)) if high - low >= 1000 \
+                else []:
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                s.close()
+                continue
+            sockets.append(s)
+            if len(sockets) == n:
+                break
+        while len(sockets) < n:  # no room below the ephemeral range on this machine: let the kernel choose
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             sockets.append(s)
@@ -119,33 +153,38 @@ def ray_head(log_dir: Path, num_cpus: int = 4):
     env.pop("RAY_ADDRESS", None)
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=120)
     token = (home / ".ray" / "auth_token").read_text().strip()
-    gcs_port, dashboard_port, agent_port, client_port = free_ports(4)
-    gcs = f"127.0.0.1:{gcs_port}"
     # RAY_ADDRESS for the head's processes (job drivers included): Ray's own helpers look the cluster up by
     # address=None, which is ambiguous while other Ray clusters run on this machine. No SIGTERM drain wait.
-    head_env = {**env, "RAY_ADDRESS": gcs, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "TMPDIR": str(tmp)}
+    head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "TMPDIR": str(tmp)}
     log = Path(log_dir) / "head.log"
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
     for attempt in range(3):
+        gcs_port, dashboard_port, agent_port, client_port = free_ports(4)  # new ports each attempt
+        gcs, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
         with open(log, "w") as out:
             proc = subprocess.Popen(
                 ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
                  "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
                  "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(client_port),
                  "--num-cpus", str(num_cpus), "--temp-dir", temp_dir, "--disable-usage-stats"],
-                env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                env={**head_env, "RAY_ADDRESS": gcs}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             up = _wait_until_up(dashboard, token, client_port, proc, log)
         except BaseException:
             _stop(proc, temp_dir)
             raise
         if up:
+            # `ray start --block` checks its processes once a second and, if one has died (a port lost between
+            # the choice and the bind, say), stops the head: give it two checks before handing the head out
+            time.sleep(2.5)
+            up = proc.poll() is None
+        if up:
             break
+        shutil.copy(log, Path(log_dir) / f"head-attempt{attempt + 1}.log")  # why the attempt failed, kept
         _stop(proc, temp_dir, keep=True)
     else:
         _stop(proc, temp_dir)
         raise RuntimeError(f"`ray start --head` failed 3 times; the last time:\n{log.read_text()[-3000:]}")
     try:
-        yield Head(gcs=gcs, dashboard=dashboard, env=env, log=log, token=token, tmp=tmp)
+        yield Head(gcs=gcs, dashboard=dashboard, env=env, log=log, token=token, tmp=tmp, proc=proc)
     finally:
         _stop(proc, temp_dir)

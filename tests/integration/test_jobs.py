@@ -71,12 +71,14 @@ def ray_head(tmp_path_factory):
         yield head
 
 
-def _run(cmd: list[str], env: dict, log: Path, timeout: int = 540) -> str:
-    """Run ``cmd`` in the repository root; its whole output goes to ``log``; returns that output."""
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], head, log: Path, env: dict | None = None, timeout: int = 540) -> str:
+    """Run ``cmd`` in the repository root against ``head`` (its client environment, plus ``env``); its whole output
+    goes to ``log``; returns that output."""
+    done = subprocess.run(cmd, cwd=REPO, env={**head.env, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     output = done.stdout + done.stderr
     log.write_text(output)
-    assert done.returncode == 0, f"{shlex.join(cmd)} exited with {done.returncode}:\n{output[-4000:]}"
+    assert done.returncode == 0, f"{shlex.join(cmd)} exited with {done.returncode}:\n{output[-4000:]}{head.died()}"
     return output
 
 
@@ -109,6 +111,7 @@ def _write_synthetic_cifar(path: Path, n: int = 60) -> None:
 @dataclass
 class BackgroundRun:
     proc: subprocess.Popen
+    head: object  # shared_head.Head
     cmd: list[str]
     out: Path
     data: Path
@@ -123,7 +126,7 @@ class BackgroundRun:
                 self.proc.kill()
         output = self.log.read_text()
         assert self.proc.returncode == 0, \
-            f"{shlex.join(self.cmd)} exited with {self.proc.returncode}:\n{output[-4000:]}"
+            f"{shlex.join(self.cmd)} exited with {self.proc.returncode}:\n{output[-4000:]}{self.head.died()}"
         return output
 
 
@@ -142,7 +145,7 @@ def cifar_smoke_run(ray_head, tmp_path_factory):
     cmd = ["raydistill", "run", "jobs/cifar10_resnet18.yaml", "--out", str(out), "--address", ray_head.gcs, *overrides]
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, cwd=REPO, env=ray_head.env, stdout=sink, stderr=subprocess.STDOUT)
-    run = BackgroundRun(proc, cmd, out, data, log)
+    run = BackgroundRun(proc, ray_head, cmd, out, data, log)
     yield run
     if proc.poll() is None:  # the test never waited (deselected or failed early)
         proc.kill()
@@ -160,7 +163,7 @@ def test_ray_job_submit_digits_as_documented(ray_head, cifar_smoke_run, tmp_path
     assert words[words.index("--address") + 1] == "http://127.0.0.1:8265"
     out = tmp_path / "digits"
     cmd = _replace_value(_replace_value(words, "--address", ray_head.dashboard), "--out", str(out))
-    output = _run(cmd + smoke_overrides("digits.yaml"), {**ray_head.env, **doc_env}, tmp_path / "submit.log")
+    output = _run(cmd + smoke_overrides("digits.yaml"), ray_head, tmp_path / "submit.log", env=doc_env)
     assert re.search(r"Job 'raysubmit_\w+' succeeded", output), output[-2000:]
     report = _report(out)
     assert report["data"]["train"] == 200  # the smoke overrides reached the job
