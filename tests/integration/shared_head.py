@@ -60,8 +60,9 @@ def free_ports(n: int) -> list[int]:
     low, high = 20000, _ephemeral_low() - 1
     sockets: list[socket.socket] = []
     try:
-        for candidate in random.sample(range(low, high + 1), min(high + 1 - low, 64 * n)) if high - low >= 1000 \
-                else []:
+        # SystemRandom: no test's random.seed() makes two pytest workers' heads draw the same ports
+        draws = random.SystemRandom().sample(range(low, high + 1), 64 * n) if high - low >= 1000 else []
+        for candidate in draws:
             s = socket.socket()
             try:
                 s.bind(("127.0.0.1", candidate))
