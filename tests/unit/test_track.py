@@ -68,16 +68,14 @@ def _scalars(path):
     return found
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_tracking_server_fails_before_anything_runs(tmp_path):
-    url = f"http://127.0.0.1:{_closed_port()}"
-    with pytest.raises(ConfigError, match=f"track.mlflow_uri {url} is unreachable"):
-        raydistill.run(None, tmp_path / "run", quiet=True, track={"mlflow": True, "mlflow_uri": url})
+    # a port bound here and never listened on refuses every connection; held for the whole test, so no other process
+    # (the other pytest worker's Ray picks random ports) can start listening on it meanwhile
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{held.getsockname()[1]}"
+        with pytest.raises(ConfigError, match=f"track.mlflow_uri {url} is unreachable"):
+            raydistill.run(None, tmp_path / "run", quiet=True, track={"mlflow": True, "mlflow_uri": url})
     assert not (tmp_path / "run").exists()  # nothing written, no Ray started, no training
 
 
