@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from shared_head import Head
 from shared_head import ray_head as start_ray_head
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +72,7 @@ def ray_head(tmp_path_factory):
         yield head
 
 
-def _run(cmd: list[str], head, log: Path, env: dict | None = None, timeout: int = 540) -> str:
+def _run(cmd: list[str], head: Head, log: Path, env: dict | None = None, timeout: int = 540) -> str:
     """Run ``cmd`` in the repository root against ``head`` (its client environment, plus ``env``); its whole output
     goes to ``log``; returns that output."""
     done = subprocess.run(cmd, cwd=REPO, env={**head.env, **(env or {})}, capture_output=True, text=True,
@@ -111,7 +112,7 @@ def _write_synthetic_cifar(path: Path, n: int = 60) -> None:
 @dataclass
 class BackgroundRun:
     proc: subprocess.Popen
-    head: object  # shared_head.Head
+    head: Head
     cmd: list[str]
     out: Path
     data: Path
