@@ -6,8 +6,19 @@ for the whole session (``ray_local``); the job-submission and fault tests start 
 ``ray_current_cluster`` file).
 """
 
+import os
+
 import pytest
 from smoke import SMOKE, train_smoke_teacher
+
+# One OpenMP thread per process: the suite runs two pytest workers on 2 cores, and every test process that does
+# torch work in its own default of 2 threads (the unit tier's in-process training, evaluation and export) left a
+# second thread spinning for work beside the other worker's. Measured on the 2-core test machine (2026-12-05,
+# `pytest tests/unit` 3 times each way, alternately): 79-80 busy CPU-s and 42 s with it against 93-100 CPU-s and
+# 49-53 s without. Set before any test module imports torch (OpenMP reads it once, at load); children (the
+# commands the tests start, their Ray workers) inherit it. A value the caller set wins. raydistill's own training
+# loop pins its threads itself (``scale.torch_threads``, default 1), so what the tests check does not change.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The integration files by wall time, longest first (one process, quiet 2-core machine, 2026-12-01, seconds):
 # with two pytest workers (pyproject's addopts) these start first and the short files fill in around them, so
