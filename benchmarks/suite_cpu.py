@@ -9,7 +9,9 @@ Issue 14 asks for the whole suite in 8 minutes on a 2-core machine, and the suit
 process's CPU to a kind by its last command line (Ray sets its worker processes' titles: ``ray::IDLE``,
 ``ray::TrainController``, ``ray::RayTrainWorker``, ...). A process that exits between two samples loses at most its
 last 0.5 s. Processes that were running before the suite count only their CPU since. Run it on an otherwise idle
-machine: everything on the machine is counted. Prints the table and writes JSON (benchmarks/results/suite_cpu.json).
+machine: everything on the machine is counted. Prints the table and writes JSON (benchmarks/results/suite_cpu.json),
+with the host's speed at that hour (``host_reference_s``: a fresh process importing torch and Ray Train) measured
+before and after the suite.
 
 Written here, not with psutil: psutil is not a dependency, and these two /proc fields are all it needs.
 """
@@ -97,6 +99,24 @@ class Sampler(threading.Thread):
         return dict(kinds), dict(other.most_common(10))
 
 
+# The host's speed at the hour of the run. The same suite on the same 2-core host took 7 min 43 s to 9 min 17 s on
+# one day (2026-12-05), with the same CPU-s of work: the host itself runs faster or slower by the hour (a shared
+# virtual machine). This reference is the unit the suite is made of: a fresh Python process importing torch and Ray
+# Train's torch backend, as every Train worker, Train helper actor, teacher actor and command does. Its median
+# wall time before and after the suite says how fast the host was, so suite times from different hours compare.
+REFERENCE = "import torch, ray.train.torch"
+
+
+def host_reference_s(repeats: int = 5) -> float:
+    """Median wall seconds of a fresh ``python -c REFERENCE`` (imports only; the machine otherwise idle)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", REFERENCE], check=True)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def machine_busy_s() -> float:
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
@@ -111,6 +131,7 @@ def main() -> None:
 
     from throughput import machine
 
+    reference_before = host_reference_s()
     sampler = Sampler()
     sampler.start()
     busy0, t0 = machine_busy_s(), time.perf_counter()
@@ -120,6 +141,9 @@ def main() -> None:
     sampler.join()
     kinds, other = sampler.by_kind()
     total = sum(kinds.values())
+    reference_after = host_reference_s()
+    print(f"\nhost reference (median of 5 fresh `python -c \"{REFERENCE}\"`): {reference_before:.2f} s before the "
+          f"suite, {reference_after:.2f} s after")
     print(f"\npytest exit status {done.returncode}; {wall:.0f} s wall, machine busy {busy:.0f} CPU-s "
           f"({100 * busy / wall / os.cpu_count():.0f} % of {os.cpu_count()} cores), {total:.0f} CPU-s attributed\n")
     print("| kind of process | CPU-s | share |")
@@ -133,6 +157,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "pytest_args": args.pytest_args, "exit_status": done.returncode,
                                "wall_s": wall, "machine_busy_cpu_s": busy, "attributed_cpu_s": total,
+                               "host_reference": {"command": f"python -c {REFERENCE!r}", "before_s": reference_before,
+                                                  "after_s": reference_after},
                                "by_kind": kinds, "other_largest": other}, indent=2) + "\n")
     print(f"\nwrote {out}")
 
