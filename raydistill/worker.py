@@ -564,6 +564,18 @@ def train_fn_per_worker(plain_job: dict) -> dict:
 
 
 def run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
+    """One stage's loop, on ``scale.torch_threads`` intra-op threads. In Ray Train's local mode it runs in the
+    caller's own process (the command; a script calling ``raydistill.run``), so the caller's thread count is
+    restored when it returns: torch's setting is process-wide, and a script's own torch work after the call, like
+    the command's evaluation and export, must not be left on the loop's one thread."""
+    threads = torch.get_num_threads()
+    try:
+        return _run_loop(job, session)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_loop(job: StageJob, session) -> tuple[dict, torch.nn.Module]:
     cfg = job.config
     if cfg.scale.torch_threads > 0:
         torch.set_num_threads(cfg.scale.torch_threads)

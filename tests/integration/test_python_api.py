@@ -34,9 +34,24 @@ def _run(out, pretrained, **more):
                           track={"tensorboard": True}, **{**SMOKE, **ONNX, **VIT, **more})
 
 
+THREADS = {}  # torch's intra-op threads in this process after the API run (test_the_callers_torch_threads_are_kept)
+
+
 @pytest.fixture(scope="module")
 def api_run(ray_local, tmp_path_factory, pretrained):
-    return _run(tmp_path_factory.mktemp("api") / "run", pretrained)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the script's own setting; every stage's loop trains on scale.torch_threads (1)
+    try:
+        run = _run(tmp_path_factory.mktemp("api") / "run", pretrained)
+        THREADS["after"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    return run
+
+
+def test_the_callers_torch_threads_are_kept(api_run):
+    """Local mode trains in the caller's process: the loop's one thread is not left behind for the script."""
+    assert THREADS["after"] == 2
 
 
 def test_run_returns_the_report_and_load_student_gives_the_final_student(api_run):
