@@ -494,7 +494,10 @@ class TuneSession:
 def journal(path: str | None, entry: dict) -> None:
     """Append one line per finished epoch to the run's journal (what ran, where, in which process).
 
-    Best effort: on a multi-node cluster the run folder may not be mounted where rank 0 runs."""
+    Written when the epoch's training is done and before its checkpoint is reported, so every epoch a resumed run
+    skips is in the journal: a run killed between the two redoes that epoch and journals it twice (killed after
+    the checkpoint and before this line, as it was written until 2026-12-05, the epoch was skipped on resume and
+    never journaled). Best effort: on a multi-node cluster the run folder may not be mounted where rank 0 runs."""
     if not path:
         return
     try:
@@ -661,8 +664,9 @@ def train_phases(job: StageJob, session, model, spec: dict, data, val, teacher, 
                          "plan": plan, "epoch": epoch, "phase": phase_idx if not removed else phase_idx + 1,
                          "opt": None if removed else opt.state_dict(),
                          "sched": None if removed else sched.state_dict()}
-                session.report(metrics, state)
+                # journaled before its checkpoint is reported (see ``journal``)
                 journal(job.journal, {"stage": job.stage, "epoch": epoch, "pid": os.getpid(), "rank": rank})
+                session.report(metrics, state)
             else:
                 session.report(metrics, None)
             history.append(metrics)

@@ -296,3 +296,55 @@ def test_topk_cache_gives_the_step_the_chosen_target(topk_loss, tmp_path):
     expected = 0.5 * F.cross_entropy(logits, y) + 0.5 * soft
     loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, out, phase, cfg, 0)
     assert loss == pytest.approx(float(expected), rel=1e-5)
+
+
+class _Killed(BaseException):
+    """What a SIGKILL is to the loop: it ends there, nothing after it runs."""
+
+
+class _KilledAtReport:
+    """A local-mode-like session (one process, rank 0) whose process dies while reporting epoch ``kill_at``'s
+    checkpoint: the moment a killed run may or may not have persisted that epoch."""
+
+    rank, world, device = 0, 1, torch.device("cpu")
+
+    def __init__(self, kill_at: int):
+        self.kill_at, self.reported = kill_at, []
+
+    def get_checkpoint(self):
+        return None
+
+    def report(self, metrics, state):
+        if state is not None and metrics["epoch"] == self.kill_at:
+            raise _Killed
+        self.reported.append(metrics["epoch"])
+
+    def progress(self, text):
+        pass
+
+    def prepare_model(self, model):
+        return model
+
+
+def test_an_epoch_is_journaled_before_its_checkpoint_is_reported(tmp_path):
+    """Every epoch a resumed run may skip is in the journal: killed while epoch 1's checkpoint is being reported,
+    the journal already holds epoch 1 (before 2026-12-05 the line came after the report, and a kill between the
+    two left a checkpointed epoch unjournaled: the streamed kill-and-resume test saw epochs 0, 1, 3, 4, 5)."""
+    import json
+
+    from raydistill import worker
+    from raydistill.checkpoints import model_spec
+    from raydistill.data import load_splits
+    from raydistill.job import StageJob, baseline_phases
+
+    cfg = config.load(None, {"data.limit": 64, "distill.epochs": 3})
+    splits = load_splits("digits", limit=64)
+    spec = model_spec("cnn", {"widths": [4, 8], "hidden": 8}, splits.num_classes, splits.shape)
+    path = tmp_path / "journal.jsonl"
+    job = StageJob(stage="student_baseline", config=cfg, spec=spec, data=splits, phases=baseline_phases(cfg),
+                   journal=str(path), verbose=False)
+    session = _KilledAtReport(kill_at=1)
+    with pytest.raises(_Killed):
+        worker.run_loop(job, session)
+    assert session.reported == [0]
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
