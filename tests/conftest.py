@@ -15,7 +15,9 @@ from smoke import SMOKE, train_smoke_teacher
 # torch work in its own default of 2 threads (the unit tier's in-process training, evaluation and export) left a
 # second thread spinning for work beside the other worker's. Measured on the 2-core test machine (2026-12-05,
 # `pytest tests/unit` 3 times each way, alternately): 79-80 busy CPU-s and 42 s with it against 93-100 CPU-s and
-# 49-53 s without. Set before any test module imports torch (OpenMP reads it once, at load); children (the
+# 49-53 s without. (In the whole suite the pytest workers had been on one thread anyway after their first
+# in-process run, whose training loop left its setting behind; since 20be794 the loop gives the caller's back, and
+# this keeps them on one.) Set before any test module imports torch (OpenMP reads it once, at load); children (the
 # commands the tests start, their Ray workers) inherit it. A value the caller set wins. raydistill's own training
 # loop pins its threads itself (``scale.torch_threads``, default 1), so what the tests check does not change.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
