@@ -423,6 +423,7 @@ class TrainSession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_dir, self.queue = job.checkpoint_dir, job.progress
+        self.journal_first = bool(self.local_dir)  # see ``journal``
         if self.local_dir:
             self.device = torch.device("cuda" if job.config.scale.use_gpu and torch.cuda.is_available() else "cpu")
         else:
@@ -460,6 +461,7 @@ class TuneSession:
     """The loop inside a Ray Tune function trial: one process, reports feed the scheduler (ASHA)."""
 
     rank, world = 0, 1
+    journal_first = False  # a trial's job has no journal (only ``raydistill run`` keeps one)
 
     def __init__(self):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -494,10 +496,14 @@ class TuneSession:
 def journal(path: str | None, entry: dict) -> None:
     """Append one line per finished epoch to the run's journal (what ran, where, in which process).
 
-    Written when the epoch's training is done and before its checkpoint is reported, so every epoch a resumed run
-    skips is in the journal: a run killed between the two redoes that epoch and journals it twice (killed after
-    the checkpoint and before this line, as it was written until 2026-12-05, the epoch was skipped on resume and
-    never journaled). Best effort: on a multi-node cluster the run folder may not be mounted where rank 0 runs."""
+    Before or after the epoch's checkpoint: the session's ``journal_first``. In local mode the line comes first:
+    the checkpoint is on disk once the loop has written it, so a run killed between the two redoes that one epoch
+    and journals it twice, and no epoch a resumed run skips is missing here (with the line after the report, a
+    kill in between left a checkpointed epoch unjournaled). With Train workers the line comes after the report:
+    Train takes a reported checkpoint asynchronously and its result queue holds one, so a returned report means the
+    previous epoch's checkpoint is Train's, and a worker killed right after the line redoes at most that epoch (with
+    the line first, up to two). Best effort: on a multi-node cluster the run folder may not be mounted where rank 0
+    runs."""
     if not path:
         return
     try:
@@ -664,9 +670,12 @@ def train_phases(job: StageJob, session, model, spec: dict, data, val, teacher, 
                          "plan": plan, "epoch": epoch, "phase": phase_idx if not removed else phase_idx + 1,
                          "opt": None if removed else opt.state_dict(),
                          "sched": None if removed else sched.state_dict()}
-                # journaled before its checkpoint is reported (see ``journal``)
-                journal(job.journal, {"stage": job.stage, "epoch": epoch, "pid": os.getpid(), "rank": rank})
+                line = {"stage": job.stage, "epoch": epoch, "pid": os.getpid(), "rank": rank}
+                if session.journal_first:  # the order that keeps the journal whole (see ``journal``)
+                    journal(job.journal, line)
                 session.report(metrics, state)
+                if not session.journal_first:
+                    journal(job.journal, line)
             else:
                 session.report(metrics, None)
             history.append(metrics)

@@ -303,13 +303,14 @@ class _Killed(BaseException):
 
 
 class _KilledAtReport:
-    """A local-mode-like session (one process, rank 0) whose process dies while reporting epoch ``kill_at``'s
-    checkpoint: the moment a killed run may or may not have persisted that epoch."""
+    """A one-process session (rank 0) whose process dies while reporting epoch ``kill_at``'s checkpoint: the moment
+    a killed run may or may not have persisted that epoch. ``journal_first`` as in local mode (True) or on Train
+    workers (False)."""
 
     rank, world, device = 0, 1, torch.device("cpu")
 
-    def __init__(self, kill_at: int):
-        self.kill_at, self.reported = kill_at, []
+    def __init__(self, kill_at: int, journal_first: bool):
+        self.kill_at, self.journal_first, self.reported = kill_at, journal_first, []
 
     def get_checkpoint(self):
         return None
@@ -326,10 +327,13 @@ class _KilledAtReport:
         return model
 
 
-def test_an_epoch_is_journaled_before_its_checkpoint_is_reported(tmp_path):
-    """Every epoch a resumed run may skip is in the journal: killed while epoch 1's checkpoint is being reported,
-    the journal already holds epoch 1 (before 2026-12-05 the line came after the report, and a kill between the
-    two left a checkpointed epoch unjournaled: the streamed kill-and-resume test saw epochs 0, 1, 3, 4, 5)."""
+@pytest.mark.parametrize("local_mode", [True, False])
+def test_an_epoch_is_journaled_before_its_checkpoint_in_local_mode_and_after_its_report_on_workers(local_mode,
+                                                                                                     tmp_path):
+    """Local mode: every epoch a resumed run may skip is in the journal; killed while epoch 1's checkpoint is
+    being reported, the journal already holds epoch 1 (before 2026-12-05 the line came after the report, and a kill
+    between the two left a checkpointed epoch unjournaled: the streamed kill-and-resume test saw epochs 0, 1, 3, 4,
+    5). On Train workers the line follows the report (worker.journal says why): epoch 1 is not in it yet."""
     import json
 
     from raydistill import worker
@@ -343,8 +347,8 @@ def test_an_epoch_is_journaled_before_its_checkpoint_is_reported(tmp_path):
     path = tmp_path / "journal.jsonl"
     job = StageJob(stage="student_baseline", config=cfg, spec=spec, data=splits, phases=baseline_phases(cfg),
                    journal=str(path), verbose=False)
-    session = _KilledAtReport(kill_at=1)
+    session = _KilledAtReport(kill_at=1, journal_first=local_mode)
     with pytest.raises(_Killed):
         worker.run_loop(job, session)
     assert session.reported == [0]
-    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == ([0, 1] if local_mode else [0])
