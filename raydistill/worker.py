@@ -423,11 +423,15 @@ class TrainSession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_dir, self.queue = job.checkpoint_dir, job.progress
-        self.journal_first = bool(self.local_dir)  # see ``journal``
         if self.local_dir:
             self.device = torch.device("cuda" if job.config.scale.use_gpu and torch.cuda.is_available() else "cpu")
         else:
             self.device = ray.train.torch.get_device()
+
+    @property
+    def journal_first(self) -> bool:
+        """Local mode: the epoch's journal line before its checkpoint (see ``journal``)."""
+        return bool(self.local_dir)
 
     def get_checkpoint(self):
         return last_local_checkpoint(self.local_dir) if self.local_dir else ray.train.get_checkpoint()
