@@ -2,7 +2,8 @@
 
 Bad input (a ``raydistill.errors.UserError``) exits with status 2 and one line naming the problem and the
 fix (``--debug`` shows the traceback). Anything else is a bug: its traceback is shown and the exit status
-is 1. Nothing is written before the config, data and models have been validated.
+is 1. Nothing is written before the config, data and models have been validated. A run that finished but whose final
+student missed a deploy bound the user set exits with status 3 (``deploy_status``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(markdown_table(report["models"]))  # the result, also with --quiet
     if not args.quiet:
         print(f"report: {Path(out).resolve() / 'report.md'}")
-    return 0
+    return deploy_status(report["deploy"])
+
+
+GATE_FAILED = 3  # a finished run whose final student missed a deploy bound (2: bad input, 1: a bug)
+
+
+def deploy_status(deploy: dict) -> int:
+    """The exit status of a finished run: 0, or ``GATE_FAILED`` with one line on stderr when the final student
+    missed a bound the user set (``deploy.min_accuracy``, ``deploy.min_ratio_to_teacher``), so a script, a CI step
+    or ``ray job submit`` sees that nothing was exported, as coverage's ``--fail-under`` or a failing test would make
+    them see. The run's results are complete and kept (report, checkpoints)."""
+    if deploy["gate"]["passed"]:
+        return 0
+    print(f"raydistill: deploy gate failed: {deploy['model']}: {deploy['gate']['message']} "
+          f"(exit status {GATE_FAILED})", file=sys.stderr)
+    return GATE_FAILED
 
 
 def cmd_cache_logits(args: argparse.Namespace) -> int:

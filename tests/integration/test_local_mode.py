@@ -91,12 +91,19 @@ def test_a_local_run_whose_teacher_needs_no_actor_starts_no_ray(mode, ray_local,
     cache is built and read here, the teacher runs here), so `raydistill run` starts none, and hands the students'
     start weights (the teacher's tensors, the chosen student to prune, the factorized one) over as they are. The
     same config run here, in this session's Ray (the object store in between, as before), gives the same
-    accuracies."""
+    accuracies. (The run also sets a deploy bound that its student misses: the command finishes every stage and the
+    report, exports nothing, and ends with one line and exit status 3.)"""
     sets = {**SMOKE, "teacher.checkpoint": tiny_teacher, "distill.teacher_mode": mode,
-            "student.init_from_teacher": True, "lowrank.rank": 8, "lowrank.finetune_epochs": 1}
+            "student.init_from_teacher": True, "lowrank.rank": 8, "lowrank.finetune_epochs": 1,
+            "deploy.min_accuracy": 1.0}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     res = _cli("run", "--out", str(tmp_path / "cli"), *args, cwd=tmp_path)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.returncode == 3, res.stdout[-2000:] + res.stderr[-3000:]
+    gate = [line for line in res.stderr.splitlines() if line.startswith("raydistill: deploy gate failed: ")]
+    assert len(gate) == 1 and "is below deploy.min_accuracy 1.000 by " in gate[0], res.stderr[-3000:]
+    assert gate[0].endswith("; not exported (exit status 3)"), gate
+    assert res.stdout.strip().splitlines()[-1] == f"report: {tmp_path / 'cli' / 'report.md'}", res.stdout[-2000:]
+    assert not (tmp_path / "cli" / "deploy").exists()
     assert "this command starts no Ray" in res.stdout.splitlines()[1], res.stdout[:1000]
     assert "private local Ray" not in res.stdout and "Started a local Ray" not in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
