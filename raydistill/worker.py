@@ -361,9 +361,42 @@ def reported_state(state: dict):
     ``tune.report`` copy the folder into run storage before they return, and neither deletes it (Ray Train does
     only in ASYNC mode). Before, written with ``tempfile.mkdtemp`` and never removed, every epoch of every
     multi-worker stage and Tune trial left a ``raydistill-ckpt-*`` folder in /tmp for good (1,512 on this
-    machine after a day of test runs)."""
-    with tempfile.TemporaryDirectory(prefix="raydistill-ckpt-") as tmp:
+    machine after a day of test runs).
+
+    The folder's name carries this process's pid: a process killed by SIGKILL while its folder exists (a Train
+    worker killed mid-report, an out-of-memory kill) cannot remove it, so the first report of every process removes
+    the folders of processes that are gone (``remove_orphaned_checkpoint_folders``)."""
+    global _orphans_swept
+    if not _orphans_swept:
+        _orphans_swept = True
+        remove_orphaned_checkpoint_folders(tempfile.gettempdir())
+    with tempfile.TemporaryDirectory(prefix=f"{CKPT_PREFIX}{os.getpid()}-") as tmp:
         yield write_train_state(state, tmp)
+
+
+CKPT_PREFIX = "raydistill-ckpt-"
+_orphans_swept = False
+
+
+def remove_orphaned_checkpoint_folders(tmp_dir: str) -> list[str]:
+    """Remove ``raydistill-ckpt-<pid>-*`` folders in ``tmp_dir`` whose process no longer exists (one on this node:
+    /tmp is the node's own); returns their paths. A folder of a live process, one whose pid this user may not
+    signal, and one named without a pid (written before names carried one) are left."""
+    removed = []
+    for folder in glob.glob(os.path.join(tmp_dir, f"{CKPT_PREFIX}*-*")):
+        pid = os.path.basename(folder)[len(CKPT_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or a new process with that pid: its folder, if any, is left alone too)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def load_train_state(ckpt) -> dict | None:

@@ -352,3 +352,37 @@ def test_an_epoch_is_journaled_before_its_checkpoint_in_local_mode_and_after_its
         worker.run_loop(job, session)
     assert session.reported == [0]
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == ([0, 1] if local_mode else [0])
+
+
+def test_a_killed_processs_checkpoint_folder_is_removed_by_the_next_process_that_reports(tmp_path, monkeypatch):
+    """A process SIGKILLed inside ``reported_state`` leaves its ``raydistill-ckpt-<pid>-*`` folder; the next
+    process's first report removes it, and leaves a live process's folder and one named without a pid."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from raydistill import worker
+
+    # a real process killed by pid inside reported_state, its TMPDIR this test's folder
+    child = subprocess.Popen([sys.executable, "-c", "import os, sys, time, tempfile; tempfile.tempdir = sys.argv[1]\n"
+                              "from raydistill.worker import reported_state\n"
+                              "with reported_state({'epoch': 0}) as folder:\n"
+                              "    print(folder, flush=True); time.sleep(600)", str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True)
+    orphan = child.stdout.readline().strip()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert os.path.basename(orphan).startswith(f"raydistill-ckpt-{child.pid}-") and os.path.isdir(orphan)
+    live = tmp_path / "raydistill-ckpt-1-live"  # pid 1 exists; not ours to signal or remove
+    old_style = tmp_path / "raydistill-ckpt-k2j4x_9q"  # named before folders carried the pid
+    live.mkdir(), old_style.mkdir()
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(worker, "_orphans_swept", False)
+    with worker.reported_state({"epoch": 1}) as folder:
+        assert os.path.basename(folder).startswith(f"raydistill-ckpt-{os.getpid()}-")
+        assert not os.path.exists(orphan) and live.is_dir() and old_style.is_dir()
+    assert not os.path.exists(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, old_style.name])
