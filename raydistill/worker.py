@@ -17,6 +17,7 @@ import math
 import os
 import queue
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -363,14 +364,14 @@ def reported_state(state: dict):
     multi-worker stage and Tune trial left a ``raydistill-ckpt-*`` folder in /tmp for good (1,512 on this
     machine after a day of test runs).
 
-    The folder's name carries this process's pid: a process killed by SIGKILL while its folder exists (a Train
-    worker killed mid-report, an out-of-memory kill) cannot remove it, so the first report of every process removes
-    the folders of processes that are gone (``remove_orphaned_checkpoint_folders``)."""
+    The folder's name carries this process's pid and host: a process killed by SIGKILL while its folder exists (a
+    Train worker killed mid-report, an out-of-memory kill) cannot remove it, so the first report of every process
+    removes the folders of this host's processes that are gone (``remove_orphaned_checkpoint_folders``)."""
     global _orphans_swept
     if not _orphans_swept:
         _orphans_swept = True
         remove_orphaned_checkpoint_folders(tempfile.gettempdir())
-    with tempfile.TemporaryDirectory(prefix=f"{CKPT_PREFIX}{os.getpid()}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{CKPT_PREFIX}{os.getpid()}@{socket.gethostname()}-") as tmp:
         yield write_train_state(state, tmp)
 
 
@@ -379,13 +380,14 @@ _orphans_swept = False
 
 
 def remove_orphaned_checkpoint_folders(tmp_dir: str) -> list[str]:
-    """Remove ``raydistill-ckpt-<pid>-*`` folders in ``tmp_dir`` whose process no longer exists (one on this node:
-    /tmp is the node's own); returns their paths. A folder of a live process, one whose pid this user may not
-    signal, and one named without a pid (written before names carried one) are left."""
-    removed = []
-    for folder in glob.glob(os.path.join(tmp_dir, f"{CKPT_PREFIX}*-*")):
-        pid = os.path.basename(folder)[len(CKPT_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+    """Remove ``raydistill-ckpt-<pid>@<host>-*`` folders in ``tmp_dir`` whose process no longer exists; returns
+    their paths. Only this host's (a TMPDIR shared between nodes or containers holds pids that mean nothing here);
+    a folder of a live process, one whose pid this user may not signal, and one named without pid and host
+    (written before names carried them) are left."""
+    removed, here = [], socket.gethostname()
+    for folder in glob.glob(os.path.join(tmp_dir, f"{CKPT_PREFIX}*@*-*")):
+        pid, _, host = os.path.basename(folder)[len(CKPT_PREFIX):].rsplit("-", 1)[0].partition("@")
+        if host != here or not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)

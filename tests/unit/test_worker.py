@@ -359,6 +359,7 @@ def test_a_killed_processs_checkpoint_folder_is_removed_by_the_next_process_that
     process's first report removes it, and leaves a live process's folder and one named without a pid."""
     import os
     import signal
+    import socket
     import subprocess
     import sys
     import tempfile
@@ -374,15 +375,17 @@ def test_a_killed_processs_checkpoint_folder_is_removed_by_the_next_process_that
     orphan = child.stdout.readline().strip()
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    assert os.path.basename(orphan).startswith(f"raydistill-ckpt-{child.pid}-") and os.path.isdir(orphan)
-    live = tmp_path / "raydistill-ckpt-1-live"  # pid 1 exists; not ours to signal or remove
-    old_style = tmp_path / "raydistill-ckpt-k2j4x_9q"  # named before folders carried the pid
-    live.mkdir(), old_style.mkdir()
+    host = socket.gethostname()
+    assert os.path.basename(orphan).startswith(f"raydistill-ckpt-{child.pid}@{host}-") and os.path.isdir(orphan)
+    live = tmp_path / f"raydistill-ckpt-1@{host}-live"  # pid 1 exists; not ours to remove
+    elsewhere = tmp_path / f"raydistill-ckpt-{child.pid}@another-host-k2j4x_9q"  # a shared TMPDIR: not this host's
+    old_style = tmp_path / "raydistill-ckpt-k2j4x_9q"  # named before folders carried pid and host
+    live.mkdir(), elsewhere.mkdir(), old_style.mkdir()
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(worker, "_orphans_swept", False)
     with worker.reported_state({"epoch": 1}) as folder:
-        assert os.path.basename(folder).startswith(f"raydistill-ckpt-{os.getpid()}-")
-        assert not os.path.exists(orphan) and live.is_dir() and old_style.is_dir()
+        assert os.path.basename(folder).startswith(f"raydistill-ckpt-{os.getpid()}@{host}-")
+        assert not os.path.exists(orphan)
     assert not os.path.exists(folder)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, old_style.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name, old_style.name])
