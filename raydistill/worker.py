@@ -229,8 +229,10 @@ class StreamedTrain:
                 for block in self.shard.iter_batches(batch_size=None, batch_format="pyarrow"):
                     block_rows = to_arrays(self.data, block, "the streamed training rows", writable=False,
                                            pixels=True)
-                    if copy is not None:
-                        copy.add(*block_rows)  # False: dropped (a failed write), this and later epochs stream
+                    if copy is not None and not copy.add(*block_rows):
+                        # dropped (a failed write: disk full, say): this and every later epoch stream, and no later
+                        # epoch writes a copy again only to fail the same way
+                        copy, self.will_copy = None, False
                     rows.add(*block_rows)
                     yield from leaving(rows.batches(batch_size))
                 yield from leaving(rows.drain(batch_size))

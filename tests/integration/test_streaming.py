@@ -242,11 +242,11 @@ def test_the_stream_reader_runs_ahead_through_the_epochs_without_changing_them(r
         _epoch_ids(broken, [0])
 
 
-def test_later_epochs_read_the_workers_local_copy_not_the_stream(ray_local, tmp_path):
+def test_later_epochs_read_the_workers_local_copy_not_the_stream(ray_local, tmp_path, monkeypatch):
     """With data.local_copy_mb, the first epoch streams through Ray Data as before and is copied to local disk;
     every later epoch is read from that copy: Ray Data is not asked again, each epoch holds every training row
     once with its own sample, in a seeded full permutation; close() gives back the copy's descriptor. With 0
-    every epoch streams."""
+    every epoch streams, and so they do when the copy's write fails."""
     from raydistill.stream import iter_split, plan_stream, train_dataset
     from raydistill.worker import StreamedTrain
 
@@ -293,6 +293,25 @@ def test_later_epochs_read_the_workers_local_copy_not_the_stream(ray_local, tmp_
     assert all(np.array_equal(a, b) for a, b in zip(epochs(64)[0], local))  # seeded: the same run, the same epochs
     # a shard larger than local_copy_mb streams every epoch (600 rows of 12 KiB: ~5 MiB)
     assert epochs(4, n=2)[1:3] == (2, False)
+
+    # the disk is full: the copy's first write fails (ENOSPC at raydistill.stream's os.write, the call LocalCopy
+    # writes with), the copy is dropped and every epoch streams, the same batches as without a copy; no later
+    # epoch tries to write one again
+    import errno
+    import types
+
+    from raydistill import stream
+
+    writes = []
+
+    def full_disk(fd, data):
+        writes.append(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(stream, "os", types.SimpleNamespace(**{**vars(os), "write": full_disk}))
+    full, reads, copied, _ = epochs(64)
+    assert reads == 4 and not copied and len(writes) == 1, (reads, copied, writes)
+    assert all(np.array_equal(a, b) for a, b in zip(full, streamed))
     # no later epoch announced (a one-epoch stage, one resumed at its last epoch): nothing is copied to disk
     assert epochs(64, n=1)[1:3] == (1, False)
 
