@@ -293,6 +293,8 @@ def test_later_epochs_read_the_workers_local_copy_not_the_stream(ray_local, tmp_
     assert all(np.array_equal(a, b) for a, b in zip(epochs(64)[0], local))  # seeded: the same run, the same epochs
     # a shard larger than local_copy_mb streams every epoch (600 rows of 12 KiB: ~5 MiB)
     assert epochs(4, n=2)[1:3] == (2, False)
+    # no later epoch announced (a one-epoch stage, one resumed at its last epoch): nothing is copied to disk
+    assert epochs(64, n=1)[1:3] == (1, False)
 
     # the disk is full: the copy's first write fails (ENOSPC at raydistill.stream's os.write, the call LocalCopy
     # writes with), the copy is dropped and every epoch streams, the same batches as without a copy; no later
@@ -312,8 +314,6 @@ def test_later_epochs_read_the_workers_local_copy_not_the_stream(ray_local, tmp_
     full, reads, copied, _ = epochs(64)
     assert reads == 4 and not copied and len(writes) == 1, (reads, copied, writes)
     assert all(np.array_equal(a, b) for a, b in zip(full, streamed))
-    # no later epoch announced (a one-epoch stage, one resumed at its last epoch): nothing is copied to disk
-    assert epochs(64, n=1)[1:3] == (1, False)
 
 
 def _png_rows(ids) -> list[dict]:

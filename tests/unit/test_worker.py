@@ -355,8 +355,9 @@ def test_an_epoch_is_journaled_before_its_checkpoint_in_local_mode_and_after_its
 
 
 def test_a_killed_processs_checkpoint_folder_is_removed_by_the_next_process_that_reports(tmp_path, monkeypatch):
-    """A process SIGKILLed inside ``reported_state`` leaves its ``raydistill-ckpt-<pid>-*`` folder; the next
-    process's first report removes it, and leaves a live process's folder and one named without a pid."""
+    """A process SIGKILLed inside ``reported_state`` leaves its ``raydistill-ckpt-<pid>@<host>-*`` folder; the next
+    process's first report removes it, and leaves a live process's folder, another host's and one named without
+    pid and host."""
     import os
     import signal
     import socket
