@@ -50,10 +50,18 @@ def resolve_scale(cfg: Config, address: str | None) -> Config:
     return dataclasses.replace(cfg, scale=dataclasses.replace(cfg.scale, num_workers=workers))
 
 
-def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
+def init_ray(address: str | None, quiet: bool, verbose: bool = False, dashboard: bool = True) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray in-process. Ray's own INFO lines, its
-    workers' forwarded output and its non-actionable warnings are shown only with ``verbose``."""
-    global _started_locally
+    workers' forwarded output and its non-actionable warnings are shown only with ``verbose``.
+
+    ``dashboard``: whether a private local Ray starts Ray's dashboard, whose State API Ray Tune needs (a sweep
+    hangs without it). ``raydistill run`` and ``cache-logits`` start theirs without it (``pipeline.open_run``):
+    nothing they run uses it once Train's placement-group cleaner is left out on a private Ray
+    (``trainer.unused_train_callback``), and it is the private Ray's largest part: measured on 2 cores, a private
+    Ray started, used for one task, idle 10 s and stopped cost 8.1-8.8 busy CPU-s with its dashboard and 4.7-5.3
+    without (3 runs each, alternately). A cluster keeps its own dashboard; to watch a run on Ray's dashboard, start
+    Ray with `ray start --head` and pass --address."""
+    global _started_locally, _private_gcs
     import ray
 
     from raydistill.console import quiet_libraries
@@ -78,12 +86,15 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False) -> None:
         # actor and Train's controller must still fit (measured: otherwise runs wait forever).
         kwargs["num_cpus"] = local_ray_cpus()
         kwargs["_system_config"] = dict(PRIVATE_RAY_SYSTEM_CONFIG)  # a copy: Ray adds its session's keys to it
-        _wait_longer_for_the_dashboard()
+        kwargs["include_dashboard"] = dashboard
+        if dashboard:
+            _wait_longer_for_the_dashboard()
         # Ray gives its local raylet a fixed 30 s to register; on a machine loaded far beyond its cores that is
         # not always enough (measured here at load average 30-45 on 2 cores), and a second try then succeeds.
         for attempt in range(LOCAL_START_ATTEMPTS):
             try:
                 ray.init(address=address, **kwargs)
+                _private_gcs = ray.get_runtime_context().gcs_address
                 return
             except Exception as e:  # Ray raises a bare Exception for this
                 if "timed out during startup" not in str(e) or attempt == LOCAL_START_ATTEMPTS - 1:
@@ -106,8 +117,8 @@ LOCAL_START_ATTEMPTS = 3
 # (RAY_DASHBOARD_STARTUP_TIMEOUT_S, read once when Ray is imported), after which ray.init raises and the command ends
 # in Ray's traceback. Measured here (2 cores, the test suite's two workers plus a unit-test run beside them): a
 # private Ray's dashboard had loaded its 9 modules 28 s after the session began but had not published its address
-# 73 s in. A command needs that dashboard (Train's placement-group cleaner uses its State API), so a private start
-# waits longer on a loaded machine instead of failing; a user's own RAY_DASHBOARD_STARTUP_TIMEOUT_S wins.
+# 73 s in. A sweep needs that dashboard (Tune uses its State API), so a private start with it waits longer on a
+# loaded machine instead of failing; a user's own RAY_DASHBOARD_STARTUP_TIMEOUT_S wins.
 DASHBOARD_START_TIMEOUT_S = 300
 
 
@@ -138,7 +149,8 @@ def local_ray_cpus() -> int:
     return max(4, os.cpu_count() or 1)
 
 
-def init_ray_in_background(address: str | None, quiet: bool, verbose: bool = False) -> Future:
+def init_ray_in_background(address: str | None, quiet: bool, verbose: bool = False,
+                           dashboard: bool = True) -> Future:
     """``init_ray`` on a helper thread while this one goes on (the pipeline trains its teacher in Ray Train's local
     mode meanwhile, which needs no Ray); the returned Future gives the seconds the start took, or its error.
 
@@ -160,7 +172,7 @@ def init_ray_in_background(address: str | None, quiet: bool, verbose: bool = Fal
     def target() -> None:
         t0 = time.perf_counter()
         try:
-            init_ray(address, quiet, verbose)
+            init_ray(address, quiet, verbose, dashboard)
         except BaseException as e:  # handed to whoever waits on the future
             future.set_exception(e)
             return
@@ -173,12 +185,24 @@ def init_ray_in_background(address: str | None, quiet: bool, verbose: bool = Fal
 
 
 _started_locally = False  # True when this process started its own Ray (no autoscaler to wait for)
+_private_gcs: str | None = None  # the GCS address of the Ray ``init_ray`` started for this process (not a script's)
 
 
 def started_locally() -> bool:
     """Whether this process started the Ray it uses (``init_ray`` with no cluster to join): one node, this
     machine."""
     return _started_locally
+
+
+def private_ray() -> bool:
+    """Whether the Ray this process is on is one ``init_ray`` started for it: it ends with the command (or with
+    the script's ``ray.shutdown()``), and nothing else runs on it. Not a script's own ``ray.init()``, which may be
+    the script's for longer, nor a cluster."""
+    if _private_gcs is None or ray_in_process() != "local":
+        return False
+    import ray
+
+    return ray.get_runtime_context().gcs_address == _private_gcs
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

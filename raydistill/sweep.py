@@ -261,7 +261,7 @@ def run_sweep(cfg: Config, out: str | Path, *, resume: bool = False, address: st
     # Teacher once (trained or loaded) and its logit cache once, through the pipeline's cached stages.
     ctx = open_run(cfg, out, address, quiet,
                    uses_cache=t.teacher_mode == "cache" or cfg.distill.teacher_mode == "cache",
-                   verbose=verbose)  # Ray may start beside the teacher: prepare_teacher waits for it
+                   verbose=verbose, sweep=True)  # Ray may start beside the teacher: prepare_teacher waits for it
     cfg = ctx.cfg  # scale.num_workers resolved
     if joins_cluster(address):  # a cluster's once connected (its autoscaler asked first)
         check_trial_resources(cfg, address, teacher_cpus)

@@ -166,7 +166,7 @@ import raydistill.cli as cli
 from raydistill import cluster
 
 def blocked(args):
-    cluster.init_ray(None, quiet=True)  # the command's own private local Ray, as `raydistill run` starts it
+    cluster.init_ray(None, quiet=True, dashboard=False)  # the command's own private Ray, as `raydistill run` starts it
     ray.get([ray.remote(lambda: 0).remote() for _ in range(2)])  # worker processes of its own
     core_worker = ray._private.worker.global_worker.core_worker
     def inside_ray():

@@ -40,3 +40,25 @@ def test_the_restart_line_says_what_failed():
     assert failure_summary(_group(gone), gone) == "the teacher actor 'x' of this run is gone (dead)"
     silent = TeacherUnavailableError()  # no message: the restart line names the error's type instead of failing
     assert failure_summary(_group(silent), silent) == "TeacherUnavailableError"
+
+
+@pytest.mark.parametrize("datasets, private, left_out", [
+    (None, True, {"DatasetsCallback", "PlacementGroupCleanerCallback"}),  # the laptop's 2-worker run
+    (None, False, {"DatasetsCallback"}),  # a cluster keeps its placement-group cleaner
+    ({"train": lambda: None}, True, {"PlacementGroupCleanerCallback"}),  # streamed data keeps the dataset manager
+    ({"train": lambda: None}, False, set()),
+])
+def test_a_multi_worker_stage_starts_no_train_helper_actor_it_does_not_use(datasets, private, left_out, monkeypatch):
+    """Ray Train V2's default callbacks, less the ones that would only start an idle actor (trainer.py:
+    ``unused_train_callback``). Read from Ray's own trainer, so a Ray whose callbacks change fails here first."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydistill import trainer
+
+    monkeypatch.setattr(trainer, "private_ray", lambda: private)
+    kwargs = {"datasets": datasets, "scaling_config": ScalingConfig(num_workers=2)}
+    ray_defaults = {type(c).__name__ for c in TorchTrainer(lambda: None, **kwargs)._create_default_callbacks()}
+    lean = {type(c).__name__ for c in trainer.lean_trainer_class()(lambda: None, **kwargs)._create_default_callbacks()}
+    assert {"DatasetsCallback", "PlacementGroupCleanerCallback"} <= ray_defaults  # what there is to leave out
+    assert ray_defaults - lean == left_out
