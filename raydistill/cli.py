@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default: runs/<config name>)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     run.add_argument("--quiet", action="store_true", help="print only the final table (and errors)")
-    run.add_argument("--verbose", action="store_true", help="also show Ray's and its workers' own log lines")
+    run.add_argument("--verbose", action="store_true", help="also show Ray's and its workers' own log lines (and "
+                     "start a private Ray with Ray's dashboard)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or RUN/logit_cache")
     cache.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     cache.add_argument("--quiet", action="store_true")
-    cache.add_argument("--verbose", action="store_true", help="also show Ray's and its workers' own log lines")
+    cache.add_argument("--verbose", action="store_true", help="also show Ray's and its workers' own log lines (and "
+                       "start a private Ray with Ray's dashboard)")
     cache.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     cache.set_defaults(func=cmd_cache_logits)
 

@@ -55,12 +55,11 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False, dashboard:
     workers' forwarded output and its non-actionable warnings are shown only with ``verbose``.
 
     ``dashboard``: whether a private local Ray starts Ray's dashboard, whose State API Ray Tune needs (a sweep
-    hangs without it). ``raydistill run`` and ``cache-logits`` start theirs without it (``pipeline.open_run``):
-    nothing they run uses it once Train's placement-group cleaner is left out on a private Ray
+    hangs without it). ``raydistill run`` and ``cache-logits`` start theirs without it unless ``--verbose``
+    (``pipeline.open_run``): nothing they run uses it once Train's placement-group cleaner is left out on a private Ray
     (``trainer.unused_train_callback``), and it is the private Ray's largest part: measured on 2 cores, a private
     Ray started, used for one task, idle 10 s and stopped cost 8.1-8.8 busy CPU-s with its dashboard and 4.7-5.3
-    without (3 runs each, alternately). A cluster keeps its own dashboard; to watch a run on Ray's dashboard, start
-    Ray with `ray start --head` and pass --address."""
+    without (3 runs each, alternately). A cluster keeps its own dashboard."""
     global _started_locally, _private_gcs
     import ray
 

@@ -150,8 +150,9 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     returns at once: ``prepare_teacher`` trains the teacher meanwhile and then calls ``ctx.wait_for_ray()``, as
     must anything else that uses Ray first. There, ``run`` (``run_stages``) with the cached or in-process teacher or
     with every stage up to date, and ``cache-logits`` (``cache_only``), start no Ray at all (``no_ray_reason``):
-    the command would use it for nothing. A private Ray starts Ray's dashboard for a ``sweep`` only
-    (``cluster.init_ray``: Tune needs its State API, and nothing else here uses it)."""
+    the command would use it for nothing. A private Ray starts Ray's dashboard for a ``sweep`` (Tune needs its
+    State API) or with ``verbose`` (Ray's own view of the run), not otherwise: nothing else here uses it
+    (``cluster.init_ray``)."""
     out = Path(out).resolve()
     cfg = resolve_scale(cfg, address)
     if out.is_dir():
@@ -213,7 +214,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
         if not ray.is_initialized():
             log(f"connecting to {cluster} ..." if cluster else "starting a private local Ray ...", quiet)
         t0 = time.perf_counter()
-        init_ray(address, quiet, verbose, dashboard=sweep)
+        init_ray(address, quiet, verbose, dashboard=sweep or verbose)
         check_resources(cfg, builds_cache=builds_cache)
         ray_s = time.perf_counter() - t0
         timings["ray_start"] = {"seconds": ray_s}
@@ -252,7 +253,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     elif beside:
         log(f"{mode}, on a private local Ray starting beside the teacher (pass --address to use a running cluster)",
             quiet)
-        ctx.ray_start = init_ray_in_background(address, quiet, verbose, dashboard=sweep)
+        ctx.ray_start = init_ray_in_background(address, quiet, verbose, dashboard=sweep or verbose)
     return ctx
 
 
