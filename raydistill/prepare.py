@@ -225,10 +225,13 @@ def read_parquet_ray(path: str, columns: list[str] | None = None):
     (NFS) or an object store URI (``s3://``, ``gs://``)."""
     import ray.data
 
+    from raydistill.stream import parquet_datasource_v1
+
     if not path:
         raise DataError("read_parquet_ray needs a path; pass the --out folder or URI of `raydistill data prepare`")
     try:
-        dataset = ray.data.read_parquet(os.fspath(path))
+        with parquet_datasource_v1():  # plain read tasks, not a pool of actors started for every pass over it
+            dataset = ray.data.read_parquet(os.fspath(path))
     except FileNotFoundError as error:
         raise DataError(f"no prepared shards at {path!r} ({error}); run `raydistill data prepare` first") from None
     return dataset.select_columns(columns) if columns else dataset

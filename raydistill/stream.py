@@ -35,6 +35,7 @@ whole dataset materialized, ``split_proportionately`` is by position, not by id)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -692,16 +693,7 @@ def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True, buffe
 
     plan = data.train
     shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle_files else None
-    context = ray.data.DataContext.get_current()
-    saved = context.use_datasource_v2, context.target_max_block_size
-    # Why V1: Ray 2.60's Parquet datasource V2 lists files through a pool of FooterReader actors that it creates
-    # and kills on every execution, i.e. every epoch; on a 2-core machine that start-up costs ~8 s per epoch
-    # whatever the data's size (digits, 1,797 rows in 6 files: 8 s per epoch on V2, 0.5 s on V1;
-    # docs/benchmarks.md, "Streaming: Ray Data's per-epoch cost"). V1 reads with plain tasks. Both settings are
-    # read when the dataset is made (the reader's batch size comes from the block size), so they are set on the
-    # global context for that call only.
-    context.use_datasource_v2, context.target_max_block_size = False, STREAM_BLOCK_BYTES
-    try:
+    with parquet_datasource_v1(block_bytes=STREAM_BLOCK_BYTES):
         # One read task per file (``override_num_blocks``): by default Ray Data asks for >= 200 blocks, and with
         # fewer files it splits each file's output after the read (SplitBlocks), which stops the row filter below
         # from being fused into the read: every small block then became a task of its own (76 tasks for 2 files),
@@ -709,8 +701,6 @@ def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True, buffe
         # per-epoch cost").
         ds = ray.data.read_parquet(list(plan.files), filesystem=plan.filesystem, columns=_read_columns(data, plan),
                                    shuffle=shuffle, override_num_blocks=len(plan.files))
-    finally:
-        context.use_datasource_v2, context.target_max_block_size = saved
     ds.context.execution_options = ingest_options(buffer_mb)
     # a DataError a step raises (an image that does not decode, in _decode_rows or the cache builder's to_arrays)
     # reaches the reader as itself, not as Ray Data's UserCodeException("UDF failed to process a data block."),
@@ -723,6 +713,30 @@ def train_dataset(data: StreamData, seed: int, shuffle_files: bool = True, buffe
     elif plan.split_column is not None or plan.carve is not None:
         ds = ds.map_batches(_filter_rows, fn_args=(data, plan), batch_format="pyarrow", zero_copy_batch=True)
     return ds.limit(plan.limit) if plan.limit is not None else ds
+
+
+@contextlib.contextmanager
+def parquet_datasource_v1(block_bytes: int | None = None):
+    """Inside the block, ``ray.data.read_parquet`` makes a dataset on Ray Data's Parquet datasource V1 (and, given
+    ``block_bytes``, with that target block size).
+
+    Why V1: Ray 2.60's Parquet datasource V2 lists files through a pool of FooterReader actors that it creates
+    and kills on every execution, i.e. every epoch; on a 2-core machine that start-up costs ~8 s per epoch
+    whatever the data's size (digits, 1,797 rows in 6 files: 8 s per epoch on V2, 0.5 s on V1;
+    docs/benchmarks.md, "Streaming: Ray Data's per-epoch cost"). V1 reads with plain tasks. Both settings are
+    read when the dataset is made (the reader's batch size comes from the block size), so they are set on the
+    global context for that call only."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved = context.use_datasource_v2, context.target_max_block_size
+    context.use_datasource_v2 = False
+    if block_bytes is not None:
+        context.target_max_block_size = block_bytes
+    try:
+        yield
+    finally:
+        context.use_datasource_v2, context.target_max_block_size = saved
 
 
 ASIDE_VERSION = 1  # bump when what write_aside writes changes: older folders are then written anew

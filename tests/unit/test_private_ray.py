@@ -1,6 +1,7 @@
 """Which private local Rays start Ray's dashboard (raydistill/pipeline.py: ``open_run``; ``cluster.init_ray``): a
 sweep's (Ray Tune needs its State API) and a ``--verbose`` command's; ``run`` and ``cache-logits`` otherwise start
-theirs without it, its largest part that nothing they do uses. Ray's start is replaced by a recorder: no Ray starts."""
+theirs without it, its largest part that nothing they do uses. Ray's start is replaced by a recorder: no Ray starts,
+and a Ray that this pytest process already runs (an integration test's, before these) is hidden from the code."""
 
 from concurrent.futures import Future
 
@@ -21,6 +22,9 @@ def test_a_private_ray_starts_the_dashboard_for_a_sweep_or_verbose_only(sweep, v
         future.set_result(0.0)
         return future
 
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(pipeline, "init_ray_in_background", record)
     cfg = config.load(None, {"data.limit": 100})
     ctx = pipeline.open_run(cfg, tmp_path / "run", None, quiet=True, uses_cache=False, verbose=verbose,
@@ -39,6 +43,7 @@ def test_init_ray_hands_the_choice_to_a_private_rays_start(dashboard, monkeypatc
         raise KeyboardInterrupt  # stop here: what Ray was asked is what is checked
 
     monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(cluster, "_started_locally", cluster._started_locally)  # put back afterwards
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(KeyboardInterrupt):
