@@ -86,8 +86,7 @@ def init_ray(address: str | None, quiet: bool, verbose: bool = False, dashboard:
         kwargs["num_cpus"] = local_ray_cpus()
         kwargs["_system_config"] = dict(PRIVATE_RAY_SYSTEM_CONFIG)  # a copy: Ray adds its session's keys to it
         kwargs["include_dashboard"] = dashboard
-        if dashboard:
-            _wait_longer_for_the_dashboard()
+        _wait_longer_for_the_dashboard()  # without the dashboard too: ray.init still waits for its API server
         # Ray gives its local raylet a fixed 30 s to register; on a machine loaded far beyond its cores that is
         # not always enough (measured here at load average 30-45 on 2 cores), and a second try then succeeds.
         for attempt in range(LOCAL_START_ATTEMPTS):
@@ -116,8 +115,10 @@ LOCAL_START_ATTEMPTS = 3
 # (RAY_DASHBOARD_STARTUP_TIMEOUT_S, read once when Ray is imported), after which ray.init raises and the command ends
 # in Ray's traceback. Measured here (2 cores, the test suite's two workers plus a unit-test run beside them): a
 # private Ray's dashboard had loaded its 9 modules 28 s after the session began but had not published its address
-# 73 s in. A sweep needs that dashboard (Tune uses its State API), so a private start with it waits longer on a
-# loaded machine instead of failing; a user's own RAY_DASHBOARD_STARTUP_TIMEOUT_S wins.
+# 73 s in. A sweep needs that dashboard (Tune uses its State API), so a private start waits longer on a loaded
+# machine instead of failing; a user's own RAY_DASHBOARD_STARTUP_TIMEOUT_S wins. Without the dashboard
+# (``include_dashboard=False``) Ray still starts its API server (a usage-statistics module only) and waits for it
+# as long, then logs an error and goes on: the same longer wait keeps that line off a loaded machine's console.
 DASHBOARD_START_TIMEOUT_S = 300
 
 
