@@ -210,11 +210,12 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     if not cluster and not already:  # a private Ray's CPUs are known: refused before it starts
         check_local_cpus(cfg, builds_cache=builds_cache)
     beside = starts_ray_beside(cfg, address, streamed)
+    dashboard = sweep or verbose  # a private Ray's (a cluster keeps its own): see the docstring
     if not beside:
         if not ray.is_initialized():
             log(f"connecting to {cluster} ..." if cluster else "starting a private local Ray ...", quiet)
         t0 = time.perf_counter()
-        init_ray(address, quiet, verbose, dashboard=sweep or verbose)
+        init_ray(address, quiet, verbose, dashboard=dashboard)
         check_resources(cfg, builds_cache=builds_cache)
         ray_s = time.perf_counter() - t0
         timings["ray_start"] = {"seconds": ray_s}
@@ -253,7 +254,7 @@ def open_run(cfg: Config, out: str | Path, address: str | None, quiet: bool, use
     elif beside:
         log(f"{mode}, on a private local Ray starting beside the teacher (pass --address to use a running cluster)",
             quiet)
-        ctx.ray_start = init_ray_in_background(address, quiet, verbose, dashboard=sweep or verbose)
+        ctx.ray_start = init_ray_in_background(address, quiet, verbose, dashboard=dashboard)
     return ctx
 
 
