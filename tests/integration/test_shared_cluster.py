@@ -27,7 +27,9 @@ from raydistill.locks import RUN_LOCK, FileLock
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
-KD_EPOCHS = 30  # ~0.4 s each on a quiet machine: A's stop must land while both runs are in KD
+# ~0.1 s each on a quiet machine: job A's stop lands ~0.1-0.3 s after it is sent (A then takes ~3 s to exit), and
+# it must land before A's last KD epoch. B is paused across the stop and needs no margin of its own.
+KD_EPOCHS = 30
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +134,22 @@ def test_job_stop_mid_kd_then_resubmit_beside_a_run_of_the_same_teacher(head, ti
                 _wait(lambda: _journal(a) and _journal(b), "the other one's first KD epoch", 400, b_alive)
             finally:
                 os.kill(leader, signal.SIGCONT)
-        # 1. `ray job stop` while A and B are both in KD: A's driver is gone within seconds; B goes on
+        # 1. `ray job stop` while A and B are both in KD: A's driver is gone within seconds; B goes on. B is paused
+        # across the stop, so that it is still mid-KD when A's driver is gone and its next epoch asks its teacher
+        # after that. Left running, B did not: alone, its last KD epoch came 2.6 s after the stop was sent and A's
+        # driver was gone after 3.5 s (2026-12-05), so `B goes on` was checked on epochs before A's exit.
         _wait(lambda: len(_journal(a)) >= 2 and _journal(b), "two KD epochs of job A and one of run B", 400, b_alive)
-        driver_a, b_at_stop = _journal(a)[-1]["pid"], len(_journal(b))
-        t0 = time.time()
-        stop_out, _ = stopper.communicate("\n", timeout=120)
-        assert stopper.returncode == 0, stop_out
-        _wait(lambda: not Path(f"/proc/{driver_a}").exists(), "job A's driver to exit", 30)
-        stop_s = time.time() - t0
+        driver_a = _journal(a)[-1]["pid"]
+        os.kill(run_b.pid, signal.SIGSTOP)
+        try:
+            b_at_stop = len(_journal(b))
+            t0 = time.time()
+            stop_out, _ = stopper.communicate("\n", timeout=120)
+            assert stopper.returncode == 0, stop_out
+            _wait(lambda: not Path(f"/proc/{driver_a}").exists(), "job A's driver to exit", 30)
+            stop_s = time.time() - t0
+        finally:
+            os.kill(run_b.pid, signal.SIGCONT)
         done_before = {e["epoch"] for e in _journal(a)}
         assert len(done_before) < KD_EPOCHS, "job A finished KD before it was stopped"
         assert b_at_stop < KD_EPOCHS  # B was mid-KD when A was stopped ...
