@@ -101,7 +101,8 @@ def _table(path, rows, seed, rows_per_file=500):
 # fill and the allocator alone, while the in-memory path would grow by twice the data. That growth stops with the
 # data but not with the machine's load: from 1,000 to 16,000 rows it was +90 to +167 MB alone (2026-12-04/05) and
 # +186 MB in one full suite (2026-12-05, over the 176 MB that 16,000 rows gave as the bound then); at 32,000 rows only
-# +17 MB more than at 16,000, alone; at 24,000 rows +102 MB with two busy loops on the 2 cores beside it
+# +17 MB more than at 16,000, alone; at 24,000 rows +102 MB with two busy loops on the 2 cores beside it. (Those
+# rows were float64 by mistake, twice the bytes; as float32, +65 MB alone where float64 gave +131, 2026-12-05.)
 SMALL, LARGE = 1_000, 24_000
 
 
