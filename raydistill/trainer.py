@@ -34,13 +34,16 @@ def fit(job: StageJob, key: str, out: Path):
 
     from raydistill.worker import load_train_state, train_fn_per_worker
 
-    # Train V2's controller polls its workers every 2 s by default, so every stage ended up to 2 s after
-    # its last epoch and paid more polls on the way in (measured with an empty train function on 2 workers:
-    # 5.0 s from the train function's return to fit() returning at 2 s, 1.0 s at 0.25 s). The 2-worker smoke run
-    # of the default pipeline (4 stages, 2026-12-05, alternately): 57-59 s at 2 s, 49.9-50.4 s at 0.5 s, 46.5-47.5 s
-    # at 0.2 s, with the same busy CPU (75-79 CPU-s): a poll is one small actor call per worker, and one that has
-    # not answered is simply awaited at the next (Train marks a worker dead only after 10 min of that). Train
-    # propagates this variable to its controller; a value the user set wins.
+    # Train V2's controller polls its workers every 2 s by default, and what it collects then is also each
+    # worker's last ``ray.train.report``: a worker hands its report over through a queue of one slot
+    # (ray/train/v2/_internal/execution/context.py: _wait_then_report), so its next report, one an epoch here,
+    # waits for that poll. Epochs were held to the interval (0.51 s apart at 0.5 s, 0.21 s at 0.2 s, in the
+    # journals of the default run on 2 workers: 73-75 s at 0.5 s, 55 s at 0.2 s, and no faster at 0.1 s), and every
+    # stage ended up to an interval after its last epoch (an empty train function on 2 workers: 5.0 s from its
+    # return to fit() returning at 2 s, 1.0 s at 0.25 s). The busy CPU stays the same (the 2-worker smoke run:
+    # 75-82 CPU-s at 2, 0.5 and 0.2 s): a poll is one small actor call per worker, and one that has not answered is
+    # simply awaited at the next (Train marks a worker dead only after 10 min of that). Train propagates this
+    # variable to its controller; a value the user set wins. docs/benchmarks.md, the overhead section.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if started_locally():
         # A Ray this command started is one node, this machine: none of its nodes is ever drained or preempted, so
